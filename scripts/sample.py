@@ -1,0 +1,7 @@
+"""Thin wrapper: ``python scripts/sample.py --help`` (same as ``var-sample``)."""
+import sys
+
+from var.cli.sample import main
+
+if __name__ == "__main__":
+    sys.exit(main())

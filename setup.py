@@ -1,0 +1,33 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="var-toolkit",
+    version="0.1.0",
+    description="Visual autoregressive image generation: VAR next-scale and next-token models, samplers, KV caches",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["var", "var.*"]),
+    package_data={"var": ["assets/*", "assets/**/*"]},
+    install_requires=[
+        "torch>=2.1",
+        "einops",
+        "numpy",
+        "pillow",
+        "safetensors",
+        "tqdm",
+    ],
+    extras_require={
+        "triton": ["triton"],
+        "eval": ["torch-fidelity", "scipy"],
+        "dev": ["pytest", "scipy", "triton"],
+    },
+    entry_points={
+        "console_scripts": [
+            "var-train=var.cli.train:main",
+            "var-eval=var.cli.eval:main",
+            "var-bench=var.cli.bench:main",
+            "var-sample=var.cli.sample:main",
+        ],
+    },
+)

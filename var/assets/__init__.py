@@ -1,0 +1,12 @@
+"""Small bundled models (safetensors + config) that ``var-sample`` uses when no checkpoint is given."""
+from __future__ import annotations
+
+from pathlib import Path
+
+ASSETS_DIR = Path(__file__).resolve().parent
+
+
+def bundled_var_dir() -> Path | None:
+    """Directory with ``tokenizer/`` and ``transformer/`` of the bundled VAR model, if it is installed."""
+    path = ASSETS_DIR / "var_bundled"
+    return path if (path / "transformer" / "config.json").exists() else None

@@ -1,0 +1,40 @@
+"""Named exceptions raised for bad input, so callers can catch precisely what went wrong."""
+
+
+class VarError(Exception):
+    """Base class of every error raised by this package on bad input."""
+
+
+class CheckpointError(VarError):
+    """A checkpoint file is missing, unreadable, corrupt or belongs to another model."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A state dict does not match the model: lists missing/unexpected keys and shape mismatches."""
+
+    def __init__(self, what: str, missing=(), unexpected=(), mismatched=()):
+        self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
+        lines = [f"checkpoint does not match {what}:"]
+        for title, items in (("missing keys", self.missing), ("unexpected keys", self.unexpected),
+                             ("shape mismatches", self.mismatched)):
+            if items:
+                shown = ", ".join(str(i) for i in items[:12])
+                more = f" ... (+{len(items) - 12} more)" if len(items) > 12 else ""
+                lines.append(f"  {title} ({len(items)}): {shown}{more}")
+        super().__init__("\n".join(lines))
+
+
+class ImageSizeError(VarError):
+    """An image batch has the wrong shape or size for the tokenizer."""
+
+
+class ClassIdError(VarError):
+    """A class label is outside the model's range."""
+
+
+class NonFiniteLogitsError(VarError):
+    """A forward pass produced NaN or infinite logits (bad weights, overflow in low precision, ...)."""
+
+
+class ConfigError(VarError):
+    """A configuration value or sampler argument is out of range."""

@@ -1,0 +1,78 @@
+"""The full, preallocated KV cache that the models take explicitly (no global caching toggles).
+
+Per layer it holds ``k, v: [B, H, capacity, D]``. A forward pass over ``l`` new tokens writes them at
+``[length, length + l)`` in every layer, attends over ``[0, length + l)`` and then the caller commits them
+with :meth:`KVCache.advance`. :meth:`truncate` rolls back uncommitted or rejected positions (speculative
+decoding). Compressed caches (ScaleKV, HACK, ...) implement the same ``attend / advance / truncate / nbytes``
+interface, so the models never know which cache they are given.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from var.errors import ConfigError
+
+
+class KVCache:
+    """Preallocated dense K/V buffers shared by all layers' write pointer ``length``."""
+
+    def __init__(self, num_layers: int, batch_size: int, num_heads: int, capacity: int, head_dim: int, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 k_dtype: torch.dtype | None = None):
+        shape = (batch_size, num_heads, capacity, head_dim)
+        self.k = [torch.empty(shape, dtype=k_dtype or dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.capacity = capacity
+        self.length = 0
+
+    def attend(self, layer: int, q_BHlD: torch.Tensor, k_BHlD: torch.Tensor, v_BHlD: torch.Tensor, *,
+               scale: float, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Write the new keys/values of ``layer`` and return attention of ``q`` over all cached + new tokens.
+
+        ``attn_mask`` (bool, True = attend, or additive float) must broadcast to ``[B, H, l, length + l]``;
+        None means every new token sees every cached and new token (one VAR scale).
+        """
+        start, end = self.length, self.length + q_BHlD.shape[2]
+        if end > self.capacity:
+            raise ConfigError(f"KV cache overflow: {end} tokens > capacity {self.capacity}")
+        k_cache, v_cache = self.k[layer], self.v[layer]
+        k_cache[:, :, start:end] = k_BHlD
+        v_cache[:, :, start:end] = v_BHlD
+        k_all, v_all = k_cache[:, :, :end], v_cache[:, :, :end]
+        if k_all.dtype != q_BHlD.dtype:
+            q_BHlD, k_all, v_all = q_BHlD.float(), k_all.float(), v_all.float()
+        out = F.scaled_dot_product_attention(q_BHlD, k_all, v_all, attn_mask=attn_mask, scale=scale)
+        return out.to(v_BHlD.dtype)
+
+    def advance(self, num_tokens: int) -> None:
+        """Commit the ``num_tokens`` tokens written by the last forward pass."""
+        self.length += num_tokens
+
+    def truncate(self, length: int) -> None:
+        """Roll back to the first ``length`` tokens (later positions are overwritten by the next write)."""
+        if not 0 <= length <= self.length:
+            raise ConfigError(f"cannot truncate a cache of length {self.length} to {length}")
+        self.length = length
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def nbytes(self) -> int:
+        """Bytes held by the preallocated buffers (all layers, K and V)."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def used_nbytes(self) -> int:
+        """Bytes of the committed tokens only."""
+        per_token = sum(t[:, :, :1].numel() * t.element_size() for t in self.k + self.v)
+        return per_token * self.length
+
+
+class FullCache:
+    """The default cache policy: keep every token (``cache=FullCache()`` or ``cache=None`` in the samplers)."""
+
+    def new_cache(self, model, batch_size: int, *, dtype: torch.dtype | None = None, device=None) -> KVCache:
+        return model.new_kv_cache(batch_size, dtype=dtype, device=device)
+
+    def __repr__(self) -> str:
+        return "FullCache()"

@@ -1,0 +1,117 @@
+"""Logits processing shared by every sampler: CFG mixing, temperature, top-k / top-p, seeded draws.
+
+All functions are pure (they never modify their inputs) so that a speculative sampler's draft and target
+distributions are computed by exactly the same code. Shapes: logits are ``[..., V]``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from var.errors import ConfigError, NonFiniteLogitsError
+
+GeneratorArg = Union[None, torch.Generator, Sequence[torch.Generator]]
+
+
+def check_sampling_args(top_k: int, top_p: float, temperature: float) -> None:
+    """Raise :class:`ConfigError` naming the first out-of-range sampling knob."""
+    if top_k < 0:
+        raise ConfigError(f"top_k must be >= 0 (0, or a value >= the vocabulary size, disables it), got {top_k}")
+    if not 0.0 <= top_p <= 1.0:
+        raise ConfigError(f"top_p must be in [0, 1] (0 or 1 disables it), got {top_p}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ConfigError(f"temperature must be a positive finite number, got {temperature}")
+
+
+def apply_cfg(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, guidance) -> torch.Tensor:
+    """Classifier-free guidance ``w * cond - (w - 1) * uncond`` (w = 1: conditional only).
+
+    ``guidance`` is a float or a tensor broadcastable to the logits (e.g. a per-sample weight ``[B, 1, 1]``).
+    """
+    return guidance * cond_logits - (guidance - 1) * uncond_logits
+
+
+def top_k_top_p_filter(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """Mask (set to -inf) the tokens outside the top-k and outside the top-p nucleus; returns a new tensor.
+
+    top-k keeps every token tied with the k-th largest logit; top-p removes the tokens whose ascending
+    cumulative probability is <= 1 - top_p but always keeps the most likely one (VAR's and LlamaGen's rule).
+    ``top_k=0`` and ``top_p`` in {0, 1} disable the respective filter.
+    """
+    vocab = logits.shape[-1]
+    out = logits
+    if 0 < top_k < vocab:
+        kth_largest = logits.topk(top_k, dim=-1, largest=True, sorted=False).values.amin(dim=-1, keepdim=True)
+        out = out.masked_fill(out < kth_largest, -math.inf)
+    if 0.0 < top_p < 1.0:
+        sorted_logits, sorted_idx = out.sort(dim=-1, descending=False)
+        cum_probs = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = cum_probs <= (1 - top_p)
+        remove_sorted[..., -1:] = False
+        remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)
+        out = out.masked_fill(remove, -math.inf)
+    return out
+
+
+def processed_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
+                     top_p: float = 0.0) -> torch.Tensor:
+    """Temperature then top-k/top-p, in fp32: the logits whose softmax is the sampling distribution."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return top_k_top_p_filter(logits, top_k, top_p)
+
+
+def logits_to_probs(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
+                    top_p: float = 0.0) -> torch.Tensor:
+    """The sampling distribution ``[..., V]`` (fp32, rows sum to 1) after temperature and top-k/top-p."""
+    return processed_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p).softmax(dim=-1)
+
+
+def check_finite(logits: torch.Tensor, where: str) -> None:
+    """Raise :class:`NonFiniteLogitsError` if ``logits`` hold NaN or +-inf."""
+    if not torch.isfinite(logits).all():
+        raise NonFiniteLogitsError(f"non-finite logits at {where} (NaN/inf: check the weights and the dtype)")
+
+
+def _as_generator_list(generator: GeneratorArg, batch: int):
+    if generator is None or isinstance(generator, torch.Generator):
+        return None
+    gens = list(generator)
+    if len(gens) != batch:
+        raise ConfigError(f"got {len(gens)} generators for a batch of {batch}: pass one per sample or a single one")
+    return gens
+
+
+def multinomial(probs: torch.Tensor, generator: GeneratorArg = None) -> torch.Tensor:
+    """Draw one index per row of ``probs [B, ..., V]`` -> LongTensor ``[B, ...]``.
+
+    ``generator`` is one ``torch.Generator`` for the whole batch or a list with one per sample (then sample b
+    uses only generator b, so a batch of N equals N single runs).
+    """
+    batch, vocab = probs.shape[0], probs.shape[-1]
+    gens = _as_generator_list(generator, batch)
+    if gens is None:
+        flat = torch.multinomial(probs.reshape(-1, vocab), 1, replacement=True, generator=generator)
+        return flat.view(probs.shape[:-1])
+    rows = [torch.multinomial(probs[b].reshape(-1, vocab), 1, replacement=True, generator=g).view(probs.shape[1:-1])
+            for b, g in enumerate(gens)]
+    return torch.stack(rows, dim=0)
+
+
+def rand_like_per_sample(shape, generator: GeneratorArg, device, dtype=torch.float32) -> torch.Tensor:
+    """Uniform [0, 1) noise of ``shape`` ([B, ...]) drawn from one generator or one generator per sample."""
+    gens = _as_generator_list(generator, shape[0])
+    if gens is None:
+        return torch.rand(shape, generator=generator, device=device, dtype=dtype)
+    return torch.stack([torch.rand(shape[1:], generator=g, device=device, dtype=dtype) for g in gens], dim=0)
+
+
+def gumbel_softmax(logits: torch.Tensor, tau: float, generator: GeneratorArg = None) -> torch.Tensor:
+    """Soft Gumbel-softmax sample ``softmax((logits + g) / tau)`` with seeded Gumbel noise g."""
+    u = rand_like_per_sample(logits.shape, generator, logits.device, torch.float32)
+    gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)).clamp_min(1e-20))
+    return F.softmax((logits.float() + gumbel) / tau, dim=-1)

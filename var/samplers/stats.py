@@ -1,0 +1,34 @@
+"""Records returned by every sampler."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplerStats:
+    """Cost of one sampler call (for the whole batch)."""
+
+    forward_passes: int = 0          # model forward passes (a CFG pass over cond+uncond rows counts once)
+    tokens: int = 0                  # tokens generated per image
+    peak_kv_cache_bytes: int = 0     # largest KV-cache footprint held during the call
+    wall_time_s: float = 0.0
+    extra: dict = field(default_factory=dict)  # sampler-specific numbers (accept lengths, ...)
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """Mean tokens produced per forward pass (accepted tokens per pass for speculative samplers)."""
+        return self.tokens / max(self.forward_passes, 1)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "tokens_per_pass": self.tokens_per_pass}
+
+
+@dataclass
+class SampleOutput:
+    """``images [B, 3, H, W]`` in [0, 1], the sampled ``tokens`` (list per scale, or ``[B, L]``) and stats."""
+
+    images: torch.Tensor | None
+    tokens: object
+    stats: SamplerStats

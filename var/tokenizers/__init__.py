@@ -1,0 +1,5 @@
+"""Image tokenizers: VAR's multi-scale residual VQ-VAE (and the single-scale VQ of LlamaGen)."""
+from var.tokenizers.multiscale_vqvae import (VAR_PATCH_NUMS_256, VAR_PATCH_NUMS_512, MultiScaleVQVAE,
+                                             MultiScaleVQVAEConfig)
+
+__all__ = ["MultiScaleVQVAE", "MultiScaleVQVAEConfig", "VAR_PATCH_NUMS_256", "VAR_PATCH_NUMS_512"]

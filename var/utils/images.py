@@ -1,0 +1,53 @@
+"""Image conversion and grids written with PIL (no torchvision needed)."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8_hwc(images_B3HW: torch.Tensor) -> np.ndarray:
+    """Images in [0, 1] ``[B, 3, H, W]`` -> uint8 ``[B, H, W, 3]`` (rounded, clamped)."""
+    return images_B3HW.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def make_grid(images_B3HW: torch.Tensor, nrow: int | None = None, padding: int = 2) -> np.ndarray:
+    """Tile a batch (values in [0, 1]) into one uint8 ``[H', W', 3]`` array, ``nrow`` images per row."""
+    arr = to_uint8_hwc(images_B3HW)
+    B, H, W, _ = arr.shape
+    nrow = nrow or math.ceil(math.sqrt(B))
+    rows = math.ceil(B / nrow)
+    grid = np.zeros((rows * (H + padding) + padding, nrow * (W + padding) + padding, 3), dtype=np.uint8)
+    for i in range(B):
+        r, c = divmod(i, nrow)
+        y, x = padding + r * (H + padding), padding + c * (W + padding)
+        grid[y:y + H, x:x + W] = arr[i]
+    return grid
+
+
+def save_image_grid(images_B3HW: torch.Tensor, path: str | os.PathLike, nrow: int | None = None,
+                    min_side: int = 256) -> Path:
+    """Save a PNG grid; small images are enlarged (nearest) so the grid is at least ``min_side`` px wide."""
+    grid = Image.fromarray(make_grid(images_B3HW, nrow))
+    if grid.width < min_side:
+        factor = math.ceil(min_side / grid.width)
+        grid = grid.resize((grid.width * factor, grid.height * factor), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def save_images(images_B3HW: torch.Tensor, directory: str | os.PathLike, start_index: int = 0) -> list[Path]:
+    """Save each image as a lossless ``{index:06d}.png`` in ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, arr in enumerate(to_uint8_hwc(images_B3HW)):
+        paths.append(directory / f"{start_index + i:06d}.png")
+        Image.fromarray(arr).save(paths[-1])
+    return paths
