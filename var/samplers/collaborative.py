@@ -1,0 +1,285 @@
+"""CoDe: collaborative decoding of VAR (Chen et al., CVPR 2025) with a large drafter and a small refiner.
+
+The drafter samples the first ``draft_steps`` scales with its own KV cache; the cache is then dropped. What crosses
+to the refiner is latent-space state only (the widths of the two models differ, so no K/V can be reused): the
+accumulated ``f_hat`` and the per-scale next-scale inputs (:class:`DraftHandoff`). The refiner rebuilds its own
+cache in one forward pass over [its start token; its embedding of every drafted scale's input; the input of the
+first refined scale] under VAR's block-causal mask (a "prefill"), samples that scale from the last block's logits
+and continues like the plain next-scale sampler.
+
+``draft_steps = num_scales`` reproduces ``sample_next_scale(drafter)`` token for token and ``draft_steps = 0``
+reproduces ``sample_next_scale(refiner)`` (same seed): every scale draws from the generator exactly once, as there.
+Sampling knobs may be given per scale (the paper: temperature 1.1 on the first 7 scales, 1.0 on the last 3).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Sequence, Union
+
+import torch
+
+from var.errors import ConfigError
+from var.kernels.kv_cache import FullCache, KVCache
+from var.samplers.logits import (GeneratorArg, apply_cfg, check_finite, check_sampling_args, gumbel_softmax,
+                                 multinomial, processed_logits)
+from var.samplers.next_scale import as_label_tensor
+from var.samplers.stats import SampleOutput, SamplerStats
+
+logger = logging.getLogger(__name__)
+
+PerScale = Union[float, int, Sequence[float], Sequence[int]]
+PREFILL_MODES = ("auto", "one_pass", "per_scale")
+
+
+def paper_temperatures(num_scales: int, hot: float = 1.1, cold: float = 1.0, num_cold: int = 3) -> list[float]:
+    """CoDe's FID schedule: ``hot`` on all scales but the last ``num_cold``, which use ``cold``."""
+    return [hot if si < num_scales - num_cold else cold for si in range(num_scales)]
+
+
+@dataclass
+class ScaleSchedule:
+    """Per-scale sampling knobs (lists of length ``num_scales``); ``cfg[si]`` is the guidance ``t`` at scale si,
+    applied as ``(1 + t) * cond - t * uncond``."""
+
+    temperature: list
+    top_k: list
+    top_p: list
+    cfg: list
+
+    @property
+    def guided(self) -> bool:
+        return any(t > 0 for t in self.cfg)
+
+    @classmethod
+    def build(cls, num_scales: int, *, cfg: PerScale, top_k: PerScale, top_p: PerScale,
+              temperature: PerScale) -> "ScaleSchedule":
+        """Scalars are broadcast (a scalar ``cfg`` is VAR's ramp ``cfg * si / (SN - 1)``); sequences must have
+        one entry per scale."""
+        def per_scale(value, name):
+            if isinstance(value, (int, float)):
+                return [value] * num_scales
+            values = list(value)
+            if len(values) != num_scales:
+                raise ConfigError(f"{name} has {len(values)} entries, the models have {num_scales} scales")
+            return values
+
+        if isinstance(cfg, (int, float)):
+            if not cfg >= 0:
+                raise ConfigError(f"cfg must be >= 0 (VAR convention: 0 = no guidance), got {cfg}")
+            cfg_t = [cfg * (si / (num_scales - 1) if num_scales > 1 else 1.0) for si in range(num_scales)]
+        else:
+            cfg_t = per_scale(cfg, "cfg")
+            if any(not t >= 0 for t in cfg_t):
+                raise ConfigError(f"per-scale cfg values must be >= 0, got {cfg_t}")
+        sched = cls(per_scale(temperature, "temperature"), per_scale(top_k, "top_k"), per_scale(top_p, "top_p"),
+                    [float(t) for t in cfg_t])
+        for k, p, t in zip(sched.top_k, sched.top_p, sched.temperature):
+            check_sampling_args(k, p, t)
+        return sched
+
+
+@dataclass
+class DraftHandoff:
+    """Latent state after the drafted scales: ``f_hat [B, Cvae, n, n]`` and ``inputs_BlCv[si - 1]``, the
+    tokenizer input ``[B, pn_si**2, Cvae]`` of scale ``si`` for si = 1..draft_steps (the last one is the input of
+    the first refined scale; absent when nothing is left to refine)."""
+
+    f_hat_BChw: torch.Tensor
+    inputs_BlCv: list = field(default_factory=list)
+    tokens: list = field(default_factory=list)
+
+
+class _BlockCausalPrefill:
+    """Wraps a cache for one multi-scale forward pass: every ``attend`` gets VAR's block-causal additive mask."""
+
+    def __init__(self, cache: KVCache, attn_bias_11LL: torch.Tensor):
+        self.cache, self.attn_bias_11LL = cache, attn_bias_11LL
+
+    def attend(self, layer, q_BHlD, k_BHlD, v_BHlD, *, scale, attn_mask=None):
+        return self.cache.attend(layer, q_BHlD, k_BHlD, v_BHlD, scale=scale,
+                                 attn_mask=self.attn_bias_11LL.to(q_BHlD.dtype))
+
+    def advance(self, num_tokens: int) -> None:
+        self.cache.advance(num_tokens)
+
+
+def check_pair(drafter, refiner, tok) -> None:
+    """Raise :class:`ConfigError` unless both models fit the tokenizer and share classes and scales."""
+    for name, model in (("drafter", drafter), ("refiner", refiner)):
+        c = model.config
+        if tuple(tok.patch_nums) != tuple(c.patch_nums) or tok.vocab_size != c.vocab_size \
+                or tok.embed_dim != c.latent_channels:
+            raise ConfigError(f"{name} (patch_nums {c.patch_nums}, V {c.vocab_size}, Cvae {c.latent_channels}) "
+                              f"does not match the tokenizer (patch_nums {tok.patch_nums}, V {tok.vocab_size}, "
+                              f"Cvae {tok.embed_dim})")
+    if drafter.config.num_classes != refiner.config.num_classes:
+        raise ConfigError(f"drafter and refiner have different class counts "
+                          f"({drafter.config.num_classes} vs {refiner.config.num_classes})")
+
+
+def _conditions(model, labels_B: torch.Tensor, guided: bool) -> torch.Tensor:
+    cond_BD = model.class_condition(labels_B)
+    if guided:
+        cond_BD = torch.cat((cond_BD, model.class_condition(torch.full_like(labels_B, model.null_class))))
+    return cond_BD
+
+
+def _embed_input(model, si: int, latent_BlCv: torch.Tensor, guided: bool) -> torch.Tensor:
+    x_BlC = model.scale_input(si, latent_BlCv)
+    return torch.cat((x_BlC, x_BlC)) if guided else x_BlC
+
+
+def _sample_scale(logits, si, B, sched: ScaleSchedule, tok, f_hat, generator, more_smooth):
+    """Guide, filter and draw scale ``si``; returns ``(idx [B, pn, pn], f_hat, next input [B, l, Cvae])``."""
+    pn, num_scales = tok.patch_nums[si], len(tok.patch_nums)
+    check_finite(logits, f"scale {si} (pn={pn})")
+    if sched.guided:
+        logits = apply_cfg(logits[:B], logits[B:], 1 + sched.cfg[si])
+    logits = processed_logits(logits, temperature=sched.temperature[si], top_k=sched.top_k[si],
+                              top_p=sched.top_p[si])
+    idx_Bl = multinomial(logits.softmax(dim=-1), generator)
+    if more_smooth:
+        ratio = si / (num_scales - 1) if num_scales > 1 else 1.0
+        tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
+        h_BlC = gumbel_softmax(logits * (1 + ratio), tau, generator) @ tok.quantize.embedding.weight.float()
+    else:
+        h_BlC = tok.quantize.embedding.weight[idx_Bl]
+    h_BChw = h_BlC.transpose(1, 2).reshape(B, -1, pn, pn).float()
+    f_hat, next_BChw = tok.next_scale_input(si, f_hat, h_BChw)
+    return idx_Bl.view(B, pn, pn), f_hat, next_BChw.flatten(2).transpose(1, 2)
+
+
+def _prefill_mode(prefill: str, kv_cache) -> str:
+    if prefill not in PREFILL_MODES:
+        raise ConfigError(f"prefill must be one of {PREFILL_MODES}, got {prefill!r}")
+    if prefill != "auto":
+        return prefill
+    # One masked pass needs a cache that attends densely over what it was given; caches that select tokens per
+    # scale (ScaleKV, HACK) may declare ``supports_block_prefill = True`` once they handle a multi-scale write.
+    return "one_pass" if getattr(kv_cache, "supports_block_prefill", type(kv_cache) is KVCache) else "per_scale"
+
+
+def draft(drafter, tok, labels_B, draft_steps: int, sched: ScaleSchedule, *, generator: GeneratorArg = None,
+          cache=None, more_smooth: bool = False, stats: SamplerStats | None = None) -> DraftHandoff:
+    """Sample scales ``0 .. draft_steps - 1`` with the drafter's own cache; return the latent hand-over."""
+    device = drafter.head.weight.device
+    B, guided = labels_B.shape[0], sched.guided
+    n = tok.patch_nums[-1]
+    out = DraftHandoff(torch.zeros(B, tok.embed_dim, n, n, device=device))
+    if draft_steps == 0:
+        return out
+    cond_BD = _conditions(drafter, labels_B, guided)
+    kv_cache = (cache or FullCache()).new_cache(drafter, cond_BD.shape[0], device=device)
+    x_BlC = drafter.first_scale_input(cond_BD)
+    for si in range(draft_steps):
+        logits = drafter.forward_scale(x_BlC, cond_BD, kv_cache)
+        if stats is not None:
+            stats.forward_passes += 1
+            stats.extra["drafter_peak_kv_cache_bytes"] = max(stats.extra.get("drafter_peak_kv_cache_bytes", 0),
+                                                             kv_cache.nbytes())
+        idx, out.f_hat_BChw, next_BlCv = _sample_scale(logits, si, B, sched, tok, out.f_hat_BChw, generator,
+                                                       more_smooth)
+        out.tokens.append(idx)
+        if si + 1 < len(tok.patch_nums):
+            out.inputs_BlCv.append(next_BlCv)
+            x_BlC = _embed_input(drafter, si + 1, next_BlCv, guided)
+    return out
+
+
+def _refiner_prefill(refiner, cond_BD, handoff: DraftHandoff, kv_cache, mode: str, guided: bool):
+    """Fill the refiner's cache with scales ``0 .. N`` (N = drafted scales) -> logits of scale N and passes used."""
+    N = len(handoff.inputs_BlCv)
+    xs = [refiner.first_scale_input(cond_BD)]
+    xs += [_embed_input(refiner, si, lat, guided) for si, lat in enumerate(handoff.inputs_BlCv, start=1)]
+    if mode == "per_scale" or N == 0:
+        for x_BlC in xs:
+            logits = refiner.forward_scale(x_BlC, cond_BD, kv_cache)
+        return logits, len(xs)
+    x_BLC = torch.cat(xs, dim=1)
+    L = x_BLC.shape[1]
+    masked = _BlockCausalPrefill(kv_cache, refiner.attn_bias_for_masking[:, :, :L, :L])
+    h_BLC = refiner.forward_blocks(x_BLC, cond_BD, kv_cache=masked)
+    return refiner.logits(h_BLC[:, -xs[-1].shape[1]:], cond_BD), 1
+
+
+def refine(refiner, tok, labels_B, handoff: DraftHandoff, sched: ScaleSchedule, *, generator: GeneratorArg = None,
+           cache=None, prefill: str = "auto", more_smooth: bool = False,
+           stats: SamplerStats | None = None) -> DraftHandoff:
+    """Sample the remaining scales with the refiner, starting from the drafter's hand-over; returns the final
+    state (``tokens`` holds every scale)."""
+    device = refiner.head.weight.device
+    B, guided, num_scales = labels_B.shape[0], sched.guided, len(tok.patch_nums)
+    start = len(handoff.tokens)
+    cond_BD = _conditions(refiner, labels_B, guided)
+    kv_cache = (cache or FullCache()).new_cache(refiner, cond_BD.shape[0], device=device)
+    mode = _prefill_mode(prefill, kv_cache)
+    f_hat, tokens = handoff.f_hat_BChw, list(handoff.tokens)
+    logits, passes = _refiner_prefill(refiner, cond_BD, handoff, kv_cache, mode, guided)
+    for si in range(start, num_scales):
+        if si > start:
+            logits = refiner.forward_scale(x_BlC, cond_BD, kv_cache)
+            passes += 1
+        if stats is not None:
+            stats.extra["refiner_peak_kv_cache_bytes"] = max(stats.extra.get("refiner_peak_kv_cache_bytes", 0),
+                                                             kv_cache.nbytes())
+        idx, f_hat, next_BlCv = _sample_scale(logits, si, B, sched, tok, f_hat, generator, more_smooth)
+        tokens.append(idx)
+        if si + 1 < num_scales:
+            x_BlC = _embed_input(refiner, si + 1, next_BlCv, guided)
+    if stats is not None:
+        stats.forward_passes += passes
+        stats.extra.update(prefill=mode, refiner_passes=passes, prefill_tokens=sum(
+            pn * pn for pn in tok.patch_nums[:start + 1]))
+    return DraftHandoff(f_hat, [], tokens)
+
+
+@torch.no_grad()
+def sample_collaborative(drafter, refiner, tok, labels_B, *, draft_steps: int, cfg: PerScale = 1.5,
+                         top_k: PerScale = 900, top_p: PerScale = 0.96, temperature: PerScale = 1.0,
+                         more_smooth: bool = False, generator: GeneratorArg = None, cache=None,
+                         drafter_cache=None, refiner_cache=None, prefill: str = "auto",
+                         decode: bool = True) -> SampleOutput:
+    """CoDe sampling: ``drafter`` samples scales ``[0, draft_steps)``, ``refiner`` the rest.
+
+    Args:
+        drafter, refiner: two :class:`~var.models.VAR` models over the same tokenizer ``tok`` (any widths).
+        labels_B: class ids ``[B]`` (``num_classes`` = unconditional).
+        draft_steps: N in ``[0, num_scales]``; the paper's default for 10 scales is 8.
+        cfg: VAR's guidance ramp end (float) or one guidance value ``t`` per scale.
+        top_k, top_p, temperature: a scalar or one value per scale (see :func:`paper_temperatures`).
+        generator: one ``torch.Generator`` or one per sample.
+        cache: cache policy for both models (``new_cache(model, batch, dtype=, device=)``; default full);
+            ``drafter_cache`` / ``refiner_cache`` override it per model.
+        prefill: how the refiner rebuilds its cache: ``"one_pass"`` (one block-causal pass over all drafted
+            scales), ``"per_scale"`` (one cached pass per drafted scale, for caches that select tokens per
+            scale) or ``"auto"`` (one pass on a dense :class:`KVCache`, unless the cache says otherwise).
+    Returns:
+        :class:`SampleOutput`; ``stats.extra`` holds the per-model passes and KV peaks and the prefill mode.
+    """
+    t0 = time.perf_counter()
+    device = drafter.head.weight.device
+    labels_B = as_label_tensor(labels_B, device)
+    check_pair(drafter, refiner, tok)
+    drafter.check_labels(labels_B)
+    num_scales = len(tok.patch_nums)
+    if not (isinstance(draft_steps, int) and 0 <= draft_steps <= num_scales):
+        raise ConfigError(f"draft_steps must be an int in [0, {num_scales}], got {draft_steps!r}")
+    sched = ScaleSchedule.build(num_scales, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature)
+    stats = SamplerStats(extra={"draft_steps": draft_steps, "drafter_passes": draft_steps})
+
+    handoff = draft(drafter, tok, labels_B, draft_steps, sched, generator=generator,
+                    cache=drafter_cache or cache, more_smooth=more_smooth, stats=stats)
+    if draft_steps < num_scales:  # the drafter's cache went out of scope inside draft()
+        handoff = refine(refiner, tok, labels_B, handoff, sched, generator=generator,
+                         cache=refiner_cache or cache, prefill=prefill, more_smooth=more_smooth, stats=stats)
+    else:
+        stats.extra.update(refiner_passes=0, prefill="none", prefill_tokens=0)
+    stats.peak_kv_cache_bytes = max(stats.extra.get("drafter_peak_kv_cache_bytes", 0),
+                                    stats.extra.get("refiner_peak_kv_cache_bytes", 0))
+    stats.tokens = drafter.config.seq_len
+    images = tok.latent_to_image(handoff.f_hat_BChw).add(1).mul(0.5) if decode else None
+    stats.wall_time_s = time.perf_counter() - t0
+    logger.debug("CoDe N=%d: %s", draft_steps, stats.extra)
+    return SampleOutput(images=images, tokens=handoff.tokens, stats=stats)
