@@ -1,0 +1,236 @@
+"""FID, KID and precision/recall on features, plus the standard Inception metrics through torch-fidelity.
+
+Two evaluators, never mixed in one table (every result carries ``evaluator``):
+
+* ``torch-fidelity`` (optional extra ``pip install var-toolkit[eval]``): FID, IS, KID, precision/recall on the
+  TF-ported Inception-v3 that the ADM suite also uses. Give ``weights_path`` to run offline (it downloads its
+  weights otherwise). Published VAR numbers come from OpenAI's ADM evaluator on the packed ``.npz``
+  (see :mod:`var.eval.export`); torch-fidelity agrees with it closely but is not the same program.
+* ``offline`` (:func:`offline_metrics`): the same formulas on the features of an offline extractor
+  (:mod:`var.eval.features`); FID-style numbers that need no download, comparable only with themselves.
+
+Formulas: Frechet distance ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))`` (Heusel et al. 2017); KID = unbiased
+MMD^2 with the cubic polynomial kernel ``(x.y / d + 1)^3`` averaged over random subsets (Binkowski et al. 2018);
+precision/recall = fraction of one set inside the union of the other set's k-NN balls (Kynkaanniemi et al. 2019).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from var.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+# ---- feature-space formulas -----------------------------------------------------------------------------------
+def feature_statistics(feats_ND: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean ``[D]`` and unbiased covariance ``[D, D]`` (float64) of features ``[N, D]``, N >= 2."""
+    feats_ND = np.asarray(feats_ND, dtype=np.float64)
+    if feats_ND.ndim != 2 or feats_ND.shape[0] < 2:
+        raise ConfigError(f"need features [N >= 2, D], got shape {feats_ND.shape}")
+    return feats_ND.mean(axis=0), np.cov(feats_ND, rowvar=False)
+
+
+def _psd_sqrt(mat: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((mat + mat.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Frechet distance between two Gaussians.
+
+    ``tr((S1 S2)^(1/2))`` is computed as the sum of the square roots of the eigenvalues of the symmetric PSD matrix
+    ``S1^(1/2) S2 S1^(1/2)`` (same eigenvalues as ``S1 S2``), which needs no scipy and never goes complex.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
+        raise ConfigError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
+                          f"sigma {sigma1.shape} vs {sigma2.shape}")
+    s1_half = _psd_sqrt(sigma1)
+    middle = s1_half @ sigma2 @ s1_half
+    eig = np.linalg.eigvalsh((middle + middle.T) / 2)
+    tr_covmean = np.sqrt(np.clip(eig, 0, None)).sum()
+    diff = mu1 - mu2
+    return float(max(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean, 0.0))
+
+
+def frechet_distance_features(feats1: np.ndarray, feats2: np.ndarray) -> float:
+    """Frechet distance between the Gaussian fits of two feature sets ``[N, D]``."""
+    return frechet_distance(*feature_statistics(feats1), *feature_statistics(feats2))
+
+
+def kernel_distance(feats1: np.ndarray, feats2: np.ndarray, *, num_subsets: int = 100, subset_size: int = 1000,
+                    seed: int = 0) -> tuple[float, float]:
+    """KID: mean and std over random subsets of the unbiased MMD^2 with kernel ``(x.y / D + 1)^3``."""
+    f1, f2 = np.asarray(feats1, np.float64), np.asarray(feats2, np.float64)
+    m = min(subset_size, len(f1), len(f2))
+    if m < 2:
+        raise ConfigError("KID needs at least 2 samples in each set")
+    rng, d = np.random.RandomState(seed), f1.shape[1]
+    values = []
+    for _ in range(num_subsets):
+        x, y = f1[rng.choice(len(f1), m, replace=False)], f2[rng.choice(len(f2), m, replace=False)]
+        kxx, kyy, kxy = ((x @ x.T) / d + 1) ** 3, ((y @ y.T) / d + 1) ** 3, ((x @ y.T) / d + 1) ** 3
+        off = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        values.append(off - 2 * kxy.mean())
+    return float(np.mean(values)), float(np.std(values))
+
+
+def _kth_neighbour_radii(feats_ND: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
+    """Distance of every point to its k-th nearest neighbour within the set (itself excluded)."""
+    radii = []
+    for i in range(0, len(feats_ND), chunk):
+        dist = torch.cdist(feats_ND[i:i + chunk], feats_ND)
+        radii.append(dist.kthvalue(k + 1, dim=1).values)  # the 1st smallest is the point itself (0)
+    return torch.cat(radii)
+
+
+def _coverage(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, chunk: int) -> float:
+    """Fraction of ``points`` inside at least one ball ``(centre, radius)``."""
+    inside = 0
+    for i in range(0, len(points), chunk):
+        dist = torch.cdist(points[i:i + chunk], centres)
+        inside += (dist <= radii[None]).any(dim=1).sum().item()
+    return inside / len(points)
+
+
+def precision_recall(real_feats: np.ndarray, fake_feats: np.ndarray, *, k: int = 3,
+                     chunk: int = 1024) -> tuple[float, float]:
+    """Improved precision and recall (k-NN manifolds): precision = share of fake samples inside the real manifold,
+    recall = share of real samples inside the fake manifold."""
+    real = torch.as_tensor(np.asarray(real_feats), dtype=torch.float64)
+    fake = torch.as_tensor(np.asarray(fake_feats), dtype=torch.float64)
+    if min(len(real), len(fake)) <= k:
+        raise ConfigError(f"precision/recall with k={k} needs more than {k} samples per set")
+    real_r, fake_r = _kth_neighbour_radii(real, k, chunk), _kth_neighbour_radii(fake, k, chunk)
+    return _coverage(fake, real, real_r, chunk), _coverage(real, fake, fake_r, chunk)
+
+
+# ---- the offline evaluator ------------------------------------------------------------------------------------
+def offline_metrics(samples, reference, *, extractor=None, k: int = 3, kid_subset_size: int = 1000,
+                    batch_size: int = 256) -> dict:
+    """FID-style distance, KID and precision/recall of ``samples`` against ``reference`` on offline features.
+
+    ``samples`` / ``reference``: uint8 ``[N, H, W, 3]`` arrays, float ``[N, 3, H, W]`` tensors in [0, 1], or
+    precomputed feature arrays ``[N, D]`` (float). Returns numbers plus ``evaluator`` (the extractor's name).
+    """
+    from var.eval.features import extract_features, load_offline_extractor
+    extractor = extractor if extractor is not None else load_offline_extractor("auto")
+
+    def feats(x):
+        if isinstance(x, np.ndarray) and x.ndim == 2:
+            return x.astype(np.float64)
+        return extract_features(extractor, x, batch_size=batch_size)
+
+    f_s, f_r = feats(samples), feats(reference)
+    kid_mean, kid_std = kernel_distance(f_s, f_r, subset_size=kid_subset_size)
+    precision, recall = precision_recall(f_r, f_s, k=k)
+    return {"fid": frechet_distance_features(f_s, f_r), "kid_mean": kid_mean, "kid_std": kid_std,
+            "precision": precision, "recall": recall, "num_samples": len(f_s), "num_reference": len(f_r),
+            "evaluator": f"offline:{extractor.name}"}
+
+
+# ---- torch-fidelity (Inception) -------------------------------------------------------------------------------
+def _import_torch_fidelity():
+    try:
+        import torch_fidelity
+    except ImportError as e:
+        raise ConfigError("torch-fidelity is not installed: pip install 'var-toolkit[eval]' (or torch-fidelity); "
+                          "use `var-eval metrics --offline` for the download-free evaluator") from e
+    return torch_fidelity
+
+
+def _check_weights(weights_path) -> str | None:
+    if weights_path is None:
+        log.warning("no --inception-weights given: torch-fidelity will download the Inception weights")
+        return None
+    if not Path(weights_path).is_file():
+        raise ConfigError(f"Inception weights not found: {weights_path}")
+    return str(weights_path)
+
+
+def fidelity_metrics(input1: str | os.PathLike, input2: str | os.PathLike | None = None, *,
+                     weights_path: str | os.PathLike | None = None, cuda: bool | None = None, isc: bool = True,
+                     fid: bool = True, kid: bool = True, prc: bool = True, input2_cache_name: str | None = None,
+                     kid_subset_size: int = 1000, batch_size: int = 64, verbose: bool = False) -> dict:
+    """FID / IS / KID / precision / recall via ``torch_fidelity.calculate_metrics`` on two image folders (or a
+    folder and a registered dataset name). ``input2_cache_name`` caches the reference features between calls."""
+    tf = _import_torch_fidelity()
+    if input2 is None:
+        fid = kid = prc = False
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    kwargs = dict(input1=str(input1), cuda=cuda, isc=isc, fid=fid, kid=kid, prc=prc, verbose=verbose,
+                  batch_size=batch_size, samples_find_deep=True, kid_subset_size=kid_subset_size,
+                  feature_extractor_weights_path=_check_weights(weights_path))
+    if input2 is not None:
+        kwargs["input2"] = str(input2)
+        if input2_cache_name:
+            kwargs["input2_cache_name"] = input2_cache_name
+    raw = tf.calculate_metrics(**kwargs)
+    names = {"frechet_inception_distance": "fid", "inception_score_mean": "is_mean", "inception_score_std": "is_std",
+             "kernel_inception_distance_mean": "kid_mean", "kernel_inception_distance_std": "kid_std",
+             "precision": "precision", "recall": "recall"}
+    out = {ours: float(raw[theirs]) for theirs, ours in names.items() if theirs in raw}
+    out["evaluator"] = f"torch-fidelity {getattr(tf, '__version__', '?')} (inception-v3-compat)"
+    return out
+
+
+def inception_features(images, *, weights_path=None, device=None, batch_size: int = 64) -> np.ndarray:
+    """Pool-3 (2048-d) features of uint8 images ``[N, H, W, 3]`` with torch-fidelity's Inception-v3."""
+    _import_torch_fidelity()
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                      feature_extractor_weights_path=_check_weights(weights_path)).to(device)
+    feats = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            x = torch.as_tensor(np.asarray(images[i:i + batch_size])).permute(0, 3, 1, 2).contiguous().to(device)
+            feats.append(net(x)[0].double().cpu().numpy())
+    return np.concatenate(feats)
+
+
+def load_reference_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """``mu``/``sigma`` from a statistics ``.npz`` (the ADM reference batches carry them, as do files written by
+    :func:`save_reference_statistics`)."""
+    with np.load(path) as data:
+        if "mu" not in data or "sigma" not in data:
+            raise ConfigError(f"{path} has no 'mu'/'sigma' arrays (keys: {sorted(data.keys())})")
+        return data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+
+
+def save_reference_statistics(feats_ND: np.ndarray, path: str | os.PathLike, evaluator: str) -> Path:
+    """Write ``mu``, ``sigma`` and the evaluator name of a feature set to ``path`` (``.npz``)."""
+    mu, sigma = feature_statistics(feats_ND)
+    np.savez(path, mu=mu, sigma=sigma, evaluator=np.array(evaluator))
+    return Path(path)
+
+
+def fid_against_statistics(feats_ND: np.ndarray, stats_path: str | os.PathLike, evaluator: str | None = None) -> float:
+    """Frechet distance of a feature set to precomputed ``mu``/``sigma`` (features and file must share the
+    extractor: Inception pool-3 for the ADM reference batches). A file that names its evaluator must name
+    ``evaluator`` when one is given."""
+    with np.load(stats_path) as data:
+        stored = str(data["evaluator"]) if "evaluator" in data else None
+    if evaluator is not None and stored is not None and stored != evaluator:
+        raise ConfigError(f"{stats_path} holds statistics of {stored!r}, not of {evaluator!r}")
+    mu_ref, sigma_ref = load_reference_statistics(stats_path)
+    return frechet_distance(*feature_statistics(feats_ND), mu_ref, sigma_ref)
+
+
+def format_metrics(result: dict) -> str:
+    """One line per number, each followed by the evaluator that produced it."""
+    evaluator = result.get("evaluator", "?")
+    lines = []
+    for key, value in result.items():
+        if key == "evaluator":
+            continue
+        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+        lines.append(f"{key:>14s}: {shown}   [{evaluator}]")
+    return "\n".join(lines)
