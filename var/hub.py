@@ -134,9 +134,10 @@ def var_config_from_state_dict(sd: dict[str, torch.Tensor]) -> VARConfig:
                      mlp_ratio=sd["blocks.0.ffn.fc1.weight"].shape[0] / width)
 
 
-def vqvae_config_from_state_dict(sd: dict[str, torch.Tensor], patch_nums=None) -> MultiScaleVQVAEConfig:
-    """Tokenizer sizes of a multi-scale VQ-VAE state dict; ``patch_nums`` comes from the VAR model (the file
-    only stores the number of scales)."""
+def vqvae_config_from_state_dict(sd: dict[str, torch.Tensor], patch_nums=None,
+                                 norm_groups: int = 32) -> MultiScaleVQVAEConfig:
+    """Tokenizer sizes of a multi-scale VQ-VAE state dict; ``patch_nums`` comes from the VAR model and the
+    GroupNorm group count is the released 32 (a plain state dict stores neither)."""
     required = ("encoder.conv_in.weight", "quantize.embedding.weight", "quantize.ema_vocab_hit_SV")
     absent = [k for k in required if k not in sd]
     if absent:
@@ -152,7 +153,9 @@ def vqvae_config_from_state_dict(sd: dict[str, torch.Tensor], patch_nums=None) -
         if num_scales != len(VAR_PATCH_NUMS_256):
             raise CheckpointError(f"tokenizer has {num_scales} scales: pass patch_nums explicitly")
         patch_nums = VAR_PATCH_NUMS_256
-    norm_groups = 32 if ch % 32 == 0 else ch
+    if ch % norm_groups:
+        raise CheckpointError(f"a plain tokenizer state dict with width {ch} cannot use {norm_groups} GroupNorm "
+                              "groups: save such tokenizers with var.hub.save_pretrained (config.json)")
     return MultiScaleVQVAEConfig(vocab_size=vocab, z_channels=z, ch=ch, ch_mult=ch_mult, num_res_blocks=num_res,
                                  using_sa="encoder.down.%d.attn.0.qkv.weight" % (levels - 1) in sd,
                                  using_mid_sa="encoder.mid.attn_1.qkv.weight" in sd, share_quant_resi=num_phi,
@@ -189,12 +192,18 @@ def load_pretrained(directory: str | os.PathLike, *, device="cpu") -> nn.Module:
     return module.to(device).eval()
 
 
+def _expect(module: nn.Module, cls: type, path) -> nn.Module:
+    if not isinstance(module, cls):
+        raise CheckpointMismatchError(f"a {cls.__name__}: {path} holds a {type(module).__name__}")
+    return module
+
+
 # ---- the public entry points --------------------------------------------------------------------------------
 def load_var_transformer(path: str | os.PathLike, *, device="cpu", depth: int | None = None) -> VAR:
     """A VAR transformer from a released ``var_d*.pth``, a safetensors file or a saved directory."""
     path = resolve_checkpoint(path)
     if path.is_dir():
-        model = load_pretrained(path, device=device)
+        model = _expect(load_pretrained(path, device=device), VAR, path)
     else:
         sd = read_state_dict(path)
         model = load_strict(_build_on_meta(VAR, var_config_from_state_dict(sd)), sd, f"VAR ({path.name})")
@@ -207,7 +216,7 @@ def load_var_tokenizer(path: str | os.PathLike, *, device="cpu", patch_nums=None
     """The multi-scale VQ-VAE from ``vae_ch160v4096z32.pth``, a safetensors file or a saved directory."""
     path = resolve_checkpoint(path)
     if path.is_dir():
-        tok = load_pretrained(path, device=device)
+        tok = _expect(load_pretrained(path, device=device), MultiScaleVQVAE, path)
     else:
         sd = read_state_dict(path)
         config = vqvae_config_from_state_dict(sd, patch_nums)
@@ -233,3 +242,6 @@ def create_pretrained(name: str, path, *, device="cpu") -> nn.Module:
     """Build preset ``name`` and strictly load ``path`` into it (a depth/model mismatch names the keys)."""
     module = create(name)
     return load_strict(module, read_state_dict(resolve_checkpoint(path)), name).to(device).eval()
+
+
+from var.hub_llamagen import load_llamagen, load_llamagen_gpt, load_llamagen_vq  # noqa: E402,F401  (LlamaGen)

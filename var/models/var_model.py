@@ -75,7 +75,7 @@ class VAR(nn.Module):
         self.lvl_embed = nn.Embedding(len(config.patch_nums), C)
         if config.shared_aln:
             self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
-        drop_path = torch.linspace(0, config.drop_path_rate, config.depth).tolist()
+        drop_path = [config.drop_path_rate * i / max(config.depth - 1, 1) for i in range(config.depth)]
         self.blocks = nn.ModuleList([
             AdaLNSelfAttn(C, C, config.num_heads, config.mlp_ratio, norm_eps=config.norm_eps,
                           drop_path=drop_path[i], attn_l2_norm=config.attn_l2_norm, shared_aln=config.shared_aln)

@@ -113,5 +113,6 @@ def rand_like_per_sample(shape, generator: GeneratorArg, device, dtype=torch.flo
 def gumbel_softmax(logits: torch.Tensor, tau: float, generator: GeneratorArg = None) -> torch.Tensor:
     """Soft Gumbel-softmax sample ``softmax((logits + g) / tau)`` with seeded Gumbel noise g."""
     u = rand_like_per_sample(logits.shape, generator, logits.device, torch.float32)
-    gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)).clamp_min(1e-20))
+    exponential = -torch.log(u.clamp_min(1e-20))  # Exp(1) samples
+    gumbel = -torch.log(exponential.clamp_min(1e-20))
     return F.softmax((logits.float() + gumbel) / tau, dim=-1)

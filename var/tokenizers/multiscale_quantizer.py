@@ -87,7 +87,7 @@ class MultiScaleQuantizer(nn.Module):
 
     def _scale_contribution(self, si: int, h_BChw: torch.Tensor) -> torch.Tensor:
         """phi(bicubic up-sampling of the scale-``si`` codes to the full latent size)."""
-        return self.phi(si)(bicubic_resize(h_BChw, self.patch_nums[-1]))
+        return self.phi(si)(bicubic_resize(h_BChw, self.patch_nums[-1]).contiguous())
 
     def encode(self, f_BChw: torch.Tensor) -> list[torch.Tensor]:
         """Residual quantization of a latent -> one LongTensor ``[B, pn, pn]`` per scale."""
