@@ -117,7 +117,7 @@ def extract_features(extractor: Callable[[torch.Tensor], torch.Tensor],
     return np.concatenate(feats)
 
 
-def _classifier_extractor(device) -> ClassifierFeatures | None:
+def _classifier_extractor(device, directory=None) -> ClassifierFeatures | None:
     """The offline-dataset classifier as an extractor, or None when its module or weights are absent."""
     try:
         from var.eval import classifier as clf_mod  # written by the training issue
@@ -127,7 +127,7 @@ def _classifier_extractor(device) -> ClassifierFeatures | None:
     if loader is None:
         return None
     try:
-        model = loader()
+        model = loader(directory) if directory is not None else loader()
     except Exception as e:  # missing weights, its own CheckpointError...: fall back, but say why
         log.info("offline classifier unavailable (%s: %s); using the random-conv extractor", type(e).__name__, e)
         return None
@@ -137,11 +137,12 @@ def _classifier_extractor(device) -> ClassifierFeatures | None:
     return ClassifierFeatures(model.to(device), name=f"offline-classifier({type(model).__name__})", input_size=size)
 
 
-def load_offline_extractor(name: str = "auto", *, device="cpu", seed: int = 0) -> nn.Module:
-    """``"auto"``: the offline classifier when its weights are present, else the random conv net;
-    ``"classifier"``: require the classifier; ``"random-conv"``: the seeded random conv net."""
+def load_offline_extractor(name: str = "auto", *, device="cpu", seed: int = 0,
+                           classifier_dir=None) -> nn.Module:
+    """``"auto"``: the offline classifier (bundled, or saved in ``classifier_dir``) when its weights are present,
+    else the random conv net; ``"classifier"``: require the classifier; ``"random-conv"``: the seeded random net."""
     if name in ("auto", "classifier"):
-        ext = _classifier_extractor(device)
+        ext = _classifier_extractor(device, classifier_dir)
         if ext is not None:
             return ext
         if name == "classifier":
