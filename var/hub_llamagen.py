@@ -1,0 +1,134 @@
+"""Loading LlamaGen's released c2i files (``vq_ds16_c2i.pt``, ``c2i_{B,L,XL,XXL,3B}_*.pt``) and our own directories.
+
+* ``vq, gpt = load_llamagen(vq_path, gpt_path)``: strict loads; sizes are inferred from the state dicts, the
+  token grid from ``image_size`` (256 -> 16 x 16 with the ds16 tokenizer, 384 -> 24 x 24).
+* LlamaGen wraps weights in ``{"model": ...}`` (DDP) or stores the raw dict (FSDP), and pickles an
+  ``argparse.Namespace`` next to them: files are read with ``torch.load(weights_only=True)`` with the Namespace on
+  the safe-globals allow-list; stale ``freqs_cis`` entries of old checkpoints are dropped.
+* Directories written by :func:`var.hub.save_pretrained` (``config.json`` + ``model.safetensors``) load too: the
+  classes ``GPT`` and ``SingleScaleVQ`` are registered in ``var.hub._CLASSES``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from var import hub
+from var.errors import CheckpointError, CheckpointMismatchError
+from var.models.gpt import GPT, GPTConfig
+from var.tokenizers.single_scale_vq import SingleScaleVQ, SingleScaleVQConfig
+
+hub._CLASSES.update({"GPT": (GPT, GPTConfig), "SingleScaleVQ": (SingleScaleVQ, SingleScaleVQConfig)})
+
+_DROPPED_KEYS = ("freqs_cis",)  # a non-persistent table some old LlamaGen checkpoints still carry
+
+
+def read_llamagen_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a LlamaGen ``.pt`` (``{"model": sd, "args": Namespace, ...}`` or a raw dict) or a safetensors
+    file / saved directory; optimizer state and the pickled Namespace are ignored."""
+    path = Path(path)
+    if path.is_dir() or path.suffix == ".safetensors":
+        return hub.read_state_dict(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated, or pickles something outside the allow-list
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    if isinstance(obj, dict):
+        for key in ("ema", "model", "state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return {k: v for k, v in obj.items() if k not in _DROPPED_KEYS}
+
+
+def gpt_config_from_state_dict(sd: dict[str, torch.Tensor], grid_size: int = 16,
+                               n_head: int | None = None) -> GPTConfig:
+    """Layers, width, heads, vocabulary, classes and FFN size. The files do not store the head count: it is the
+    released models' (head dim 64, or 100 for the 3B model) unless ``n_head`` is given."""
+    required = ("tok_embeddings.weight", "cls_embedding.embedding_table.weight", "output.weight")
+    absent = [k for k in required if k not in sd]
+    if absent:
+        raise CheckpointMismatchError("a LlamaGen c2i GPT (is this the tokenizer, a t2i or a VAR file?)",
+                                      missing=absent)
+    vocab, dim = sd["tok_embeddings.weight"].shape
+    n_layer = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k)))
+    n_head = n_head or (32 if dim == 3200 else max(dim // 64, 1))
+    hidden = sd["layers.0.feed_forward.w1.weight"].shape[0]
+    config = GPTConfig(dim=dim, n_layer=n_layer, n_head=n_head, vocab_size=vocab, grid_size=grid_size,
+                       num_classes=sd["cls_embedding.embedding_table.weight"].shape[0] - 1)
+    if config.ffn_hidden != hidden:  # a non-default multiple_of (small models trained here)
+        for multiple in (256, 128, 64, 32, 16, 8, 1):
+            config.multiple_of = multiple
+            if config.ffn_hidden == hidden:
+                break
+    return config
+
+
+def vq_config_from_state_dict(sd: dict[str, torch.Tensor], image_size: int = 256) -> SingleScaleVQConfig:
+    """Width, levels, res blocks, codebook and GroupNorm groups of a LlamaGen VQ state dict."""
+    required = ("encoder.conv_in.weight", "quantize.embedding.weight", "quant_conv.weight")
+    absent = [k for k in required if k not in sd]
+    if absent:
+        raise CheckpointMismatchError("a LlamaGen VQ tokenizer (is this a GPT's file?)", missing=absent)
+    ch = sd["encoder.conv_in.weight"].shape[0]
+    levels = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"encoder\.conv_blocks\.(\d+)\.", k)))
+    ch_mult = tuple(sd[f"encoder.conv_blocks.{i}.res.0.conv1.weight"].shape[0] // ch for i in range(levels))
+    num_res = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"encoder\.conv_blocks\.0\.res\.(\d+)\.", k)))
+    vocab, dim = sd["quantize.embedding.weight"].shape
+    usage = sd.get("quantize.codebook_used")
+    return SingleScaleVQConfig(codebook_size=vocab, codebook_embed_dim=dim, z_channels=sd["quant_conv.weight"].shape[1],
+                               ch=ch, ch_mult=ch_mult, num_res_blocks=num_res, norm_groups=32 if ch % 32 == 0 else ch,
+                               usage_window=usage.numel() if usage is not None else 65536, image_size=image_size)
+
+
+def load_llamagen_gpt(path: str | os.PathLike, *, grid_size: int = 16, n_head: int | None = None,
+                      device="cpu") -> GPT:
+    """A GPT from a released ``c2i_*.pt``, a safetensors file or a :func:`~var.hub.save_pretrained` directory."""
+    path = Path(path)
+    if path.is_dir():
+        model = hub.load_pretrained(path, device=device)
+        if not isinstance(model, GPT):
+            raise CheckpointMismatchError(f"a GPT: {path} holds a {type(model).__name__}")
+        return model
+    sd = read_llamagen_state_dict(path)
+    model = hub.load_strict(hub._build_on_meta(GPT, gpt_config_from_state_dict(sd, grid_size, n_head)), sd,
+                            f"LlamaGen GPT ({path.name})")
+    return model.to(device).eval()
+
+
+def load_llamagen_vq(path: str | os.PathLike, *, image_size: int = 256, device="cpu") -> SingleScaleVQ:
+    """The single-scale VQ from ``vq_ds16_c2i.pt``, a safetensors file or a saved directory."""
+    path = Path(path)
+    if path.is_dir():
+        vq = hub.load_pretrained(path, device=device)
+        if not isinstance(vq, SingleScaleVQ):
+            raise CheckpointMismatchError(f"a SingleScaleVQ: {path} holds a {type(vq).__name__}")
+    else:
+        sd = read_llamagen_state_dict(path)
+        vq = hub.load_strict(hub._build_on_meta(SingleScaleVQ, vq_config_from_state_dict(sd, image_size)), sd,
+                             f"LlamaGen VQ ({path.name})")
+    return vq.to(device).eval().requires_grad_(False)
+
+
+def load_llamagen(vq_path, gpt_path, *, image_size: int | None = None, n_head: int | None = None, device="cpu"):
+    """``(vq, gpt)`` for sampling, both strict; ``image_size`` (default: the VQ's) sets the GPT's token grid and
+    ``n_head`` the head count of non-released ``.pt`` files (saved directories carry their config)."""
+    vq = load_llamagen_vq(vq_path, image_size=image_size or 256, device=device)
+    size = image_size or vq.image_size
+    grid = size // vq.downsample
+    gpt = load_llamagen_gpt(gpt_path, grid_size=grid, n_head=n_head, device=device)
+    if gpt.vocab_size != vq.vocab_size:
+        raise CheckpointMismatchError(f"the GPT (V={gpt.vocab_size}): the tokenizer has V={vq.vocab_size}")
+    if image_size is not None and gpt.config.grid_size != grid:
+        raise CheckpointMismatchError(f"{size} px images ({grid}x{grid} tokens): the GPT directory was saved "
+                                      f"with a {gpt.config.grid_size}x{gpt.config.grid_size} grid")
+    return vq, gpt.requires_grad_(False)

@@ -1,0 +1,116 @@
+"""Plain next-token sampling for class-conditional GPTs (LlamaGen's ``generate``), and the pieces that the
+parallel samplers (:mod:`var.samplers.jacobi`, :mod:`var.samplers.neighbor`) share with it.
+
+CFG follows LlamaGen: the batch is ``[cond; uncond]`` (null class = ``num_classes``) and the guided logits are
+``cfg * cond - (cfg - 1) * uncond``; ``cfg = 1`` is conditional-only and skips the unconditional half. Then
+temperature, top-k and top-p (all from :mod:`var.samplers.logits`, the one shared processor).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from var.errors import ConfigError
+from var.samplers.logits import (GeneratorArg, apply_cfg, check_finite, check_sampling_args, multinomial,
+                                 processed_logits)
+from var.samplers.next_scale import as_label_tensor
+from var.samplers.stats import SampleOutput, SamplerStats
+
+
+@dataclass
+class TokenProcessor:
+    """CFG + temperature + top-k/top-p: model logits over ``rows`` (``2B`` with CFG) -> probabilities ``[B, .., V]``.
+
+    Every sampler of the next-token family computes its target (and draft) distributions through this one object,
+    which is what keeps the speculative samplers exact.
+    """
+
+    batch: int
+    cfg: float = 1.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 0.0
+
+    def __post_init__(self):
+        check_sampling_args(self.top_k, self.top_p, self.temperature)
+        if not self.cfg >= 1.0:
+            raise ConfigError(f"cfg must be >= 1 (LlamaGen convention: 1 = no guidance), got {self.cfg}")
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg > 1.0
+
+    def rows(self, labels_B: torch.Tensor, null_class: int) -> torch.Tensor:
+        """Class ids of the model batch: ``[labels; null]`` with CFG, else ``labels``."""
+        if not self.guided:
+            return labels_B
+        return torch.cat((labels_B, torch.full_like(labels_B, null_class)))
+
+    def double(self, x: torch.Tensor) -> torch.Tensor:
+        """Repeat per-image inputs (tokens, positions, masks) for the unconditional half."""
+        return torch.cat((x, x)) if self.guided else x
+
+    def probs(self, logits_rV: torch.Tensor, where: str = "") -> torch.Tensor:
+        """``[rows, ..., V]`` logits -> ``[B, ..., V]`` fp32 sampling distribution."""
+        check_finite(logits_rV, where or "next-token logits")
+        logits = logits_rV.float()
+        if self.guided:
+            logits = apply_cfg(logits[: self.batch], logits[self.batch:], self.cfg)
+        return processed_logits(logits, temperature=self.temperature, top_k=self.top_k,
+                                top_p=self.top_p).softmax(dim=-1)
+
+
+def check_pair(model, vq) -> None:
+    """Raise :class:`ConfigError` if the tokenizer's codebook does not match the model's vocabulary."""
+    if vq is not None and vq.vocab_size != model.vocab_size:
+        raise ConfigError(f"tokenizer (V {vq.vocab_size}) does not match the model (V {model.vocab_size})")
+
+
+def prepare(model, vq, labels_B, cfg, temperature, top_k, top_p):
+    """Validated ``(labels [B], processor, model rows)`` shared by all next-token samplers."""
+    check_pair(model, vq)
+    labels_B = as_label_tensor(labels_B, model.output.weight.device)
+    model.check_labels(labels_B)
+    proc = TokenProcessor(labels_B.shape[0], cfg, temperature, top_k, top_p)
+    return labels_B, proc, proc.rows(labels_B, model.null_class)
+
+
+def finish(model, vq, tokens_BN: torch.Tensor, stats: SamplerStats, t0: float, decode: bool) -> SampleOutput:
+    """Decode ``[B, N]`` tokens (images in [0, 1]) and stamp the wall time."""
+    stats.tokens = model.seq_len
+    images = None
+    if decode and vq is not None:
+        g = model.config.grid_size
+        images = vq.decode([tokens_BN.view(-1, g, g)]).float().add(1).mul(0.5)
+    stats.wall_time_s = time.perf_counter() - t0
+    return SampleOutput(images=images, tokens=tokens_BN, stats=stats)
+
+
+@torch.no_grad()
+def sample_next_token(model, vq, labels_B, *, cfg: float = 2.0, top_k: int = 0, top_p: float = 0.0,
+                      temperature: float = 1.0, generator: GeneratorArg = None, decode: bool = True) -> SampleOutput:
+    """One forward pass per token over a preallocated KV cache (the reference the other samplers must match).
+
+    Args:
+        model: a :class:`~var.models.gpt.GPT`; vq: its :class:`~var.tokenizers.SingleScaleVQ` (None: no images).
+        labels_B: class ids ``[B]`` in ``[0, num_classes]`` (``num_classes`` = unconditional).
+        cfg: guidance scale (1 = none); top_k / top_p / temperature: shared logits filtering (0 disables).
+        generator: one ``torch.Generator`` or one per sample (then a batch of N equals N single runs).
+    Returns:
+        :class:`SampleOutput`: ``images [B, 3, H, W]`` in [0, 1], ``tokens [B, N]`` (raster order), stats.
+    """
+    t0 = time.perf_counter()
+    labels_B, proc, rows = prepare(model, vq, labels_B, cfg, temperature, top_k, top_p)
+    B, N = labels_B.shape[0], model.seq_len
+    kv_cache = model.new_kv_cache(rows.shape[0])
+    stats = SamplerStats(peak_kv_cache_bytes=kv_cache.nbytes())
+    tokens = torch.empty(B, N, dtype=torch.long, device=labels_B.device)
+    logits = model.prefill(rows, kv_cache)
+    for i in range(N):
+        stats.forward_passes += 1
+        tokens[:, i] = multinomial(proc.probs(logits[:, -1], f"token {i}"), generator)
+        if i + 1 < N:
+            logits = model.decode(proc.double(tokens[:, i:i + 1]), kv_cache)
+    return finish(model, vq, tokens, stats, t0, decode)
