@@ -1,0 +1,173 @@
+"""CTF: coarse-to-fine token prediction (Guo, Zhang, Shieh, 2025).
+
+* Offline, :func:`kmeans_codebook` groups a tokenizer's codebook vectors into ``K`` clusters; ``cluster_of[v]`` is
+  the coarse label of code ``v``.
+* Stage 1 is an unchanged :class:`~var.models.gpt.GPT` whose vocabulary is the K coarse labels
+  (:func:`stage1_loss`: next-token CE on ``cluster_of[tokens]``).
+* Stage 2 (:class:`CTFStage2`) reads the class and the whole coarse sequence with **bidirectional** attention and
+  predicts every fine code in one pass (:func:`stage2_loss`).
+
+Choices where the paper is silent (documented in ``docs/code_nar_ctf.md``): stage 2 is a LlamaGen-style
+transformer with the class token as a prefix and 2D RoPE, attention unmasked; its loss is plain CE over all V codes
+(``constrained=True`` restricts the softmax to the codes of the given cluster); k-means uses k-means++ seeding,
+Lloyd iterations and re-seeds empty clusters with the worst-fitted codes, so no coarse label is ever empty.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from var.errors import ClassIdError, ConfigError
+from var.models.gpt import ClassEmbedder, GPTConfig, RMSNorm, TransformerBlock, rope_2d_table
+
+
+# ---- codebook clustering ------------------------------------------------------------------------------------------
+def _sq_dist(x_NC: torch.Tensor, c_KC: torch.Tensor) -> torch.Tensor:
+    return (x_NC.pow(2).sum(1, keepdim=True) + c_KC.pow(2).sum(1) - 2 * x_NC @ c_KC.T).clamp_min_(0)
+
+
+def _fill_empty(x_VC, c_KC, assign_V, num_clusters: int) -> torch.Tensor:
+    """Give every empty cluster the worst-fitted code of a cluster that keeps at least one member."""
+    assign_V = assign_V.clone()
+    counts = torch.bincount(assign_V, minlength=num_clusters)
+    for k in torch.nonzero(counts == 0).flatten().tolist():
+        err = _sq_dist(x_VC, c_KC).gather(1, assign_V[:, None])[:, 0]
+        err[counts[assign_V] <= 1] = -1
+        worst = int(err.argmax())
+        counts[assign_V[worst]] -= 1
+        assign_V[worst], counts[k] = k, 1
+        c_KC[k] = x_VC[worst]
+    return assign_V
+
+
+@torch.no_grad()
+def kmeans_codebook(codebook_VC: torch.Tensor, num_clusters: int, *, iters: int = 50,
+                    seed: int = 0) -> torch.Tensor:
+    """k-means (k-means++ init, Lloyd steps) of the code vectors -> ``cluster_of [V]`` (long, every label used).
+
+    Deterministic for a given ``seed``; runs in fp64 on the codebook's device.
+    """
+    x = codebook_VC.detach().double()
+    V = x.shape[0]
+    if not 1 <= num_clusters <= V:
+        raise ConfigError(f"num_clusters must be in [1, {V}] (the codebook size), got {num_clusters}")
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    centers = [x[torch.randint(V, (1,), generator=gen).item()]]
+    d2 = _sq_dist(x, centers[0][None])[:, 0]
+    for _ in range(1, num_clusters):
+        probs = d2 / d2.sum() if d2.sum() > 0 else torch.full_like(d2, 1.0 / V)
+        centers.append(x[torch.multinomial(probs.float().cpu(), 1, generator=gen).item()])
+        d2 = torch.minimum(d2, _sq_dist(x, centers[-1][None])[:, 0])
+    c = torch.stack(centers)
+    assign = _fill_empty(x, c, _sq_dist(x, c).argmin(1), num_clusters)
+    for _ in range(iters):
+        counts = torch.bincount(assign, minlength=num_clusters)
+        c = torch.zeros_like(c).index_add_(0, assign, x) / counts[:, None].double()
+        new_assign = _fill_empty(x, c, _sq_dist(x, c).argmin(1), num_clusters)
+        if torch.equal(new_assign, assign):
+            break
+        assign = new_assign
+    return assign
+
+
+def cluster_members(cluster_of_V: torch.Tensor, num_clusters: int) -> torch.Tensor:
+    """Boolean ``[K, V]``: ``members[k, v]`` iff code v is in cluster k."""
+    return F.one_hot(cluster_of_V, num_clusters).T.bool()
+
+
+def constrain_logits(logits_BNV: torch.Tensor, coarse_BN: torch.Tensor, members_KV: torch.Tensor) -> torch.Tensor:
+    """Set the logits of codes outside each position's coarse cluster to -inf (new tensor)."""
+    return logits_BNV.masked_fill(~members_KV[coarse_BN], float("-inf"))
+
+
+# ---- stage 2 -----------------------------------------------------------------------------------------------------
+@dataclass
+class CTFStage2Config(GPTConfig):
+    """A :class:`GPTConfig` plus ``num_coarse`` (K); ``vocab_size`` is the fine codebook size V."""
+
+    num_coarse: int = 512
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_coarse < 1:
+            raise ConfigError(f"num_coarse must be positive, got {self.num_coarse}")
+
+
+class CTFStage2(nn.Module):
+    """Fine codes of all positions from ``[class; coarse labels]`` in one bidirectional pass."""
+
+    prefix_len = 1
+
+    def __init__(self, config: CTFStage2Config | None = None, **overrides):
+        super().__init__()
+        config = config or CTFStage2Config(**overrides)
+        self.config = config
+        self.cls_embedding = ClassEmbedder(config.num_classes, config.dim)
+        self.coarse_embeddings = nn.Embedding(config.num_coarse, config.dim)
+        self.tok_dropout = nn.Dropout(config.token_dropout_p)
+        self.layers = nn.ModuleList([TransformerBlock(config) for _ in range(config.n_layer)])
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.register_buffer("rope_table", rope_2d_table(config.grid_size, config.head_dim, config.rope_base,
+                                                         self.prefix_len), persistent=False)
+        self.init_weights()
+
+    @property
+    def seq_len(self) -> int:
+        return self.config.seq_len
+
+    @property
+    def null_class(self) -> int:
+        return self.config.num_classes
+
+    def check_labels(self, labels_B: torch.Tensor) -> None:
+        if labels_B.dtype.is_floating_point or labels_B.ndim != 1 or (
+                labels_B.numel() and (labels_B.min() < 0 or labels_B.max() > self.null_class)):
+            raise ClassIdError(f"labels must be a 1-D integer tensor in [0, {self.null_class}]")
+
+    def forward(self, labels_B: torch.Tensor, coarse_BN: torch.Tensor) -> torch.Tensor:
+        """``labels [B]``, coarse labels ``[B, grid^2]`` (raster) -> fine logits ``[B, grid^2, V]`` (fp32)."""
+        coarse_BN = coarse_BN.reshape(coarse_BN.shape[0], -1)
+        if coarse_BN.shape[1] != self.seq_len:
+            raise ConfigError(f"stage 2 takes the full grid of {self.seq_len} coarse labels, got {coarse_BN.shape[1]}")
+        h = torch.cat((self.cls_embedding(labels_B), self.coarse_embeddings(coarse_BN)), dim=1)
+        h = self.tok_dropout(h)
+        L = h.shape[1]
+        full = torch.ones(L, L, dtype=torch.bool, device=h.device)
+        cos_sin = self.rope_table[:L]
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos_sin, i, None, full)
+        return self.output(self.norm(h[:, self.prefix_len:])).float()
+
+    def config_dict(self) -> dict:
+        return asdict(self.config)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """LlamaGen's init: N(0, 0.02) for linear and embedding weights, zero output head."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0.0, self.config.initializer_range)
+        nn.init.zeros_(self.output.weight)
+
+
+# ---- losses -------------------------------------------------------------------------------------------------------
+def stage1_loss(stage1, labels_B: torch.Tensor, fine_BN: torch.Tensor, cluster_of_V: torch.Tensor) -> torch.Tensor:
+    """Next-token CE of the stage-1 GPT on the coarse labels of ground-truth codes (labels used as given)."""
+    coarse_BN = cluster_of_V[fine_BN.reshape(fine_BN.shape[0], -1)]
+    return F.cross_entropy(stage1(labels_B, coarse_BN).flatten(0, 1), coarse_BN.flatten())
+
+
+def stage2_loss(stage2: CTFStage2, labels_B: torch.Tensor, fine_BN: torch.Tensor, cluster_of_V: torch.Tensor, *,
+                constrained: bool = False) -> torch.Tensor:
+    """Per-position CE of the fine codes given the ground-truth coarse labels (``constrained``: softmax over the
+    codes of the position's cluster only)."""
+    fine_BN = fine_BN.reshape(fine_BN.shape[0], -1)
+    coarse_BN = cluster_of_V[fine_BN]
+    logits = stage2(labels_B, coarse_BN)
+    if constrained:
+        logits = constrain_logits(logits, coarse_BN, cluster_members(cluster_of_V, stage2.config.num_coarse))
+    return F.cross_entropy(logits.flatten(0, 1), fine_BN.flatten())
