@@ -1,0 +1,46 @@
+"""Compaction of a ragged per-head cache: gather the kept tokens of (old prefix + current scale) into a new pool.
+
+Candidates of one layer are indexed ``[B, H, P]`` with ``P = max_prefix + n``: position ``p < max_prefix`` is
+prefix row ``p`` of the head (valid when ``p < seg_len``), position ``max_prefix + i`` is token ``i`` of the
+current scale. A boolean ``keep [B, H, P]`` selects survivors; the new pool is head-major and keeps each head's
+tokens in candidate order (scale-major raster order), so segments stay contiguous and sorted.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def kept_rows(keep_BHP: torch.Tensor, seg_start: torch.Tensor, seg_len: torch.Tensor, max_prefix: int,
+              pool_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source rows of the survivors in the virtual concatenation ``[pool rows ; current tokens (b, h, i)]``.
+
+    Returns ``rows [T_new]`` (long), ``new_len [B*H]`` (int32) and ``cand [T_new]``, each survivor's candidate
+    position (for carrying per-token metadata along).
+    """
+    B, H, P = keep_BHP.shape
+    n_cur = P - max_prefix
+    prefix_ok = torch.arange(P, device=keep_BHP.device) < max_prefix
+    valid_prefix = torch.arange(max_prefix, device=keep_BHP.device) < seg_len.view(B, H, 1)
+    keep = keep_BHP & torch.cat((valid_prefix, valid_prefix.new_ones(B, H, n_cur)), dim=2)
+    bh, cand = keep.view(B * H, P).nonzero(as_tuple=True)
+    in_prefix = prefix_ok[cand]
+    rows = torch.where(in_prefix, seg_start.long()[bh] + cand,
+                       pool_rows + bh * n_cur + (cand - max_prefix))
+    new_len = keep.view(B * H, P).sum(dim=1, dtype=torch.int32)
+    return rows, new_len, cand
+
+
+def gather_rows(pool_TD: torch.Tensor, cur_BHnD: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``[len(rows), D]`` rows taken from ``pool`` (row < T) or from the flattened current tokens (row >= T)."""
+    T = pool_TD.shape[0]
+    cur_flat = cur_BHnD.reshape(-1, *cur_BHnD.shape[3:]).to(pool_TD.dtype)
+    out = pool_TD.new_empty((rows.shape[0],) + cur_flat.shape[1:])
+    from_pool = rows < T
+    out[from_pool] = pool_TD[rows[from_pool]]
+    out[~from_pool] = cur_flat[rows[~from_pool] - T]
+    return out
+
+
+def segment_starts(lengths: torch.Tensor) -> torch.Tensor:
+    """Exclusive cumulative sum: where each head's segment starts in a head-major pool."""
+    return (torch.cumsum(lengths, 0) - lengths).to(torch.int32)

@@ -1,0 +1,298 @@
+"""A KV cache that keeps, per layer and per head, a variable number of tokens chosen by a compression policy.
+
+Per layer it holds a head-major ragged pool (see :mod:`var.kernels.ragged_attention`)::
+
+    k_pool [T, D] (k_dtype), v_pool [T, D] (dtype), pos_pool [T] int32 (each kept token's position in the
+    sequence), seg_start/seg_len [B*H] int32, and score_pool [T] float32 for policies that accumulate
+    attention scores (H2O).
+
+``attend(layer, q, k, v, scale=)`` computes attention of the new tokens over (the layer's kept prefix + the new
+tokens) with the dispatched kernel, then asks the policy which of (prefix + new) tokens to keep and compacts the
+layer right away, so at most one layer's fresh scale is held uncompressed at a time. It implements the
+interface of :class:`~var.kernels.KVCache` (``attend / advance / truncate / reset / nbytes``), so models and
+samplers take either. With no policy, or a policy that keeps everything, the attention inputs are the same values
+as the full cache's and the results match it exactly.
+
+The tokens of a write that reaches ``capacity`` (VAR's last scale) are attended to but not stored: nothing can
+attend to them later. ``keep_last_scale=True`` stores them anyway (e.g. to inspect the final cache).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from var.errors import ConfigError
+from var.kernels.compaction import gather_rows, kept_rows, segment_starts
+from var.kernels.ragged_attention import gather_prefix, ragged_attention
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Selection:
+    """A policy's decision for one layer: ``keep [B, H, P]`` over the candidates, and optionally the new
+    accumulated scores ``[B, H, P]`` of every candidate (carried along for the kept ones)."""
+
+    keep_BHP: torch.Tensor
+    scores_BHP: torch.Tensor | None = None
+
+
+@dataclass
+class SelectionContext:
+    """What a policy sees when one layer has attended over its cache plus ``n`` new tokens.
+
+    Candidates are ``[B, H, P]``, ``P = max_prefix + n``: padded prefix rows first, then the ``n`` new tokens.
+    """
+
+    layer: int
+    start: int                      # sequence position of the first new token
+    n_cur: int
+    scale: float                    # logit scale the attention used
+    q_BHnD: torch.Tensor
+    k_cand_BHPD: torch.Tensor
+    valid_BHP: torch.Tensor
+    pos_BHP: torch.Tensor           # sequence position of each candidate (-1 where invalid)
+    max_prefix: int
+    acc_scores_BHP: torch.Tensor | None = None
+    patch_nums: Sequence[int] | None = None
+    _scale_index: int | None = field(default=None, repr=False)
+
+    @property
+    def is_current_BHP(self) -> torch.Tensor:
+        return self.pos_BHP >= self.start
+
+    @property
+    def key_len_BH(self) -> torch.Tensor:
+        return self.valid_BHP.sum(-1)
+
+    @property
+    def scale_index(self) -> int | None:
+        """Index of the VAR scale being written, when the write is exactly one scale of ``patch_nums``."""
+        if self._scale_index is None and self.patch_nums:
+            pos = 0
+            for si, pn in enumerate(self.patch_nums):
+                if pos == self.start and pn * pn == self.n_cur:
+                    self._scale_index = si
+                pos += pn * pn
+        return self._scale_index
+
+    @property
+    def grid(self) -> int | None:
+        """Side of the current square token map (None when the write is not one VAR scale)."""
+        si = self.scale_index
+        return None if si is None else self.patch_nums[si]
+
+    def observation_scores(self, query_idx: torch.Tensor, *, softmax: bool = True) -> torch.Tensor:
+        """Sum over the selected current queries of their attention to each candidate: ``[B, H, P]`` fp32.
+
+        ``softmax=True`` sums attention probabilities (SnapKV, H2O, HACK, ScaleKV paper); ``False`` sums raw
+        logits. Invalid candidates get ``-inf``.
+        """
+        q = self.q_BHnD[:, :, query_idx].float()
+        logits = q @ self.k_cand_BHPD.float().transpose(-1, -2) * self.scale  # [B, H, W, P]
+        logits = logits.masked_fill(~self.valid_BHP.unsqueeze(2), float("-inf"))
+        scores = logits.softmax(-1).sum(2) if softmax else logits.sum(2)
+        return scores.masked_fill(~self.valid_BHP, float("-inf"))
+
+
+class CompressedKVCache:
+    """Ragged per-head KV cache driven by a compression policy (None = keep everything)."""
+
+    def __init__(self, num_layers: int, batch_size: int, num_heads: int, head_dim: int, *, capacity: int,
+                 policy=None, patch_nums: Sequence[int] | None = None, dtype: torch.dtype = torch.float32,
+                 k_dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+                 backend: str | None = None, keep_last_scale: bool = False):
+        if min(num_layers, batch_size, num_heads, head_dim, capacity) <= 0:
+            raise ConfigError(f"cache dimensions must be positive: layers {num_layers}, batch {batch_size}, "
+                              f"heads {num_heads}, head_dim {head_dim}, capacity {capacity}")
+        self.num_layers, self.batch_size, self.num_heads, self.head_dim = num_layers, batch_size, num_heads, head_dim
+        self.capacity = capacity
+        self.policy = policy
+        self.patch_nums = tuple(patch_nums) if patch_nums else None
+        self.k_dtype, self.v_dtype = k_dtype or dtype, dtype
+        self.device = torch.device(device)
+        self.backend = backend
+        self.keep_last_scale = keep_last_scale
+        self.tracks_scores = bool(getattr(policy, "tracks_scores", False))
+        self.reset()
+
+    # ---- state ------------------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        BH, D, dev = self.batch_size * self.num_heads, self.head_dim, self.device
+        L = self.num_layers
+        self.k_pool = [torch.empty(0, D, dtype=self.k_dtype, device=dev) for _ in range(L)]
+        self.v_pool = [torch.empty(0, D, dtype=self.v_dtype, device=dev) for _ in range(L)]
+        self.pos_pool = [torch.empty(0, dtype=torch.int32, device=dev) for _ in range(L)]
+        self.score_pool = [torch.empty(0, dtype=torch.float32, device=dev) for _ in range(L)] \
+            if self.tracks_scores else None
+        self.seg_start = [torch.zeros(BH, dtype=torch.int32, device=dev) for _ in range(L)]
+        self.seg_len = [torch.zeros(BH, dtype=torch.int32, device=dev) for _ in range(L)]
+        self._uniform: list[int | None] = [0] * L  # every head holds this many rows, or None (ragged)
+        self.length = 0
+        self._stored_until = self.capacity  # positions >= this were attended to but not stored
+        self._peak = 0
+        self.selections = 0  # policy decisions that were made (compressions)
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        """Every tensor the cache holds (what :meth:`nbytes` counts)."""
+        tensors = self.k_pool + self.v_pool + self.pos_pool + self.seg_start + self.seg_len
+        return tensors + (self.score_pool or [])
+
+    def nbytes(self) -> int:
+        """Bytes of all tensors held: K/V pools plus the index metadata (positions, segments, scores)."""
+        return sum(t.numel() * t.element_size() for t in self.held_tensors())
+
+    def kv_nbytes(self) -> int:
+        """Bytes of the kept K and V only (the quantity papers report)."""
+        return sum(t.numel() * t.element_size() for t in self.k_pool + self.v_pool)
+
+    def peak_nbytes(self) -> int:
+        """Largest footprint seen, including one layer's uncompressed new tokens during :meth:`attend`."""
+        return max(self._peak, self.nbytes())
+
+    def lengths(self, layer: int) -> torch.Tensor:
+        """Kept tokens per (batch row, head) of ``layer``: ``[B, H]`` int32."""
+        return self.seg_len[layer].view(self.batch_size, self.num_heads)
+
+    def kept_tokens(self) -> int:
+        """Kept tokens summed over layers, batch rows and heads."""
+        return sum(p.shape[0] for p in self.pos_pool)
+
+    # ---- the KVCache interface ---------------------------------------------------------------------------------
+    def attend(self, layer: int, q_BHlD: torch.Tensor, k_BHlD: torch.Tensor, v_BHlD: torch.Tensor, *,
+               scale: float, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attend the new tokens over the kept prefix and themselves, then store the survivors of the policy."""
+        if attn_mask is not None:
+            raise ConfigError("CompressedKVCache does not take attn_mask: a VAR scale attends to everything kept")
+        B, H, n, D = q_BHlD.shape
+        if (B, H, D) != (self.batch_size, self.num_heads, self.head_dim):
+            raise ConfigError(f"attend got q {tuple(q_BHlD.shape)}, cache is for batch {self.batch_size}, "
+                              f"heads {self.num_heads}, head_dim {self.head_dim}")
+        start, end = self.length, self.length + n
+        if end > self.capacity:
+            raise ConfigError(f"KV cache overflow: {end} tokens > capacity {self.capacity}")
+        k_new, v_new = k_BHlD.to(self.k_dtype), v_BHlD.to(self.v_dtype)
+        out = ragged_attention(q_BHlD, self.k_pool[layer], self.v_pool[layer], self.seg_start[layer],
+                               self.seg_len[layer], k_new, v_new, scale=scale, backend=self.backend,
+                               uniform_len=self._uniform[layer])
+        self._peak = max(self._peak, self.nbytes() + k_new.numel() * k_new.element_size()
+                         + v_new.numel() * v_new.element_size())
+        if end >= self.capacity and not self.keep_last_scale:
+            self._stored_until = min(self._stored_until, start)
+        else:
+            self._merge(layer, q_BHlD, k_new, v_new, start, scale)
+        return out.to(v_BHlD.dtype)
+
+    def advance(self, num_tokens: int) -> None:
+        """Commit the ``num_tokens`` tokens written by the last forward pass."""
+        self.length += num_tokens
+
+    def truncate(self, length: int) -> None:
+        """Roll back to the first ``length`` sequence positions: drop every kept token at position >= length."""
+        if not 0 <= length <= self.length:
+            raise ConfigError(f"cannot truncate a cache of length {self.length} to {length}")
+        if length > self._stored_until:
+            raise ConfigError(f"cannot truncate to {length}: positions >= {self._stored_until} (the last scale) "
+                              f"were not stored; use keep_last_scale=True")
+        for layer in range(self.num_layers):
+            B, H = self.batch_size, self.num_heads
+            pos, valid = self._padded_prefix_meta(layer)
+            keep = valid & (pos < length)
+            if bool(keep.sum() != valid.sum()):
+                self._compact(layer, keep, None, pos.shape[-1], None, None, None, None)
+        self.length = length
+        self._stored_until = self.capacity
+
+    # ---- internals -----------------------------------------------------------------------------------------
+    def _padded_prefix_meta(self, layer: int):
+        """Padded positions ``[B, H, P]`` (-1 where invalid) and validity of the layer's prefix."""
+        B, H = self.batch_size, self.num_heads
+        seg_len = self.seg_len[layer]
+        max_len = int(seg_len.max()) if seg_len.numel() else 0
+        ar = torch.arange(max_len, device=self.device)
+        valid = ar < seg_len[:, None]
+        rows = torch.where(valid, self.seg_start[layer][:, None].long() + ar, 0)
+        pool = self.pos_pool[layer]
+        pos = pool[rows.view(-1)].view(B * H, max_len) if pool.numel() else rows.to(torch.int32)
+        pos = torch.where(valid, pos, -1)
+        return pos.view(B, H, max_len), valid.view(B, H, max_len)
+
+    def _context(self, layer, q, k_new, start, scale) -> SelectionContext:
+        B, H, n, D = q.shape
+        k_pre, _, valid_pre = gather_prefix(self.k_pool[layer], self.v_pool[layer], self.seg_start[layer],
+                                            self.seg_len[layer], B, H, uniform_len=self._uniform[layer])
+        P0 = k_pre.shape[2]
+        if valid_pre is None:
+            valid_pre = torch.ones(B, H, P0, dtype=torch.bool, device=self.device)
+        pos_pre, _ = self._padded_prefix_meta(layer)
+        pos_cur = torch.arange(start, start + n, dtype=torch.int32, device=self.device).expand(B, H, n)
+        acc = None
+        if self.tracks_scores:
+            pool = self.score_pool[layer]
+            rows = torch.where(valid_pre.view(B * H, P0),
+                               self.seg_start[layer][:, None].long() + torch.arange(P0, device=self.device), 0)
+            acc_pre = pool[rows.view(-1)].view(B, H, P0) if pool.numel() else rows.float().view(B, H, P0) * 0
+            acc = torch.cat((acc_pre.masked_fill(~valid_pre, 0), acc_pre.new_zeros(B, H, n)), dim=2)
+        return SelectionContext(
+            layer=layer, start=start, n_cur=n, scale=scale, q_BHnD=q,
+            k_cand_BHPD=torch.cat((k_pre.to(k_new.dtype), k_new), dim=2),
+            valid_BHP=torch.cat((valid_pre, valid_pre.new_ones(B, H, n)), dim=2),
+            pos_BHP=torch.cat((pos_pre, pos_cur), dim=2), max_prefix=P0, acc_scores_BHP=acc,
+            patch_nums=self.patch_nums)
+
+    def _merge(self, layer, q, k_new, v_new, start, scale) -> None:
+        B, H, n, D = q.shape
+        selection = self.policy.select(self._context(layer, q, k_new, start, scale)) \
+            if self.policy is not None else None
+        uniform = self._uniform[layer]
+        if selection is None and uniform is not None and not self.tracks_scores:
+            # keep everything and the layout stays rectangular: concatenate per head
+            def cat(pool, new):
+                return torch.cat((pool.view(B, H, uniform, *new.shape[3:]), new), dim=2).reshape(-1, *new.shape[3:])
+            pos_new = torch.arange(start, start + n, dtype=torch.int32, device=self.device).view(n, 1).expand(B, H, n, 1)
+            self.k_pool[layer] = cat(self.k_pool[layer], k_new)
+            self.v_pool[layer] = cat(self.v_pool[layer], v_new)
+            self.pos_pool[layer] = cat(self.pos_pool[layer].unsqueeze(-1), pos_new).view(-1)
+            self.seg_len[layer] = torch.full_like(self.seg_len[layer], uniform + n)
+            self.seg_start[layer] = segment_starts(self.seg_len[layer])
+            self._uniform[layer] = uniform + n
+            return
+        max_prefix = int(self.seg_len[layer].max()) if self.seg_len[layer].numel() else 0
+        if selection is None:
+            keep = torch.ones(B, H, max_prefix + n, dtype=torch.bool, device=self.device)
+            scores = None
+        else:
+            keep, scores = selection.keep_BHP, selection.scores_BHP
+            self.selections += 1
+        self._compact(layer, keep, scores, max_prefix, k_new, v_new, start, n)
+
+    def _compact(self, layer, keep_BHP, scores_BHP, max_prefix, k_new, v_new, start, n) -> None:
+        B, H = self.batch_size, self.num_heads
+        T = self.k_pool[layer].shape[0]
+        rows, new_len, cand = kept_rows(keep_BHP, self.seg_start[layer], self.seg_len[layer], max_prefix, T)
+        D = self.head_dim
+        n = n or 0
+        k_cur = k_new if k_new is not None else self.k_pool[layer].new_empty(B, H, 0, D)
+        v_cur = v_new if v_new is not None else self.v_pool[layer].new_empty(B, H, 0, D)
+        pos_cur = torch.arange(start or 0, (start or 0) + n, dtype=torch.int32, device=self.device).expand(B, H, n)
+        self.k_pool[layer] = gather_rows(self.k_pool[layer], k_cur, rows)
+        self.v_pool[layer] = gather_rows(self.v_pool[layer], v_cur, rows)
+        self.pos_pool[layer] = gather_rows(self.pos_pool[layer], pos_cur, rows)
+        if self.tracks_scores:
+            if scores_BHP is not None:
+                bh = torch.repeat_interleave(torch.arange(B * H, device=self.device), new_len.long())
+                self.score_pool[layer] = scores_BHP.reshape(B * H, -1)[bh, cand].float()
+            else:
+                self.score_pool[layer] = gather_rows(self.score_pool[layer],
+                                                     torch.zeros(B, H, n, device=self.device), rows)
+        self.seg_len[layer] = new_len
+        self.seg_start[layer] = segment_starts(new_len)
+        lo, hi = (int(new_len.min()), int(new_len.max())) if new_len.numel() else (0, 0)
+        self._uniform[layer] = hi if lo == hi else None
+
+    def __repr__(self) -> str:
+        return (f"CompressedKVCache(layers={self.num_layers}, batch={self.batch_size}, heads={self.num_heads}, "
+                f"length={self.length}, kept={self.kept_tokens()}, policy={self.policy!r})")

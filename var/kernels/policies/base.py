@@ -1,0 +1,160 @@
+"""Shared pieces of the compression policies: budget checks, the model layout, ranking and windows."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from var.errors import ConfigError
+from var.kernels.compressed_cache import CompressedKVCache, Selection, SelectionContext
+
+
+def check_fraction(name: str, value, *, low_open: bool = True, high: float = 1.0) -> float:
+    """``value`` as a float in ``(0, high]`` (``[0, high]`` when ``low_open`` is False) or :class:`ConfigError`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a number in (0, {high}], got {value!r}")
+    ok = (0 < value <= high) if low_open else (0 <= value <= high)
+    if not ok:
+        interval = f"(0, {high}]" if low_open else f"[0, {high}]"
+        raise ConfigError(f"{name} must be in {interval} (a fraction of the full cache), got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """The dimensions of a VAR model that the policies budget against."""
+
+    depth: int
+    num_heads: int
+    head_dim: int
+    patch_nums: tuple
+
+    @classmethod
+    def of(cls, model) -> "CacheLayout":
+        cfg = model.config
+        return cls(cfg.depth, cfg.num_heads, cfg.width // cfg.num_heads, tuple(cfg.patch_nums))
+
+    @property
+    def seq_len(self) -> int:
+        return sum(pn * pn for pn in self.patch_nums)
+
+    @property
+    def full_carried(self) -> int:
+        """Tokens per (layer, head) carried into the last scale by the full cache (the 100% reference)."""
+        return self.seq_len - self.patch_nums[-1] ** 2
+
+    def cumulative(self, si: int) -> int:
+        """Tokens of scales ``0..si``."""
+        return sum(pn * pn for pn in self.patch_nums[:si + 1])
+
+    def budget_tokens(self, budget: float) -> int:
+        """Average kept tokens per (layer, head) for a budget fraction (ScaleKV's definition, >= 1)."""
+        return max(1, round(budget * self.full_carried))
+
+    def signature(self) -> dict:
+        return {"depth": self.depth, "num_heads": self.num_heads, "head_dim": self.head_dim,
+                "patch_nums": list(self.patch_nums)}
+
+
+def rank_keep(priority_BHP: torch.Tensor, cap, valid_BHP: torch.Tensor) -> torch.Tensor:
+    """Keep the ``cap`` highest-priority valid candidates per (b, h); ties go to the earlier position.
+
+    ``cap`` is an int or a tensor broadcastable to ``[B, H]`` (per-head budgets).
+    """
+    priority = priority_BHP.float().masked_fill(~valid_BHP, float("-inf"))
+    order = priority.argsort(dim=-1, descending=True, stable=True)
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device)
+                                             .expand_as(order))
+    if not isinstance(cap, torch.Tensor):
+        cap = torch.tensor(cap, device=priority.device)
+    cap = cap.to(priority.device)
+    while cap.ndim < 3:
+        cap = cap.unsqueeze(-1)
+    return valid_BHP & (ranks < cap)
+
+
+def forced(priority_BHP: torch.Tensor, must_keep_BHP: torch.Tensor) -> torch.Tensor:
+    """Priorities with ``must_keep`` candidates lifted above every finite score (kept first, in position order)."""
+    return priority_BHP.masked_fill(must_keep_BHP, float("inf"))
+
+
+def pool1d(scores_BHP: torch.Tensor, valid_BHP: torch.Tensor, kernel: int, mode: str) -> torch.Tensor:
+    """1-D max/avg pool (stride 1, same length) over the candidate axis; invalid entries count as 0."""
+    if kernel <= 1:
+        return scores_BHP
+    x = scores_BHP.masked_fill(~valid_BHP, 0.0)
+    B, H, P = x.shape
+    x = x.reshape(B * H, 1, P)
+    pad = kernel // 2
+    if mode == "max":
+        y = F.max_pool1d(x, kernel, stride=1, padding=pad)
+    elif mode == "avg":
+        y = F.avg_pool1d(x, kernel, stride=1, padding=pad, count_include_pad=False)
+    else:
+        raise ConfigError(f"pooling must be 'max' or 'avg', got {mode!r}")
+    return y[..., :P].reshape(B, H, P).masked_fill(~valid_BHP, float("-inf"))
+
+
+def grid_window(ctx: SelectionContext, window: int) -> torch.Tensor:
+    """ScaleKV's observation window: centres of a ``sqrt(W) x sqrt(W)`` grid of patches over the current map
+    (indices into the current scale), or the last ``W`` tokens when the map is smaller or not a VAR scale."""
+    g = math.isqrt(window)
+    pn = ctx.grid
+    dev = ctx.q_BHnD.device
+    if pn is None or g * g != window or pn < g:
+        return torch.arange(max(0, ctx.n_cur - window), ctx.n_cur, device=dev)
+    patch = pn // g
+    centres = torch.arange(g, device=dev) * patch + (patch - 1) // 2
+    return (centres[:, None] * pn + centres[None, :]).reshape(-1)
+
+
+def uniform_queries(n: int, count: int, device) -> torch.Tensor:
+    """``min(count, n)`` evenly spaced query positions of the current scale (HACK's N_obs sampling)."""
+    k = min(count, n)
+    return torch.linspace(0, n - 1, k, device=device).round().long().unique()
+
+
+def current_index_mask(ctx: SelectionContext, idx_cur: torch.Tensor) -> torch.Tensor:
+    """``[B, H, P]`` mask of the given current-scale token indices."""
+    B, H, P = ctx.valid_BHP.shape
+    mask = torch.zeros(P, dtype=torch.bool, device=ctx.valid_BHP.device)
+    mask[ctx.max_prefix + idx_cur] = True
+    return mask.expand(B, H, P)
+
+
+class CompressionPolicy:
+    """Base class: holds the budget and dtypes, builds the cache, and is asked which tokens to keep.
+
+    Subclasses implement :meth:`prepare` (per-model set-up, called by :meth:`new_cache`) and :meth:`select`.
+    """
+
+    tracks_scores = False
+
+    def __init__(self, budget: float, *, backend: str | None = None, k_dtype: torch.dtype | None = None,
+                 dtype: torch.dtype | None = None):
+        self.budget = check_fraction(f"{type(self).__name__} budget", budget)
+        self.backend, self.k_dtype, self.dtype = backend, k_dtype, dtype
+        self.layout: CacheLayout | None = None
+        self.budget_per_head = 0
+
+    def prepare(self, layout: CacheLayout) -> None:
+        self.layout = layout
+        self.budget_per_head = layout.budget_tokens(self.budget)
+
+    def new_cache(self, model, batch_size: int, *, dtype: torch.dtype | None = None, device=None):
+        layout = CacheLayout.of(model)
+        if layout != self.layout:
+            self.prepare(layout)
+        param = model.head.weight
+        dtype = self.dtype or dtype or param.dtype
+        return CompressedKVCache(layout.depth, batch_size, layout.num_heads, layout.head_dim,
+                                 capacity=layout.seq_len, policy=self, patch_nums=layout.patch_nums, dtype=dtype,
+                                 k_dtype=self.k_dtype, device=device or param.device, backend=self.backend)
+
+    def select(self, ctx: SelectionContext) -> Selection | None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(budget={self.budget})"

@@ -1,0 +1,87 @@
+"""Generic KV-compression baselines ported to next-scale prediction, all at an equal average budget per head.
+
+* :class:`StreamingLLM`: ``sinks`` first tokens + the most recent tokens (Xiao et al., 2024).
+* :class:`SnapKV`: the last ``window`` queries of the current scale score every key (softmax attention summed over
+  the window, 1-D pool), keep the window + the top-scoring rest, per head (Li et al., 2024).
+* :class:`H2O`: accumulated attention received by each key over all scales (estimated from ``num_queries``
+  evenly spaced queries per scale, rescaled to the scale's size), keep the most recent ``recent_ratio`` of the
+  budget + the heaviest hitters (Zhang et al., 2023).
+
+The budget is a fraction of the tokens the full cache carries into the last scale (see :class:`CacheLayout`).
+"""
+from __future__ import annotations
+
+import torch
+
+from var.errors import ConfigError
+from var.kernels.compressed_cache import Selection, SelectionContext
+from var.kernels.policies.base import (CompressionPolicy, check_fraction, current_index_mask, forced, pool1d,
+                                       rank_keep, uniform_queries)
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{name} must be a non-negative int, got {value!r}")
+    return value
+
+
+class StreamingLLM(CompressionPolicy):
+    """Attention sinks + sliding window (``sinks=0`` is the plain sliding window)."""
+
+    def __init__(self, budget: float, *, sinks: int = 4, **kw):
+        super().__init__(budget, **kw)
+        self.sinks = _positive_int("sinks", sinks)
+
+    def select(self, ctx: SelectionContext) -> Selection | None:
+        if ctx.max_prefix + ctx.n_cur <= self.budget_per_head:
+            return None
+        priority = forced(ctx.pos_BHP.float(), ctx.valid_BHP & (ctx.pos_BHP < self.sinks))
+        return Selection(rank_keep(priority, self.budget_per_head, ctx.valid_BHP))
+
+    def __repr__(self) -> str:
+        return f"StreamingLLM(budget={self.budget}, sinks={self.sinks})"
+
+
+class SnapKV(CompressionPolicy):
+    """Observation window = last ``window`` tokens of the current scale; pooled softmax scores; per-head top-k."""
+
+    def __init__(self, budget: float, *, window: int = 16, kernel: int = 5, pooling: str = "avg", **kw):
+        super().__init__(budget, **kw)
+        self.window, self.kernel, self.pooling = _positive_int("window", window), kernel, pooling
+        if pooling not in ("max", "avg"):
+            raise ConfigError(f"pooling must be 'max' or 'avg', got {pooling!r}")
+
+    def select(self, ctx: SelectionContext) -> Selection | None:
+        if ctx.max_prefix + ctx.n_cur <= self.budget_per_head:
+            return None
+        idx = torch.arange(max(0, ctx.n_cur - max(1, self.window)), ctx.n_cur, device=ctx.q_BHnD.device)
+        scores = pool1d(ctx.observation_scores(idx), ctx.valid_BHP, self.kernel, self.pooling)
+        priority = forced(scores, current_index_mask(ctx, idx) & ctx.valid_BHP)
+        return Selection(rank_keep(priority, self.budget_per_head, ctx.valid_BHP))
+
+    def __repr__(self) -> str:
+        return f"SnapKV(budget={self.budget}, window={self.window}, kernel={self.kernel}, pooling={self.pooling!r})"
+
+
+class H2O(CompressionPolicy):
+    """Heavy hitters (accumulated attention) + recent tokens."""
+
+    tracks_scores = True
+
+    def __init__(self, budget: float, *, recent_ratio: float = 0.5, num_queries: int = 64, **kw):
+        super().__init__(budget, **kw)
+        self.recent_ratio = check_fraction("recent_ratio", recent_ratio, low_open=False)
+        self.num_queries = max(1, _positive_int("num_queries", num_queries))
+
+    def select(self, ctx: SelectionContext) -> Selection:
+        idx = uniform_queries(ctx.n_cur, self.num_queries, ctx.q_BHnD.device)
+        new = ctx.observation_scores(idx).masked_fill(~ctx.valid_BHP, 0.0) * (ctx.n_cur / idx.numel())
+        acc = ctx.acc_scores_BHP + new
+        if ctx.max_prefix + ctx.n_cur <= self.budget_per_head:
+            return Selection(ctx.valid_BHP, acc)
+        recent = rank_keep(ctx.pos_BHP.float(), round(self.recent_ratio * self.budget_per_head), ctx.valid_BHP)
+        keep = rank_keep(forced(acc, recent), self.budget_per_head, ctx.valid_BHP)
+        return Selection(keep, acc)
+
+    def __repr__(self) -> str:
+        return f"H2O(budget={self.budget}, recent_ratio={self.recent_ratio}, num_queries={self.num_queries})"

@@ -1,0 +1,86 @@
+"""HACK (Qin et al., 2025): head-aware KV compression with contextual vs structural heads.
+
+* **Classification** (offline): from a calibration profile, each head's column variance of its final-scale
+  attention (``sum_j Var_i a_ij``); sorted globally over all layers and heads, the lowest
+  ``contextual_fraction`` become *contextual* (vertical pattern), the rest *structural* (diagonal pattern).
+* **Asymmetric budgets**: average per head ``B = a*B_C + (1-a)*B_S`` with ``B_C = contextual_share * B_S``
+  (``a`` the realised contextual fraction); ``B_S`` is capped at the full cache and any excess goes to ``B_C``,
+  so 100% keeps everything.
+* **Selection**, after every scale, from ``num_queries`` evenly spaced queries of the current scale (softmax
+  attention summed over them): contextual heads keep their top-``B_C`` keys; structural heads keep the first
+  ``init_scales`` scales, then the current scale, then the top-scoring middle tokens, up to ``B_S``.
+
+Not implemented: the final-step LOOK-M style merge of evicted tokens into their most similar kept token, and the
+static head permutation (the ragged per-head cache takes the two budgets directly). Without a profile every head
+is structural with the uniform budget (logged).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from var.errors import ConfigError
+from var.kernels.compressed_cache import Selection, SelectionContext
+from var.kernels.policies.base import CacheLayout, CompressionPolicy, check_fraction, rank_keep, uniform_queries
+from var.kernels.policies.calibration import CalibrationProfile
+
+log = logging.getLogger(__name__)
+
+
+def classify_heads(head_variance: list, contextual_fraction: float) -> torch.Tensor:
+    """``[depth, H]`` bool, True = contextual: the globally lowest-variance ``contextual_fraction`` of heads."""
+    var = torch.tensor(head_variance, dtype=torch.float64)
+    count = round(contextual_fraction * var.numel())
+    mask = torch.zeros(var.numel(), dtype=torch.bool)
+    mask[var.flatten().argsort(stable=True)[:count]] = True
+    return mask.view(var.shape)
+
+
+class HACK(CompressionPolicy):
+    """``HACK(budget=0.5, profile=...)``: budget is a fraction of the cache carried into the last scale."""
+
+    def __init__(self, budget: float, *, profile=None, contextual_fraction: float = 0.5,
+                 contextual_share: float = 0.25, num_queries: int = 32, init_scales: int = 2, **kw):
+        super().__init__(budget, **kw)
+        self.profile = CalibrationProfile.coerce(profile)
+        self.contextual_fraction = check_fraction("contextual_fraction", contextual_fraction, low_open=False)
+        self.contextual_share = check_fraction("contextual_share", contextual_share)
+        if num_queries < 1 or init_scales < 0:
+            raise ConfigError(f"num_queries must be >= 1 and init_scales >= 0, got {num_queries}, {init_scales}")
+        self.num_queries, self.init_scales = num_queries, init_scales
+        self.contextual: torch.Tensor | None = None
+        self.caps_LH: torch.Tensor | None = None
+        self.budget_structural = self.budget_contextual = 0
+
+    def prepare(self, layout: CacheLayout) -> None:
+        super().prepare(layout)
+        if self.profile is None:
+            log.warning("HACK without a calibration profile: every head is structural with the uniform budget")
+            self.contextual = torch.zeros(layout.depth, layout.num_heads, dtype=torch.bool)
+        else:
+            self.profile.check(layout)
+            self.contextual = classify_heads(self.profile.head_variance, self.contextual_fraction)
+        alpha = float(self.contextual.float().mean())
+        B, full = self.budget_per_head, layout.full_carried
+        b_s = min(full, int(B / (alpha * self.contextual_share + 1 - alpha)))
+        b_c = int((B - (1 - alpha) * b_s) / alpha) if alpha > 0 else 0
+        self.budget_structural, self.budget_contextual = b_s, max(1, min(full, b_c)) if alpha > 0 else 0
+        self.caps_LH = torch.where(self.contextual, self.budget_contextual, self.budget_structural)
+        self.init_tokens = layout.cumulative(self.init_scales - 1) if self.init_scales else 0
+
+    def select(self, ctx: SelectionContext) -> Selection | None:
+        caps_H = self.caps_LH[ctx.layer].to(ctx.valid_BHP.device)
+        if ctx.max_prefix + ctx.n_cur <= int(caps_H.min()):
+            return None
+        idx = uniform_queries(ctx.n_cur, self.num_queries, ctx.q_BHnD.device)
+        scores = ctx.observation_scores(idx).masked_fill(~ctx.valid_BHP, 0.0)
+        tier = 2.0 * (ctx.pos_BHP < self.init_tokens) + 1.0 * ctx.is_current_BHP  # init > recent scale > middle
+        structural = scores + tier * (idx.numel() + 1)
+        contextual = self.contextual[ctx.layer].to(scores.device).view(1, -1, 1)
+        priority = torch.where(contextual, scores, structural)
+        return Selection(rank_keep(priority, caps_H.view(1, -1), ctx.valid_BHP))
+
+    def __repr__(self) -> str:
+        return (f"HACK(budget={self.budget}, calibrated={self.profile is not None}, "
+                f"contextual_fraction={self.contextual_fraction}, contextual_share={self.contextual_share})")

@@ -1,0 +1,118 @@
+"""ScaleKV (Li et al., 2025): scale-aware layer budgets (drafters vs refiners) + SnapKV-style selection.
+
+Variant implemented (documented choices):
+
+* **Classification** (paper): ASI from a calibration profile, z-scored over layers within each scale; all
+  ``(layer, scale)`` pairs of scales ``1..K-1`` are pooled and the ``drafters_per_scale * (K-1)`` lowest become
+  drafters. The role at scale ``k`` sets the budget of the cache carried *into* scale ``k`` (compressed after
+  scale ``k-1``).
+* **Budget allocation** (released code): at every compressed scale the per-layer average is exactly the
+  uniform budget ``B``; drafters keep up to the whole cache, ``B_d = min(S, (L*B - N_r*r_min) / N_d)``, and the
+  refiners share the rest, ``B_r = (L*B - N_d*B_d) / N_r`` (``r_min = min(B, window)``). No compression while the
+  cache holds ``<= B`` tokens (the code's ``base_capacity``).
+* **Selection** (paper): observation window = centre tokens of a ``sqrt(W) x sqrt(W)`` grid over the current
+  map (the last ``W`` tokens for maps smaller than the grid); scores = *softmax* attention of the window's real
+  (normalised, scaled) queries summed over the window (the released code sums raw logits of unnormalised
+  queries); 1-D **max**-pool with kernel 5 (the code's default; the paper says average); per-head top-k of
+  ``cap - W`` plus the window, kept in sequence order.
+
+Without a profile every layer is a refiner with the uniform budget (logged): grid-window SnapKV.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+
+from var.errors import ConfigError
+from var.kernels.compressed_cache import Selection, SelectionContext
+from var.kernels.policies.base import (CacheLayout, CompressionPolicy, current_index_mask, forced, grid_window,
+                                       pool1d, rank_keep)
+from var.kernels.policies.calibration import CalibrationProfile
+
+log = logging.getLogger(__name__)
+
+
+def classify_drafters(asi: list, drafters_per_scale: int) -> list[set]:
+    """Drafter layers per scale from ``asi[l][k]`` (None where undefined): lowest pooled per-scale z-scores."""
+    depth, num_scales = len(asi), len(asi[0]) if asi else 0
+    pooled = []
+    scored_scales = 0
+    for k in range(num_scales):
+        column = [asi[l][k] for l in range(depth)]
+        if any(a is None for a in column):
+            continue
+        scored_scales += 1
+        mu = statistics.fmean(column)
+        sigma = statistics.pstdev(column)
+        pooled += [((a - mu) / (sigma + 1e-8), l, k) for l, a in enumerate(column)]
+    pooled.sort()
+    drafters = [set() for _ in range(num_scales)]
+    for _, l, k in pooled[:drafters_per_scale * scored_scales]:
+        drafters[k].add(l)
+    return drafters
+
+
+def allocate(layout: CacheLayout, budget_tokens: int, drafters: list[set], window: int) -> list[list[int]]:
+    """``caps[si][l]``: tokens layer ``l`` keeps after scale ``si`` (its role at scale ``si + 1`` decides)."""
+    depth, num_scales = layout.depth, len(layout.patch_nums)
+    caps = []
+    for si in range(num_scales):
+        S = layout.cumulative(si)
+        role = drafters[si + 1] if si + 1 < num_scales else set()
+        n_d = len(role)
+        if S <= budget_tokens or n_d in (0, depth):
+            caps.append([min(S, budget_tokens)] * depth)
+            continue
+        total, n_r = depth * budget_tokens, depth - n_d
+        r_min = min(budget_tokens, window)
+        b_d = min(S, (total - n_r * r_min) // n_d)
+        b_r = (total - n_d * b_d) // n_r
+        caps.append([b_d if l in role else b_r for l in range(depth)])
+    return caps
+
+
+class ScaleKV(CompressionPolicy):
+    """``ScaleKV(budget=0.1, profile=...)``: budget is a fraction of the cache carried into the last scale."""
+
+    def __init__(self, budget: float, *, profile=None, drafters_per_scale: int | None = None, window: int = 16,
+                 kernel: int = 5, pooling: str = "max", **kw):
+        super().__init__(budget, **kw)
+        self.profile = CalibrationProfile.coerce(profile)
+        if drafters_per_scale is not None and (isinstance(drafters_per_scale, bool) or drafters_per_scale < 0):
+            raise ConfigError(f"drafters_per_scale must be >= 0, got {drafters_per_scale!r}")
+        if pooling not in ("max", "avg"):
+            raise ConfigError(f"pooling must be 'max' or 'avg', got {pooling!r}")
+        self.drafters_per_scale, self.window, self.kernel, self.pooling = drafters_per_scale, window, kernel, pooling
+        self.drafters: list[set] = []
+        self.caps: list[list[int]] = []
+
+    def prepare(self, layout: CacheLayout) -> None:
+        super().prepare(layout)
+        num_scales = len(layout.patch_nums)
+        if self.profile is None:
+            log.warning("ScaleKV without a calibration profile: every layer gets the uniform budget")
+            self.drafters = [set() for _ in range(num_scales)]
+        else:
+            self.profile.check(layout)
+            per_scale = self.drafters_per_scale
+            if per_scale is None:
+                per_scale = max(1, round(layout.depth / 16))
+            self.drafters = classify_drafters(self.profile.asi, min(per_scale, layout.depth))
+        self.caps = allocate(layout, self.budget_per_head, self.drafters, self.window)
+
+    def select(self, ctx: SelectionContext) -> Selection | None:
+        key_len = ctx.max_prefix + ctx.n_cur
+        if key_len <= self.budget_per_head:
+            return None
+        si = ctx.scale_index
+        cap = self.caps[si][ctx.layer] if si is not None else self.budget_per_head
+        if key_len <= cap:
+            return None
+        idx = grid_window(ctx, self.window)
+        scores = pool1d(ctx.observation_scores(idx), ctx.valid_BHP, self.kernel, self.pooling)
+        priority = forced(scores, current_index_mask(ctx, idx) & ctx.valid_BHP)
+        return Selection(rank_keep(priority, cap, ctx.valid_BHP))
+
+    def __repr__(self) -> str:
+        return (f"ScaleKV(budget={self.budget}, calibrated={self.profile is not None}, window={self.window}, "
+                f"kernel={self.kernel}, pooling={self.pooling!r})")
