@@ -23,7 +23,9 @@ def models():
     torch.manual_seed(0)
     codebook = torch.randn(V, 8)
     cluster_of = kmeans_codebook(codebook, K, seed=0)
-    return randomize_head(create("ctf_stage1_tiny")), randomize_head(create("ctf_stage2_tiny")), cluster_of
+    stage2 = randomize_head(create("ctf_stage2_tiny"))
+    stage2.set_clusters(cluster_of)
+    return randomize_head(create("ctf_stage1_tiny")), stage2, cluster_of
 
 
 def test_kmeans_recovers_separated_blobs_and_is_deterministic():
@@ -67,19 +69,23 @@ def test_constrain_logits():
 def test_constrained_sampling_stays_in_cluster(models):
     stage1, stage2, cluster_of = models
     labels = torch.tensor([0, 1, 2, 3, 9, 10])
-    out = sample_coarse_to_fine(stage1, stage2, cluster_of, labels, generator=torch.Generator().manual_seed(0))
+    out = sample_coarse_to_fine(stage1, stage2, None, labels, generator=torch.Generator().manual_seed(0))
     coarse = out.stats.extra["coarse"]
     assert torch.equal(cluster_of[out.tokens], coarse)
     assert out.stats.forward_passes == 16 + 1 and out.tokens.shape == (6, 16)
-    free = sample_coarse_to_fine(stage1, stage2, cluster_of, labels, constrained=False,
+    free = sample_coarse_to_fine(stage1, stage2, None, labels, constrained=False,
                                  generator=torch.Generator().manual_seed(0))
     assert not torch.equal(cluster_of[free.tokens], free.stats.extra["coarse"])  # the constraint did something
+    guided = sample_coarse_to_fine(stage1, stage2, create("vq_tiny").eval(), labels, stage2_cfg=3.0, stage2_top_k=5,
+                                   generator=torch.Generator().manual_seed(1))
+    assert torch.equal(cluster_of[guided.tokens], guided.stats.extra["coarse"])
+    assert guided.images.shape == (6, 3, 16, 16) and torch.isfinite(guided.images).all()
 
 
 def test_stage1_greedy_matches_teacher_forcing(models):
     stage1, stage2, cluster_of = models
     labels = torch.tensor([4, 5])
-    out = sample_coarse_to_fine(stage1, stage2, cluster_of, labels, cfg_scale=2.5, top_k=1)
+    out = sample_coarse_to_fine(stage1, stage2, None, labels, cfg=2.5, top_k=1)
     coarse = out.stats.extra["coarse"]
     with torch.no_grad():
         logits = apply_cfg(stage1(labels, coarse), stage1(torch.full_like(labels, 10), coarse), 2.5)
@@ -101,9 +107,13 @@ def test_stage2_is_one_bidirectional_pass(models):
 def test_pair_validation(models):
     stage1, _, cluster_of = models
     with pytest.raises(ConfigError, match="do not match"):
-        sample_coarse_to_fine(stage1, create("ctf_stage2_tiny", num_coarse=9), cluster_of, [0])
+        sample_coarse_to_fine(stage1, create("ctf_stage2_tiny", num_coarse=9), None, [0])
+    with pytest.raises(ConfigError, match="tokenizer"):
+        sample_coarse_to_fine(stage1, create("ctf_stage2_tiny"), create("vq_tiny", codebook_size=32), [0])
     with pytest.raises(ConfigError, match="cluster_of"):
-        sample_coarse_to_fine(stage1, create("ctf_stage2_tiny"), cluster_of[:10], [0])
+        create("ctf_stage2_tiny").set_clusters(cluster_of[:10])
+    with pytest.raises(ConfigError, match="cluster_of"):
+        create("ctf_stage2_tiny").set_clusters(cluster_of + K)
 
 
 def test_training_reduces_both_losses():
@@ -111,17 +121,18 @@ def test_training_reduces_both_losses():
     nodrop = dict(token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
     stage1, stage2 = create("ctf_stage1_tiny", **nodrop), create("ctf_stage2_tiny", **nodrop)
     cluster_of = kmeans_codebook(torch.randn(V, 8), K)
+    stage2.set_clusters(cluster_of)
     labels = torch.arange(8) % 10
     fine = torch.randint(0, V, (8, 4, 4))
     opt = torch.optim.AdamW(list(stage1.parameters()) + list(stage2.parameters()), lr=3e-3)
     first = last = None
     for _ in range(20):
-        l1, l2 = stage1_loss(stage1, labels, fine, cluster_of), stage2_loss(stage2, labels, fine, cluster_of)
+        l1, l2 = stage1_loss(stage1, labels, fine, cluster_of), stage2_loss(stage2, labels, fine)
         opt.zero_grad()
         (l1 + l2).backward()
         opt.step()
         first = first or (l1.item(), l2.item())
         last = (l1.item(), l2.item())
     assert last[0] < 0.8 * first[0] and last[1] < 0.8 * first[1]
-    constrained = stage2_loss(stage2, labels, fine, cluster_of, constrained=True)
-    assert constrained < stage2_loss(stage2, labels, fine, cluster_of)  # fewer competitors in the softmax
+    constrained = stage2_loss(stage2, labels, fine, constrained=True)
+    assert constrained < stage2_loss(stage2, labels, fine)  # fewer competitors in the softmax

@@ -5,7 +5,8 @@
 * Stage 1 is an unchanged :class:`~var.models.gpt.GPT` whose vocabulary is the K coarse labels
   (:func:`stage1_loss`: next-token CE on ``cluster_of[tokens]``).
 * Stage 2 (:class:`CTFStage2`) reads the class and the whole coarse sequence with **bidirectional** attention and
-  predicts every fine code in one pass (:func:`stage2_loss`).
+  predicts every fine code in one pass (:func:`stage2_loss`). It stores the clustering (``cluster_of`` buffer,
+  installed with :meth:`CTFStage2.set_clusters`), so a stage-2 checkpoint always travels with its coarse map.
 
 Choices where the paper is silent (documented in ``docs/code_nar_ctf.md``): stage 2 is a LlamaGen-style
 transformer with the class token as a prefix and 2D RoPE, attention unmasked; its loss is plain CE over all V codes
@@ -111,6 +112,8 @@ class CTFStage2(nn.Module):
         self.layers = nn.ModuleList([TransformerBlock(config) for _ in range(config.n_layer)])
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        # coarse label of every fine code (set from k-means with set_clusters; saved with the weights)
+        self.register_buffer("cluster_of", torch.arange(config.vocab_size) % config.num_coarse)
         self.register_buffer("rope_table", rope_2d_table(config.grid_size, config.head_dim, config.rope_base,
                                                          self.prefix_len), persistent=False)
         self.init_weights()
@@ -122,6 +125,19 @@ class CTFStage2(nn.Module):
     @property
     def null_class(self) -> int:
         return self.config.num_classes
+
+    @torch.no_grad()
+    def set_clusters(self, cluster_of_V: torch.Tensor) -> None:
+        """Install the codebook clustering ``[V]`` (labels in ``[0, num_coarse)``) this model is trained with."""
+        V, K = self.config.vocab_size, self.config.num_coarse
+        if cluster_of_V.shape != (V,) or cluster_of_V.dtype.is_floating_point or cluster_of_V.min() < 0 \
+                or cluster_of_V.max() >= K:
+            raise ConfigError(f"cluster_of must be an integer tensor [{V}] with labels in [0, {K})")
+        self.cluster_of.copy_(cluster_of_V)
+
+    def members(self) -> torch.Tensor:
+        """``[K, V]`` boolean cluster membership of the installed clustering."""
+        return cluster_members(self.cluster_of, self.config.num_coarse)
 
     def check_labels(self, labels_B: torch.Tensor) -> None:
         if labels_B.dtype.is_floating_point or labels_B.ndim != 1 or (
@@ -161,13 +177,13 @@ def stage1_loss(stage1, labels_B: torch.Tensor, fine_BN: torch.Tensor, cluster_o
     return F.cross_entropy(stage1(labels_B, coarse_BN).flatten(0, 1), coarse_BN.flatten())
 
 
-def stage2_loss(stage2: CTFStage2, labels_B: torch.Tensor, fine_BN: torch.Tensor, cluster_of_V: torch.Tensor, *,
+def stage2_loss(stage2: CTFStage2, labels_B: torch.Tensor, fine_BN: torch.Tensor, *,
                 constrained: bool = False) -> torch.Tensor:
-    """Per-position CE of the fine codes given the ground-truth coarse labels (``constrained``: softmax over the
-    codes of the position's cluster only)."""
+    """Per-position CE of the fine codes given their coarse labels under ``stage2.cluster_of`` (``constrained``:
+    softmax over the codes of the position's cluster only)."""
     fine_BN = fine_BN.reshape(fine_BN.shape[0], -1)
-    coarse_BN = cluster_of_V[fine_BN]
+    coarse_BN = stage2.cluster_of[fine_BN]
     logits = stage2(labels_B, coarse_BN)
     if constrained:
-        logits = constrain_logits(logits, coarse_BN, cluster_members(cluster_of_V, stage2.config.num_coarse))
+        logits = constrain_logits(logits, coarse_BN, stage2.members())
     return F.cross_entropy(logits.flatten(0, 1), fine_BN.flatten())
