@@ -181,3 +181,17 @@ def test_stats_account_both_caches(models):
     assert ex["drafter_peak_kv_cache_bytes"] == 3 * 2 * 8 * 30 * 96 * 4
     assert ex["refiner_peak_kv_cache_bytes"] == 2 * 2 * 8 * 30 * 64 * 4
     assert out.stats.peak_kv_cache_bytes == ex["drafter_peak_kv_cache_bytes"]
+
+
+def test_compressed_cache_policies(models):
+    """The KV-compression policies plug into both models; at a 100% budget nothing changes."""
+    policies = pytest.importorskip("var.kernels.policies")
+    drafter, refiner, tok = models
+    full = sample_collaborative(drafter, refiner, tok, LABELS, draft_steps=2, generator=gen(), decode=False,
+                                **KNOBS)
+    same = sample_collaborative(drafter, refiner, tok, LABELS, draft_steps=2, generator=gen(), decode=False,
+                                cache=policies.SnapKV(1.0), **KNOBS)
+    assert same_tokens(same.tokens, full.tokens) and same.stats.extra["prefill"] == "per_scale"
+    small = sample_collaborative(drafter, refiner, tok, LABELS, draft_steps=2, generator=gen(), decode=False,
+                                 cache=policies.SnapKV(0.3), **KNOBS)
+    assert small.stats.extra["refiner_peak_kv_cache_bytes"] < same.stats.extra["refiner_peak_kv_cache_bytes"]
