@@ -1,0 +1,205 @@
+"""Compression policies: 100% budget == full cache (same tokens, same seed), budgets, selection rules, profiles."""
+import math
+
+import pytest
+import torch
+
+from var.errors import ConfigError
+from var.kernels import H2O, HACK, CalibrationProfile, CompressedKVCache, ScaleKV, SnapKV, StreamingLLM, calibrate
+from var.kernels.compressed_cache import SelectionContext
+from var.kernels.policies.base import CacheLayout, grid_window
+from var.kernels.policies.scalekv import allocate, classify_drafters
+from var.models import create
+from var.samplers.next_scale import sample_next_scale
+
+POLICIES = {"scalekv": ScaleKV, "hack": HACK, "snapkv": SnapKV, "h2o": H2O, "streamingllm": StreamingLLM}
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    model = create("var_tiny", num_heads=2).eval()  # head dim 32
+    for p in model.parameters():  # make attention matter: larger random weights than the default init
+        p.data.normal_(0, 0.3)
+    return model, create("msvq_tiny").eval()
+
+
+@pytest.fixture(scope="module")
+def profile(models):
+    return calibrate(*models, [0, 3, 5])
+
+
+def _sample(models, cache, cfg=1.5, labels=(1, 4, 7)):
+    g = torch.Generator().manual_seed(11)
+    return sample_next_scale(*models, list(labels), cfg=cfg, top_k=0, top_p=0.0, generator=g, cache=cache,
+                             decode=False)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+@pytest.mark.parametrize("cfg", [0.0, 2.0])
+def test_full_budget_reproduces_full_cache_tokens(models, profile, name, cfg):
+    kwargs = {"profile": profile} if name in ("scalekv", "hack") else {}
+    full = _sample(models, None, cfg)
+    ours = _sample(models, POLICIES[name](budget=1.0, backend="torch", **kwargs), cfg)
+    assert all(torch.equal(a, b) for a, b in zip(full.tokens, ours.tokens))
+    assert 0 < ours.stats.peak_kv_cache_bytes
+
+
+def test_compression_changes_outputs_and_bounds_the_cache(models, profile):
+    """Sanity for the fixture: at 10% the tokens change, and the stored cache is within the budget."""
+    model, tok = models
+    full = _sample(models, None)
+    policy = SnapKV(budget=0.1, backend="torch")
+    cache = policy.new_cache(model, 6)
+    assert isinstance(cache, CompressedKVCache)
+    out = _sample(models, policy)
+    assert any(not torch.equal(a, b) for a, b in zip(full.tokens, out.tokens))
+    layout = CacheLayout.of(model)
+    assert policy.budget_per_head == max(1, round(0.1 * layout.full_carried))
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.5, 50, float("nan"), True, "0.1", None])
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_out_of_range_budget_raises_naming_the_value(name, bad):
+    with pytest.raises(ConfigError, match="budget") as err:
+        POLICIES[name](budget=bad)
+    assert repr(bad) in str(err.value)
+
+
+def _cache_after(models, policy, scales=3, cfg=1.5):
+    """Run the first ``scales`` scales of the sampler's forward passes and return the cache (scales < 4 are
+    stored)."""
+    model, tok = models
+    g = torch.Generator().manual_seed(2)
+    labels = torch.tensor([1, 2])
+    cond = model.class_condition(torch.cat((labels, torch.full_like(labels, model.null_class))))
+    cache = policy.new_cache(model, 4)
+    x = model.first_scale_input(cond)
+    with torch.no_grad():
+        for si in range(scales):
+            model.forward_scale(x, cond, cache)
+            if si + 1 < scales:
+                pn = model.config.patch_nums[si + 1]
+                x = model.scale_input(si + 1, torch.randn(4, pn * pn, model.config.latent_channels, generator=g))
+    return cache
+
+
+def test_streamingllm_keeps_sinks_and_most_recent(models):
+    policy = StreamingLLM(budget=0.5, sinks=2, backend="torch")
+    cache = _cache_after(models, policy)
+    B = policy.budget_per_head  # 7 of 14
+    for layer in range(2):
+        assert cache.seg_len[layer].tolist() == [B] * 8
+        first = cache.pos_pool[layer][:B].tolist()
+        assert first == [0, 1] + list(range(14 - (B - 2), 14))
+
+
+def test_snapkv_and_h2o_respect_budget_and_window(models):
+    for policy in (SnapKV(budget=0.5, window=4, backend="torch"), H2O(budget=0.5, backend="torch")):
+        cache = _cache_after(models, policy)
+        for layer in range(2):
+            assert int(cache.seg_len[layer].max()) <= policy.budget_per_head
+        if isinstance(policy, SnapKV):  # the last 4 tokens of scale 2 (positions 10..13) are always kept
+            pos = cache.pos_pool[0].view(8, -1)
+            assert all({10, 11, 12, 13} <= set(row.tolist()) for row in pos)
+        else:
+            assert cache.score_pool[0].shape == cache.pos_pool[0].shape
+            assert torch.all(cache.score_pool[0] >= 0)
+
+
+def test_scalekv_profile_classification_and_allocation(models, profile):
+    layout = CacheLayout.of(models[0])
+    drafters = classify_drafters(profile.asi, 1)
+    assert drafters[0] == set() and all(len(d) == 1 for d in drafters[1:])
+    for k in range(1, 4):  # the drafter is the layer with the lower ASI z-score at that scale
+        lowest = min(range(2), key=lambda l: profile.asi[l][k])
+        assert drafters[k] == {lowest}
+    caps = allocate(layout, 7, drafters, window=4)
+    assert caps[0] == [1, 1] and caps[1] == [5, 5]          # below the budget: nothing to compress
+    assert sum(caps[2]) <= 2 * 7 and max(caps[2]) > min(caps[2])
+    policy = ScaleKV(budget=0.5, profile=profile, drafters_per_scale=1, window=4, backend="torch")
+    cache = _cache_after(models, policy)
+    d = next(iter(policy.drafters[3]))
+    assert int(cache.seg_len[d].max()) == policy.caps[2][d] > int(cache.seg_len[1 - d].max())
+
+
+def test_grid_window_centres_and_fallback():
+    def ctx(pn):
+        n = pn * pn
+        return SelectionContext(layer=0, start=sum(p * p for p in range(1, pn)), n_cur=n, scale=1.0,
+                                q_BHnD=torch.zeros(1, 1, n, 4), k_cand_BHPD=torch.zeros(1, 1, n, 4),
+                                valid_BHP=torch.ones(1, 1, n, dtype=torch.bool), pos_BHP=torch.zeros(1, 1, n),
+                                max_prefix=0, patch_nums=tuple(range(1, 21)))
+    idx = grid_window(ctx(16), 16)
+    assert sorted({int(i) // 16 for i in idx}) == [1, 5, 9, 13] and len(idx) == 16
+    idx20 = grid_window(ctx(20), 16)
+    assert sorted({int(i) % 20 for i in idx20}) == [2, 7, 12, 17]
+    assert grid_window(ctx(3), 16).tolist() == list(range(9))  # smaller than the grid: last W (all 9)
+
+
+def test_hack_asymmetric_budgets_and_structural_rule(models, profile):
+    policy = HACK(budget=0.5, profile=profile, contextual_fraction=0.5, contextual_share=0.25, backend="torch")
+    policy.prepare(CacheLayout.of(models[0]))
+    assert policy.contextual.sum() == 2
+    var = torch.tensor(profile.head_variance)
+    assert torch.equal(policy.contextual, var <= var.flatten().sort().values[1])
+    assert policy.budget_contextual < policy.budget_structural
+    assert 0.5 * (policy.budget_contextual + policy.budget_structural) <= policy.budget_per_head
+    cache = _cache_after(models, policy)
+    for layer in range(2):
+        lens = cache.lengths(layer)
+        caps = policy.caps_LH[layer]
+        assert torch.equal(lens, torch.minimum(caps, torch.tensor(14)).expand_as(lens).int())
+        for h in range(2):
+            if not policy.contextual[layer, h]:  # structural: first two scales and the whole last scale kept
+                for b in range(4):
+                    bh = b * 2 + h
+                    s, n = int(cache.seg_start[layer][bh]), int(cache.seg_len[layer][bh])
+                    pos = set(cache.pos_pool[layer][s:s + n].tolist())
+                    assert set(range(5)) <= pos and pos - set(range(5)) <= set(range(5, 14))
+
+
+def test_hack_structural_fills_middle_by_score():
+    """Structural head: first two scales, then the current scale, then the best-scoring middle token."""
+    policy = HACK(budget=0.5, backend="torch")  # no profile: every head structural, B_S = B
+    policy.prepare(CacheLayout(depth=1, num_heads=1, head_dim=4, patch_nums=(1, 2, 4, 2)))
+    assert policy.budget_structural == policy.budget_per_head == 10
+    k = torch.zeros(1, 1, 25, 4)
+    k[0, 0, 12] = torch.tensor([5.0, 0, 0, 0])   # a middle token every query attends to
+    k[0, 0, 7] = torch.tensor([2.0, 0, 0, 0])
+    q = torch.tensor([1.0, 0, 0, 0]).expand(1, 1, 4, 4)
+    ctx = SelectionContext(layer=0, start=21, n_cur=4, scale=1.0, q_BHnD=q, k_cand_BHPD=k,
+                           valid_BHP=torch.ones(1, 1, 25, dtype=torch.bool),
+                           pos_BHP=torch.arange(25).view(1, 1, 25), max_prefix=21, patch_nums=(1, 2, 4, 2))
+    keep = policy.select(ctx).keep_BHP[0, 0]
+    assert keep.nonzero().flatten().tolist() == [0, 1, 2, 3, 4, 12, 21, 22, 23, 24]
+
+
+def test_profile_roundtrip_and_mismatch(tmp_path, models, profile):
+    path = profile.save(tmp_path / "var_tiny_kv_profile.json")
+    loaded = CalibrationProfile.load(path)
+    assert loaded == profile
+    assert all(a is None for a in (row[0] for row in loaded.asi))
+    assert all(math.isfinite(v) for row in loaded.head_variance for v in row)
+    policy = ScaleKV(budget=0.25, profile=str(path), backend="torch")
+    _sample(models, policy)
+    other = create("var_tiny", num_heads=4)
+    with pytest.raises(ConfigError, match="profile"):
+        HACK(budget=0.5, profile=path).new_cache(other, 2)
+    with pytest.raises(ConfigError, match="cannot read"):
+        CalibrationProfile.load(tmp_path / "missing.json")
+
+
+def test_triton_backend_inside_the_model_matches_torch(models, profile):
+    """The dispatched kernel inside a real model pass (TRITON_INTERPRET=1 on the CPU) vs the PyTorch path."""
+    pytest.importorskip("triton")
+    import os
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1")
+    caches = [_cache_after(models, HACK(budget=0.5, profile=profile, backend=b), scales=3) for b in ("torch", "triton")]
+    model = models[0]
+    cond = model.class_condition(torch.tensor([1, 2, 10, 10]))
+    x = model.scale_input(3, torch.randn(4, 16, model.config.latent_channels))
+    with torch.no_grad():
+        a, b = (model.forward_scale(x, cond, c) for c in caches)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
