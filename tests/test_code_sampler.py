@@ -190,8 +190,8 @@ def test_compressed_cache_policies(models):
     full = sample_collaborative(drafter, refiner, tok, LABELS, draft_steps=2, generator=gen(), decode=False,
                                 **KNOBS)
     same = sample_collaborative(drafter, refiner, tok, LABELS, draft_steps=2, generator=gen(), decode=False,
-                                cache=policies.SnapKV(1.0), **KNOBS)
+                                cache=policies.SnapKV(1.0, backend="torch"), **KNOBS)
     assert same_tokens(same.tokens, full.tokens) and same.stats.extra["prefill"] == "per_scale"
     small = sample_collaborative(drafter, refiner, tok, LABELS, draft_steps=2, generator=gen(), decode=False,
-                                 cache=policies.SnapKV(0.3), **KNOBS)
+                                 cache=policies.SnapKV(0.3, backend="torch"), **KNOBS)
     assert small.stats.extra["refiner_peak_kv_cache_bytes"] < same.stats.extra["refiner_peak_kv_cache_bytes"]
