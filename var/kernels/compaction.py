@@ -34,11 +34,13 @@ def gather_rows(pool_TD: torch.Tensor, cur_BHnD: torch.Tensor, rows: torch.Tenso
     """``[len(rows), D]`` rows taken from ``pool`` (row < T) or from the flattened current tokens (row >= T)."""
     T = pool_TD.shape[0]
     cur_flat = cur_BHnD.reshape(-1, *cur_BHnD.shape[3:]).to(pool_TD.dtype)
-    out = pool_TD.new_empty((rows.shape[0],) + cur_flat.shape[1:])
-    from_pool = rows < T
-    out[from_pool] = pool_TD[rows[from_pool]]
-    out[~from_pool] = cur_flat[rows[~from_pool] - T]
-    return out
+    if T == 0:
+        return cur_flat.index_select(0, rows)
+    if cur_flat.shape[0] == 0:
+        return pool_TD.index_select(0, rows)
+    from_pool = (rows < T).view(-1, *([1] * (pool_TD.ndim - 1)))
+    return torch.where(from_pool, pool_TD.index_select(0, rows.clamp(max=T - 1)),
+                       cur_flat.index_select(0, (rows - T).clamp(min=0)))
 
 
 def segment_starts(lengths: torch.Tensor) -> torch.Tensor:

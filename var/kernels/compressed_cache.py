@@ -245,9 +245,13 @@ class CompressedKVCache:
 
     def _merge(self, layer, q, k_new, v_new, start, scale) -> None:
         B, H, n, D = q.shape
-        selection = self.policy.select(self._context(layer, q, k_new, start, scale)) \
-            if self.policy is not None else None
         uniform = self._uniform[layer]
+        selection = None
+        if self.policy is not None:
+            max_key_len = (uniform if uniform is not None else int(self.seg_len[layer].max())) + n
+            wants = getattr(self.policy, "wants_selection", None)
+            if wants is None or wants(layer, start, n, max_key_len):
+                selection = self.policy.select(self._context(layer, q, k_new, start, scale))
         if selection is None and uniform is not None and not self.tracks_scores:
             # keep everything and the layout stays rectangular: concatenate per head
             def cat(pool, new):

@@ -153,6 +153,19 @@ class CompressionPolicy:
                                  capacity=layout.seq_len, policy=self, patch_nums=layout.patch_nums, dtype=dtype,
                                  k_dtype=self.k_dtype, device=device or param.device, backend=self.backend)
 
+    def wants_selection(self, layer: int, start: int, n: int, max_key_len: int) -> bool:
+        """Cheap pre-check before the cache builds a :class:`SelectionContext`: False = keep everything."""
+        return max_key_len > self.budget_per_head
+
+    def scale_index(self, start: int, n: int) -> int | None:
+        """The VAR scale a write of ``n`` tokens at ``start`` is, or None."""
+        pos = 0
+        for si, pn in enumerate(self.layout.patch_nums):
+            if pos == start and pn * pn == n:
+                return si
+            pos += pn * pn
+        return None
+
     def select(self, ctx: SelectionContext) -> Selection | None:
         raise NotImplementedError
 

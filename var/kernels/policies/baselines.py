@@ -73,6 +73,9 @@ class H2O(CompressionPolicy):
         self.recent_ratio = check_fraction("recent_ratio", recent_ratio, low_open=False)
         self.num_queries = max(1, _positive_int("num_queries", num_queries))
 
+    def wants_selection(self, layer: int, start: int, n: int, max_key_len: int) -> bool:
+        return True  # scores accumulate at every scale
+
     def select(self, ctx: SelectionContext) -> Selection:
         idx = uniform_queries(ctx.n_cur, self.num_queries, ctx.q_BHnD.device)
         new = ctx.observation_scores(idx).masked_fill(~ctx.valid_BHP, 0.0) * (ctx.n_cur / idx.numel())

@@ -69,6 +69,9 @@ class HACK(CompressionPolicy):
         self.caps_LH = torch.where(self.contextual, self.budget_contextual, self.budget_structural)
         self.init_tokens = layout.cumulative(self.init_scales - 1) if self.init_scales else 0
 
+    def wants_selection(self, layer: int, start: int, n: int, max_key_len: int) -> bool:
+        return max_key_len > int(self.caps_LH[layer].min())
+
     def select(self, ctx: SelectionContext) -> Selection | None:
         caps_H = self.caps_LH[ctx.layer].to(ctx.valid_BHP.device)
         if ctx.max_prefix + ctx.n_cur <= int(caps_H.min()):

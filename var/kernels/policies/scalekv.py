@@ -100,12 +100,18 @@ class ScaleKV(CompressionPolicy):
             self.drafters = classify_drafters(self.profile.asi, min(per_scale, layout.depth))
         self.caps = allocate(layout, self.budget_per_head, self.drafters, self.window)
 
+    def _cap(self, layer: int, si: int | None) -> int:
+        return self.caps[si][layer] if si is not None else self.budget_per_head
+
+    def wants_selection(self, layer: int, start: int, n: int, max_key_len: int) -> bool:
+        return max_key_len > self.budget_per_head and max_key_len > self._cap(layer, self.scale_index(start, n))
+
     def select(self, ctx: SelectionContext) -> Selection | None:
         key_len = ctx.max_prefix + ctx.n_cur
         if key_len <= self.budget_per_head:
             return None
         si = ctx.scale_index
-        cap = self.caps[si][ctx.layer] if si is not None else self.budget_per_head
+        cap = self._cap(ctx.layer, si)
         if key_len <= cap:
             return None
         idx = grid_window(ctx, self.window)
