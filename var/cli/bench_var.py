@@ -1,0 +1,154 @@
+"""Speed of VAR sampling: no cache (recompute the prefix) vs the preallocated KV cache vs a compiled step.
+
+Prints a markdown table and writes ``benchmarks/bench_var.{md,json}``. Random weights (the original
+initialisation), fp32 unless ``--dtype``; sampler settings of the paper (cfg 1.5, top-k 900, top-p 0.96).
+Also checks that the three modes produce identical logits / tokens for the same seed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from var.models import create
+from var.samplers import sample_next_scale
+from var.samplers.stats import SampleOutput
+from var.utils.memory import PeakMemory
+
+log = logging.getLogger("var.bench_var")
+
+
+class RecomputeCache:
+    """'No cache' baseline: keeps the scale inputs only; every step re-runs the whole prefix (block-causal)."""
+
+    def __init__(self):
+        self.inputs = []  # per scale: x_BlC
+
+    def nbytes(self) -> int:
+        return 0
+
+
+class _Recompute:
+    """Cache policy handing out :class:`RecomputeCache` objects."""
+
+    def new_cache(self, model, batch_size, **_):
+        return RecomputeCache()
+
+
+def _patch_forward_scale_for_recompute(model):
+    """Wrap ``forward_scale`` so that a :class:`RecomputeCache` triggers a full masked forward of the prefix."""
+    original = model.forward_scale
+
+    def forward_scale(x_BlC, cond_BD, kv_cache):
+        if not isinstance(kv_cache, RecomputeCache):
+            return original(x_BlC, cond_BD, kv_cache)
+        kv_cache.inputs.append(x_BlC)
+        x = torch.cat(kv_cache.inputs, dim=1)
+        L = x.shape[1]
+        h = model.forward_blocks(x, cond_BD, attn_bias=model.attn_bias_for_masking[:, :, :L, :L])
+        return model.logits(h[:, L - x_BlC.shape[1]:], cond_BD)
+
+    model.forward_scale = forward_scale
+
+
+def machine_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {cpu}, {torch.get_num_threads()} threads"
+
+
+def run_once(model, tok, labels, seed, cache, device, decode=True) -> tuple[SampleOutput, float, int]:
+    g = torch.Generator(device=device).manual_seed(seed)
+    with PeakMemory(device) as mem:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = sample_next_scale(model, tok, labels, cfg=1.5, top_k=900, top_p=0.96, generator=g, cache=cache,
+                                decode=decode)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    return out, seconds, mem.peak_bytes
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="var_d16", help="preset (random weights)")
+    p.add_argument("--tokenizer", default="msvq_var")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--modes", nargs="+", default=["recompute", "cached", "compiled"])
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per setting (after one warm-up)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="benchmarks/bench_var")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    tok = create(args.tokenizer).eval().to(device)
+    model = create(args.model).eval()
+    model.init_weights()
+    model.to(device)
+    _patch_forward_scale_for_recompute(model)
+    eager_step = model.forward_scale
+    rows, reference = [], {}
+    for bs in args.batch_sizes:
+        labels = torch.arange(bs, device=device) % model.config.num_classes
+        for mode in args.modes:
+            cache = _Recompute() if mode == "recompute" else None
+            if mode == "compiled":
+                model.forward_scale = torch.compile(eager_step, dynamic=False)
+            t_warm = time.perf_counter()
+            run_once(model, tok, labels, 0, cache, device)  # warm-up (and compilation)
+            warm = time.perf_counter() - t_warm
+            times, peak = [], 0
+            for r in range(args.repeats):
+                out, seconds, mem = run_once(model, tok, labels, r, cache, device)
+                times.append(seconds)
+                peak = max(peak, mem)
+            tokens = [t.cpu() for t in out.tokens]
+            same = reference.setdefault(bs, tokens) is tokens or all(torch.equal(a, b) for a, b in
+                                                                     zip(reference[bs], tokens))
+            best = min(times)
+            rows.append(dict(model=args.model, mode=mode, batch=bs, images_per_s=bs / best,
+                             ms_per_image=1000 * best / bs, seconds_per_batch=best, warmup_s=warm,
+                             peak_mem_mb=peak / 2 ** 20, kv_cache_mb=out.stats.peak_kv_cache_bytes / 2 ** 20,
+                             same_tokens_as_first_mode=bool(same)))
+            log.info("%s", rows[-1])
+            model.forward_scale = eager_step
+    write_report(rows, args, machine_name())
+    return 0
+
+
+def write_report(rows, args, machine) -> None:
+    header = ("| model | mode | batch | images/s | ms/image | s/batch | peak mem (MB) | KV cache (MB) | "
+              "same tokens |\n|---|---|---|---|---|---|---|---|---|\n")
+    lines = [f"| {r['model']} | {r['mode']} | {r['batch']} | {r['images_per_s']:.3f} | {r['ms_per_image']:.0f} | "
+             f"{r['seconds_per_batch']:.2f} | {r['peak_mem_mb']:.0f} | {r['kv_cache_mb']:.0f} | "
+             f"{'yes' if r['same_tokens_as_first_mode'] else 'NO'} |" for r in rows]
+    md = (f"# VAR sampling speed ({args.model}, random weights, fp32, cfg 1.5, top-k 900, top-p 0.96, decode "
+          f"included)\n\nMachine: {machine}; torch {torch.__version__}; best of {args.repeats} after a warm-up.\n\n"
+          + header + "\n".join(lines) + "\n")
+    print(md)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(md)
+    out.with_suffix(".json").write_text(json.dumps({"machine": machine, "torch": torch.__version__,
+                                                    "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
