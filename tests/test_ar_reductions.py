@@ -7,6 +7,7 @@ from var.errors import ConfigError
 from var.models import GPT, GPTConfig, create
 from var.samplers.jacobi import (ExactAcceptance, GroupedAcceptance, LanternAcceptance, sample_gsd, sample_lantern,
                                  sample_sjd)
+from var.samplers.neighbor import sample_zipar
 from var.samplers.next_token import sample_next_token
 
 
@@ -77,3 +78,21 @@ def test_bad_knobs_raise():
     with pytest.raises(ConfigError):
         sample_lantern(gpt, None, [1])  # no tokenizer, no codes
     assert sample_next_token(gpt, None, [1]).tokens.shape == (1, 16)
+
+
+def test_zipar_full_window_is_next_token_and_steps_follow_the_schedule():
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(dim=64, n_layer=2, n_head=4, multiple_of=32, num_classes=10, vocab_size=64, grid_size=5))
+    torch.nn.init.normal_(gpt.output.weight, std=0.3)
+    gpt.eval()
+    labels = torch.tensor([1, 5, 10])
+    for seed in (0, 1):
+        ref = sample_next_token(gpt, None, labels, generator=_gen(seed), **KNOBS)
+        zip_full = sample_zipar(gpt, None, labels, window=5, generator=_gen(seed), **KNOBS)
+        assert torch.equal(zip_full.tokens, ref.tokens)
+        assert zip_full.stats.forward_passes == ref.stats.forward_passes == 25
+    for s in (1, 2, 4):
+        out = sample_zipar(gpt, None, labels, window=s, generator=_gen(0), **KNOBS)
+        assert out.stats.forward_passes == 5 + 4 * s and out.tokens.shape == (3, 25)
+    with pytest.raises(ConfigError):
+        sample_zipar(gpt, None, labels, window=6)
