@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---- sample -------------------------------------------------------------------------------------------------
 def _load_family(args, entry):
-    """(models tuple, tokenizer, description) for the sampler's model family."""
+    """(components dict, description) for the sampler's model family."""
     from var import hub
     if args.vq or args.gpt:
         if not (args.vq and args.gpt):
@@ -115,18 +115,18 @@ def _load_family(args, entry):
         if loader is None:
             raise ConfigError("this installation has no next-token model loader (var.hub.load_llamagen)")
         tok, model = loader(args.vq, args.gpt, device=args.device)
-        return (model,), tok, str(args.gpt)
+        return {"model": model, "vq": tok, "tok": tok}, str(args.gpt)
     from var.cli.sample import load_models
     tok, model, desc = load_models(args)
     if entry.needs_pair:
         if not args.refiner:
             raise ConfigError(f"sampler {entry.name} needs a second model: --refiner")
         refiner = hub.load_var_transformer(args.refiner, device=args.device)
-        return (model, refiner), tok, f"{desc} + refiner {args.refiner}"
-    return (model,), tok, desc
+        return {"drafter": model, "refiner": refiner, "tok": tok}, f"{desc} + refiner {args.refiner}"
+    return {"model": model, "tok": tok}, desc
 
 
-def make_sample_fn(entry, models, tok, settings: dict, *, cache=None, dtype: str = "fp32", device="cpu"):
+def make_sample_fn(entry, components: dict, settings: dict, *, cache=None, dtype: str = "fp32", device="cpu"):
     """``fn(labels_B, generator) -> (images [B,3,H,W] in [0,1] on CPU, stats dict)`` for :mod:`var.eval.distributed`."""
     from var.eval.discovery import call_sampler
     autocast = (torch.autocast(torch.device(device).type, dtype=DTYPES[dtype]) if dtype != "fp32"
@@ -134,7 +134,7 @@ def make_sample_fn(entry, models, tok, settings: dict, *, cache=None, dtype: str
 
     def fn(labels_B, generator):
         with autocast:
-            out = call_sampler(entry, models, tok, labels_B, generator=generator, cache=cache, **settings)
+            out = call_sampler(entry, components, labels_B, generator=generator, cache=cache, **settings)
         return out.images.float().cpu(), out.stats.as_dict()
     return fn
 
@@ -156,14 +156,22 @@ def run_sample(args) -> int:
         if args.cache not in policies:
             raise ConfigError(f"unknown cache policy {args.cache!r}; available: {', '.join(sorted(policies))}")
         cache = policies[args.cache].make(args.budget)
-    models, tok, desc = _load_family(args, entry)
-    num_classes = models[0].config.num_classes
-    num_images = args.num_images or args.per_class * num_classes
-    plan = SamplingPlan(num_images, num_classes, args.shard_size, args.seed)
+    components, desc = _load_family(args, entry)
     settings = {"model": desc, "sampler": entry.name, "cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p,
                 "temperature": args.temperature, "more_smooth": args.more_smooth, **_parse_kv(args.sampler_arg)}
+    missing = entry.missing_components(components, settings)
+    if missing:
+        raise ConfigError(f"sampler {entry.name} needs {missing}: give them with --sampler-arg, or call "
+                          f"var.eval.distributed.generate_samples from Python with your own sample_fn")
+    num_classes = next(iter(components.values())).config.num_classes
+    num_images = args.num_images or args.per_class * num_classes
+    plan = SamplingPlan(num_images, num_classes, args.shard_size, args.seed)
     record = {**settings, "cache": repr(cache) if cache is not None else "full", "dtype": args.dtype}
-    fn = make_sample_fn(entry, models, tok, {k: v for k, v in settings.items() if k not in ("model", "sampler")},
+    from var.eval.discovery import probe_sampler
+    sampler_settings = {k: v for k, v in settings.items() if k not in ("model", "sampler")}
+    probe_sampler(entry, components, torch.tensor([0], device=args.device), device=args.device, cache=cache,
+                  **sampler_settings)  # fail before any file is written; learn what a **kwargs sampler rejects
+    fn = make_sample_fn(entry, components, {k: v for k, v in settings.items() if k not in ("model", "sampler")},
                         cache=cache, dtype=args.dtype, device=args.device)
     try:
         summary = generate_samples(fn, args.out, plan, record, env=env, device=args.device, pack=not args.no_pack)

@@ -1,0 +1,34 @@
+"""var-eval metrics (offline evaluator) from the command line, and its refusal of unusable inputs."""
+import json
+
+import numpy as np
+import pytest
+
+from var.cli.eval import main
+from var.eval.export import write_pngs
+
+
+def test_metrics_cli_offline_prints_evaluator_and_writes_json(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    ref = rng.integers(0, 256, size=(40, 16, 16, 3), dtype=np.uint8)
+    write_pngs(ref, tmp_path / "ref", range(40))
+    write_pngs(ref, tmp_path / "same", range(40))
+    out = tmp_path / "m.json"
+    assert main(["metrics", str(tmp_path / "same"), "--ref", str(tmp_path / "ref"), "--evaluator", "offline",
+                 "--extractor", "random-conv", "--json", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert res["evaluator"].startswith("offline:random-conv") and res["fid"] == pytest.approx(0.0, abs=1e-6)
+    assert res["precision"] == 1.0 and res["recall"] == 1.0
+    assert all(res["evaluator"] in line for line in printed.splitlines() if ":" in line)
+
+
+def test_metrics_cli_needs_a_reference_offline(tmp_path):
+    write_pngs(np.zeros((4, 8, 8, 3), np.uint8), tmp_path / "s", range(4))
+    with pytest.raises(SystemExit):
+        main(["metrics", str(tmp_path / "s"), "--evaluator", "offline"])
+
+
+def test_sample_cli_unknown_sampler_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="unknown sampler"):
+        main(["sample", "--random-init", "--out", str(tmp_path / "x"), "--sampler", "nope", "--device", "cpu"])

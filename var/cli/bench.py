@@ -1,0 +1,66 @@
+"""``var-bench``: one speed / memory / quality table over model families, samplers and KV-cache policies.
+
+Examples::
+
+    var-bench                                   # CPU, tiny random-weight families (+ the bundled model if installed)
+    var-bench --device cuda --models var_d16 var_d30 --num-images 256 --batch 64
+    var-bench --samplers next_scale --policies ScaleKV HACK --budgets 0.5 0.1
+
+Writes ``benchmarks/<tag>.md``, ``.json`` and ``.png`` (speed vs quality) with the machine named in each; the
+samplers and cache policies are discovered at run time (whatever this installation provides).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+
+import torch
+
+log = logging.getLogger("var.cli.bench")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="var-bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--num-images", type=int, default=64, help="images per row (speed and quality)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3, help="batch-1 calls (latency = the fastest)")
+    p.add_argument("--timed-runs", type=int, default=2, help="timed batch runs per row (images/s = the fastest)")
+    p.add_argument("--budgets", type=float, nargs="*", default=[0.5, 0.25, 0.1], help="cache-policy budgets")
+    p.add_argument("--models", nargs="*", default=[], help="extra random-weight VAR presets (e.g. var_d16)")
+    p.add_argument("--samplers", nargs="*", default=[], help="only these samplers (default: all discovered)")
+    p.add_argument("--policies", nargs="*", default=[], help="only these cache policies (default: all)")
+    p.add_argument("--extractor", choices=("auto", "classifier", "random-conv"), default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default="benchmarks")
+    p.add_argument("--tag", default=None, help="file name stem (default: samplers_<device kind>)")
+    return p
+
+
+def default_tag(device: str) -> str:
+    if str(device).startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device))
+        return "samplers_" + re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+    return "samplers_cpu"
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    from var.eval.benchmark import run_benchmark
+    from var.eval.report import to_markdown, write_report
+    report = run_benchmark(device=args.device, num_images=args.num_images, batch=args.batch, repeats=args.repeats,
+                           budgets=tuple(args.budgets), seed=args.seed, models=tuple(args.models),
+                           extractor=args.extractor, samplers=tuple(args.samplers), policies=tuple(args.policies),
+                           timed_runs=args.timed_runs)
+    paths = write_report(report, args.out_dir, args.tag or default_tag(args.device))
+    print(to_markdown(report))
+    log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Write a benchmark report (:func:`var.eval.benchmark.run_benchmark`) as markdown, JSON and a PNG plot."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _mib(x) -> str:
+    return "–" if x is None else f"{x / 2 ** 20:.2f}"
+
+
+def _num(x, fmt="{:.3g}") -> str:
+    return "–" if x is None else fmt.format(x)
+
+
+def to_markdown(report: dict) -> str:
+    s = report["settings"]
+    lines = [f"# Sampler benchmark ({report['date']})", "",
+             f"Machine: **{report['machine']}**", "",
+             f"{s['num_images']} images per row at batch {s['batch']} (seed {s['seed']}; images/s best of "
+             f"{s.get('timed_runs', 1)} runs); latency = fastest of {s['repeats']} batch-1 calls; passes = forward "
+             f"passes per sampler call. Quality: `fd` = Frechet distance on the features of "
+             f"**{report['evaluator']}** (not an Inception FID; compare rows of one family only) against the "
+             f"reference named below; `agree` = token agreement with the family's reference sampler for the same "
+             f"seed. Peak memory is {'CUDA peak allocation' if report['device'].startswith('cuda') else 'process peak RSS (includes Python and torch; compare rows)'}.",
+             "",
+             "| family | sampler | cache | budget | passes | images/s | latency (s) | peak mem (MiB) | KV cache (MiB) "
+             "| fd ↓ | agree |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        name = f"**{r['sampler']}**" if r.get("is_reference") else r["sampler"]
+        lines.append(f"| {r['family']} | {name} | {r['cache']} | {_num(r['budget'], '{:.0%}')} | {r['passes']} | "
+                     f"{r['images_per_s']:.1f} | {r['latency_s']:.4f} | {_mib(r['peak_mem_bytes'])} | "
+                     f"{_mib(r['cache_bytes'])} | {_num(r['fd'], '{:.3f}')} | {_num(r['token_agreement'], '{:.3f}')} |")
+    lines += ["", "References (bold rows are the reference samplers; their `fd` is the noise floor when the reference "
+              "is the same sampler with another seed):", ""]
+    lines += [f"- {fam}: {desc}" for fam, desc in report["references"].items()]
+    if report["skipped"]:
+        lines += ["", "Not benchmarked (discovered but not runnable here):", ""]
+        lines += [f"- `{x['sampler']}`: {x['reason']}" for x in report["skipped"]]
+    lines += ["", f"Samplers found: {', '.join(report['samplers_found'])}. "
+                  f"Cache policies found: {', '.join(report['policies_found'])}.", ""]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: str | os.PathLike) -> Path:
+    """Speed (images/s, log scale) vs quality (fd, lower is better), one colour per family."""
+    path = Path(path)
+    rows = [r for r in report["rows"] if r["fd"] is not None and r["images_per_s"] > 0]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return _plot_pil(rows, report, path)
+    fig, ax = plt.subplots(figsize=(9, 6), dpi=110)
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, fam in enumerate(families):
+        sel = [r for r in rows if r["family"] == fam]
+        ax.scatter([r["images_per_s"] for r in sel], [r["fd"] for r in sel], color=colors[i % len(colors)],
+                   label=fam, s=[60 if r.get("is_reference") else 30 for r in sel], alpha=0.85)
+        for r in sel:
+            tag = r["sampler"] + ("" if r["cache"] == "full" else f"+{r['cache']}{r['budget']:.0%}"
+                                  if r["budget"] is not None else f"+{r['cache']}")
+            ax.annotate(tag, (r["images_per_s"], r["fd"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("images / s (log)")
+    ax.set_ylabel(f"fd ↓ ({report['evaluator']})")
+    ax.set_title(f"speed vs quality — {report['machine'][:90]}", fontsize=8)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _plot_pil(rows, report, path: Path) -> Path:
+    """A plain scatter plot with PIL when matplotlib is not installed."""
+    from PIL import Image, ImageDraw
+    W, H, m = 900, 600, 60
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    d.rectangle([m, m, W - m, H - m], outline="black")
+    d.text((m, 15), f"speed vs quality ({report['machine'][:100]})", fill="black")
+    d.text((W // 2 - 60, H - 30), "images / s (log)", fill="black")
+    d.text((5, m - 20), f"fd (lower is better), {report['evaluator'][:60]}", fill="black")
+    if rows:
+        xs = [math.log10(r["images_per_s"]) for r in rows]
+        ys = [r["fd"] for r in rows]
+        x0, x1 = min(xs) - 0.1, max(xs) + 0.1
+        y0, y1 = 0.0, max(ys) * 1.1 or 1.0
+        palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
+        families = list(dict.fromkeys(r["family"] for r in rows))
+        for r, x, y in zip(rows, xs, ys):
+            px = m + (x - x0) / (x1 - x0) * (W - 2 * m)
+            py = H - m - (y - y0) / (y1 - y0) * (H - 2 * m)
+            c = palette[families.index(r["family"]) % len(palette)]
+            d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=c)
+            d.text((px + 5, py - 5), f"{r['sampler']} {r['cache'] if r['cache'] != 'full' else ''}", fill=c)
+        for i, fam in enumerate(families):
+            d.text((W - m - 250, m + 5 + 12 * i), fam, fill=palette[i % len(palette)])
+        for v in range(math.floor(x0), math.ceil(x1) + 1):
+            px = m + (v - x0) / (x1 - x0) * (W - 2 * m)
+            if m <= px <= W - m:
+                d.text((px, H - m + 5), f"1e{v}", fill="black")
+    img.save(path)
+    return path
+
+
+def write_report(report: dict, out_dir: str | os.PathLike, tag: str) -> dict[str, Path]:
+    """``<out_dir>/<tag>.md``, ``.json`` and ``.png``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out_dir / f"{tag}.md", "json": out_dir / f"{tag}.json", "png": out_dir / f"{tag}.png"}
+    paths["json"].write_text(json.dumps(report, indent=2, default=str))
+    paths["md"].write_text(to_markdown(report) + f"\n![speed vs quality]({tag}.png)\n")
+    plot(report, paths["png"])
+    return paths
