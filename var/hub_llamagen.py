@@ -132,3 +132,10 @@ def load_llamagen(vq_path, gpt_path, *, image_size: int | None = None, n_head: i
         raise CheckpointMismatchError(f"{size} px images ({grid}x{grid} tokens): the GPT directory was saved "
                                       f"with a {gpt.config.grid_size}x{gpt.config.grid_size} grid")
     return vq, gpt.requires_grad_(False)
+
+
+def bundled_ar_dir() -> Path | None:
+    """``var/assets/ar_bundled`` (``tokenizer/`` + ``transformer/`` saved directories) if it is installed."""
+    import var.assets
+    path = Path(var.assets.__file__).resolve().parent / "ar_bundled"
+    return path if (path / "transformer" / "config.json").exists() else None

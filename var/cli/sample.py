@@ -1,10 +1,12 @@
-"""``var-sample``: generate class-conditional images with a VAR model.
+"""``var-sample``: generate class-conditional images with a VAR model or a next-token (LlamaGen) GPT.
 
 Examples::
 
     var-sample                                    # bundled model (or a random-weight demo config), grid PNG
     var-sample --vae vae_ch160v4096z32.pth --var var_d16.pth --classes 207 360 387 --cfg 1.5 --out grid.png
     var-sample --vae ... --var ... --num-images 16 --out-dir samples/ --device cuda --dtype bf16
+    var-sample --family ar --vq vq_ds16_c2i.pt --gpt c2i_B_256.pt --sampler sjd --window 16 --cfg 2.0
+    var-sample --family ar --sampler zipar --zipar-window 8     # bundled AR model (or random weights)
 """
 from __future__ import annotations
 
@@ -29,16 +31,35 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--var", help="VAR checkpoint: var_d16.pth ... var_d36.pth, .safetensors or saved directory")
     src.add_argument("--random-init", action="store_true",
                      help="random weights of the tiny presets (msvq_tiny + var_tiny): a smoke test, not images")
+    src.add_argument("--family", choices=("var", "ar"), default="var",
+                     help="var: next-scale VAR; ar: next-token GPT (LlamaGen) with --sampler")
+    src.add_argument("--vq", help="AR tokenizer: vq_ds16_c2i.pt, .safetensors or saved directory")
+    src.add_argument("--gpt", help="AR transformer: c2i_{B,L,XL,XXL,3B}_*.pt, .safetensors or saved directory")
+    src.add_argument("--image-size", type=int, default=None, help="AR image size (384 for the *_384 GPTs)")
     gen = p.add_argument_group("what to sample")
     gen.add_argument("--classes", type=int, nargs="*", help="class ids (default: random classes)")
     gen.add_argument("--num-images", type=int, default=16, help="images to sample when --classes is not given")
-    gen.add_argument("--cfg", type=float, default=1.5, help="VAR guidance strength at the last scale (0 = none)")
-    gen.add_argument("--top-k", type=int, default=900)
-    gen.add_argument("--top-p", type=float, default=0.96)
+    gen.add_argument("--cfg", type=float, default=None,
+                     help="guidance: VAR strength at the last scale (default 1.5, 0 = none); AR scale (default 2.0, "
+                          "1 = none)")
+    gen.add_argument("--top-k", type=int, default=None, help="default 900 (var), 0 = off (ar)")
+    gen.add_argument("--top-p", type=float, default=None, help="default 0.96 (var), 0 = off (ar)")
     gen.add_argument("--temperature", type=float, default=1.0)
     gen.add_argument("--more-smooth", action="store_true", help="VAR's Gumbel smoothing (visualisation only)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--batch-size", type=int, default=8)
+    ar = p.add_argument_group("next-token samplers (--family ar)")
+    ar.add_argument("--sampler", choices=("next_scale", "next_token", "sjd", "mcsjd", "lantern", "gsd", "zipar"),
+                    default=None, help="default next_scale (var) / next_token (ar); sjd, mcsjd are exact, lantern, "
+                                       "gsd, zipar approximate")
+    ar.add_argument("--window", type=int, default=16, help="Jacobi window (sjd, mcsjd, lantern, gsd)")
+    ar.add_argument("--init", choices=("random", "repeat_horizon", "repeat_vertical"), default="random",
+                    help="initial drafts of the Jacobi samplers")
+    ar.add_argument("--coupling", choices=("maximal", "gumbel"), default="maximal", help="MC-SJD draft coupling")
+    ar.add_argument("--lantern-k", type=int, default=1000, help="LANTERN latent neighbours")
+    ar.add_argument("--lantern-delta", type=float, default=0.1, help="LANTERN moved-mass bound (0 = SJD)")
+    ar.add_argument("--gsd-group", type=int, default=10, help="GSD group size (1 = SJD)")
+    ar.add_argument("--zipar-window", type=int, default=8, help="ZipAR window s (grid width = next-token)")
     out = p.add_argument_group("output and device")
     out.add_argument("--out", default="samples.png", help="grid PNG path")
     out.add_argument("--out-dir", help="also write each image as a PNG into this folder")
@@ -67,6 +88,39 @@ def load_models(args):
     return tok.to(args.device), model.to(args.device), "random-weight var_tiny"
 
 
+def load_ar_models(args):
+    """(vq, gpt, description) for ``--family ar``: --vq/--gpt, the bundled AR model, or random tiny presets."""
+    from var import hub_llamagen
+    from var.models import create
+    if args.vq or args.gpt:
+        if not (args.vq and args.gpt):
+            raise SystemExit("var-sample: give both --vq and --gpt")
+        vq, gpt = hub_llamagen.load_llamagen(args.vq, args.gpt, image_size=args.image_size, device=args.device)
+        return vq, gpt, f"{args.gpt}"
+    bundled = hub_llamagen.bundled_ar_dir()
+    if bundled is not None and not args.random_init:
+        vq, gpt = hub_llamagen.load_llamagen(bundled / "tokenizer", bundled / "transformer", device=args.device)
+        return vq, gpt, f"bundled AR model {bundled.name}"
+    log.warning("no bundled AR model found: sampling from RANDOM weights (gpt_tiny); images are noise")
+    torch.manual_seed(args.seed)
+    return create("vq_tiny").eval().to(args.device), create("gpt_tiny").eval().to(args.device), "random gpt_tiny"
+
+
+def resolve_family_defaults(args) -> None:
+    """Fill the per-family defaults of --sampler / --cfg / --top-k / --top-p."""
+    if args.family == "var":
+        if args.sampler not in (None, "next_scale"):
+            raise SystemExit(f"var-sample: --sampler {args.sampler} needs --family ar")
+        defaults = dict(sampler="next_scale", cfg=1.5, top_k=900, top_p=0.96)
+    else:
+        if args.sampler == "next_scale":
+            raise SystemExit("var-sample: next_scale is the VAR sampler (use --family var)")
+        defaults = dict(sampler="next_token", cfg=2.0, top_k=0, top_p=0.0)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
 def _bundled_var():
     from var.assets import bundled_var_dir
     return bundled_var_dir()
@@ -75,10 +129,12 @@ def _bundled_var():
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
+    resolve_family_defaults(args)
     from var.samplers import sample_next_scale
+    from var.samplers.next_token import sample_ar
     from var.utils.images import save_image_grid, save_images
 
-    tok, model, desc = load_models(args)
+    tok, model, desc = load_ar_models(args) if args.family == "ar" else load_models(args)
     num_classes = model.config.num_classes
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     if args.classes:
@@ -90,15 +146,22 @@ def main(argv: list[str] | None = None) -> int:
                 if args.dtype != "fp32" else contextlib.nullcontext())
     images, passes = [], 0
     for start in tqdm(range(0, len(labels), args.batch_size), desc=f"sampling {desc}", unit="batch"):
+        batch = labels[start:start + args.batch_size].to(args.device)
         with autocast:
-            out = sample_next_scale(model, tok, labels[start:start + args.batch_size].to(args.device),
-                                    cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
-                                    more_smooth=args.more_smooth, generator=gen)
+            if args.family == "ar":
+                out = sample_ar(args.sampler, model, tok, batch, window=args.window, init=args.init,
+                                coupling=args.coupling, lantern_k=args.lantern_k, lantern_delta=args.lantern_delta,
+                                gsd_group=args.gsd_group, zipar_window=args.zipar_window, cfg=args.cfg,
+                                top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, generator=gen)
+            else:
+                out = sample_next_scale(model, tok, batch, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+                                        temperature=args.temperature, more_smooth=args.more_smooth, generator=gen)
         images.append(out.images.float().cpu())
         passes += out.stats.forward_passes
     images = torch.cat(images)
     path = save_image_grid(images, args.out, nrow=args.nrow)
-    log.info("wrote %s (%d images, classes %s, %d forward passes)", path, len(images), labels.tolist(), passes)
+    log.info("wrote %s (%d images, classes %s, %s sampler, %d forward passes)", path, len(images), labels.tolist(),
+             args.sampler, passes)
     if args.out_dir:
         save_images(images, args.out_dir)
         log.info("wrote %d PNGs to %s", len(images), Path(args.out_dir))
