@@ -127,3 +127,31 @@ def test_torch_fidelity_wrapper_maps_keys_and_names_evaluator(tmp_path, monkeypa
     assert res["evaluator"].startswith("torch-fidelity 0.0-fake")
     with pytest.raises(ConfigError):
         metrics.fidelity_metrics(tmp_path, tmp_path, weights_path=tmp_path / "missing.pth")
+
+
+def test_auto_extractor_prefers_the_offline_classifier_and_falls_back(monkeypatch):
+    import sys
+    import types
+
+    class TinyClassifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 5, 3)
+
+        def features(self, x):
+            return self.conv(x).mean(dim=(2, 3))
+
+    fake = types.ModuleType("var.eval.classifier")
+    fake.load_classifier = lambda *a, **k: TinyClassifier()
+    monkeypatch.setitem(sys.modules, "var.eval.classifier", fake)
+    ext = load_offline_extractor("auto")
+    assert ext.name.startswith("offline-classifier(TinyClassifier,")
+    assert extract_features(ext, smooth_images(3, seed=0)).shape == (3, 5)
+
+    def missing(*a, **k):
+        raise FileNotFoundError("no weights")
+
+    fake.load_classifier = missing
+    assert load_offline_extractor("auto").name.startswith("random-conv")
+    with pytest.raises(ConfigError):
+        load_offline_extractor("classifier")

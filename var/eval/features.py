@@ -134,7 +134,18 @@ def _classifier_extractor(device, directory=None) -> ClassifierFeatures | None:
     if model is None:
         return None
     size = getattr(getattr(model, "config", None), "image_size", None) or getattr(model, "image_size", None)
-    return ClassifierFeatures(model.to(device), name=f"offline-classifier({type(model).__name__})", input_size=size)
+    name = f"offline-classifier({type(model).__name__},{weights_digest(model)})"
+    return ClassifierFeatures(model.to(device), name=name, input_size=size)
+
+
+def weights_digest(model: nn.Module) -> str:
+    """First 8 hex digits of a SHA-256 over the state dict: numbers from other weights get another name."""
+    import hashlib
+    h = hashlib.sha256()
+    for key, t in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:8]
 
 
 def load_offline_extractor(name: str = "auto", *, device="cpu", seed: int = 0,
