@@ -1,0 +1,323 @@
+"""``var-train``: train tokenizers, VAR and AR models (one process, or ``torchrun`` for DDP/FSDP).
+
+Subcommands::
+
+    var-train tokenizer-ms --data shapes --out-dir runs/msvq      # multi-scale VQ-VAE (VAR's tokenizer)
+    var-train tokenizer-ss --data shapes --out-dir runs/ssvq      # single-scale VQ (LlamaGen's tokenizer)
+    var-train var --tokenizer runs/msvq/model --data shapes ...   # VAR transformer over a frozen tokenizer
+    var-train ar  --tokenizer runs/ssvq/model --data shapes ...   # AR GPT over a frozen tokenizer
+    torchrun --nproc_per_node=8 -m var.cli.train var --data /imagenet/train --precision bf16 ...
+
+``--data`` is ``shapes`` (the offline procedural dataset) or an ImageNet-style folder. Every config field
+is a flag (``--help`` lists them with defaults); ``--config run.json`` reads defaults from a JSON file with
+``data`` / ``model`` / ``train`` sections (the ``run_config.json`` a run writes has that layout). The final
+model is written with :func:`var.hub.save_pretrained` to ``<out-dir>/model`` (EMA weights when EMA is on) and
+to ``--export-dir`` when given (for var/ar: ``<export-dir>/tokenizer`` + ``<export-dir>/transformer``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from var.errors import ConfigError
+from var.train.trainer import DistEnv, Trainer, TrainConfig
+
+log = logging.getLogger("var.cli.train")
+
+
+# ---- configs --------------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    data: str = "shapes"          # "shapes" (offline procedural dataset) or an ImageNet-style folder
+    image_size: int = 32
+    num_images: int = 20000       # shapes only: dataset size
+    data_seed: int = 0            # shapes only: the dataset is a pure function of this seed
+    num_classes: int = 10         # shapes only (folders: number of sub-folders)
+    hflip: bool = False           # random horizontal flips
+    pretokenize: bool = True      # var/ar on un-augmented data: encode every image once before training
+
+
+@dataclass
+class MSTokenizerModelConfig:
+    """Multi-scale VQ-VAE (``MultiScaleVQVAEConfig`` fields) + the tokenizer objective."""
+
+    vocab_size: int = 512
+    z_channels: int = 16
+    ch: int = 32
+    ch_mult: tuple = (1, 2, 2)
+    num_res_blocks: int = 1
+    norm_groups: int = 8
+    using_sa: bool = False
+    using_mid_sa: bool = False
+    beta: float = 0.25
+    patch_nums: tuple = (1, 2, 3, 4, 6, 8)
+    recon: str = "l1"                       # l1 | l2
+    recon_weight: float = 1.0
+    vq_weight: float = 1.0
+    perceptual_weight: float = 0.0
+    perceptual_path: str = ""               # local VGG-16 weights (never downloaded)
+    gan_weight: float = 0.0
+    gan_start: int = 0
+
+
+@dataclass
+class SSTokenizerModelConfig:
+    """Single-scale VQ (``SingleScaleVQConfig`` fields) + the tokenizer objective."""
+
+    codebook_size: int = 512
+    codebook_embed_dim: int = 8
+    codebook_l2_norm: bool = True
+    z_channels: int = 32
+    ch: int = 32
+    ch_mult: tuple = (1, 2, 2)
+    num_res_blocks: int = 1
+    norm_groups: int = 8
+    commit_loss_beta: float = 0.25
+    recon: str = "l1"
+    recon_weight: float = 1.0
+    vq_weight: float = 1.0
+    perceptual_weight: float = 0.0
+    perceptual_path: str = ""
+    gan_weight: float = 0.0
+    gan_start: int = 0
+
+
+@dataclass
+class VARModelConfig:
+    """VAR transformer (``VARConfig`` fields; vocabulary, latent size and scales come from the tokenizer)."""
+
+    tokenizer: str = ""                     # saved multi-scale tokenizer directory (required)
+    depth: int = 4
+    width: int = 128
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.0
+    cond_drop_rate: float = 0.1             # class dropout for classifier-free guidance
+    label_smoothing: float = 0.0
+    init_adaln: float = 0.5
+    init_adaln_gamma: float = 1e-3
+    init_head: float = 0.02
+
+
+@dataclass
+class ARModelConfig:
+    """AR GPT (``GPTConfig`` fields; vocabulary and grid come from the tokenizer)."""
+
+    tokenizer: str = ""                     # saved single-scale tokenizer directory (required)
+    dim: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    multiple_of: int = 32
+    token_dropout_p: float = 0.0
+    resid_dropout_p: float = 0.0
+    ffn_dropout_p: float = 0.0
+    class_dropout_p: float = 0.1
+    label_smoothing: float = 0.0
+
+
+MODEL_CONFIGS = {"tokenizer-ms": MSTokenizerModelConfig, "tokenizer-ss": SSTokenizerModelConfig,
+                 "var": VARModelConfig, "ar": ARModelConfig}
+
+
+# ---- dataclass <-> argparse -----------------------------------------------------------------------------------
+def _add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str) -> None:
+    group = parser.add_argument_group(title)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(default, bool):
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=f"(default {default})")
+        elif isinstance(default, tuple):
+            elem = type(default[0]) if default else str
+            group.add_argument(flag, dest=f.name, type=elem, nargs="+", default=None, help=f"(default {default})")
+        else:
+            group.add_argument(flag, dest=f.name, type=type(default) if default is not None else str, default=None,
+                               help=f"(default {default!r})")
+
+
+def _build(cls, args: argparse.Namespace, file_section: dict):
+    values = {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(file_section) - names
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} keys in --config: {sorted(unknown)}")
+    values.update(file_section)
+    for name in names:
+        v = getattr(args, name, None)
+        if v is not None:
+            values[name] = tuple(v) if isinstance(v, list) else v
+    return cls(**values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="var-train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, model_cls in MODEL_CONFIGS.items():
+        sp = sub.add_parser(name, help=model_cls.__doc__.split("\n")[0])
+        sp.add_argument("--config", help="JSON file with data/model/train sections (flags override it)")
+        sp.add_argument("--export-dir", help="also write the final model(s) here (save_pretrained layout)")
+        sp.add_argument("--log-level", default="INFO")
+        _add_dataclass_args(sp, DataConfig, "data")
+        _add_dataclass_args(sp, model_cls, "model and objective")
+        _add_dataclass_args(sp, TrainConfig, "optimisation and bookkeeping")
+    return p
+
+
+# ---- builders -------------------------------------------------------------------------------------------------
+def build_dataset(data: DataConfig):
+    from var.train.data import build_dataset as build
+    return build(data.data, image_size=data.image_size, hflip=data.hflip, num_images=data.num_images,
+                 seed=data.data_seed, num_classes=data.num_classes)
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Pre-computed token sequences ``[N, L]`` (int64) and labels of a dataset (no augmentation)."""
+
+    def __init__(self, tokens_NL: torch.Tensor, labels_N: torch.Tensor, num_classes: int):
+        self.tokens, self.labels, self.num_classes = tokens_NL, labels_N, num_classes
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, item):
+        index = int(item[0]) if isinstance(item, (tuple, list)) else int(item)
+        return self.tokens[index], int(self.labels[index])
+
+
+@torch.no_grad()
+def pretokenize(tokenizer, dataset, batch_size: int = 256) -> TokenDataset:
+    """Encode every (un-augmented) image once: ``[N, L]`` concatenated tokens of all scales."""
+    from tqdm.auto import tqdm
+    tokens, labels = [], []
+    for start in tqdm(range(0, len(dataset), batch_size), desc="pretokenize", unit="batch", leave=False):
+        items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
+        images = torch.stack([x for x, _ in items])
+        tokens.append(torch.cat([idx.flatten(1) for idx in tokenizer.encode(images)], dim=1).cpu())
+        labels += [y for _, y in items]
+    return TokenDataset(torch.cat(tokens), torch.tensor(labels, dtype=torch.long), dataset.num_classes)
+
+
+def build_tokenizer_job(command: str, m, data: DataConfig, seed: int):
+    from var.train.objectives import VQObjective
+    if command == "tokenizer-ms":
+        from var.tokenizers.multiscale_vqvae import MultiScaleVQVAE, MultiScaleVQVAEConfig
+        cfg = MultiScaleVQVAEConfig(vocab_size=m.vocab_size, z_channels=m.z_channels, ch=m.ch, ch_mult=m.ch_mult,
+                                    num_res_blocks=m.num_res_blocks, norm_groups=m.norm_groups,
+                                    using_sa=m.using_sa, using_mid_sa=m.using_mid_sa, beta=m.beta,
+                                    patch_nums=m.patch_nums)
+        if cfg.image_size != data.image_size:
+            raise ConfigError(f"patch_nums[-1] x downsample = {cfg.image_size} must equal --image-size "
+                              f"{data.image_size}")
+        model = MultiScaleVQVAE(cfg)
+    else:
+        from var.tokenizers.single_scale_vq import SingleScaleVQ, SingleScaleVQConfig
+        model = SingleScaleVQ(SingleScaleVQConfig(
+            codebook_size=m.codebook_size, codebook_embed_dim=m.codebook_embed_dim,
+            codebook_l2_norm=m.codebook_l2_norm, z_channels=m.z_channels, ch=m.ch, ch_mult=m.ch_mult,
+            num_res_blocks=m.num_res_blocks, norm_groups=m.norm_groups, commit_loss_beta=m.commit_loss_beta,
+            image_size=data.image_size))
+    objective = VQObjective(recon=m.recon, recon_weight=m.recon_weight, vq_weight=m.vq_weight,
+                            perceptual_weight=m.perceptual_weight, perceptual_path=m.perceptual_path or None,
+                            gan_weight=m.gan_weight, gan_start=m.gan_start, seed=seed)
+    return model, objective, None
+
+
+def build_var_job(m: VARModelConfig, data: DataConfig, seed: int):
+    from var.hub import load_var_tokenizer
+    from var.models.var_model import VAR, VARConfig
+    from var.train.objectives import VARObjective
+    if not m.tokenizer:
+        raise ConfigError("var: --tokenizer (a saved multi-scale tokenizer directory) is required")
+    tok = load_var_tokenizer(m.tokenizer)
+    if tok.image_size != data.image_size:
+        raise ConfigError(f"the tokenizer works at {tok.image_size} px but --image-size is {data.image_size}")
+    model = VAR(VARConfig(depth=m.depth, width=m.width, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
+                          num_classes=data.num_classes, vocab_size=tok.vocab_size, latent_channels=tok.embed_dim,
+                          patch_nums=tok.patch_nums, drop_path_rate=m.drop_path_rate,
+                          cond_drop_rate=m.cond_drop_rate))
+    model.init_weights(init_adaln=m.init_adaln, init_adaln_gamma=m.init_adaln_gamma, init_head=m.init_head)
+    return model, VARObjective(tok, label_smoothing=m.label_smoothing, seed=seed), tok
+
+
+def build_ar_job(m: ARModelConfig, data: DataConfig, seed: int):
+    from var.hub import load_pretrained
+    from var.models.gpt import GPT, GPTConfig
+    from var.train.objectives import ARObjective
+    if not m.tokenizer:
+        raise ConfigError("ar: --tokenizer (a saved single-scale tokenizer directory) is required")
+    tok = load_pretrained(m.tokenizer).requires_grad_(False)
+    grid = data.image_size // tok.downsample
+    model = GPT(GPTConfig(dim=m.dim, n_layer=m.n_layer, n_head=m.n_head, multiple_of=m.multiple_of,
+                          num_classes=data.num_classes, vocab_size=tok.vocab_size, grid_size=grid,
+                          token_dropout_p=m.token_dropout_p, resid_dropout_p=m.resid_dropout_p,
+                          ffn_dropout_p=m.ffn_dropout_p, class_dropout_p=m.class_dropout_p))
+    model.init_weights()
+    return model, ARObjective(tok, label_smoothing=m.label_smoothing, seed=seed), tok
+
+
+def run(command: str, data: DataConfig, m, train: TrainConfig, export_dir: str | None = None):
+    """Build and train; returns the trained (EMA) model. Every rank runs this."""
+    env = DistEnv.from_env()
+    torch.manual_seed(train.seed)  # identical initial weights on every rank
+    dataset = build_dataset(data)
+    if hasattr(dataset, "num_classes") and data.data != "shapes":
+        data = dataclasses.replace(data, num_classes=dataset.num_classes)
+    if command.startswith("tokenizer"):
+        model, objective, tok = build_tokenizer_job(command, m, data, train.seed)
+        # schedules with fewer scales than shared phi convolutions leave some of them unused
+        train = dataclasses.replace(train, find_unused_parameters=True)
+    elif command == "var":
+        model, objective, tok = build_var_job(m, data, train.seed)
+    else:
+        model, objective, tok = build_ar_job(m, data, train.seed)
+    if tok is not None and data.pretokenize and not data.hflip and data.data == "shapes":
+        dataset = pretokenize(tok, dataset)
+    trainer = Trainer(model, objective, dataset, train, env)
+    if env.is_main:
+        Path(train.out_dir).mkdir(parents=True, exist_ok=True)
+        run_cfg = {"command": command, "data": asdict(data), "model": asdict(m), "train": asdict(train)}
+        (Path(train.out_dir) / "run_config.json").write_text(json.dumps(run_cfg, indent=2))
+    t0 = time.time()
+    trainer.fit()
+    model = trainer.export_model()
+    if env.is_main:
+        from var.hub import save_pretrained
+        save_pretrained(model, Path(train.out_dir) / "model")
+        if export_dir:
+            export_dir = Path(export_dir)
+            if tok is None:
+                save_pretrained(model, export_dir)
+            else:
+                save_pretrained(model, export_dir / "transformer")
+                save_pretrained(tok, export_dir / "tokenizer")
+            log.info("exported to %s", export_dir)
+        log.info("trained %d steps in %.1f s", train.steps, time.time() - t0)
+    trainer.close()
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    file_cfg = json.loads(Path(args.config).read_text()) if args.config else {}
+    data = _build(DataConfig, args, file_cfg.get("data", {}))
+    model_cfg = _build(MODEL_CONFIGS[args.command], args, file_cfg.get("model", {}))
+    train = _build(TrainConfig, args, file_cfg.get("train", {}))
+    run(args.command, data, model_cfg, train, args.export_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,519 @@
+"""The trainer: one loop for tokenizers, VAR and AR models, launched with ``torchrun`` or as a single process.
+
+    torchrun --nproc_per_node=8 -m var.cli.train var --data /imagenet/train ...   # DDP (NCCL on GPU, gloo on CPU)
+    var-train var --data shapes ...                                               # one process
+
+Reads ``RANK`` / ``LOCAL_RANK`` / ``WORLD_SIZE`` (set by torchrun). Features: DDP or FSDP2 (``fully_shard``,
+per transformer block), fp32 / bf16 / fp16 autocast (GradScaler only for fp16), gradient accumulation and
+clipping, linear warm-up then cosine / linear decay, weight decay only on weight matrices, EMA, per-rank seeds,
+tqdm + CSV/JSONL (+ TensorBoard when installed) metrics on rank 0, periodic and final atomic checkpoints, and
+``resume`` that restores model, optimizer, scheduler, scaler, EMA, data position and every rank's RNGs so the
+resumed run continues exactly as the uninterrupted one.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from var.errors import CheckpointError, ConfigError
+from var.train.checkpoint import (checkpoint_path, latest_valid_checkpoint, load_checkpoint, prune_checkpoints,
+                                  save_checkpoint)
+from var.train.data import ResumableBatchSampler
+from var.train.objectives import Objective, unwrap
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# parameters never decayed besides vectors/biases: learned positions, levels, start tokens, gains (VAR's list)
+NO_DECAY_KEYWORDS = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start",
+                     "start_pos", "lvl_embed", "gamma", "beta", "ada_gss", "scale_mul")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping of one run (model/data settings live in the CLI configs)."""
+
+    out_dir: str = "runs/train"
+    steps: int = 1000                  # optimizer steps
+    batch_size: int = 32               # per rank and micro-step; global batch = batch_size * grad_accum * world
+    grad_accum: int = 1
+    lr: float = 3e-4                   # peak learning rate
+    warmup_steps: int = 0
+    warmup_start_ratio: float = 0.005  # warm-up starts at this fraction of lr (VAR: wp0 = 0.005)
+    schedule: str = "cosine"           # after warm-up: cosine | linear | constant
+    end_lr_ratio: float = 0.01         # final lr = end_lr_ratio * lr
+    weight_decay: float = 0.05
+    betas: tuple = (0.9, 0.95)
+    clip_grad: float = 2.0             # max global grad norm (0: no clipping, norm still logged)
+    precision: str = "fp32"            # fp32 | bf16 | fp16 (fp16 uses a GradScaler)
+    ema_decay: float = 0.0             # 0: no EMA
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    resume: str = ""                   # "" | "auto" (newest valid checkpoint in out_dir) | a checkpoint path
+    fsdp: bool = False
+    find_unused_parameters: bool = False  # DDP: some parameters get no gradient (e.g. unused phi convolutions)
+    device: str = "auto"               # auto: cuda:LOCAL_RANK when CUDA is available, else cpu
+    num_workers: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError("steps, batch_size and grad_accum must be >= 1")
+
+
+# ---- distributed environment ----------------------------------------------------------------------------------
+@dataclass
+class DistEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_env(cls) -> "DistEnv":
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+                   int(os.environ.get("WORLD_SIZE", 1)))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(env: DistEnv, device: torch.device) -> None:
+    """Start the process group (NCCL on CUDA, gloo on CPU) when launched with more than one rank."""
+    if env.distributed and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size)
+        log.info("rank %d/%d joined the %s process group", env.rank, env.world_size, backend)
+
+
+def resolve_device(name: str, env: DistEnv) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device(f"cuda:{env.local_rank}")
+    return device
+
+
+# ---- optimisation pieces --------------------------------------------------------------------------------------
+def param_groups(model: nn.Module, weight_decay: float, no_decay_keywords=NO_DECAY_KEYWORDS) -> list[dict]:
+    """Two AdamW groups: decay for weight matrices (ndim >= 2), none for vectors, biases, positions, levels."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or name.endswith("bias") or any(k in name for k in no_decay_keywords):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "group": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "group": "no_decay"}]
+
+
+def decay_parameter_names(model: nn.Module) -> tuple[list[str], list[str]]:
+    """Names in the decay / no-decay groups (for logging and tests)."""
+    groups = param_groups(model, 1.0)
+    ids = {id(p) for p in groups[0]["params"]}
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = dict(model.named_parameters())
+    return [n for n in names if id(params[n]) in ids], [n for n in names if id(params[n]) not in ids]
+
+
+class LRSchedule:
+    """Multiplier of the peak lr: linear warm-up from ``start_ratio`` to 1, then cosine or linear decay to
+    ``end_ratio`` at ``total`` (or constant). A plain object so ``LambdaLR.state_dict`` can save it."""
+
+    def __init__(self, total: int, warmup: int, kind: str, start_ratio: float, end_ratio: float):
+        self.total, self.warmup, self.kind = total, warmup, kind
+        self.start_ratio, self.end_ratio = start_ratio, end_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return self.start_ratio + (1 - self.start_ratio) * step / self.warmup
+        if self.kind == "constant":
+            return 1.0
+        t = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        shape = 0.5 * (1 + math.cos(math.pi * t)) if self.kind == "cosine" else 1 - t
+        return self.end_ratio + (1 - self.end_ratio) * shape
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point parameters (fp32 shadow copies)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for n, p in model.named_parameters():
+            if n in self.shadow:
+                self.shadow[n].lerp_(p.detach().float(), 1 - self.decay)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": {n: _full(t) for n, t in self.shadow.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state["shadow"]) != set(self.shadow):
+            raise CheckpointError("the checkpoint's EMA does not match the model's parameters")
+        for n, t in state["shadow"].items():
+            _copy_into(self.shadow[n], t)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        for n, p in model.named_parameters():
+            if n in self.shadow:
+                _copy_into(p.data, self.shadow[n])
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A full CPU copy of a (possibly FSDP-sharded DTensor) tensor."""
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().clone()
+
+
+def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    if hasattr(dst, "to_local") and not hasattr(src, "to_local"):  # full tensor -> local shard of a DTensor
+        from torch.distributed.tensor import distribute_tensor
+        src = distribute_tensor(src.to(dst.device, dst.dtype), dst.device_mesh, dst.placements)
+    dst.copy_(src.to(device=dst.device, dtype=dst.dtype))
+
+
+def rng_state() -> dict:
+    """Global RNG states as tensors/tuples only (loadable with ``torch.load(weights_only=True)``)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_rank(seed: int, rank: int) -> int:
+    """Seed every global RNG with a rank-specific value (dropout/drop-path differ across ranks)."""
+    s = seed * 1000 + rank
+    torch.manual_seed(s)
+    np.random.seed(s % 2 ** 32)
+    random.seed(s)
+    return s
+
+
+# ---- metrics --------------------------------------------------------------------------------------------------
+class MetricsLogger:
+    """Rank-0 metrics: ``metrics.jsonl`` (every key), ``metrics.csv`` (the first row's keys) and TensorBoard
+    event files when ``tensorboard`` is installed. Appends on resume."""
+
+    def __init__(self, out_dir: Path, enabled: bool):
+        self.enabled, self.out_dir = enabled, out_dir
+        self._csv_keys: list[str] | None = None
+        self._tb = None
+        if not enabled:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        csv_path = out_dir / "metrics.csv"
+        if csv_path.exists() and csv_path.stat().st_size:
+            with open(csv_path) as f:
+                self._csv_keys = next(csv.reader(f), None)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(str(out_dir / "tb"))
+        except Exception:  # tensorboard not installed
+            self._tb = None
+
+    def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        new = self._csv_keys is None
+        if new:
+            self._csv_keys = list(row)
+        with open(self.out_dir / "metrics.csv", "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self._csv_keys, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+# ---- the trainer ----------------------------------------------------------------------------------------------
+class Trainer:
+    """Owns the loop. ``model`` is the bare module (built identically on every rank); ``objective`` computes
+    ``(loss, metrics)`` from ``(model, batch)``; ``dataset`` yields ``(input, label)`` for ``(index, aug_seed)``.
+    """
+
+    def __init__(self, model: nn.Module, objective: Objective, dataset, config: TrainConfig,
+                 env: DistEnv | None = None):
+        self.config, self.env = config, env or DistEnv.from_env()
+        self.device = resolve_device(config.device, self.env)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        init_distributed(self.env, self.device)
+        self.out_dir = Path(config.out_dir)
+        self.model = model.to(self.device)
+        self.objective = objective.to(self.device)
+        self.dataset = dataset
+        groups = param_groups(self.model, config.weight_decay)
+        self.wrapped = self._wrap(self.model)
+        if config.fsdp:  # fully_shard replaced the parameters with DTensors: rebuild the groups
+            groups = param_groups(self.model, config.weight_decay)
+        fused = self.device.type == "cuda" and not config.fsdp
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, fused=fused or None)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, LRSchedule(config.steps, config.warmup_steps, config.schedule,
+                                       config.warmup_start_ratio, config.end_lr_ratio))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
+        self.ema = EMA(self.model, config.ema_decay) if config.ema_decay > 0 else None
+        self.sampler = ResumableBatchSampler(len(dataset), config.batch_size, seed=config.seed,
+                                             rank=self.env.rank, world_size=self.env.world_size)
+        self.step = 0
+        self.metrics = MetricsLogger(self.out_dir, self.env.is_main)
+
+    # -- setup --
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if not self.env.distributed:
+            return model
+        if self.config.fsdp:
+            from torch.distributed.fsdp import fully_shard
+            for block in getattr(model, "blocks", []):
+                fully_shard(block)
+            fully_shard(model)
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DDP(model, device_ids=ids, find_unused_parameters=self.config.find_unused_parameters)
+
+    def _autocast(self):
+        dtype = PRECISIONS[self.config.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    # -- state --
+    def _model_state(self) -> dict:
+        if self.config.fsdp and self.env.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def _optim_state(self) -> dict:
+        if self.config.fsdp and self.env.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+            return get_optimizer_state_dict(self.model, self.optimizer,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.optimizer.state_dict()
+
+    def _gather(self, obj) -> list:
+        if not self.env.distributed:
+            return [obj]
+        out = [None] * self.env.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def state_dict(self) -> dict:
+        """Full training state (collective under DDP/FSDP: every rank must call it)."""
+        per_rank = {"rng": rng_state(), "objective": self.objective.extra_state()}
+        ranks = self._gather(per_rank)
+        return {"step": self.step, "model": self._model_state(), "optimizer": self._optim_state(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema else None, "data": self.sampler.state_dict(),
+                "ranks": ranks, "world_size": self.env.world_size, "config": asdict(self.config)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["world_size"] != self.env.world_size:
+            raise CheckpointError(f"checkpoint was written by {state['world_size']} ranks; this run has "
+                                  f"{self.env.world_size} (exact resume needs the same world size)")
+        from var.hub import load_strict
+        if self.config.fsdp and self.env.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"],
+                           options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+        else:
+            load_strict(self.model, state["model"], f"the model being trained ({type(self.model).__name__})")
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            if state["ema"] is None:
+                raise CheckpointError("this run uses EMA but the checkpoint has none")
+            self.ema.load_state_dict(state["ema"])
+        self.sampler.load_state_dict(state["data"])
+        mine = state["ranks"][self.env.rank]
+        set_rng_state(mine["rng"])
+        self.objective.load_extra_state(mine["objective"])
+        self.step = int(state["step"])
+
+    def save(self) -> Path | None:
+        state = self.state_dict()
+        path = None
+        if self.env.is_main:
+            path = save_checkpoint(state, checkpoint_path(self.out_dir, self.step))
+            prune_checkpoints(self.out_dir, self.config.keep_checkpoints)
+            log.info("saved %s", path)
+        if self.env.distributed:
+            dist.barrier()
+        return path
+
+    def maybe_resume(self) -> bool:
+        """Restore from ``config.resume``; returns whether a checkpoint was loaded."""
+        resume = self.config.resume
+        if not resume:
+            return False
+        if resume == "auto":
+            found = latest_valid_checkpoint(self.out_dir)
+            if found is None:
+                log.info("no checkpoint in %s: starting from scratch", self.out_dir)
+                return False
+            path, state = found
+        else:
+            path, state = Path(resume), load_checkpoint(resume)
+        self.load_state_dict(state)
+        log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    # -- loop --
+    def _loader(self):
+        def collate(items):
+            return torch.utils.data.default_collate(items)
+        # a private generator: creating the iterator must not draw from the global RNG (it would shift the
+        # drop-path stream of a resumed run); augmentation seeds come from the sampler, not from workers
+        gen = torch.Generator().manual_seed(self.config.seed * 1000 + self.env.rank)
+        return iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=self.sampler,
+                                                num_workers=self.config.num_workers, collate_fn=collate,
+                                                generator=gen, persistent_workers=False))
+
+    def _to_device(self, batch):
+        return [b.to(self.device, non_blocking=True) if torch.is_tensor(b) else b for b in batch]
+
+    def _reduce_metrics(self, sums: dict[str, float], count: int) -> dict[str, float]:
+        keys = sorted(sums)
+        vals = torch.tensor([sums[k] / max(count, 1) for k in keys], dtype=torch.float64)
+        if self.env.distributed:
+            dist.all_reduce(vals)
+            vals /= self.env.world_size
+        return dict(zip(keys, vals.tolist()))
+
+    def train_step(self, batches) -> dict[str, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns this rank's mean metrics."""
+        cfg = self.config
+        self.wrapped.train()
+        sums: dict[str, float] = {}
+        for micro, batch in enumerate(batches):
+            last = micro == len(batches) - 1
+            sync = contextlib.nullcontext()
+            if not last and hasattr(self.wrapped, "no_sync"):
+                sync = self.wrapped.no_sync()
+            elif not last and cfg.fsdp and hasattr(self.wrapped, "set_requires_gradient_sync"):
+                self.wrapped.set_requires_gradient_sync(False)
+            if last and cfg.fsdp and hasattr(self.wrapped, "set_requires_gradient_sync"):
+                self.wrapped.set_requires_gradient_sync(True)
+            with sync:
+                with self._autocast():
+                    loss, metrics = self.objective(self.wrapped, self._to_device(batch))
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.step}")
+                self.scaler.scale(loss / len(batches)).backward()
+            sums["loss"] = sums.get("loss", 0.0) + loss.item() / len(batches)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v / len(batches)
+        self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        sums.update(self.objective.after_step(self.step))
+        sums["grad_norm"] = float(_full(grad_norm)) if torch.is_tensor(grad_norm) else float(grad_norm)
+        self.step += 1
+        return sums
+
+    def fit(self) -> nn.Module:
+        """Train to ``config.steps`` (resuming first when asked); returns the bare model."""
+        cfg = self.config
+        if not self.maybe_resume():
+            seed_rank(cfg.seed, self.env.rank)
+            self.objective.reseed(cfg.seed * 1000 + self.env.rank + 7919)
+        if self.env.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.env.is_main),
+                   desc=f"train {type(self.model).__name__}", unit="step", dynamic_ncols=True)
+        it = self._loader()
+        window: dict[str, float] = {}
+        count, t0 = 0, time.time()
+        while self.step < cfg.steps:
+            batches = []
+            for _ in range(cfg.grad_accum):
+                batches.append(next(it))
+                self.sampler.advance()
+            metrics = self.train_step(batches)
+            for k, v in metrics.items():
+                window[k] = window.get(k, 0.0) + v
+            count += 1
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                row = self._reduce_metrics(window, count)
+                row = {"step": self.step, "lr": self.scheduler.get_last_lr()[0],
+                       "sec_per_step": (time.time() - t0) / count, **row}
+                bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "acc", "psnr", "grad_norm")})
+                self.metrics.log(row)
+                window, count, t0 = {}, 0, time.time()
+            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                self.save()
+        bar.close()
+        self.metrics.close()
+        return self.model
+
+    def export_model(self) -> nn.Module:
+        """The bare model with EMA weights copied in when EMA is on (modifies ``self.model`` in place)."""
+        if self.ema is not None:
+            self.ema.copy_to(self.model)
+        return self.model
+
+    def close(self) -> None:
+        if self.env.distributed and dist.is_initialized():
+            dist.destroy_process_group()
