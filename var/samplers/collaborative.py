@@ -161,6 +161,16 @@ def _prefill_mode(prefill: str, kv_cache) -> str:
     return "one_pass" if getattr(kv_cache, "supports_block_prefill", type(kv_cache) is KVCache) else "per_scale"
 
 
+def _drafter_cache(policy, drafter, rows: int, num_tokens: int, device):
+    """The drafter only ever holds the drafted scales: with the full-cache policy, allocate just those tokens
+    (this is where CoDe's memory saving comes from); other policies build their own cache."""
+    if policy is not None and type(policy) is not FullCache:
+        return policy.new_cache(drafter, rows, device=device)
+    c = drafter.config
+    return KVCache(c.depth, rows, c.num_heads, num_tokens, c.width // c.num_heads,
+                   dtype=drafter.head.weight.dtype, device=device)
+
+
 def draft(drafter, tok, labels_B, draft_steps: int, sched: ScaleSchedule, *, generator: GeneratorArg = None,
           cache=None, more_smooth: bool = False, stats: SamplerStats | None = None) -> DraftHandoff:
     """Sample scales ``0 .. draft_steps - 1`` with the drafter's own cache; return the latent hand-over."""
@@ -171,7 +181,7 @@ def draft(drafter, tok, labels_B, draft_steps: int, sched: ScaleSchedule, *, gen
     if draft_steps == 0:
         return out
     cond_BD = _conditions(drafter, labels_B, guided)
-    kv_cache = (cache or FullCache()).new_cache(drafter, cond_BD.shape[0], device=device)
+    kv_cache = _drafter_cache(cache, drafter, cond_BD.shape[0], drafter.begin_ends[draft_steps - 1][1], device)
     x_BlC = drafter.first_scale_input(cond_BD)
     for si in range(draft_steps):
         logits = drafter.forward_scale(x_BlC, cond_BD, kv_cache)
