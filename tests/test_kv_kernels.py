@@ -60,6 +60,22 @@ def test_triton_kernel_matches_fp64_reference(B, H, n, D, lengths):
     assert _max_err(out, ref) <= 2 * max(torch_err, 1e-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_kernel_low_precision(dtype):
+    """Half precisions (the interpreter computes bf16 products in fp32: its bf16 tl.dot is not usable)."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU run needs TRITON_INTERPRET=1 (set by conftest)")
+    q, kp, vp, start, lens, kc, vc = _case(1, 2, 9, 32, [0, 21], dtype=dtype, seed=1)
+    ref = ragged_attention_reference(q.double(), kp.double(), vp.double(), start, lens, kc.double(), vc.double(),
+                                     scale=0.3)
+    torch_err = _max_err(ragged_attention(q, kp, vp, start, lens, kc, vc, scale=0.3, backend="torch"), ref)
+    poisoned = torch.full((1, 2, 9, 32), float("nan"), dtype=dtype)
+    out = ragged_attention(q, kp, vp, start, lens, kc, vc, scale=0.3, backend="triton", out=poisoned)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert _max_err(out, ref) <= 2 * torch_err
+
+
 def test_torch_path_ragged_and_uniform_match_reference():
     q, kp, vp, start, lens, kc, vc = _case(2, 3, 7, 16, [4, 0, 9, 1, 12, 2])
     ref = ragged_attention_reference(q.double(), kp.double(), vp.double(), start, lens, kc.double(), vc.double(),

@@ -19,9 +19,12 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _online_update(q, k, v, col_ok, m_i, l_i, acc, qk_scale, IEEE_K: tl.constexpr, IEEE_V: tl.constexpr):
+def _online_update(q, k, v, col_ok, m_i, l_i, acc, qk_scale, IEEE_K: tl.constexpr, IEEE_V: tl.constexpr,
+                   DOT_FP32: tl.constexpr):
     k = k.to(q.dtype)
-    if IEEE_K:
+    if DOT_FP32:  # the CPU interpreter's bf16 tl.dot is wrong; compute the products in fp32 there
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    elif IEEE_K:
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
@@ -30,7 +33,9 @@ def _online_update(q, k, v, col_ok, m_i, l_i, acc, qk_scale, IEEE_K: tl.constexp
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if IEEE_V:
+    if DOT_FP32:
+        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    elif IEEE_V:
         pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
     else:
         pv = tl.dot(p.to(v.dtype), v)
@@ -44,7 +49,7 @@ def _ragged_attention_fwd(
         n_cur, num_heads, qk_scale,
         sq_b, sq_h, sq_n, skp, svp, skc_b, skc_h, skc_n, svc_b, svc_h, svc_n, so_b, so_h, so_n,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        IEEE_K: tl.constexpr, IEEE_V: tl.constexpr):
+        IEEE_K: tl.constexpr, IEEE_V: tl.constexpr, DOT_FP32: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // num_heads
@@ -71,7 +76,7 @@ def _ragged_attention_fwd(
         kv_mask = col_ok[:, None] & d_ok[None, :]
         k = tl.load(KP + rows[:, None] * skp + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(VP + rows[:, None] * svp + offs_d[None, :], mask=kv_mask, other=0.0)
-        m_i, l_i, acc = _online_update(q, k, v, col_ok, m_i, l_i, acc, qk_scale, IEEE_K, IEEE_V)
+        m_i, l_i, acc = _online_update(q, k, v, col_ok, m_i, l_i, acc, qk_scale, IEEE_K, IEEE_V, DOT_FP32)
 
     # source 2: the current scale's dense keys
     kc_base = KC + b.to(tl.int64) * skc_b + h * skc_h
@@ -82,7 +87,7 @@ def _ragged_attention_fwd(
         kv_mask = col_ok[:, None] & d_ok[None, :]
         k = tl.load(kc_base + cols[:, None] * skc_n + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(vc_base + cols[:, None] * svc_n + offs_d[None, :], mask=kv_mask, other=0.0)
-        m_i, l_i, acc = _online_update(q, k, v, col_ok, m_i, l_i, acc, qk_scale, IEEE_K, IEEE_V)
+        m_i, l_i, acc = _online_update(q, k, v, col_ok, m_i, l_i, acc, qk_scale, IEEE_K, IEEE_V, DOT_FP32)
 
     out = acc / l_i[:, None]
     o_ptrs = O + b.to(tl.int64) * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :]
@@ -101,6 +106,10 @@ def ragged_attention_triton(q_BHnD, k_pool_TD, v_pool_TD, seg_start, seg_len, k_
     block_n = 64 if on_gpu else 16
     if k_pool_TD.shape[0] == 0:  # never dereferenced (all lengths 0) but needs a valid pointer
         k_pool_TD, v_pool_TD = k_BHnD.new_zeros(1, D), v_BHnD.new_zeros(1, D)
+    interpreter_bf16 = not on_gpu and torch.bfloat16 in (q_BHnD.dtype, k_BHnD.dtype, v_BHnD.dtype)
+    final = out
+    if interpreter_bf16 and out.dtype == torch.bfloat16:  # the interpreter truncates fp32 -> bf16 stores
+        out = torch.empty(out.shape, dtype=torch.float32)
     grid = (triton.cdiv(n, block_m), B * H)
     _ragged_attention_fwd[grid](
         q_BHnD, k_pool_TD, v_pool_TD, k_BHnD, v_BHnD, out, seg_start, seg_len,
@@ -109,5 +118,7 @@ def ragged_attention_triton(q_BHnD, k_pool_TD, v_pool_TD, seg_start, seg_len, k_
         *k_BHnD.stride()[:3], *v_BHnD.stride()[:3], *out.stride()[:3],
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         IEEE_K=q_BHnD.dtype == torch.float32, IEEE_V=v_BHnD.dtype == torch.float32,
-        num_warps=4 if D <= 64 else 8)
-    return out
+        DOT_FP32=interpreter_bf16, num_warps=4 if D <= 64 else 8)
+    if final is not out:
+        final.copy_(out)
+    return final

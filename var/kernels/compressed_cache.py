@@ -18,7 +18,6 @@ attend to them later. ``keep_last_scale=True`` stores them anyway (e.g. to inspe
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -27,8 +26,6 @@ import torch
 from var.errors import ConfigError
 from var.kernels.compaction import gather_rows, kept_rows, segment_starts
 from var.kernels.ragged_attention import gather_prefix, ragged_attention
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -256,7 +253,8 @@ class CompressedKVCache:
             # keep everything and the layout stays rectangular: concatenate per head
             def cat(pool, new):
                 return torch.cat((pool.view(B, H, uniform, *new.shape[3:]), new), dim=2).reshape(-1, *new.shape[3:])
-            pos_new = torch.arange(start, start + n, dtype=torch.int32, device=self.device).view(n, 1).expand(B, H, n, 1)
+            pos_new = torch.arange(start, start + n, dtype=torch.int32, device=self.device)
+            pos_new = pos_new.view(n, 1).expand(B, H, n, 1)
             self.k_pool[layer] = cat(self.k_pool[layer], k_new)
             self.v_pool[layer] = cat(self.v_pool[layer], v_new)
             self.pos_pool[layer] = cat(self.pos_pool[layer].unsqueeze(-1), pos_new).view(-1)
