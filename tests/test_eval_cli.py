@@ -32,3 +32,20 @@ def test_metrics_cli_needs_a_reference_offline(tmp_path):
 def test_sample_cli_unknown_sampler_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="unknown sampler"):
         main(["sample", "--random-init", "--out", str(tmp_path / "x"), "--sampler", "nope", "--device", "cpu"])
+
+
+def test_metrics_cli_saved_reference_statistics(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    ref = rng.integers(0, 256, size=(30, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "ref.npz", arr_0=ref)
+    stats = tmp_path / "stats.npz"
+    common = ["--evaluator", "offline", "--extractor", "random-conv", "--device", "cpu"]
+    main(["metrics", str(tmp_path / "ref.npz"), "--ref", str(tmp_path / "ref.npz"), "--save-ref-stats", str(stats),
+          *common])
+    out = tmp_path / "r.json"
+    main(["metrics", str(tmp_path / "ref.npz"), "--ref-stats", str(stats), "--json", str(out), *common])
+    assert json.loads(out.read_text())["fid"] == pytest.approx(0.0, abs=1e-6)
+    with np.load(stats) as data:
+        np.savez(tmp_path / "other.npz", mu=data["mu"], sigma=data["sigma"], evaluator=np.array("offline:other"))
+    with pytest.raises(SystemExit, match="statistics of"):  # statistics of another extractor are refused
+        main(["metrics", str(tmp_path / "ref.npz"), "--ref-stats", str(tmp_path / "other.npz"), *common])

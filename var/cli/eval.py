@@ -195,7 +195,6 @@ def _procedural_reference(count: int, size: int) -> np.ndarray:
 
 def run_metrics(args) -> int:
     from var.eval import metrics
-    from var.eval.export import load_images
     evaluator = args.evaluator
     if evaluator == "auto":
         try:
@@ -205,40 +204,49 @@ def run_metrics(args) -> int:
             evaluator = "offline"
     if not (args.ref or args.ref_stats) and evaluator == "offline":
         raise ConfigError("the offline evaluator needs --ref or --ref-stats")
-    samples = load_images(args.samples, limit=args.limit)
-    ref = None
-    if args.ref == "procedural":
-        ref = _procedural_reference(args.ref_count or len(samples), samples.shape[1])
-    elif args.ref:
-        ref = load_images(args.ref)
-
-    if evaluator == "torch-fidelity":
-        if args.ref_stats:
-            feats = metrics.inception_features(samples, weights_path=args.inception_weights, device=args.device)
-            name = "torch-fidelity inception-v3-compat pool3"
-            result = {"fid": metrics.fid_against_statistics(feats, args.ref_stats), "evaluator": name}
-        else:
-            with _as_folders(args.samples, samples, ref, args.ref) as (in1, in2):
-                result = metrics.fidelity_metrics(in1, in2, weights_path=args.inception_weights,
-                                                  cuda=args.device.startswith("cuda"))
+    folders_only = (evaluator == "torch-fidelity" and not args.ref_stats and args.limit is None
+                    and Path(args.samples).is_dir() and (args.ref is None or Path(args.ref).is_dir()))
+    if folders_only:  # torch-fidelity streams folders itself: do not load 50k images here
+        result = metrics.fidelity_metrics(args.samples, args.ref, weights_path=args.inception_weights,
+                                          cuda=args.device.startswith("cuda"))
     else:
-        from var.eval.features import extract_features, load_offline_extractor
-        ext = load_offline_extractor(args.extractor, device=args.device, classifier_dir=args.classifier_dir)
-        feats = extract_features(ext, samples)
-        if args.ref_stats:
-            result = {"fid": metrics.fid_against_statistics(feats, args.ref_stats, evaluator=f"offline:{ext.name}"),
-                      "evaluator": f"offline:{ext.name}"}
-        else:
-            ref_feats = extract_features(ext, ref)
-            result = metrics.offline_metrics(feats, ref_feats, extractor=ext)
-            if args.save_ref_stats:
-                metrics.save_reference_statistics(ref_feats, args.save_ref_stats, f"offline:{ext.name}")
+        result = _metrics_in_memory(args, evaluator)
     result["samples"] = str(args.samples)
     result["reference"] = str(args.ref_stats or args.ref)
     print(metrics.format_metrics(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
+
+
+def _metrics_in_memory(args, evaluator: str) -> dict:
+    """Metrics of arrays: ``.npz`` inputs, the procedural reference, statistics files, the offline evaluator."""
+    from var.eval import metrics
+    from var.eval.export import load_images
+    samples = load_images(args.samples, limit=args.limit)
+    ref = None
+    if args.ref == "procedural":
+        ref = _procedural_reference(args.ref_count or len(samples), samples.shape[1])
+    elif args.ref:
+        ref = load_images(args.ref)
+    if evaluator == "torch-fidelity":
+        if args.ref_stats:
+            feats = metrics.inception_features(samples, weights_path=args.inception_weights, device=args.device)
+            return {"fid": metrics.fid_against_statistics(feats, args.ref_stats),
+                    "evaluator": "torch-fidelity inception-v3-compat pool3"}
+        with _as_folders(args.samples, samples, ref, args.ref) as (in1, in2):
+            return metrics.fidelity_metrics(in1, in2, weights_path=args.inception_weights,
+                                            cuda=args.device.startswith("cuda"))
+    from var.eval.features import extract_features, load_offline_extractor
+    ext = load_offline_extractor(args.extractor, device=args.device, classifier_dir=args.classifier_dir)
+    name = f"offline:{ext.name}"
+    feats = extract_features(ext, samples)
+    if args.ref_stats:
+        return {"fid": metrics.fid_against_statistics(feats, args.ref_stats, evaluator=name), "evaluator": name}
+    ref_feats = extract_features(ext, ref)
+    if args.save_ref_stats:
+        metrics.save_reference_statistics(ref_feats, args.save_ref_stats, name)
+    return metrics.offline_metrics(feats, ref_feats, extractor=ext)
 
 
 @contextlib.contextmanager
