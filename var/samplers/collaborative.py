@@ -92,14 +92,14 @@ class DraftHandoff:
 
 
 class _BlockCausalPrefill:
-    """Wraps a cache for one multi-scale forward pass: every ``attend`` gets VAR's block-causal additive mask."""
+    """Wraps a cache for one multi-scale forward pass: every ``attend`` gets VAR's block-causal mask (boolean,
+    True = attend, so it is valid whatever dtype the cache computes attention in)."""
 
     def __init__(self, cache: KVCache, attn_bias_11LL: torch.Tensor):
-        self.cache, self.attn_bias_11LL = cache, attn_bias_11LL
+        self.cache, self.mask_11LL = cache, attn_bias_11LL == 0
 
     def attend(self, layer, q_BHlD, k_BHlD, v_BHlD, *, scale, attn_mask=None):
-        return self.cache.attend(layer, q_BHlD, k_BHlD, v_BHlD, scale=scale,
-                                 attn_mask=self.attn_bias_11LL.to(q_BHlD.dtype))
+        return self.cache.attend(layer, q_BHlD, k_BHlD, v_BHlD, scale=scale, attn_mask=self.mask_11LL)
 
     def advance(self, num_tokens: int) -> None:
         self.cache.advance(num_tokens)
