@@ -116,6 +116,15 @@ def _load_family(args, entry):
             raise ConfigError("this installation has no next-token model loader (var.hub.load_llamagen)")
         tok, model = loader(args.vq, args.gpt, device=args.device)
         return {"model": model, "vq": tok, "tok": tok}, str(args.gpt)
+    if "vq" in entry.required_components():  # next-token family
+        if not args.random_init:
+            raise ConfigError(f"sampler {entry.name} samples a next-token model: give --vq and --gpt "
+                              f"(or --random-init for a smoke test)")
+        from var.models import create
+        torch.manual_seed(args.seed)
+        vq, gpt = create("vq_tiny").eval().to(args.device), create("gpt_tiny").eval().to(args.device)
+        log.warning("sampling from RANDOM weights (gpt_tiny); images are noise")
+        return {"model": gpt, "vq": vq, "tok": vq}, "random-weight gpt_tiny"
     from var.cli.sample import load_models
     tok, model, desc = load_models(args)
     if entry.needs_pair:
@@ -166,13 +175,13 @@ def run_sample(args) -> int:
     num_classes = next(iter(components.values())).config.num_classes
     num_images = args.num_images or args.per_class * num_classes
     plan = SamplingPlan(num_images, num_classes, args.shard_size, args.seed)
-    record = {**settings, "cache": repr(cache) if cache is not None else "full", "dtype": args.dtype}
     from var.eval.discovery import probe_sampler
     sampler_settings = {k: v for k, v in settings.items() if k not in ("model", "sampler")}
     probe_sampler(entry, components, torch.tensor([0], device=args.device), device=args.device, cache=cache,
                   **sampler_settings)  # fail before any file is written; learn what a **kwargs sampler rejects
-    fn = make_sample_fn(entry, components, {k: v for k, v in settings.items() if k not in ("model", "sampler")},
-                        cache=cache, dtype=args.dtype, device=args.device)
+    record = {**settings, "cache": repr(cache) if cache is not None else "full", "dtype": args.dtype,
+              "not_taken_by_sampler": sorted(k for k in sampler_settings if not entry.accepts(k))}
+    fn = make_sample_fn(entry, components, sampler_settings, cache=cache, dtype=args.dtype, device=args.device)
     try:
         summary = generate_samples(fn, args.out, plan, record, env=env, device=args.device, pack=not args.no_pack)
     finally:
