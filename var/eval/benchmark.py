@@ -14,6 +14,8 @@ the VAR family also run with every discovered cache policy at each budget. Per r
 * ``fd``: Frechet distance on offline features (:mod:`var.eval.features`) to the setup's reference images --
   the real offline dataset for trained (bundled) models, else the reference sampler's images drawn with another
   seed (so the reference row shows the noise floor of the estimate);
+* ``kid``: kernel distance (unbiased MMD^2, cubic kernel) on the same features and reference: unlike ``fd`` it
+  has no small-sample bias, so its noise floor is ~0 even with few images (FD needs N >> feature dim);
 * ``token_agreement``: share of tokens equal to the reference sampler's with the same seed and batches (1.0 for
   exact-replay paths such as a 100 % cache budget; low for samplers that draw randomness differently even when
   they are exact in distribution -- judge those by ``fd``).
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import platform
 import re
 import time
@@ -260,7 +263,6 @@ def machine_description(device) -> str:
                     break
         except OSError:
             pass
-        import os
         hw = f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
     return f"{hw}; torch {torch.__version__}; Python {platform.python_version()}"
 
@@ -362,7 +364,7 @@ def run_benchmark(*, device="cpu", num_images: int = 64, batch: int = 16, repeat
     """Measure every (setup, sampler[, cache policy, budget]) row; returns the report dict (see module doc)."""
     from var.eval.discovery import discover_cache_policies, discover_samplers
     from var.eval.features import extract_features, load_offline_extractor
-    from var.eval.metrics import frechet_distance_features
+    from var.eval.metrics import frechet_distance_features, kernel_distance
     from var.utils.images import to_uint8_hwc
 
     found_samplers, found_policies = discover_samplers(), discover_cache_policies()
@@ -397,6 +399,7 @@ def run_benchmark(*, device="cpu", num_images: int = 64, batch: int = 16, repeat
                      "passes": run.passes, "images_per_s": len(labels) / run.seconds, "latency_s": latency,
                      "peak_mem_bytes": run.peak_mem, "cache_bytes": run.cache_bytes,
                      "fd": frechet_distance_features(feats, ref_feats),
+                     "kid": kernel_distance(feats, ref_feats, num_subsets=50, subset_size=min(len(feats), 1000))[0],
                      "token_agreement": agreement(run.tokens, ref_tokens),
                      "is_reference": entry.name == setup.reference and cache_name == "full"})
 
@@ -419,7 +422,11 @@ def run_benchmark(*, device="cpu", num_images: int = 64, batch: int = 16, repeat
     order = {s.name: i for i, s in enumerate(setups)}
     rows.sort(key=lambda r: (order.get(r["family"], 99), not r["is_reference"], r["sampler"], r["cache"] != "full",
                              r["cache"], -(r["budget"] or 0)))
-    return {"machine": machine_description(device), "device": str(device),
+    try:
+        load = "load average %.1f / %.1f / %.1f (1/5/15 min) at the end" % os.getloadavg()
+    except (OSError, AttributeError):
+        load = "load average unknown"
+    return {"machine": machine_description(device), "device": str(device), "load": load,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "settings": {"num_images": num_images, "batch": batch, "repeats": repeats, "timed_runs": timed_runs,
                          "budgets": list(budgets),

@@ -18,25 +18,33 @@ def _num(x, fmt="{:.3g}") -> str:
     return "–" if x is None else fmt.format(x)
 
 
+def _k(x):
+    return None if x is None else 1e3 * x
+
+
 def to_markdown(report: dict) -> str:
     s = report["settings"]
     lines = [f"# Sampler benchmark ({report['date']})", "",
-             f"Machine: **{report['machine']}**", "",
+             f"Machine: **{report['machine']}** ({report.get('load', 'load average unknown')}: other processes "
+             f"shared the machine when the load exceeds the core count; timings are best-of to resist that).", "",
              f"{s['num_images']} images per row at batch {s['batch']} (seed {s['seed']}; images/s best of "
              f"{s.get('timed_runs', 1)} runs); latency = fastest of {s['repeats']} batch-1 calls; passes = forward "
              f"passes per sampler call. Quality: `fd` = Frechet distance on the features of "
              f"**{report['evaluator']}** (not an Inception FID; compare rows of one family only) against the "
-             f"reference named below; `agree` = token agreement with the family's reference sampler for the same "
+             f"reference named below (FD is biased upward when images are few relative to the feature dimension); "
+             f"`kid` = kernel distance on the same features (unbiased: ~0 means indistinguishable); `agree` = "
+             f"token agreement with the family's reference sampler for the same "
              f"seed. Peak memory is {'CUDA peak allocation' if report['device'].startswith('cuda') else 'process peak RSS (includes Python and torch; compare rows)'}.",
              "",
              "| family | sampler | cache | budget | passes | images/s | latency (s) | peak mem (MiB) | KV cache (MiB) "
-             "| fd ↓ | agree |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| fd ↓ | kid×1e3 ↓ | agree |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         name = f"**{r['sampler']}**" if r.get("is_reference") else r["sampler"]
         lines.append(f"| {r['family']} | {name} | {r['cache']} | {_num(r['budget'], '{:.0%}')} | {r['passes']} | "
                      f"{r['images_per_s']:.1f} | {r['latency_s']:.4f} | {_mib(r['peak_mem_bytes'])} | "
-                     f"{_mib(r['cache_bytes'])} | {_num(r['fd'], '{:.3f}')} | {_num(r['token_agreement'], '{:.3f}')} |")
+                     f"{_mib(r['cache_bytes'])} | {_num(r['fd'], '{:.3f}')} | {_num(_k(r.get('kid')), '{:.2f}')} | "
+                     f"{_num(r['token_agreement'], '{:.3f}')} |")
     lines += ["", "References (bold rows are the reference samplers; their `fd` is the noise floor when the reference "
               "is the same sampler with another seed):", ""]
     lines += [f"- {fam}: {desc}" for fam, desc in report["references"].items()]
