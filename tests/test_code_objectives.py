@@ -87,3 +87,30 @@ def test_training_steps_reduce_both_losses(setup):
         first = first or (ld.item(), lr.item())
         last = (ld.item(), lr.item())
     assert last[0] < 0.7 * first[0] and last[1] < 0.7 * first[1]
+
+
+def test_trainer_adapters(setup):
+    from var.train.objectives_code import CoDeDrafterObjective, CoDeRefinerObjective
+    tok, batch = setup
+    tokens = batch["targets_BL"]
+    drafter = create("var_tiny", depth=3, width=96, num_heads=6).eval()
+    refiner = create("var_tiny").eval()
+    obj = CoDeDrafterObjective(tok, draft_steps=2, cond_drop_rate=0.0)
+    loss, metrics = obj(drafter, (tokens, batch["labels"]))
+    torch.testing.assert_close(loss, drafter_loss(drafter, batch, draft_steps=2))
+    assert metrics["ce_drafted"] == pytest.approx(loss.item())
+
+    obj = CoDeRefinerObjective(tok, drafter, draft_steps=2, decay_steps=4, cond_drop_rate=0.0)
+    loss0, m0 = obj(refiner, (tokens, batch["labels"]))
+    torch.testing.assert_close(loss0, refiner_distill_loss(refiner, drafter, batch, draft_steps=2, early_weight=1.0))
+    obj.after_step(1)
+    _, m2 = obj(refiner, (tokens, batch["labels"]))
+    assert (m0["early_weight"], m2["early_weight"]) == (1.0, 0.5)
+    state = obj.extra_state()
+    fresh = CoDeRefinerObjective(tok, drafter, draft_steps=2, decay_steps=4)
+    fresh.load_extra_state(state)
+    assert fresh.step == 2
+    dropped = CoDeDrafterObjective(tok, draft_steps=2, cond_drop_rate=1.0)
+    null_batch = dict(batch, labels=torch.full_like(batch["labels"], 10))
+    torch.testing.assert_close(dropped(drafter, (tokens, batch["labels"]))[0],
+                               drafter_loss(drafter, null_batch, draft_steps=2))

@@ -9,7 +9,9 @@
 
 A batch is a dict made by :func:`make_batch`: ``labels [B]`` (class dropout already applied by the trainer),
 ``x_BLCv_wo_first [B, L-1, Cvae]`` (the tokenizer's teacher-forcing inputs) and ``targets_BL [B, L]``.
-Both losses are means over the ``B * L`` (or ``B * L_N``) tokens.
+Both losses are means over the ``B * L`` (or ``B * L_N``) tokens. :class:`CoDeDrafterObjective` and
+:class:`CoDeRefinerObjective` wrap them for :mod:`var.train.trainer` (batch ``(images | tokens, labels)``, class
+dropout, the early-weight decay driven by ``after_step``).
 """
 from __future__ import annotations
 
@@ -86,3 +88,63 @@ def refiner_distill_loss(refiner, teacher, batch: dict, *, draft_steps: int, ear
     if draft_steps > 0:
         weights_L[:_num_tokens(refiner, draft_steps)] = early_weight
     return (kl_BL * weights_L).mean()
+
+
+# ---- adapters for var.train.trainer (``loss, metrics = objective(model, batch)``) ----------------------------------
+from var.train.objectives import Objective, drop_labels, split_scales, unwrap  # noqa: E402
+
+
+class _CoDeObjective(Objective):
+    """Shared batch handling: ``batch = (images [B, 3, S, S] | tokens [B, L] int64, labels [B])`` like
+    :class:`var.train.objectives.VARObjective`, with class dropout for CFG from the objective's generator."""
+
+    def __init__(self, tokenizer, *, draft_steps: int, cond_drop_rate: float | None = None, seed: int = 0):
+        super().__init__(seed)
+        self.tokenizer = tokenizer.eval().requires_grad_(False)
+        self.draft_steps, self.cond_drop_rate = draft_steps, cond_drop_rate
+
+    def batch_dict(self, model, batch) -> dict:
+        inputs, labels = batch
+        core = unwrap(model)
+        with torch.no_grad():
+            idx_list = (split_scales(inputs, self.tokenizer.patch_nums) if inputs.dtype == torch.long
+                        else self.tokenizer.encode(inputs))
+        rate = core.config.cond_drop_rate if self.cond_drop_rate is None else self.cond_drop_rate
+        return make_batch(self.tokenizer, drop_labels(labels, rate, core.null_class, self.generator), idx_list)
+
+
+class CoDeDrafterObjective(_CoDeObjective):
+    """Trainer objective for the drafter: :func:`drafter_loss` on the first ``draft_steps`` scales."""
+
+    def forward(self, model, batch):
+        loss = drafter_loss(unwrap(model), self.batch_dict(model, batch), draft_steps=self.draft_steps)
+        return loss, {"ce_drafted": loss.item()}
+
+
+class CoDeRefinerObjective(_CoDeObjective):
+    """Trainer objective for the refiner: :func:`refiner_distill_loss` from a frozen ``teacher`` VAR, with the
+    early-scale weight decaying linearly from 1 to 0 over ``decay_steps`` optimizer steps (``after_step``)."""
+
+    def __init__(self, tokenizer, teacher, *, draft_steps: int, decay_steps: int, direction: str = "reverse",
+                 cond_drop_rate: float | None = None, seed: int = 0):
+        super().__init__(tokenizer, draft_steps=draft_steps, cond_drop_rate=cond_drop_rate, seed=seed)
+        linear_decay(0, decay_steps)  # validates decay_steps
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.decay_steps, self.direction, self.step = decay_steps, direction, 0
+
+    def forward(self, model, batch):
+        weight = linear_decay(self.step, self.decay_steps)
+        loss = refiner_distill_loss(unwrap(model), self.teacher, self.batch_dict(model, batch),
+                                    draft_steps=self.draft_steps, early_weight=weight, direction=self.direction)
+        return loss, {"kl": loss.item(), "early_weight": weight}
+
+    def after_step(self, step: int) -> dict:
+        self.step = step + 1
+        return {}
+
+    def extra_state(self) -> dict:
+        return {**super().extra_state(), "step": self.step}
+
+    def load_extra_state(self, state: dict) -> None:
+        super().load_extra_state(state)
+        self.step = state.get("step", 0)
