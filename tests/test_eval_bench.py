@@ -8,7 +8,7 @@ import torch
 from var.errors import ConfigError
 from var.eval import discovery
 from var.eval.benchmark import run_benchmark
-from var.eval.report import to_markdown, write_report
+from var.eval.report import write_report
 
 
 @pytest.fixture(scope="module")

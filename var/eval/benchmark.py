@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from var.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -114,17 +113,10 @@ def build_setups(device="cpu", *, models: tuple[str, ...] = (), seed: int = 0) -
                      _num_classes(nar), kind="nar")
 
     def ctf_tiny():
-        from var.models.ctf import kmeans_codebook
         torch.manual_seed(seed)
         vq, s1, s2 = create("vq_tiny").eval(), create("ctf_stage1_tiny").eval(), create("ctf_stage2_tiny").eval()
-        codebook = _codebook(vq)
-        cluster_of_V = kmeans_codebook(codebook, s2.config.num_coarse, generator=torch.Generator().manual_seed(seed)) \
-            if "generator" in kmeans_codebook.__code__.co_varnames else kmeans_codebook(codebook, s2.config.num_coarse)
-        if isinstance(cluster_of_V, tuple):
-            cluster_of_V = cluster_of_V[0]
-        return Setup("ctf_tiny (random)", {"stage1": s1, "stage2": s2, "vq": vq, "tok": vq,
-                                           "cluster_of_V": cluster_of_V}, "coarse_to_fine", False, dict(AR_SETTINGS),
-                     _num_classes(s1), kind="ctf")
+        return Setup("ctf_tiny (random)", {"stage1": s1, "stage2": s2, "vq": vq, "tok": vq}, "coarse_to_fine",
+                     False, dict(AR_SETTINGS), _num_classes(s1), kind="ctf")
 
     for name, fn in (("var_tiny", var_tiny), ("var pair", var_pair), ("gpt_tiny", gpt_tiny),
                      ("nar_tiny", nar_tiny), ("ctf_tiny", ctf_tiny)):
@@ -142,16 +134,6 @@ def build_setups(device="cpu", *, models: tuple[str, ...] = (), seed: int = 0) -
         if s is not None:
             setups.append(s)
     return [s.to(device) for s in setups]
-
-
-def _codebook(vq) -> torch.Tensor:
-    for path in ("quantize.embedding.weight", "quantizer.embedding.weight", "codebook.weight", "embedding.weight"):
-        obj = vq
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-        if isinstance(obj, torch.Tensor):
-            return obj.detach()
-    raise ConfigError("cannot find the VQ codebook")
 
 
 def _bundled_var() -> Setup | None:
