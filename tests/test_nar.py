@@ -142,3 +142,11 @@ def test_training_reduces_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_trains_with_the_generic_ar_objective(model):
+    """NAR's forward returns per-target logits aligned with the tokens, so the trainer's ARObjective applies."""
+    from var.train.objectives import ARObjective
+    labels, idx = torch.tensor([1, 2]), torch.randint(0, 64, (2, 16))
+    loss, _ = ARObjective(create("vq_tiny"), cond_drop_rate=0.0)(model, (idx, labels))
+    torch.testing.assert_close(loss, nar_loss(model, labels, idx))
