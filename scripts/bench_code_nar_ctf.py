@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -167,7 +166,6 @@ def bench_nar_ctf(size, device, repeats, gen_seed) -> list[dict]:
     out, sec, peak = timed(lambda: sample_next_token(gpt, None, labels, cfg=2.0, generator=gen(), decode=False),
                            repeats, device)
     rows.append(row("AR next-token (plain GPT)", out, sec, B, peak, param_bytes(gpt), gpt_nll(gpt, labels, out.tokens)))
-    del gpt
 
     nar = randomized(NAR(GPTConfig(**c)))
     out, sec, peak = timed(lambda: sample_nar(nar, None, labels, cfg=2.0, generator=gen(), decode=False),
@@ -175,7 +173,6 @@ def bench_nar_ctf(size, device, repeats, gen_seed) -> list[dict]:
     with torch.no_grad():
         proxy = F.cross_entropy(nar(labels, out.tokens).float().flatten(0, 1), out.tokens.flatten()).item()
     rows.append(row("NAR neighbouring (2n-1 passes)", out, sec, B, peak, param_bytes(nar), proxy))
-    del nar
 
     K = size["coarse"]
     stage1 = randomized(create("ctf_stage1_tiny", **{**c, "vocab_size": K}))

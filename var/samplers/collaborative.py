@@ -228,16 +228,14 @@ def refine(refiner, tok, labels_B, handoff: DraftHandoff, sched: ScaleSchedule, 
     f_hat, tokens = handoff.f_hat_BChw, list(handoff.tokens)
     logits, passes = _refiner_prefill(refiner, cond_BD, handoff, kv_cache, mode, guided)
     for si in range(start, num_scales):
-        if si > start:
-            logits = refiner.forward_scale(x_BlC, cond_BD, kv_cache)
-            passes += 1
         if stats is not None:
             stats.extra["refiner_peak_kv_cache_bytes"] = max(stats.extra.get("refiner_peak_kv_cache_bytes", 0),
                                                              kv_cache.nbytes())
         idx, f_hat, next_BlCv = _sample_scale(logits, si, B, sched, tok, f_hat, generator, more_smooth)
         tokens.append(idx)
         if si + 1 < num_scales:
-            x_BlC = _embed_input(refiner, si + 1, next_BlCv, guided)
+            logits = refiner.forward_scale(_embed_input(refiner, si + 1, next_BlCv, guided), cond_BD, kv_cache)
+            passes += 1
     if stats is not None:
         stats.forward_passes += passes
         stats.extra.update(prefill=mode, refiner_passes=passes, prefill_tokens=sum(
