@@ -198,3 +198,12 @@ def test_compressed_cache_policies(models):
     small = sample_collaborative(drafter, refiner, tok, LABELS, draft_steps=2, generator=gen(), decode=False,
                                  cache=policies.SnapKV(0.3, backend="torch"), **KNOBS)
     assert small.stats.extra["refiner_peak_kv_cache_bytes"] < same.stats.extra["refiner_peak_kv_cache_bytes"]
+
+
+def test_more_smooth_matches_plain_sampler(models):
+    drafter, refiner, tok = models
+    ref = sample_next_scale(refiner, tok, LABELS, generator=gen(), more_smooth=True, **KNOBS)
+    out = sample_collaborative(drafter, refiner, tok, LABELS, draft_steps=0, generator=gen(), more_smooth=True,
+                               **KNOBS)
+    assert same_tokens(out.tokens, ref.tokens)
+    torch.testing.assert_close(out.images, ref.images)
