@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.0)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per setting (same seed); the fastest counts")
     p.add_argument("--only", nargs="*", help="run only the settings whose label starts with one of these")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/ar_samplers_<model>_<device>.json)")
@@ -124,14 +125,18 @@ def run_setting(gpt, vq, labels, sampler, knobs, args):
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     for start in range(0, len(labels), args.batch_size):
         batch = labels[start:start + args.batch_size]
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = sample_ar(sampler, gpt, vq, batch, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
-                        temperature=args.temperature, generator=gen, decode=vq is not None, **knobs)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        elapsed += time.perf_counter() - t0
+        state, best = gen.get_state(), float("inf")
+        for _ in range(max(args.repeats, 1)):  # identical draws each time: only the timing differs
+            gen.set_state(state)
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = sample_ar(sampler, gpt, vq, batch, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+                            temperature=args.temperature, generator=gen, decode=vq is not None, **knobs)
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        elapsed += best
         passes += out.stats.forward_passes
         tokens.append(out.tokens)
         nll.append(token_nll(gpt, batch, out.tokens, args) * len(batch))
@@ -182,7 +187,7 @@ def main(argv=None) -> int:
                  res["forward_passes_per_batch"], res["tokens_per_pass"], res["images_per_s"], res["nll"])
     meta = {"model": desc, "trained_weights": trained, "machine": machine(), "device": args.device,
             "torch": torch.__version__, "grid": gpt.config.grid_size, "vocab": gpt.vocab_size,
-            "num_images": args.num_images, "batch_size": args.batch_size, "cfg": args.cfg, "top_k": args.top_k,
+            "num_images": args.num_images, "batch_size": args.batch_size, "repeats": args.repeats, "cfg": args.cfg, "top_k": args.top_k,
             "top_p": args.top_p, "temperature": args.temperature, "seed": args.seed,
             "note": None if trained else "random weights: acceptance rates and speed-ups are meaningless"}
     print(f"\n{desc} on {meta['machine']} ({args.num_images} images, batch {args.batch_size}, cfg {args.cfg}, "

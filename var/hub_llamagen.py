@@ -41,7 +41,7 @@ def read_llamagen_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
     except Exception as e:  # corrupt, truncated, or pickles something outside the allow-list
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
     if isinstance(obj, dict):
-        for key in ("ema", "model", "state_dict"):
+        for key in ("model", "module", "state_dict", "ema"):  # LlamaGen's own order ("model" for DDP files)
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
