@@ -26,7 +26,7 @@ import torch
 from var.hub_llamagen import bundled_ar_dir, load_llamagen
 from var.models import create
 from var.samplers.logits import processed_logits
-from var.samplers.next_token import sample_ar
+from var.samplers.next_token import run_ar_sampler
 
 log = logging.getLogger("bench_samplers")
 
@@ -131,8 +131,8 @@ def run_setting(gpt, vq, labels, sampler, knobs, args):
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            out = sample_ar(sampler, gpt, vq, batch, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
-                            temperature=args.temperature, generator=gen, decode=vq is not None, **knobs)
+            out = run_ar_sampler(sampler, gpt, vq, batch, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+                                 temperature=args.temperature, generator=gen, decode=vq is not None, **knobs)
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             best = min(best, time.perf_counter() - t0)
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(args.seed)
     labels = torch.randint(0, gpt.config.num_classes, (args.num_images,), generator=g).to(args.device)
     results, base = {}, None
-    sample_ar("next_token", gpt, vq, labels[:args.batch_size], cfg=args.cfg, decode=vq is not None)  # warm-up
+    run_ar_sampler("next_token", gpt, vq, labels[:args.batch_size], cfg=args.cfg, decode=vq is not None)  # warm-up
     for label, sampler, knobs in SETTINGS:
         if args.only and not any(label.startswith(o) for o in args.only):
             continue

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     resolve_family_defaults(args)
     from var.samplers import sample_next_scale
-    from var.samplers.next_token import sample_ar
+    from var.samplers.next_token import run_ar_sampler
     from var.utils.images import save_image_grid, save_images
 
     tok, model, desc = load_ar_models(args) if args.family == "ar" else load_models(args)
@@ -149,10 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         batch = labels[start:start + args.batch_size].to(args.device)
         with autocast:
             if args.family == "ar":
-                out = sample_ar(args.sampler, model, tok, batch, window=args.window, init=args.init,
-                                coupling=args.coupling, lantern_k=args.lantern_k, lantern_delta=args.lantern_delta,
-                                gsd_group=args.gsd_group, zipar_window=args.zipar_window, cfg=args.cfg,
-                                top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, generator=gen)
+                out = run_ar_sampler(args.sampler, model, tok, batch, window=args.window, init=args.init,
+                                     coupling=args.coupling, lantern_k=args.lantern_k,
+                                     lantern_delta=args.lantern_delta, gsd_group=args.gsd_group,
+                                     zipar_window=args.zipar_window, cfg=args.cfg, top_k=args.top_k,
+                                     top_p=args.top_p, temperature=args.temperature, generator=gen)
             else:
                 out = sample_next_scale(model, tok, batch, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
                                         temperature=args.temperature, more_smooth=args.more_smooth, generator=gen)

@@ -119,7 +119,7 @@ def sample_next_token(model, vq, labels_B, *, cfg: float = 2.0, top_k: int = 0, 
 AR_SAMPLERS = ("next_token", "sjd", "mcsjd", "lantern", "gsd", "zipar")
 
 
-def sample_ar(sampler: str, model, vq, labels_B, *, window: int = 16, init: str = "random",
+def run_ar_sampler(sampler: str, model, vq, labels_B, *, window: int = 16, init: str = "random",
               coupling: str = "maximal", lantern_k: int = 1000, lantern_delta: float = 0.1, gsd_group: int = 10,
               zipar_window: int = 8, **common):
     """Run the next-token-family sampler named ``sampler`` (one of :data:`AR_SAMPLERS`) with its knobs;
