@@ -187,8 +187,8 @@ def main(argv=None) -> int:
                  res["forward_passes_per_batch"], res["tokens_per_pass"], res["images_per_s"], res["nll"])
     meta = {"model": desc, "trained_weights": trained, "machine": machine(), "device": args.device,
             "torch": torch.__version__, "grid": gpt.config.grid_size, "vocab": gpt.vocab_size,
-            "num_images": args.num_images, "batch_size": args.batch_size, "repeats": args.repeats, "cfg": args.cfg, "top_k": args.top_k,
-            "top_p": args.top_p, "temperature": args.temperature, "seed": args.seed,
+            "num_images": args.num_images, "batch_size": args.batch_size, "repeats": args.repeats, "cfg": args.cfg,
+            "top_k": args.top_k, "top_p": args.top_p, "temperature": args.temperature, "seed": args.seed,
             "note": None if trained else "random weights: acceptance rates and speed-ups are meaningless"}
     print(f"\n{desc} on {meta['machine']} ({args.num_images} images, batch {args.batch_size}, cfg {args.cfg}, "
           f"top-k {args.top_k}){'' if trained else '  -- RANDOM WEIGHTS: acceptance is meaningless'}\n")

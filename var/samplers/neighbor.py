@@ -77,7 +77,7 @@ def sample_zipar(model, vq, labels_B, *, window: int = 8, cfg: float = 2.0, top_
                     fed_last[r - 1] = True
                 else:
                     placeholder[r] = len(slot_pos) + len(inputs) - 1
-        S, l = len(slot_pos), len(inputs)
+        l = len(inputs)
         slot_pos += positions
         slot_live += [True] * l
         key_pos = torch.tensor(slot_pos, device=device)
