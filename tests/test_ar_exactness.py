@@ -124,3 +124,12 @@ def test_greedy_sjd_equals_greedy_next_token():
         out = sample_sjd(gpt, None, labels, cfg=3.0, top_k=1, generator=torch.Generator().manual_seed(1), **kwargs)
         assert torch.equal(out.tokens, ref.tokens), kwargs
         assert out.stats.tokens == 36 and out.stats.forward_passes <= 36
+
+
+def test_mixed_labels_in_one_batch_each_follow_their_class(model):
+    """Rows of different classes (different accepted lengths and targets) share passes and the K/V cache."""
+    labels = torch.tensor([0, 2] * 2000)
+    out = sample_sjd(model, None, labels, generator=torch.Generator().manual_seed(7), window=3, **SETTINGS)
+    for label in (0, 2):
+        exact = exact_distribution(model, label, **SETTINGS)
+        assert chi_square_pvalue(out.tokens[labels == label], exact) > ALPHA
