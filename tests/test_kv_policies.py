@@ -45,6 +45,16 @@ def test_full_budget_reproduces_full_cache_tokens(models, profile, name, cfg):
     assert 0 < ours.stats.peak_kv_cache_bytes
 
 
+def test_full_budget_on_the_unmodified_tiny_presets():
+    torch.manual_seed(0)
+    models = (create("var_tiny").eval(), create("msvq_tiny").eval())
+    full = _sample(models, None, 1.5)
+    for policy in (ScaleKV(budget=1.0, backend="torch"), HACK(budget=1.0, backend="torch"),
+                   H2O(budget=1.0, backend="torch")):
+        ours = _sample(models, policy, 1.5)
+        assert all(torch.equal(a, b) for a, b in zip(full.tokens, ours.tokens))
+
+
 def test_compression_changes_outputs_and_bounds_the_cache(models, profile):
     """Sanity for the fixture: at 10% the tokens change, and the stored cache is within the budget."""
     model, tok = models
