@@ -76,14 +76,14 @@ def test_out_of_range_budget_raises_naming_the_value(name, bad):
     assert repr(bad) in str(err.value)
 
 
-def _cache_after(models, policy, scales=3, cfg=1.5):
-    """Run the first ``scales`` scales of the sampler's forward passes and return the cache (scales < 4 are
-    stored)."""
+def _cache_after(models, policy, scales=3, cache=None):
+    """Run the first ``scales`` scales of the sampler's forward passes (random scale inputs, CFG rows) and return
+    the cache (scales < 4 are stored)."""
     model, tok = models
     g = torch.Generator().manual_seed(2)
     labels = torch.tensor([1, 2])
     cond = model.class_condition(torch.cat((labels, torch.full_like(labels, model.null_class))))
-    cache = policy.new_cache(model, 4)
+    cache = cache or policy.new_cache(model, 4)
     x = model.first_scale_input(cond)
     with torch.no_grad():
         for si in range(scales):
@@ -213,3 +213,25 @@ def test_triton_backend_inside_the_model_matches_torch(models, profile):
     with torch.no_grad():
         a, b = (model.forward_scale(x, cond, c) for c in caches)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+class _AlwaysSelect:
+    """Forwards to a policy but has no ``wants_selection``: the cache then asks ``select`` at every scale."""
+
+    def __init__(self, policy):
+        self.policy, self.tracks_scores = policy, policy.tracks_scores
+
+    def select(self, ctx):
+        return self.policy.select(ctx)
+
+
+@pytest.mark.parametrize("name", ["scalekv", "hack", "snapkv", "streamingllm"])
+def test_cheap_precheck_agrees_with_select(models, profile, name):
+    kwargs = {"profile": profile} if name in ("scalekv", "hack") else {}
+    policy = POLICIES[name](budget=0.5, backend="torch", **kwargs)
+    fast = _cache_after(models, policy)
+    slow = _cache_after(models, None, cache=CompressedKVCache(
+        2, 4, 2, 32, capacity=30, policy=_AlwaysSelect(policy), patch_nums=(1, 2, 3, 4), backend="torch"))
+    for layer in range(2):
+        assert torch.equal(fast.pos_pool[layer], slow.pos_pool[layer])
+        assert torch.equal(fast.k_pool[layer], slow.k_pool[layer])
