@@ -136,3 +136,16 @@ def test_training_reduces_both_losses():
     assert last[0] < 0.8 * first[0] and last[1] < 0.8 * first[1]
     constrained = stage2_loss(stage2, labels, fine, constrained=True)
     assert constrained < stage2_loss(stage2, labels, fine)  # fewer competitors in the softmax
+
+
+def test_stage2_builds_on_meta_and_reloads(models):
+    """hub-style loading: build on the meta device, assign the saved tensors (cluster_of included), same output."""
+    _, stage2, _ = models
+    with torch.device("meta"):
+        clone = create("ctf_stage2_tiny")
+    clone.load_state_dict(stage2.state_dict(), assign=True)
+    clone.eval()
+    labels, coarse = torch.tensor([3]), torch.randint(0, K, (1, 16))
+    assert torch.equal(clone.cluster_of, stage2.cluster_of)
+    with torch.no_grad():
+        torch.testing.assert_close(clone(labels, coarse), stage2(labels, coarse))

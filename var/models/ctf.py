@@ -114,8 +114,7 @@ class CTFStage2(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         # coarse label of every fine code (set from k-means with set_clusters; saved with the weights)
         self.register_buffer("cluster_of", torch.arange(config.vocab_size) % config.num_coarse)
-        self.register_buffer("rope_table", rope_2d_table(config.grid_size, config.head_dim, config.rope_base,
-                                                         self.prefix_len), persistent=False)
+        self._rope: dict = {}  # (cos, sin) table per device, built lazily (works for meta-device construction)
         self.init_weights()
 
     @property
@@ -144,6 +143,12 @@ class CTFStage2(nn.Module):
                 labels_B.numel() and (labels_B.min() < 0 or labels_B.max() > self.null_class)):
             raise ClassIdError(f"labels must be a 1-D integer tensor in [0, {self.null_class}]")
 
+    def _rope_table(self, device) -> torch.Tensor:
+        if device not in self._rope:
+            c = self.config
+            self._rope[device] = rope_2d_table(c.grid_size, c.head_dim, c.rope_base, self.prefix_len).to(device)
+        return self._rope[device]
+
     def forward(self, labels_B: torch.Tensor, coarse_BN: torch.Tensor) -> torch.Tensor:
         """``labels [B]``, coarse labels ``[B, grid^2]`` (raster) -> fine logits ``[B, grid^2, V]`` (fp32)."""
         coarse_BN = coarse_BN.reshape(coarse_BN.shape[0], -1)
@@ -153,7 +158,7 @@ class CTFStage2(nn.Module):
         h = self.tok_dropout(h)
         L = h.shape[1]
         full = torch.ones(L, L, dtype=torch.bool, device=h.device)
-        cos_sin = self.rope_table[:L]
+        cos_sin = self._rope_table(h.device)[:L]
         for i, layer in enumerate(self.layers):
             h = layer(h, cos_sin, i, None, full)
         return self.output(self.norm(h[:, self.prefix_len:])).float()
@@ -165,9 +170,10 @@ class CTFStage2(nn.Module):
     def init_weights(self) -> None:
         """LlamaGen's init: N(0, 0.02) for linear and embedding weights, zero output head."""
         for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
+            if isinstance(m, (nn.Linear, nn.Embedding)) and not m.weight.is_meta:
                 nn.init.normal_(m.weight, 0.0, self.config.initializer_range)
-        nn.init.zeros_(self.output.weight)
+        if not self.output.weight.is_meta:
+            nn.init.zeros_(self.output.weight)
 
 
 # ---- losses -------------------------------------------------------------------------------------------------------
