@@ -151,25 +151,27 @@ def arithmetic_table(budgets) -> list[dict]:
     return rows
 
 
-def gpu_kernel_table() -> list[dict]:
-    """Triton ragged attention vs SDPA on the gathered dense tensors (CUDA only)."""
+def gpu_kernel_table(device="cuda", configs=((16, 16, 256, (424, 212, 42)), (30, 16, 256, (424, 212, 42))),
+                     dtype=torch.bfloat16, iters=20) -> list[dict]:
+    """Triton ragged attention vs SDPA on the gathered dense tensors (CUDA; ``device="cpu"`` only under
+    TRITON_INTERPRET=1 as a smoke check). Per-head prefix lengths are drawn in ``[kept/4, 7*kept/4]``."""
     import torch.nn.functional as F
 
     from var.kernels.ragged_attention import gather_prefix, ragged_attention
 
     rows = []
-    dev = torch.device("cuda")
-    for depth, batch in ((16, 16), (30, 16)):
-        H, D, n = depth, 64, 256
+    dev = torch.device(device)
+    for depth, batch, n, kept_list in configs:
+        H, D = depth, 64
         seqs = 2 * batch
-        for kept in (424, 212, 42):
+        for kept in kept_list:
             g = torch.Generator(device=dev).manual_seed(0)
             lens = torch.randint(max(1, kept // 4), kept * 7 // 4 + 1, (seqs * H,), generator=g, device=dev)
             lens = lens.to(torch.int32)
             start = (torch.cumsum(lens, 0) - lens).to(torch.int32)
             T = int(lens.sum())
-            q, k, v = (torch.randn(seqs, H, n, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
-            kp, vp = (torch.randn(T, D, device=dev, dtype=torch.bfloat16) for _ in range(2))
+            q, k, v = (torch.randn(seqs, H, n, D, device=dev, dtype=dtype) for _ in range(3))
+            kp, vp = (torch.randn(T, D, device=dev, dtype=dtype) for _ in range(2))
 
             def triton_fn():
                 return ragged_attention(q, kp, vp, start, lens, k, v, scale=1.0, backend="triton")
@@ -185,13 +187,14 @@ def gpu_kernel_table() -> list[dict]:
             for label, fn in (("triton_ms", triton_fn), ("gather_sdpa_ms", sdpa_fn)):
                 for _ in range(3):
                     fn()
-                torch.cuda.synchronize()
+                sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+                sync()
                 t0 = time.perf_counter()
-                for _ in range(20):
+                for _ in range(iters):
                     fn()
-                torch.cuda.synchronize()
-                times[label] = (time.perf_counter() - t0) / 20 * 1e3
-            rows.append({"shape": f"d{depth}: {seqs} seqs x {H} heads, n=256, mean kept {kept}", **times,
+                sync()
+                times[label] = (time.perf_counter() - t0) / iters * 1e3
+            rows.append({"shape": f"d{depth}: {seqs} seqs x {H} heads, n={n}, mean kept {kept}", **times,
                          "max_abs_diff": err})
     return rows
 
