@@ -235,3 +235,34 @@ def test_cheap_precheck_agrees_with_select(models, profile, name):
     for layer in range(2):
         assert torch.equal(fast.pos_pool[layer], slow.pos_pool[layer])
         assert torch.equal(fast.k_pool[layer], slow.k_pool[layer])
+
+
+def test_hack_merge_averages_evicted_into_most_similar_kept():
+    from var.kernels.policies.hack import merge_evicted
+
+    k = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9], [0.8, 0.0]]).view(1, 1, 5, 2)
+    v = torch.arange(10.0).view(1, 1, 5, 2)
+    keep = torch.tensor([True, True, False, False, False]).view(1, 1, 5)
+    evict = torch.tensor([False, False, True, True, False]).view(1, 1, 5)  # candidate 4 is not merged
+    k2, v2 = merge_evicted(k, v, keep, evict)
+    torch.testing.assert_close(k2[0, 0, 0], (k[0, 0, 0] + k[0, 0, 2]) / 2)
+    torch.testing.assert_close(k2[0, 0, 1], (k[0, 0, 1] + k[0, 0, 3]) / 2)
+    torch.testing.assert_close(v2[0, 0, 0], (v[0, 0, 0] + v[0, 0, 2]) / 2)
+    torch.testing.assert_close(v2[0, 0, 1], (v[0, 0, 1] + v[0, 0, 3]) / 2)
+
+
+def test_hack_merge_in_the_sampler(models, profile):
+    """Merging only touches contextual heads at the last stored compression; 100% stays exact."""
+    full = _sample(models, None)
+    same = _sample(models, HACK(budget=1.0, profile=profile, merge=True, backend="torch"))
+    assert all(torch.equal(a, b) for a, b in zip(full.tokens, same.tokens))
+    policy = HACK(budget=0.5, profile=profile, merge=True, backend="torch")
+    plain = _cache_after(models, HACK(budget=0.5, profile=profile, backend="torch"))
+    merged = _cache_after(models, policy)  # scale 2 is the last stored one for 4 scales
+    for layer in range(2):
+        assert torch.equal(plain.pos_pool[layer], merged.pos_pool[layer])
+        changed = (plain.k_pool[layer] != merged.k_pool[layer]).any(-1)
+        head = torch.repeat_interleave(torch.arange(8), plain.seg_len[layer].long()) % 2
+        assert not changed[~policy.contextual[layer][head]].any()     # structural heads untouched
+        if policy.contextual[layer].any():
+            assert changed.any()

@@ -30,11 +30,14 @@ from var.kernels.ragged_attention import gather_prefix, ragged_attention
 
 @dataclass
 class Selection:
-    """A policy's decision for one layer: ``keep [B, H, P]`` over the candidates, and optionally the new
-    accumulated scores ``[B, H, P]`` of every candidate (carried along for the kept ones)."""
+    """A policy's decision for one layer: ``keep [B, H, P]`` over the candidates, optionally the new accumulated
+    scores ``[B, H, P]`` of every candidate (carried along for the kept ones) and replacement K/V values
+    ``[B, H, P, D]`` of the candidates (merging policies; only the kept entries are read)."""
 
     keep_BHP: torch.Tensor
     scores_BHP: torch.Tensor | None = None
+    k_BHPD: torch.Tensor | None = None
+    v_BHPD: torch.Tensor | None = None
 
 
 @dataclass
@@ -55,7 +58,14 @@ class SelectionContext:
     max_prefix: int
     acc_scores_BHP: torch.Tensor | None = None
     patch_nums: Sequence[int] | None = None
+    v_pre_BHPD: torch.Tensor | None = field(default=None, repr=False)
+    v_cur_BHnD: torch.Tensor | None = field(default=None, repr=False)
     _scale_index: int | None = field(default=None, repr=False)
+
+    @property
+    def v_cand_BHPD(self) -> torch.Tensor:
+        """Values of the candidates ``[B, H, P, D]`` (built on demand: only merging policies need them)."""
+        return torch.cat((self.v_pre_BHPD.to(self.v_cur_BHnD.dtype), self.v_cur_BHnD), dim=2)
 
     @property
     def is_current_BHP(self) -> torch.Tensor:
@@ -199,7 +209,7 @@ class CompressedKVCache:
             pos, valid = self._padded_prefix_meta(layer)
             keep = valid & (pos < length)
             if bool(keep.sum() != valid.sum()):
-                self._compact(layer, keep, None, pos.shape[-1], None, None, None, None)
+                self._compact(layer, Selection(keep), pos.shape[-1], None, None, None, None)
         self.length = length
         self._stored_until = self.capacity
 
@@ -217,9 +227,9 @@ class CompressedKVCache:
         pos = torch.where(valid, pos, -1)
         return pos.view(B, H, max_len), valid.view(B, H, max_len)
 
-    def _context(self, layer, q, k_new, start, scale) -> SelectionContext:
+    def _context(self, layer, q, k_new, v_new, start, scale) -> SelectionContext:
         B, H, n, D = q.shape
-        k_pre, _, valid_pre = gather_prefix(self.k_pool[layer], self.v_pool[layer], self.seg_start[layer],
+        k_pre, v_pre, valid_pre = gather_prefix(self.k_pool[layer], self.v_pool[layer], self.seg_start[layer],
                                             self.seg_len[layer], B, H, uniform_len=self._uniform[layer])
         P0 = k_pre.shape[2]
         if valid_pre is None:
@@ -238,7 +248,7 @@ class CompressedKVCache:
             k_cand_BHPD=torch.cat((k_pre.to(k_new.dtype), k_new), dim=2),
             valid_BHP=torch.cat((valid_pre, valid_pre.new_ones(B, H, n)), dim=2),
             pos_BHP=torch.cat((pos_pre, pos_cur), dim=2), max_prefix=P0, acc_scores_BHP=acc,
-            patch_nums=self.patch_nums)
+            patch_nums=self.patch_nums, v_pre_BHPD=v_pre, v_cur_BHnD=v_new)
 
     def _merge(self, layer, q, k_new, v_new, start, scale) -> None:
         B, H, n, D = q.shape
@@ -248,7 +258,7 @@ class CompressedKVCache:
             max_key_len = (uniform if uniform is not None else int(self.seg_len[layer].max())) + n
             wants = getattr(self.policy, "wants_selection", None)
             if wants is None or wants(layer, start, n, max_key_len):
-                selection = self.policy.select(self._context(layer, q, k_new, start, scale))
+                selection = self.policy.select(self._context(layer, q, k_new, v_new, start, scale))
         if selection is None and uniform is not None and not self.tracks_scores:
             # keep everything and the layout stays rectangular: concatenate per head
             def cat(pool, new):
@@ -264,14 +274,13 @@ class CompressedKVCache:
             return
         max_prefix = int(self.seg_len[layer].max()) if self.seg_len[layer].numel() else 0
         if selection is None:
-            keep = torch.ones(B, H, max_prefix + n, dtype=torch.bool, device=self.device)
-            scores = None
+            selection = Selection(torch.ones(B, H, max_prefix + n, dtype=torch.bool, device=self.device))
         else:
-            keep, scores = selection.keep_BHP, selection.scores_BHP
             self.selections += 1
-        self._compact(layer, keep, scores, max_prefix, k_new, v_new, start, n)
+        self._compact(layer, selection, max_prefix, k_new, v_new, start, n)
 
-    def _compact(self, layer, keep_BHP, scores_BHP, max_prefix, k_new, v_new, start, n) -> None:
+    def _compact(self, layer, selection: Selection, max_prefix, k_new, v_new, start, n) -> None:
+        keep_BHP, scores_BHP = selection.keep_BHP, selection.scores_BHP
         B, H = self.batch_size, self.num_heads
         T = self.k_pool[layer].shape[0]
         rows, new_len, cand = kept_rows(keep_BHP, self.seg_start[layer], self.seg_len[layer], max_prefix, T)
@@ -280,12 +289,20 @@ class CompressedKVCache:
         k_cur = k_new if k_new is not None else self.k_pool[layer].new_empty(B, H, 0, D)
         v_cur = v_new if v_new is not None else self.v_pool[layer].new_empty(B, H, 0, D)
         pos_cur = torch.arange(start or 0, (start or 0) + n, dtype=torch.int32, device=self.device).expand(B, H, n)
-        self.k_pool[layer] = gather_rows(self.k_pool[layer], k_cur, rows)
-        self.v_pool[layer] = gather_rows(self.v_pool[layer], v_cur, rows)
+        bh = None
+        if any(t is not None for t in (selection.k_BHPD, selection.v_BHPD, scores_BHP)):
+            bh = torch.repeat_interleave(torch.arange(B * H, device=self.device), new_len.long())
+        if selection.k_BHPD is not None:
+            self.k_pool[layer] = selection.k_BHPD.reshape(B * H, -1, D)[bh, cand].to(self.k_dtype)
+        else:
+            self.k_pool[layer] = gather_rows(self.k_pool[layer], k_cur, rows)
+        if selection.v_BHPD is not None:
+            self.v_pool[layer] = selection.v_BHPD.reshape(B * H, -1, D)[bh, cand].to(self.v_dtype)
+        else:
+            self.v_pool[layer] = gather_rows(self.v_pool[layer], v_cur, rows)
         self.pos_pool[layer] = gather_rows(self.pos_pool[layer], pos_cur, rows)
         if self.tracks_scores:
             if scores_BHP is not None:
-                bh = torch.repeat_interleave(torch.arange(B * H, device=self.device), new_len.long())
                 self.score_pool[layer] = scores_BHP.reshape(B * H, -1)[bh, cand].float()
             else:
                 self.score_pool[layer] = gather_rows(self.score_pool[layer],

@@ -10,15 +10,20 @@
   attention summed over them): contextual heads keep their top-``B_C`` keys; structural heads keep the first
   ``init_scales`` scales, then the current scale, then the top-scoring middle tokens, up to ``B_S``.
 
-Not implemented: the final-step LOOK-M style merge of evicted tokens into their most similar kept token, and the
-static head permutation (the ragged per-head cache takes the two budgets directly). Without a profile every head
-is structural with the uniform budget (logged).
+* **Merge** (``merge=True``, off by default): at the last compression (the cache carried into the final scale),
+  each token a contextual head evicts is averaged into the kept token of that head whose key is most
+  cosine-similar (LOOK-M style; keys and values averaged with equal weights). The paper's exact scope of this
+  "final step" merge is not verified; it costs a ``[P, P]`` similarity per contextual head.
+
+Not implemented: the static head permutation (the ragged per-head cache takes the two budgets directly). Without
+a profile every head is structural with the uniform budget (logged).
 """
 from __future__ import annotations
 
 import logging
 
 import torch
+import torch.nn.functional as F
 
 from var.errors import ConfigError
 from var.kernels.compressed_cache import Selection, SelectionContext
@@ -37,18 +42,37 @@ def classify_heads(head_variance: list, contextual_fraction: float) -> torch.Ten
     return mask.view(var.shape)
 
 
+def merge_evicted(k_BHPD: torch.Tensor, v_BHPD: torch.Tensor, keep_BHP: torch.Tensor, evict_BHP: torch.Tensor):
+    """Average every evicted candidate into the kept candidate of its head with the most cosine-similar key.
+
+    Returns new ``(k, v)`` in fp32; kept entries that absorb nothing are unchanged.
+    """
+    k, v = k_BHPD.float(), v_BHPD.float()
+    unit = F.normalize(k, dim=-1)
+    sim = (unit @ unit.transpose(-1, -2)).masked_fill(~keep_BHP.unsqueeze(2), float("-inf"))
+    target = sim.argmax(-1)                                                     # [B, H, P]
+    w = evict_BHP.float()
+    count = keep_BHP.float().scatter_add(-1, target, w)
+    idx = target.unsqueeze(-1).expand_as(k)
+    k_sum = (k * keep_BHP.unsqueeze(-1)).scatter_add(2, idx, k * w.unsqueeze(-1))
+    v_sum = (v * keep_BHP.unsqueeze(-1)).scatter_add(2, idx, v * w.unsqueeze(-1))
+    denom = count.clamp_min(1).unsqueeze(-1)
+    return k_sum / denom, v_sum / denom
+
+
 class HACK(CompressionPolicy):
     """``HACK(budget=0.5, profile=...)``: budget is a fraction of the cache carried into the last scale."""
 
     def __init__(self, budget: float, *, profile=None, contextual_fraction: float = 0.5,
-                 contextual_share: float = 0.25, num_queries: int = 32, init_scales: int = 2, **kw):
+                 contextual_share: float = 0.25, num_queries: int = 32, init_scales: int = 2, merge: bool = False,
+                 **kw):
         super().__init__(budget, **kw)
         self.profile = CalibrationProfile.coerce(profile)
         self.contextual_fraction = check_fraction("contextual_fraction", contextual_fraction, low_open=False)
         self.contextual_share = check_fraction("contextual_share", contextual_share)
         if num_queries < 1 or init_scales < 0:
             raise ConfigError(f"num_queries must be >= 1 and init_scales >= 0, got {num_queries}, {init_scales}")
-        self.num_queries, self.init_scales = num_queries, init_scales
+        self.num_queries, self.init_scales, self.merge = num_queries, init_scales, bool(merge)
         self.contextual: torch.Tensor | None = None
         self.caps_LH: torch.Tensor | None = None
         self.budget_structural = self.budget_contextual = 0
@@ -82,8 +106,16 @@ class HACK(CompressionPolicy):
         structural = scores + tier * (idx.numel() + 1)
         contextual = self.contextual[ctx.layer].to(scores.device).view(1, -1, 1)
         priority = torch.where(contextual, scores, structural)
-        return Selection(rank_keep(priority, caps_H.view(1, -1), ctx.valid_BHP))
+        keep = rank_keep(priority, caps_H.view(1, -1), ctx.valid_BHP)
+        last_stored = ctx.patch_nums is not None and ctx.scale_index == len(ctx.patch_nums) - 2
+        if self.merge and last_stored:
+            evict = ctx.valid_BHP & ~keep & contextual
+            if bool(evict.any()):
+                k, v = merge_evicted(ctx.k_cand_BHPD, ctx.v_cand_BHPD, keep, evict)
+                return Selection(keep, k_BHPD=k, v_BHPD=v)
+        return Selection(keep)
 
     def __repr__(self) -> str:
         return (f"HACK(budget={self.budget}, calibrated={self.profile is not None}, "
-                f"contextual_fraction={self.contextual_fraction}, contextual_share={self.contextual_share})")
+                f"contextual_fraction={self.contextual_fraction}, contextual_share={self.contextual_share}, "
+                f"merge={self.merge})")
