@@ -10,6 +10,8 @@ import textwrap
 import pytest
 import torch
 
+SLOW = pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="slow (torchrun end-to-end): set RUN_SLOW=1")
+
 from var.hub import load_pretrained
 
 WORKER = textwrap.dedent("""
@@ -18,17 +20,18 @@ WORKER = textwrap.dedent("""
     from var.train.data import ProceduralShapes
     from var.train.objectives import VARObjective
     from var.train.trainer import TrainConfig, Trainer
-    out = sys.argv[1]
+    out, fsdp, steps = sys.argv[1], sys.argv[2] == "fsdp", int(sys.argv[3])
     torch.manual_seed(0)
     tok = create("msvq_tiny").eval()
     model = create("var_tiny", drop_path_rate=0.1)
     trainer = Trainer(model, VARObjective(tok, seed=0), ProceduralShapes(64, image_size=16),
-                      TrainConfig(out_dir=out, steps=2, batch_size=4, grad_accum=2, lr=1e-2, ckpt_every=2,
-                                  progress=False, ema_decay=0.5))
+                      TrainConfig(out_dir=out, steps=steps, batch_size=4, grad_accum=2, lr=1e-2, ckpt_every=2,
+                                  progress=False, ema_decay=0.5, fsdp=fsdp, resume="auto"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer.fit()
     rank = int(os.environ["RANK"])
-    torch.save({"final": model.state_dict(), "before": before, "ema": trainer.ema.shadow}, f"{out}/rank{rank}.pt")
+    if not fsdp:
+        torch.save({"final": model.state_dict(), "before": before, "ema": trainer.ema.shadow}, f"{out}/rank{rank}.pt")
     trainer.close()
 """)
 
@@ -51,7 +54,7 @@ def _torchrun(args, tmp_path, timeout=240):
 def test_ddp_two_ranks_agree(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    _torchrun([str(script), str(tmp_path)], tmp_path)
+    _torchrun([str(script), str(tmp_path), "ddp", "2"], tmp_path)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     changed = False
     for k, v in r0["final"].items():
@@ -65,6 +68,20 @@ def test_ddp_two_ranks_agree(tmp_path):
     assert (tmp_path / "ckpt_00000002.pt").exists() and not (tmp_path / "rank1_metrics.csv").exists()
 
 
+@SLOW
+def test_fsdp_two_ranks_checkpoint_and_resume(tmp_path):
+    from var.models import create
+    from var.train.checkpoint import load_checkpoint
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    _torchrun([str(script), str(tmp_path), "fsdp", "2"], tmp_path)
+    state = load_checkpoint(tmp_path / "ckpt_00000002.pt")
+    assert set(state["model"]) == set(create("var_tiny").state_dict())  # full (gathered) state dict
+    _torchrun([str(script), str(tmp_path), "fsdp", "4"], tmp_path)  # resumes at step 2
+    assert load_checkpoint(tmp_path / "ckpt_00000004.pt")["step"] == 4
+
+
+@SLOW
 def test_cli_tokenizer_then_var_under_torchrun(tmp_path):
     tiny_tok = ["--image-size", "16", "--num-images", "64", "--vocab-size", "32", "--z-channels", "8", "--ch", "16",
                 "--ch-mult", "1", "2", "2", "--patch-nums", "1", "2", "4", "--steps", "2", "--batch-size", "4",

@@ -133,3 +133,26 @@ def test_perceptual_loss_from_local_file_only(tmp_path):
     objective = VQObjective(perceptual_weight=0.5, perceptual_path=str(tmp_path / "vgg.safetensors"))
     _, metrics = objective(create("msvq_tiny", patch_nums=(1, 2, 4, 8)), (x, None))
     assert metrics["perceptual"] > 0
+
+
+def test_codebook_data_init_and_dead_code_restart_fight_collapse():
+    images, _ = _batch(16, 16)
+    usage = {}
+    for init, restart in (("model", 0), ("data", 3)):
+        torch.manual_seed(0)
+        model = create("msvq_tiny", vocab_size=64)
+        objective = VQObjective(codebook_init=init, restart_dead_every=restart, seed=0)
+        _, metrics = _losses(model, objective, (images, None), 6, 1e-3)
+        usage[init] = metrics["code_perplexity"]
+    assert usage["data"] > usage["model"]
+    state = objective.extra_state()
+    assert state["initialized"] and "hits" in state
+
+
+def test_quantizer_inputs_cover_all_scales():
+    tok = create("msvq_tiny")
+    images, _ = _batch(2, 16)
+    rows = VQObjective.quantizer_inputs(tok, images)
+    assert rows.shape == (2 * sum(p * p for p in tok.patch_nums), tok.embed_dim)
+    ss = create("vq_tiny")
+    assert VQObjective.quantizer_inputs(ss, images).shape == (2 * 16, ss.embed_dim)

@@ -67,6 +67,8 @@ class MSTokenizerModelConfig:
     perceptual_path: str = ""               # local VGG-16 weights (never downloaded)
     gan_weight: float = 0.0
     gan_start: int = 0
+    codebook_init: str = "data"             # data: codes drawn from the first batch's quantizer inputs | model
+    restart_dead_every: int = 50            # re-draw codes unused for this many steps (0: never)
 
 
 @dataclass
@@ -89,6 +91,8 @@ class SSTokenizerModelConfig:
     perceptual_path: str = ""
     gan_weight: float = 0.0
     gan_start: int = 0
+    codebook_init: str = "data"             # data: codes drawn from the first batch's quantizer inputs | model
+    restart_dead_every: int = 50            # re-draw codes unused for this many steps (0: never)
 
 
 @dataclass
@@ -229,7 +233,8 @@ def build_tokenizer_job(command: str, m, data: DataConfig, seed: int):
             image_size=data.image_size))
     objective = VQObjective(recon=m.recon, recon_weight=m.recon_weight, vq_weight=m.vq_weight,
                             perceptual_weight=m.perceptual_weight, perceptual_path=m.perceptual_path or None,
-                            gan_weight=m.gan_weight, gan_start=m.gan_start, seed=seed)
+                            gan_weight=m.gan_weight, gan_start=m.gan_start, codebook_init=m.codebook_init,
+                            restart_dead_every=m.restart_dead_every, seed=seed)
     return model, objective, None
 
 
@@ -251,12 +256,12 @@ def build_var_job(m: VARModelConfig, data: DataConfig, seed: int):
 
 
 def build_ar_job(m: ARModelConfig, data: DataConfig, seed: int):
-    from var.hub import load_pretrained
+    from var.hub_llamagen import load_llamagen_vq
     from var.models.gpt import GPT, GPTConfig
     from var.train.objectives import ARObjective
     if not m.tokenizer:
         raise ConfigError("ar: --tokenizer (a saved single-scale tokenizer directory) is required")
-    tok = load_pretrained(m.tokenizer).requires_grad_(False)
+    tok = load_llamagen_vq(m.tokenizer)
     grid = data.image_size // tok.downsample
     model = GPT(GPTConfig(dim=m.dim, n_layer=m.n_layer, n_head=m.n_head, multiple_of=m.multiple_of,
                           num_classes=data.num_classes, vocab_size=tok.vocab_size, grid_size=grid,

@@ -29,7 +29,7 @@ CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 class ClassifierConfig:
     num_classes: int = 10
     image_size: int = 32        # inputs of another size are resized (bilinear) to this
-    widths: tuple = (32, 64, 128, 256)  # stage widths; every stage after the first halves the resolution
+    widths: tuple = (16, 32, 64, 128)   # stage widths; every stage after the first halves the resolution
     norm_groups: int = 8
 
     def __post_init__(self):

@@ -172,6 +172,10 @@ class PatchDiscriminator(nn.Module):
 class VQObjective(Objective):
     """Tokenizer loss ``w_rec * rec + w_vq * vq + w_p * perceptual + w_gan * g_loss`` (GAN after ``gan_start``).
 
+    Codebook collapse (a handful of codes used) is the usual failure of small VQ models trained from scratch, so
+    by default (``codebook_init="data"``) the codebook is set from quantizer inputs of the first batch, and with
+    ``restart_dead_every=N`` codes unused for N steps (summed over ranks) are re-drawn from current inputs.
+
     The tokenizer's ``forward(images)`` returns ``(reconstruction, vq_loss, usage)`` (both VQ tokenizers do).
     With a discriminator, :meth:`after_step` trains it on the last batch with the hinge loss; its gradients
     are all-reduced across ranks so every rank keeps identical discriminator weights.
@@ -179,8 +183,14 @@ class VQObjective(Objective):
 
     def __init__(self, *, recon: str = "l1", recon_weight: float = 1.0, vq_weight: float = 1.0,
                  perceptual_weight: float = 0.0, perceptual_path: str | None = None, gan_weight: float = 0.0,
-                 gan_start: int = 0, disc_lr: float = 1e-4, seed: int = 0):
+                 gan_start: int = 0, disc_lr: float = 1e-4, codebook_init: str = "data",
+                 restart_dead_every: int = 0, seed: int = 0):
         super().__init__(seed)
+        if codebook_init not in ("data", "model"):
+            raise ConfigError(f"codebook_init must be 'data' or 'model', got {codebook_init!r}")
+        self.codebook_init, self.restart_dead_every = codebook_init, restart_dead_every
+        self._initialized = codebook_init == "model"
+        self._hits: torch.Tensor | None = None
         if recon not in ("l1", "l2"):
             raise ConfigError(f"recon must be 'l1' or 'l2', got {recon!r}")
         self.recon, self.recon_weight, self.vq_weight = recon, recon_weight, vq_weight
@@ -199,7 +209,13 @@ class VQObjective(Objective):
 
     def forward(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
         images, _ = batch
+        if not self._initialized:
+            self._reset_codes(unwrap(model), images, dead=None)
+            self._initialized = True
+        self._tok, self._images = unwrap(model), images.detach()
         recon, vq_loss, usage = model(images)
+        hits = usage.detach().float().reshape(-1, usage.shape[-1]).sum(0)
+        self._hits = hits if self._hits is None else self._hits + hits
         recon = recon.float()
         err = recon - images.float()
         rec = err.abs().mean() if self.recon == "l1" else err.pow(2).mean()
@@ -222,8 +238,55 @@ class VQObjective(Objective):
                 metrics["g_loss"] = g.item()
         return loss, metrics
 
+    # -- codebook maintenance: data-dependent init and dead-code restarts ---------------------------------------
+    @staticmethod
+    def quantizer_inputs(tok: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """The vectors the quantizer assigns to codes ``[N, C]``: every scale's residual (multi-scale) or the
+        normalised latent (single-scale)."""
+        q = tok.quantize
+        f = tok.encode_latent(images).float()
+        if hasattr(q, "patch_nums"):  # multi-scale residual quantizer
+            from var.tokenizers.multiscale_quantizer import area_resize
+            f_rest, rows = f.clone(), []
+            for si, pn in enumerate(q.patch_nums):
+                z = area_resize(f_rest, pn).permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+                rows.append(z)
+                idx = q.nearest_code(z).view(f.shape[0], pn, pn)
+                f_rest = f_rest - q._scale_contribution(si, q.embed_indices(idx))
+            return torch.cat(rows)
+        z = q._prepare(f)
+        return z.reshape(-1, z.shape[-1])
+
+    @torch.no_grad()
+    def _reset_codes(self, tok: nn.Module, images: torch.Tensor, dead: torch.Tensor | None) -> int:
+        """Set codes (all when ``dead`` is None, else the ``dead`` mask) to randomly drawn quantizer inputs of
+        this batch plus a little noise; rank 0's values are broadcast so all ranks agree."""
+        weight = tok.quantize.embedding.weight
+        vectors = self.quantizer_inputs(tok, images.to(weight.device))
+        rows = torch.arange(weight.shape[0], device=weight.device) if dead is None else dead.nonzero().flatten()
+        if len(rows) == 0:
+            return 0
+        pick = torch.randint(0, len(vectors), (len(rows),), generator=self.generator).to(vectors.device)
+        noise = torch.randn(len(rows), vectors.shape[1], generator=self.generator).to(vectors.device)
+        new = vectors[pick] + 0.01 * vectors.std() * noise
+        weight.data[rows] = new.to(weight.dtype)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.broadcast(weight.data, src=0)
+        return len(rows)
+
     def after_step(self, step: int) -> dict[str, float]:
         self._step = step + 1
+        metrics = {}
+        if self.restart_dead_every > 0 and self._step % self.restart_dead_every == 0 and self._hits is not None:
+            hits = self._hits
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(hits)
+            tok = self._tok
+            metrics["codes_restarted"] = float(self._reset_codes(tok, self._images, hits == 0))
+            self._hits = None
+        return metrics | self._disc_step(step)
+
+    def _disc_step(self, step: int) -> dict[str, float]:
         if self.discriminator is None or self._last is None or step < self.gan_start:
             return {}
         real, fake = self._last
@@ -241,7 +304,8 @@ class VQObjective(Objective):
         return {"d_loss": d_loss.item()}
 
     def extra_state(self) -> dict:
-        state = super().extra_state() | {"step": self._step}
+        state = super().extra_state() | {"step": self._step, "initialized": self._initialized,
+                                         "hits": self._hits}
         if self.discriminator is not None:
             state["discriminator"] = self.discriminator.state_dict()
             state["disc_opt"] = self.disc_opt.state_dict()
@@ -250,6 +314,8 @@ class VQObjective(Objective):
     def load_extra_state(self, state: dict) -> None:
         super().load_extra_state(state)
         self._step = int(state.get("step", 0))
+        self._initialized = bool(state.get("initialized", True))
+        self._hits = state.get("hits")
         if self.discriminator is not None:
             if "discriminator" not in state:
                 raise CheckpointError("the checkpoint has no discriminator but this run trains with a GAN loss")

@@ -1,0 +1,168 @@
+"""Quality evidence of the bundled models (not a test): class accuracy of their samples under the shapes
+classifier trained on the real offline data, and reconstruction PSNR of their tokenizers.
+
+    python scripts/eval_bundled.py                       # writes benchmarks/bundled_quality.{json,md} + grids
+    python scripts/eval_bundled.py --train-classifier    # (re)train var/assets/classifier first (~5 min CPU)
+
+Held-out images come from ``ProceduralShapes(seed=1)`` (the models were trained on seed 0).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from var.eval.classifier import accuracy, load_classifier, save_classifier, train_classifier
+from var.train.data import ProceduralShapes
+from var.utils.images import save_image_grid
+
+log = logging.getLogger("eval_bundled")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}"
+
+
+def psnr_01(a_B3HW: torch.Tensor, b_B3HW: torch.Tensor) -> float:
+    """PSNR (dB) of images in [0, 1], averaged over images."""
+    mse = (a_B3HW - b_B3HW).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return (10 * torch.log10(1 / mse)).mean().item()
+
+
+@torch.no_grad()
+def tokenizer_quality(tok, images_B3HW: torch.Tensor, batch: int = 200) -> dict:
+    recon, used = [], set()
+    for i in range(0, len(images_B3HW), batch):
+        idx = tok.encode(images_B3HW[i:i + batch])
+        for t in idx:
+            used.update(t.unique().tolist())
+        recon.append(tok.decode(idx))
+    recon = torch.cat(recon)
+    return {"psnr_db": round(psnr_01((recon + 1) / 2, (images_B3HW + 1) / 2), 2),
+            "codes_used": len(used), "vocab_size": tok.vocab_size, "num_images": len(images_B3HW)}
+
+
+@torch.no_grad()
+def sample_accuracy(sample_fn, clf, num_classes: int, per_class: int, batch: int, seed: int, desc: str):
+    """Sample ``per_class`` images of every class; returns (metrics, first images of each class)."""
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    gen = torch.Generator().manual_seed(seed)
+    images, t0 = [], time.time()
+    for i in range(0, len(labels), batch):
+        images.append(sample_fn(labels[i:i + batch], gen).float().cpu())
+        log.info("%s: %d/%d images", desc, min(i + batch, len(labels)), len(labels))
+    images = torch.cat(images)  # [0, 1]
+    pred = clf.predict(images * 2 - 1)
+    per_cls = [(pred[labels == c] == c).float().mean().item() for c in range(num_classes)]
+    metrics = {"class_accuracy": round((pred == labels).float().mean().item(), 4),
+               "per_class_accuracy": [round(a, 3) for a in per_cls], "num_samples": len(labels),
+               "seconds": round(time.time() - t0, 1)}
+    grid = torch.stack([images[labels == c][:8] for c in range(num_classes)], 1).flatten(0, 1)  # 8 rows x classes
+    return metrics, grid
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--train-classifier", action="store_true")
+    p.add_argument("--per-class", type=int, default=50, help="samples per class")
+    p.add_argument("--batch", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recon-images", type=int, default=1000)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "bundled_quality"))
+    p.add_argument("--img-dir", default=str(ROOT / "docs" / "img"))
+    p.add_argument("--skip-ar", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from var import hub
+    from var.assets import ASSETS_DIR, bundled_var_dir
+
+    heldout = ProceduralShapes(max(args.recon_images, 1000), seed=1)
+    x_real, y_real = heldout.tensors()
+    if args.train_classifier:
+        t0 = time.time()
+        clf = train_classifier(ProceduralShapes(10000, seed=0), steps=400, batch_size=64, seed=0)
+        save_classifier(clf, ASSETS_DIR / "classifier")
+        log.info("classifier trained in %.0f s", time.time() - t0)
+    clf = load_classifier()
+    report = {"machine": machine(), "classifier": {"real_heldout_accuracy": round(accuracy(clf, x_real, y_real), 4),
+                                                   "num_images": len(x_real)}}
+    x_rec = x_real[:args.recon_images]
+
+    var_dir = bundled_var_dir()
+    if var_dir is None:
+        log.warning("no bundled VAR model in %s", ASSETS_DIR / "var_bundled")
+    else:
+        from var.samplers import sample_next_scale
+        tok, model = hub.load_var(var_dir / "tokenizer", var_dir / "transformer")
+        report["var"] = {"tokenizer": tokenizer_quality(tok, x_rec)}
+        settings = {"cfg": 1.5, "top_k": 900, "top_p": 0.96}  # var-sample's defaults
+        for name, kw in (("var_sample_defaults", settings), ("no_guidance", {**settings, "cfg": 0.0})):
+            metrics, grid = sample_accuracy(
+                lambda lab, g: sample_next_scale(model, tok, lab, generator=g, **kw).images, clf,
+                model.config.num_classes, args.per_class, args.batch, args.seed, f"VAR {name}")
+            report["var"][name] = {"settings": kw, **metrics}
+            if name == "var_sample_defaults":
+                save_image_grid(grid, Path(args.img_dir) / "bundled_var_samples.png", nrow=model.config.num_classes)
+
+    from var.hub_llamagen import bundled_ar_dir, load_llamagen
+    ar_dir = None if args.skip_ar else bundled_ar_dir()
+    if ar_dir is not None:
+        from var.samplers.next_token import sample_next_token
+        vq, gpt = load_llamagen(ar_dir / "tokenizer", ar_dir / "transformer")
+        report["ar"] = {"tokenizer": tokenizer_quality(vq, x_rec)}
+        settings = {"cfg": 2.0, "top_k": 0, "top_p": 0.0}
+        metrics, grid = sample_accuracy(lambda lab, g: sample_next_token(gpt, vq, lab, generator=g, **settings).images,
+                                        clf, gpt.config.num_classes, args.per_class, args.batch, args.seed, "AR")
+        report["ar"]["next_token_cfg2"] = {"settings": settings, **metrics}
+        save_image_grid(grid, Path(args.img_dir) / "bundled_ar_samples.png", nrow=gpt.config.num_classes)
+
+    sizes = {str(f.relative_to(ASSETS_DIR)): f.stat().st_size for f in sorted(ASSETS_DIR.rglob("*"))
+             if f.is_file() and f.suffix in (".safetensors", ".json")}
+    report["asset_bytes"] = {"total": sum(sizes.values()), "files": sizes}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    out.with_suffix(".md").write_text(to_markdown(report))
+    log.info("wrote %s.{json,md}", out)
+    print(json.dumps({k: v for k, v in report.items() if k != "asset_bytes"}, indent=1))
+    return 0
+
+
+def to_markdown(r: dict) -> str:
+    lines = ["# Bundled model quality", "", f"Machine: {r['machine']}. Written by `python scripts/eval_bundled.py`.",
+             "", f"Shapes classifier accuracy on held-out real images (seed 1): "
+             f"{r['classifier']['real_heldout_accuracy']:.2%} ({r['classifier']['num_images']} images).", "",
+             "| model | setting | class accuracy of samples | samples | sampling s |", "|---|---|---|---|---|"]
+    for fam in ("var", "ar"):
+        for name, m in r.get(fam, {}).items():
+            if name != "tokenizer":
+                s = ", ".join(f"{k}={v}" for k, v in m["settings"].items())
+                lines.append(f"| {fam} | {name} ({s}) | {m['class_accuracy']:.2%} | {m['num_samples']} | "
+                             f"{m['seconds']} |")
+    lines += ["", "| tokenizer | reconstruction PSNR (dB, held-out) | codes used / vocab |", "|---|---|---|"]
+    for fam in ("var", "ar"):
+        if fam in r:
+            t = r[fam]["tokenizer"]
+            lines.append(f"| {fam} | {t['psnr_db']} | {t['codes_used']} / {t['vocab_size']} |")
+    lines += ["", f"Bundled files: {r['asset_bytes']['total'] / 2**20:.2f} MiB in total.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
