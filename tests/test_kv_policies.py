@@ -266,3 +266,10 @@ def test_hack_merge_in_the_sampler(models, profile):
         assert not changed[~policy.contextual[layer][head]].any()     # structural heads untouched
         if policy.contextual[layer].any():
             assert changed.any()
+
+
+def test_cfg_halves_select_their_own_tokens(models, profile):
+    """With CFG the cache has 2B rows; conditional and unconditional rows are compressed independently."""
+    cache = _cache_after(models, SnapKV(budget=0.25, window=2, backend="torch"))
+    pos = cache.pos_pool[0].view(4, 2, -1)        # [rows (2 cond + 2 uncond), heads, kept]
+    assert not torch.equal(pos[:2], pos[2:])
