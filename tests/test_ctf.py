@@ -149,3 +149,14 @@ def test_stage2_builds_on_meta_and_reloads(models):
     assert torch.equal(clone.cluster_of, stage2.cluster_of)
     with torch.no_grad():
         torch.testing.assert_close(clone(labels, coarse), stage2(labels, coarse))
+
+
+def test_stage2_save_and_load_pretrained(models, tmp_path):
+    from var.hub import load_pretrained, save_pretrained
+    _, stage2, cluster_of = models
+    save_pretrained(stage2, tmp_path / "s2")
+    loaded = load_pretrained(tmp_path / "s2")
+    assert torch.equal(loaded.cluster_of, cluster_of)
+    coarse = torch.randint(0, K, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(torch.tensor([2]), coarse), stage2(torch.tensor([2]), coarse))

@@ -150,3 +150,13 @@ def test_trains_with_the_generic_ar_objective(model):
     labels, idx = torch.tensor([1, 2]), torch.randint(0, 64, (2, 16))
     loss, _ = ARObjective(create("vq_tiny"), cond_drop_rate=0.0)(model, (idx, labels))
     torch.testing.assert_close(loss, nar_loss(model, labels, idx))
+
+
+def test_save_and_load_pretrained(model, tmp_path):
+    from var.hub import load_pretrained, save_pretrained
+    save_pretrained(model, tmp_path / "nar")
+    loaded = load_pretrained(tmp_path / "nar")
+    assert isinstance(loaded, NAR)
+    out_a = sample_nar(model, None, [1, 2], top_k=1)
+    out_b = sample_nar(loaded, None, [1, 2], top_k=1)
+    assert torch.equal(out_a.tokens, out_b.tokens)
