@@ -89,15 +89,17 @@ def run_policy(model, tok, labels, cache, seed, device):
     return out, elapsed, peak_gpu
 
 
-def fidelity_table(args, device) -> tuple[str, list[dict]]:
+def fidelity_table(args, device) -> tuple[str, list[dict], list[int]]:
     name, tok, model = load_models(device)
     layout = CacheLayout.of(model)
-    labels = list(range(0, 1000, 1000 // args.images))[:args.images]
+    num_classes = model.config.num_classes
+    labels = [(i * num_classes) // args.images for i in range(args.images)]
+    calib_labels = sorted({(7 + i * num_classes // 4) % num_classes for i in range(4)})
     profile_path = Path(args.out_dir) / f"kv_profile_{'bundled' if 'bundled' in name else 'var_small_random'}.json"
     t0 = time.perf_counter()
-    profile = calibrate(model, tok, [7, 207, 404, 980], cfg=1.5, seed=0)
+    profile = calibrate(model, tok, calib_labels, cfg=1.5, seed=0)
     profile.save(profile_path)
-    print(f"calibrated on 4 class labels in {time.perf_counter() - t0:.1f}s -> {profile_path}")
+    print(f"calibrated on class labels {calib_labels} in {time.perf_counter() - t0:.1f}s -> {profile_path}")
     profile = CalibrationProfile.load(profile_path)
 
     full_rec = Recorder(FullCache())
@@ -122,7 +124,7 @@ def fidelity_table(args, device) -> tuple[str, list[dict]]:
                          "peak_gpu_bytes": peak_gpu})
             print(f"{pname:>12} {budget:>5}: kv {cache.kv_nbytes() / 2**20:7.2f} MiB, "
                   f"agree {agree / total:.3f}, PSNR {rows[-1]['psnr_db']:.2f} dB, {len(labels) / elapsed:.2f} img/s")
-    return name, rows
+    return name, rows, labels
 
 
 def arithmetic_table(budgets) -> list[dict]:
@@ -205,7 +207,7 @@ def fmt_bytes(b) -> str:
 
 def to_markdown(meta, rows, arith, kernel_rows) -> str:
     lines = [f"# KV-cache compression benchmark", "", f"Machine: {meta['machine']}", "",
-             f"Model: {meta['model']}; {meta['images']} images (classes spread over 0..999), cfg 1.5, "
+             f"Model: {meta['model']}; {meta['images']} images (classes spread over the label range), cfg 1.5, "
              f"top-k 900, top-p 0.96, one generator per image seeded {meta['seed']}+i; fidelity vs the full cache "
              f"with the same seeds. Budgets: fraction of the tokens per head carried into the last scale; "
              f"ScaleKV/HACK use the calibration profile saved next to this file.",
@@ -257,8 +259,8 @@ def main(argv=None) -> int:
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     meta = {"machine": machine(), "images": args.images, "seed": args.seed, "device": str(device)}
     with torch.no_grad():
-        model_name, rows = ("-", []) if args.skip_fidelity else fidelity_table(args, device)
-    meta["model"] = model_name
+        model_name, rows, labels = ("-", [], []) if args.skip_fidelity else fidelity_table(args, device)
+    meta["model"], meta["labels"] = model_name, labels
     arith = arithmetic_table(args.budgets)
     kernel_rows = gpu_kernel_table() if torch.cuda.is_available() else []
     md = to_markdown(meta, rows, arith, kernel_rows)
