@@ -194,6 +194,101 @@ def bench_nar_ctf(size, device, repeats, gen_seed) -> list[dict]:
     return rows
 
 
+# ---- quality on the offline shapes dataset (trained tiny models) -------------------------------------------------
+def _train(name, loss_fn, params, steps, batch, data, seed, lr):
+    """AdamW on random minibatches of ``data = (tokens [N, L], labels [N])`` with 10% class dropout."""
+    tokens, labels = data
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
+    gen = torch.Generator().manual_seed(seed)
+    t0, first, last = time.perf_counter(), None, None
+    for step in range(steps):
+        idx = torch.randint(0, tokens.shape[0], (batch,), generator=gen)
+        lab = labels[idx].clone()
+        lab[torch.rand(batch, generator=gen) < 0.1] = 10  # null class for CFG
+        loss = loss_fn(lab, tokens[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        first = loss.item() if first is None else first
+        last = loss.item() if last is None else 0.9 * last + 0.1 * loss.item()
+    print(f"  trained {name}: {steps} steps, loss {first:.3f} -> {last:.3f} ({time.perf_counter() - t0:.0f} s)")
+    return {"first_loss": first, "final_loss_ema": last, "train_s": time.perf_counter() - t0}
+
+
+def bench_quality(args) -> dict:
+    """Train AR, NAR and CTF (tiny, same width) over a trained single-scale tokenizer of the shapes dataset, sample
+    with each, and score the samples with the bundled shapes classifier (fraction classified as their label)."""
+    import var.hub_llamagen  # noqa: F401  (lets load_pretrained rebuild SingleScaleVQ)
+    from var.eval.classifier import load_classifier
+    from var.hub import load_pretrained, save_pretrained
+    from var.models.ctf import CTFStage2, CTFStage2Config, stage1_loss, stage2_loss
+    from var.models.nar import nar_loss
+    from var.train.data import ProceduralShapes
+
+    torch.manual_seed(args.seed)
+    vq = load_pretrained(args.quality_tokenizer).eval()
+    clf = load_classifier().eval()
+    ds = ProceduralShapes(args.quality_images, image_size=32, seed=args.seed + 1)  # not the tokenizer's seed-0 set
+    images, labels = ds.tensors()
+    with torch.no_grad():
+        tokens = torch.cat([vq.encode(images[i:i + 256])[0].flatten(1) for i in range(0, len(images), 256)])
+        recon_acc = (clf.predict(vq.decode([tokens[:500]])) == labels[:500]).float().mean().item()
+        real_acc = (clf.predict(images[:500]) == labels[:500]).float().mean().item()
+    grid = int(tokens.shape[1] ** 0.5)
+    print(f"tokens {tuple(tokens.shape)}; classifier accuracy: real {real_acc:.3f}, tokenizer recon {recon_acc:.3f}")
+    base = dict(dim=args.quality_dim, n_layer=4, n_head=4, multiple_of=32, num_classes=10,
+                vocab_size=vq.vocab_size, grid_size=grid, token_dropout_p=0.0, resid_dropout_p=0.0,
+                ffn_dropout_p=0.0)
+    data, steps, bs, lr = (tokens, labels), args.train_steps, 64, args.lr
+    train_log = {}
+    ar = GPT(GPTConfig(**base))
+    train_log["ar"] = _train("AR", lambda lab, tok: F.cross_entropy(ar(lab, tok).flatten(0, 1), tok.flatten()),
+                             list(ar.parameters()), steps, bs, data, 1, lr)
+    nar = NAR(GPTConfig(**base))
+    train_log["nar"] = _train("NAR", lambda lab, tok: nar_loss(nar, lab, tok), list(nar.parameters()), steps, bs,
+                              data, 2, lr)
+    K = args.coarse
+    stage1 = GPT(GPTConfig(**{**base, "vocab_size": K}))
+    stage2 = CTFStage2(CTFStage2Config(**base, num_coarse=K))
+    stage2.set_clusters(kmeans_codebook(vq.quantize.codebook(), K))
+    train_log["ctf_stage1"] = _train("CTF stage 1", lambda lab, tok: stage1_loss(stage1, lab, tok, stage2.cluster_of),
+                                     list(stage1.parameters()), steps, bs, data, 3, lr)
+    train_log["ctf_stage2"] = _train("CTF stage 2", lambda lab, tok: stage2_loss(stage2, lab, tok),
+                                     list(stage2.parameters()), steps, bs, data, 4, lr)
+    if args.save_dir:
+        for name, m in (("ar", ar), ("nar", nar), ("ctf_stage1", stage1), ("ctf_stage2", stage2)):
+            save_pretrained(m, Path(args.save_dir) / name)
+    for m in (ar, nar, stage1, stage2):
+        m.eval()
+
+    n = args.samples
+    sample_labels = torch.arange(n) % 10
+    samplers = {
+        "AR next-token": lambda g: sample_next_token(ar, vq, sample_labels, cfg=args.quality_cfg, generator=g),
+        "NAR": lambda g: sample_nar(nar, vq, sample_labels, cfg=args.quality_cfg, generator=g),
+        "CTF (constrained)": lambda g: sample_coarse_to_fine(stage1, stage2, vq, sample_labels, cfg=args.quality_cfg,
+                                                             temperature=1.0, stage2_temperature=1.0, generator=g),
+    }
+    rows = []
+    for name, fn in samplers.items():
+        t0 = time.perf_counter()
+        out = fn(torch.Generator().manual_seed(args.seed))
+        sec = time.perf_counter() - t0
+        with torch.no_grad():
+            acc = (clf.predict(out.images * 2 - 1) == sample_labels).float().mean().item()
+        used = out.tokens.unique().numel() / vq.vocab_size
+        rows.append({"sampler": name, "forward_passes": out.stats.forward_passes, "images_per_s": n / sec,
+                     "classifier_accuracy": acc, "codes_used": used})
+    print(f"{'sampler':20s} {'passes':>6s} {'img/s':>8s} {'class acc':>9s} {'codes used':>10s}")
+    for r in rows:
+        print(f"{r['sampler']:20s} {r['forward_passes']:6d} {r['images_per_s']:8.2f} {r['classifier_accuracy']:9.3f} "
+              f"{r['codes_used']:10.3f}")
+    return {"tokenizer": str(args.quality_tokenizer), "classifier_real_accuracy": real_acc,
+            "classifier_recon_accuracy": recon_acc, "model": base, "coarse_labels": K, "train_steps": steps,
+            "train_batch": bs, "lr": lr, "cfg": args.quality_cfg, "samples": n, "train": train_log, "rows": rows}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="cpu")
@@ -206,7 +301,28 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads (default 1: on a shared, loaded machine more threads make timings far worse)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/code_nar_ctf_<size>_<device>.json)")
+    q = ap.add_argument_group("quality on the shapes dataset (trains tiny AR / NAR / CTF models first)")
+    q.add_argument("--quality-tokenizer", default=None,
+                   help="a saved single-scale tokenizer (var-train tokenizer-ss ... --out-dir D: pass D/model)")
+    q.add_argument("--quality-images", type=int, default=4000)
+    q.add_argument("--quality-dim", type=int, default=64)
+    q.add_argument("--train-steps", type=int, default=400)
+    q.add_argument("--lr", type=float, default=2e-3)
+    q.add_argument("--coarse", type=int, default=64, help="CTF coarse labels K")
+    q.add_argument("--samples", type=int, default=200)
+    q.add_argument("--quality-cfg", type=float, default=2.0)
+    q.add_argument("--save-dir", default=None, help="save the trained models here (save_pretrained layout)")
     args = ap.parse_args(argv)
+    if args.quality_tokenizer:
+        if not torch.cuda.is_available():
+            torch.set_num_threads(args.threads)
+        result = bench_quality(args)
+        out = Path(args.out or "benchmarks/nar_ctf_quality_shapes.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"machine": machine(), "torch": torch.__version__,
+                                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **result}, indent=2))
+        print(f"wrote {out}")
+        return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
