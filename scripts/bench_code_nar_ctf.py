@@ -14,6 +14,13 @@ not an image metric:
     python scripts/bench_code_nar_ctf.py --size paper      # VAR-d30/d16, NAR-B vs GPT-B, CTF-B (needs a GPU)
 
 Prints a table and writes ``benchmarks/code_nar_ctf_<size>_<device>.json`` naming the machine.
+
+Quality mode (an image-level proxy with trained models): given a single-scale tokenizer trained on the offline
+shapes dataset, it trains tiny AR, NAR and CTF models of equal width, samples with each and reports the fraction
+of samples the bundled shapes classifier assigns to their conditioning class::
+
+    var-train tokenizer-ss --data shapes --out-dir runs/ssvq --steps 700
+    python scripts/bench_code_nar_ctf.py --quality-tokenizer runs/ssvq/model --save-dir runs/nar_ctf
 """
 from __future__ import annotations
 
