@@ -194,6 +194,7 @@ def draft(drafter, tok, labels_B, draft_steps: int, sched: ScaleSchedule, *, gen
         out.tokens.append(idx)
         if si + 1 < len(tok.patch_nums):
             out.inputs_BlCv.append(next_BlCv)
+        if si + 1 < draft_steps:
             x_BlC = _embed_input(drafter, si + 1, next_BlCv, guided)
     return out
 
