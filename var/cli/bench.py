@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timed-runs", type=int, default=2, help="timed batch runs per row (images/s = the fastest)")
     p.add_argument("--budgets", type=float, nargs="*", default=[0.5, 0.25, 0.1], help="cache-policy budgets")
     p.add_argument("--models", nargs="*", default=[], help="extra random-weight VAR presets (e.g. var_d16)")
+    p.add_argument("--families", nargs="*", default=[], help="only setups whose name contains one of these")
     p.add_argument("--samplers", nargs="*", default=[], help="only these samplers (default: all discovered)")
     p.add_argument("--policies", nargs="*", default=[], help="only these cache policies (default: all)")
     p.add_argument("--extractor", choices=("auto", "classifier", "random-conv"), default="auto")
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run_benchmark(device=args.device, num_images=args.num_images, batch=args.batch, repeats=args.repeats,
                            budgets=tuple(args.budgets), seed=args.seed, models=tuple(args.models),
                            extractor=args.extractor, samplers=tuple(args.samplers), policies=tuple(args.policies),
-                           timed_runs=args.timed_runs)
+                           timed_runs=args.timed_runs, families=tuple(args.families))
     paths = write_report(report, args.out_dir, args.tag or default_tag(args.device))
     print(to_markdown(report))
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))

@@ -48,6 +48,10 @@ class Setup:
     settings: dict
     num_classes: int
     kind: str = "var"  # "var" setups also run the cache policies
+    per_sampler: dict = field(default_factory=dict)  # sampler name -> settings that override ``settings``
+
+    def settings_for(self, sampler: str) -> dict:
+        return {**self.settings, **self.per_sampler.get(sampler, {})}
 
     def to(self, device) -> "Setup":
         for v in self.components.values():
@@ -103,8 +107,9 @@ def build_setups(device="cpu", *, models: tuple[str, ...] = (), seed: int = 0) -
     def gpt_tiny():
         torch.manual_seed(seed)
         vq, gpt = create("vq_tiny").eval(), create("gpt_tiny").eval()
+        half_row = max(1, int(getattr(gpt.config, "grid_size", 2)) // 2)  # ZipAR's window must fit the grid width
         return Setup("gpt_tiny (random)", {"model": gpt, "vq": vq, "tok": vq}, "next_token", False,
-                     dict(AR_SETTINGS), _num_classes(gpt), kind="ar")
+                     dict(AR_SETTINGS), _num_classes(gpt), kind="ar", per_sampler={"zipar": {"window": half_row}})
 
     def nar_tiny():
         torch.manual_seed(seed)
@@ -203,7 +208,7 @@ def run_batches(entry, setup: Setup, *, labels: torch.Tensor, batch: int, seed: 
     for start in range(0, len(labels), batch):
         cache = cache_factory() if cache_factory else None
         out = call_sampler(entry, setup.components, labels[start:start + batch].to(device), generator=gen,
-                           cache=cache, **setup.settings)
+                           cache=cache, **setup.settings_for(entry.name))
         images.append(out.images.float().cpu())
         tokens.append(_flat_tokens(out.tokens) if out.tokens is not None else None)
         passes = max(passes, out.stats.forward_passes)
@@ -225,7 +230,7 @@ def batch1_latency(entry, setup: Setup, *, repeats: int, seed: int, cache_factor
         cache = cache_factory() if cache_factory else None
         _sync(device)
         t0 = time.perf_counter()
-        call_sampler(entry, setup.components, label, generator=gen, cache=cache, **setup.settings)
+        call_sampler(entry, setup.components, label, generator=gen, cache=cache, **setup.settings_for(entry.name))
         _sync(device)
         if r > 0:
             times.append(time.perf_counter() - t0)
@@ -283,11 +288,12 @@ UNKNOWN_ORDER = ("ar", "var", "nar", "ctf", "pair")
 def _trial(entry, setup: Setup, device) -> str | None:
     """None when ``entry`` samples one image on ``setup``, else the reason it cannot."""
     from var.eval.discovery import probe_sampler
-    missing = entry.missing_components(setup.components, setup.settings)
+    settings = setup.settings_for(entry.name)
+    missing = entry.missing_components(setup.components, settings)
     if missing:
         return f"needs {missing}"
     try:
-        probe_sampler(entry, setup.components, torch.tensor([0], device=device), device=device, **setup.settings)
+        probe_sampler(entry, setup.components, torch.tensor([0], device=device), device=device, **settings)
     except Exception as e:
         return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
     return None
@@ -342,7 +348,8 @@ def _policy_factories(policies: dict, setup: Setup, budgets, device, only=None) 
 
 def run_benchmark(*, device="cpu", num_images: int = 64, batch: int = 16, repeats: int = 3,
                   budgets=(0.5, 0.25, 0.1), seed: int = 0, models: tuple[str, ...] = (), extractor: str = "auto",
-                  samplers: tuple[str, ...] = (), policies: tuple[str, ...] = (), timed_runs: int = 2) -> dict:
+                  samplers: tuple[str, ...] = (), policies: tuple[str, ...] = (), timed_runs: int = 2,
+                  families: tuple[str, ...] = ()) -> dict:
     """Measure every (setup, sampler[, cache policy, budget]) row; returns the report dict (see module doc)."""
     from var.eval.discovery import discover_cache_policies, discover_samplers
     from var.eval.features import extract_features, load_offline_extractor
@@ -351,6 +358,8 @@ def run_benchmark(*, device="cpu", num_images: int = 64, batch: int = 16, repeat
 
     found_samplers, found_policies = discover_samplers(), discover_cache_policies()
     setups = build_setups(device, models=models, seed=seed)
+    if families:
+        setups = [s for s in setups if any(f in s.name for f in families)]
     ext = load_offline_extractor(extractor, device=device)
     pairs, skipped = _assign(found_samplers, setups, device, only=set(samplers) or None)
     rows, references = [], {}
@@ -412,6 +421,7 @@ def run_benchmark(*, device="cpu", num_images: int = 64, batch: int = 16, repeat
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "settings": {"num_images": num_images, "batch": batch, "repeats": repeats, "timed_runs": timed_runs,
                          "budgets": list(budgets),
-                         "seed": seed, "setups": {s.name: s.settings for s in setups}},
+                         "seed": seed,
+                         "setups": {s.name: {**s.settings, "per_sampler": s.per_sampler} for s in setups}},
             "evaluator": f"offline:{ext.name}", "references": references, "rows": rows, "skipped": skipped,
             "samplers_found": sorted(found_samplers), "policies_found": sorted(found_policies)}
