@@ -227,7 +227,7 @@ def sample_jacobi(model, vq, labels_B, *, window: int = 16, init: str = "random"
         logits = model.decode(proc.double(inputs), cache, positions=proc.double(positions),
                               attn_mask=proc.double(mask)[:, None])
         stats.forward_passes += 1
-        p = proc.probs(logits, f"window at tokens {n.tolist()}")  # [B, Lw, V]: p[:, i] is token n + i
+        p = proc.probs(logits, "Jacobi window")  # [B, Lw, V]: p[:, i] is token n + i
 
         # drafts k = 0..Lw-2 (token n + k) against p[:, k]; all uniforms/samples are drawn for every position
         x, q, pk = drafts[:, :Lw - 1], draft_q[:, :Lw - 1], p[:, :Lw - 1]
