@@ -81,3 +81,13 @@ def test_discovery_skips_broken_modules(monkeypatch):
     policies = discovery.discover_cache_policies()
     assert "FullCache" in policies
     assert not any(e.cls.__name__ == "CompressionPolicy" for e in policies.values())  # interfaces are not rows
+
+
+def test_plot_without_matplotlib_falls_back_to_pil(report, tmp_path, monkeypatch):
+    import sys
+    from PIL import Image
+    from var.eval.report import plot
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    path = plot(report[0], tmp_path / "p.png")
+    with Image.open(path) as img:
+        assert img.size == (900, 600)

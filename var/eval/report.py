@@ -66,27 +66,38 @@ def plot(report: dict, path: str | os.PathLike) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         return _plot_pil(rows, report, path)
-    fig, ax = plt.subplots(figsize=(9, 6), dpi=110)
-    families = list(dict.fromkeys(r["family"] for r in rows))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, fam in enumerate(families):
+    families = list(dict.fromkeys(r["family"] for r in rows)) or ["(no rows)"]
+    ncols = min(3, len(families))
+    nrows = math.ceil(len(families) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 4.2 * nrows), dpi=100, squeeze=False)
+    for ax in axes.flat[len(families):]:
+        ax.set_visible(False)
+    for ax, fam in zip(axes.flat, families):  # one panel per family: fd is comparable within a family only
         sel = [r for r in rows if r["family"] == fam]
-        ax.scatter([r["images_per_s"] for r in sel], [r["fd"] for r in sel], color=colors[i % len(colors)],
-                   label=fam, s=[60 if r.get("is_reference") else 30 for r in sel], alpha=0.85)
         for r in sel:
-            tag = r["sampler"] + ("" if r["cache"] == "full" else f"+{r['cache']}{r['budget']:.0%}"
-                                  if r["budget"] is not None else f"+{r['cache']}")
-            ax.annotate(tag, (r["images_per_s"], r["fd"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("images / s (log)")
-    ax.set_ylabel(f"fd ↓ ({report['evaluator']})")
-    ax.set_title(f"speed vs quality — {report['machine'][:90]}", fontsize=8)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+            ref = r.get("is_reference")
+            ax.scatter(r["images_per_s"], r["fd"], marker="*" if ref else "o", s=140 if ref else 30,
+                       color="C3" if ref else ("C0" if r["cache"] == "full" else "C2"), zorder=3)
+            ax.annotate(_label(r), (r["images_per_s"], r["fd"]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_title(fam, fontsize=9)
+        ax.set_xlabel("images / s (log)", fontsize=8)
+        ax.set_ylabel("fd (lower is better)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(f"speed vs quality: {report['machine'][:100]}\nfd on {report['evaluator'][:80]}; "
+                 f"star = reference sampler, green = compressed KV cache", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _label(r: dict) -> str:
+    if r["cache"] == "full":
+        return r["sampler"]
+    return f"{r['cache']} {r['budget']:.0%}" if r["budget"] is not None else r["cache"]
 
 
 def _plot_pil(rows, report, path: Path) -> Path:
