@@ -85,9 +85,10 @@ def build_setups(device="cpu", *, models: tuple[str, ...] = (), seed: int = 0) -
     except ImportError:
         pass
     setups = []
-    bundled = _try("bundled VAR", _bundled_var)
-    if bundled is not None:
-        setups.append(bundled)
+    for what, loader in (("bundled VAR", _bundled_var), ("bundled AR", _bundled_ar)):
+        bundled = _try(what, loader)
+        if bundled is not None:
+            setups.append(bundled)
 
     def var_tiny():
         torch.manual_seed(seed)
@@ -150,6 +151,21 @@ def _bundled_var() -> Setup | None:
     tok, model = hub.load_var(path / "tokenizer", path / "transformer")
     return Setup(f"bundled VAR ({path.name})", {"model": model.eval(), "tok": tok.eval()}, "next_scale", True,
                  dict(VAR_SETTINGS), _num_classes(model))
+
+
+def _bundled_ar() -> Setup | None:
+    from var import hub
+    try:
+        from var.hub_llamagen import bundled_ar_dir
+    except ImportError:
+        return None
+    path = bundled_ar_dir()
+    if path is None:
+        return None
+    vq, gpt = hub.load_pretrained(path / "tokenizer"), hub.load_pretrained(path / "transformer")
+    half_row = max(1, int(getattr(gpt.config, "grid_size", 2)) // 2)
+    return Setup(f"bundled AR ({path.name})", {"model": gpt.eval(), "vq": vq.eval(), "tok": vq.eval()}, "next_token",
+                 True, dict(AR_SETTINGS), _num_classes(gpt), kind="ar", per_sampler={"zipar": {"window": half_row}})
 
 
 # ---- measurement ------------------------------------------------------------------------------------------------
