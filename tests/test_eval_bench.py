@@ -92,3 +92,15 @@ def test_plot_without_matplotlib_falls_back_to_pil(report, tmp_path, monkeypatch
     path = plot(report[0], tmp_path / "p.png")
     with Image.open(path) as img:
         assert img.size == (900, 600)
+
+
+def test_merge_reports_joins_rows_and_refuses_other_machines(report):
+    from var.eval.report import merge_reports
+    rep = report[0]
+    other = {**rep, "rows": [{**r, "family": "other"} for r in rep["rows"]], "references": {"other": "x"},
+             "skipped": [{"sampler": "next_scale", "reason": "not here"}]}
+    merged = merge_reports([rep, other])
+    assert len(merged["rows"]) == 2 * len(rep["rows"]) and set(merged["references"]) >= {"other"}
+    assert not any(x["sampler"] == "next_scale" for x in merged["skipped"])  # it ran in the other report
+    with pytest.raises(ConfigError):
+        merge_reports([rep, {**rep, "machine": "another box"}])

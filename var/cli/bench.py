@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="benchmarks")
     p.add_argument("--tag", default=None, help="file name stem (default: samplers_<device kind>)")
+    p.add_argument("--merge", nargs="*", default=[], metavar="JSON",
+                   help="earlier reports (same machine and settings) whose rows join this table")
     return p
 
 
@@ -52,11 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
     from var.eval.benchmark import run_benchmark
-    from var.eval.report import to_markdown, write_report
+    import json
+    from var.eval.report import merge_reports, to_markdown, write_report
     report = run_benchmark(device=args.device, num_images=args.num_images, batch=args.batch, repeats=args.repeats,
                            budgets=tuple(args.budgets), seed=args.seed, models=tuple(args.models),
                            extractor=args.extractor, samplers=tuple(args.samplers), policies=tuple(args.policies),
                            timed_runs=args.timed_runs, families=tuple(args.families))
+    if args.merge:
+        report = merge_reports([json.loads(open(p).read()) for p in args.merge] + [report])
     paths = write_report(report, args.out_dir, args.tag or default_tag(args.device))
     print(to_markdown(report))
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))

@@ -142,3 +142,30 @@ def write_report(report: dict, out_dir: str | os.PathLike, tag: str) -> dict[str
     paths["md"].write_text(to_markdown(report) + f"\n![speed vs quality]({tag}.png)\n")
     plot(report, paths["png"])
     return paths
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """One report from runs of the same settings on the same machine (e.g. ``--families`` split over two runs)."""
+    from var.errors import ConfigError
+    first = reports[0]
+    for other in reports[1:]:
+        for key in ("machine", "device", "evaluator"):
+            if other[key] != first[key]:
+                raise ConfigError(f"cannot merge reports with different {key}: {first[key]!r} vs {other[key]!r}")
+        for key in ("num_images", "batch", "repeats", "timed_runs", "budgets", "seed"):
+            if other["settings"].get(key) != first["settings"].get(key):
+                raise ConfigError(f"cannot merge reports with different {key}")
+    merged = {**first, "rows": [r for rep in reports for r in rep["rows"]],
+              "skipped": [x for rep in reports for x in rep["skipped"]],
+              "references": {k: v for rep in reports for k, v in rep["references"].items()},
+              "date": max(rep["date"] for rep in reports),
+              "load": "; ".join(rep.get("load", "") for rep in reports)}
+    merged["settings"] = {**first["settings"],
+                          "setups": {k: v for rep in reports for k, v in rep["settings"]["setups"].items()}}
+    seen, unique = set(), []
+    for x in merged["skipped"]:  # a sampler skipped in one run may have run in the other
+        if x["sampler"] not in seen and not any(r["sampler"] == x["sampler"] for r in merged["rows"]):
+            seen.add(x["sampler"])
+            unique.append(x)
+    merged["skipped"] = unique
+    return merged
