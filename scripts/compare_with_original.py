@@ -187,25 +187,27 @@ class _Recorder:
         return out
 
 
-def run_original(orig_var, labels, seed, cfg, top_k, top_p):
+def run_original(orig_var, labels, seed, cfg, top_k, top_p, more_smooth=False):
     return orig_var.autoregressive_infer_cfg(B=labels.shape[0], label_B=labels, g_seed=seed, cfg=cfg,
-                                             top_k=top_k, top_p=top_p, more_smooth=False)
+                                             top_k=top_k, top_p=top_p, more_smooth=more_smooth)
 
 
-def run_ours(model, tok, labels, seed, cfg, top_k, top_p):
+def run_ours(model, tok, labels, seed, cfg, top_k, top_p, more_smooth=False):
     gen = torch.Generator().manual_seed(seed)
-    return ours_sampler.sample_next_scale(model, tok, labels, cfg=cfg, top_k=top_k, top_p=top_p, generator=gen)
+    return ours_sampler.sample_next_scale(model, tok, labels, cfg=cfg, top_k=top_k, top_p=top_p, generator=gen,
+                                          more_smooth=more_smooth)
 
 
 @torch.no_grad()
-def compare_sampling(orig_var_module, orig_var, tok, model, batch, seed, cfg, top_k, top_p) -> dict:
+def compare_sampling(orig_var_module, orig_var, tok, model, batch, seed, cfg, top_k, top_p,
+                     more_smooth=False) -> dict:
     labels = torch.arange(batch) * 211 % 1000
     rec_orig = _Recorder(orig_var_module.sample_with_top_k_top_p_)
     rec_ours = _Recorder(ours_sampler.processed_logits)
     orig_var_module.sample_with_top_k_top_p_, ours_sampler.processed_logits = rec_orig, rec_ours
     try:
-        img_orig = run_original(orig_var, labels, seed, cfg, top_k, top_p)
-        out = run_ours(model, tok, labels, seed, cfg, top_k, top_p)
+        img_orig = run_original(orig_var, labels, seed, cfg, top_k, top_p, more_smooth)
+        out = run_ours(model, tok, labels, seed, cfg, top_k, top_p, more_smooth)
     finally:
         orig_var_module.sample_with_top_k_top_p_ = rec_orig.fn
         ours_sampler.processed_logits = rec_ours.fn
@@ -321,6 +323,7 @@ def main(argv=None) -> int:
     ap.add_argument("--top-k", type=int, default=900)
     ap.add_argument("--top-p", type=float, default=0.96)
     ap.add_argument("--shared-aln", action="store_true", help="shared-AdaLN variant (as in VAR-d36-s)")
+    ap.add_argument("--more-smooth", action="store_true", help="also compare VAR's Gumbel-smoothed sampling")
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "var_vs_original",
                     help="output prefix: writes <out>.md and <out>.json (with --skip-timing nothing is written)")
@@ -344,7 +347,7 @@ def main(argv=None) -> int:
     report["teacher_forcing"] = compare_teacher_forcing(orig_vae, orig_var, tok, model, idx_orig, args.batch)
     log(f"(b) teacher forcing: {json.dumps(report['teacher_forcing'])}")
     report["sampling"] = compare_sampling(orig_var_module, orig_var, tok, model, args.batch, args.seed,
-                                          args.cfg, args.top_k, args.top_p)
+                                          args.cfg, args.top_k, args.top_p, args.more_smooth)
     log(f"(c) sampling: {json.dumps(report['sampling'])}")
     if not args.skip_timing:
         report["timing"] = time_sampling(orig_var, tok, model, args.batch, args.big_batch, args.runs, args.seed,

@@ -111,8 +111,12 @@ def rand_like_per_sample(shape, generator: GeneratorArg, device, dtype=torch.flo
 
 
 def gumbel_softmax(logits: torch.Tensor, tau: float, generator: GeneratorArg = None) -> torch.Tensor:
-    """Soft Gumbel-softmax sample ``softmax((logits + g) / tau)`` with seeded Gumbel noise g."""
-    u = rand_like_per_sample(logits.shape, generator, logits.device, torch.float32)
-    exponential = -torch.log(u.clamp_min(1e-20))  # Exp(1) samples
-    gumbel = -torch.log(exponential.clamp_min(1e-20))
-    return F.softmax((logits.float() + gumbel) / tau, dim=-1)
+    """Soft Gumbel-softmax sample ``softmax((logits + g) / tau)``, ``g = -log(Exp(1))`` drawn with
+    ``exponential_`` on the generator(s) (VAR's ``more_smooth`` noise, so seeded runs match the original)."""
+    gens = _as_generator_list(generator, logits.shape[0])
+    if gens is None:
+        exponential = torch.empty_like(logits, dtype=torch.float32).exponential_(generator=generator)
+    else:
+        exponential = torch.stack([torch.empty_like(logits[b], dtype=torch.float32).exponential_(generator=g)
+                                   for b, g in enumerate(gens)])
+    return F.softmax((logits.float() - exponential.log()) / tau, dim=-1)
