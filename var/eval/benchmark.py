@@ -15,7 +15,8 @@ the VAR family also run with every discovered cache policy at each budget. Per r
   the real offline dataset for trained (bundled) models, else the reference sampler's images drawn with another
   seed (so the reference row shows the noise floor of the estimate);
 * ``kid``: kernel distance (unbiased MMD^2, cubic kernel) on the same features and reference: unlike ``fd`` it
-  has no small-sample bias, so its noise floor is ~0 even with few images (FD needs N >> feature dim);
+  has no small-sample bias (FD needs N >> feature dim), so it can come out negative; values near the reference
+  row's are within noise, and its scale depends on the feature magnitudes;
 * ``token_agreement``: share of tokens equal to the reference sampler's with the same seed and batches (1.0 for
   exact-replay paths such as a 100 % cache budget; low for samplers that draw randomness differently even when
   they are exact in distribution -- judge those by ``fd``).

@@ -32,7 +32,8 @@ def to_markdown(report: dict) -> str:
              f"passes per sampler call. Quality: `fd` = Frechet distance on the features of "
              f"**{report['evaluator']}** (not an Inception FID; compare rows of one family only) against the "
              f"reference named below (FD is biased upward when images are few relative to the feature dimension); "
-             f"`kid` = kernel distance on the same features (unbiased: ~0 means indistinguishable); `agree` = "
+             f"`kid` = kernel distance on the same features (unbiased, so it can be negative: values near the "
+             f"reference row's are within noise; its scale depends on the features); `agree` = "
              f"token agreement with the family's reference sampler for the same "
              f"seed. Peak memory is {'CUDA peak allocation' if report['device'].startswith('cuda') else 'process peak RSS (includes Python and torch; compare rows)'}.",
              "",
