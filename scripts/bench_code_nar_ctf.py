@@ -296,6 +296,42 @@ def bench_quality(args) -> dict:
             "train_batch": bs, "lr": lr, "cfg": args.quality_cfg, "samples": n, "train": train_log, "rows": rows}
 
 
+def bench_code_quality(args) -> dict:
+    """CoDe on trained models: the bundled VAR drafts, ``--code-refiner`` (a smaller VAR on the same tokenizer)
+    refines; classifier accuracy and timing for every draft_steps N (N = K: the drafter alone, N = 0: the refiner)."""
+    from var import hub
+    from var.assets import bundled_var_dir
+    from var.eval.classifier import load_classifier
+
+    var_dir = Path(args.code_drafter) if args.code_drafter else bundled_var_dir()
+    tok, drafter = hub.load_var(var_dir / "tokenizer", var_dir / "transformer")
+    refiner = hub.load_var_transformer(args.code_refiner)
+    clf = load_classifier().eval()
+    n, K = args.samples, len(tok.patch_nums)
+    labels = torch.arange(n) % 10
+    rows = []
+    for N in range(K, -1, -1):
+        out = sample_collaborative(drafter, refiner, tok, labels, draft_steps=N, cfg=1.5, top_k=900, top_p=0.96,
+                                   generator=torch.Generator().manual_seed(args.seed))  # warm-up + the samples
+        t0 = time.perf_counter()
+        sample_collaborative(drafter, refiner, tok, labels, draft_steps=N, cfg=1.5, top_k=900, top_p=0.96,
+                             generator=torch.Generator().manual_seed(args.seed), decode=False)
+        sec = time.perf_counter() - t0
+        with torch.no_grad():
+            acc = (clf.predict(out.images * 2 - 1) == labels).float().mean().item()
+        name = {K: "VAR drafter (plain)", 0: "VAR refiner (plain)"}.get(N, f"CoDe N={N}")
+        rows.append({"sampler": name, "draft_steps": N, "forward_passes": out.stats.forward_passes,
+                     "images_per_s": n / sec, "peak_kv_cache_mb": out.stats.peak_kv_cache_bytes / 2 ** 20,
+                     "classifier_accuracy": acc})
+    print(f"{'sampler':22s} {'passes':>6s} {'img/s':>8s} {'KV MB':>7s} {'class acc':>9s}")
+    for r in rows:
+        print(f"{r['sampler']:22s} {r['forward_passes']:6d} {r['images_per_s']:8.2f} {r['peak_kv_cache_mb']:7.2f} "
+              f"{r['classifier_accuracy']:9.3f}")
+    return {"drafter": str(var_dir), "drafter_params": sum(p.numel() for p in drafter.parameters()),
+            "refiner": str(args.code_refiner), "refiner_params": sum(p.numel() for p in refiner.parameters()),
+            "settings": {"cfg": 1.5, "top_k": 900, "top_p": 0.96}, "samples": n, "rows": rows}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="cpu")
@@ -319,7 +355,19 @@ def main(argv=None) -> int:
     q.add_argument("--samples", type=int, default=200)
     q.add_argument("--quality-cfg", type=float, default=2.0)
     q.add_argument("--save-dir", default=None, help="save the trained models here (save_pretrained layout)")
+    c = ap.add_argument_group("CoDe quality with trained VARs (the bundled VAR drafts)")
+    c.add_argument("--code-refiner", default=None, help="a saved smaller VAR over the drafter's tokenizer")
+    c.add_argument("--code-drafter", default=None, help="VAR bundle dir (tokenizer/ + transformer/); default bundled")
     args = ap.parse_args(argv)
+    if args.code_refiner:
+        torch.set_num_threads(args.threads)
+        result = bench_code_quality(args)
+        out = Path(args.out or "benchmarks/code_quality_shapes.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"machine": machine(), "torch": torch.__version__,
+                                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **result}, indent=2))
+        print(f"wrote {out}")
+        return 0
     if args.quality_tokenizer:
         if not torch.cuda.is_available():
             torch.set_num_threads(args.threads)
