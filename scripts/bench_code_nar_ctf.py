@@ -190,7 +190,7 @@ def bench_nar_ctf(size, device, repeats, gen_seed) -> list[dict]:
     kmeans_s = time.perf_counter() - t0
     out, sec, peak = timed(lambda: sample_coarse_to_fine(stage1, stage2, None, labels, cfg=2.0, generator=gen(),
                                                          decode=False), repeats, device)
-    coarse = out.stats.extra.pop("coarse")
+    coarse = out.coarse
     with torch.no_grad():
         nll1 = gpt_nll(stage1, labels, coarse)
         logits2 = stage2(labels, coarse).float()

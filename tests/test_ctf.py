@@ -1,4 +1,6 @@
 """CTF: codebook k-means, stage-1/stage-2 losses, constrained two-stage sampling (N + 1 passes)."""
+import json
+
 import pytest
 import torch
 
@@ -70,15 +72,16 @@ def test_constrained_sampling_stays_in_cluster(models):
     stage1, stage2, cluster_of = models
     labels = torch.tensor([0, 1, 2, 3, 9, 10])
     out = sample_coarse_to_fine(stage1, stage2, None, labels, generator=torch.Generator().manual_seed(0))
-    coarse = out.stats.extra["coarse"]
+    coarse = out.coarse
     assert torch.equal(cluster_of[out.tokens], coarse)
     assert out.stats.forward_passes == 16 + 1 and out.tokens.shape == (6, 16)
+    json.dumps(out.stats.as_dict())  # stats stay serialisable
     free = sample_coarse_to_fine(stage1, stage2, None, labels, constrained=False,
                                  generator=torch.Generator().manual_seed(0))
-    assert not torch.equal(cluster_of[free.tokens], free.stats.extra["coarse"])  # the constraint did something
+    assert not torch.equal(cluster_of[free.tokens], free.coarse)  # the constraint did something
     guided = sample_coarse_to_fine(stage1, stage2, create("vq_tiny").eval(), labels, stage2_cfg=3.0, stage2_top_k=5,
                                    generator=torch.Generator().manual_seed(1))
-    assert torch.equal(cluster_of[guided.tokens], guided.stats.extra["coarse"])
+    assert torch.equal(cluster_of[guided.tokens], guided.coarse)
     assert guided.images.shape == (6, 3, 16, 16) and torch.isfinite(guided.images).all()
 
 
@@ -86,7 +89,7 @@ def test_stage1_greedy_matches_teacher_forcing(models):
     stage1, stage2, cluster_of = models
     labels = torch.tensor([4, 5])
     out = sample_coarse_to_fine(stage1, stage2, None, labels, cfg=2.5, top_k=1)
-    coarse = out.stats.extra["coarse"]
+    coarse = out.coarse
     with torch.no_grad():
         logits = apply_cfg(stage1(labels, coarse), stage1(torch.full_like(labels, 10), coarse), 2.5)
     assert torch.equal(logits.argmax(-1), coarse)

@@ -9,6 +9,7 @@ may only take a code of its coarse cluster, so the fine map always refines the c
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -18,6 +19,14 @@ from var.models.ctf import constrain_logits
 from var.samplers.logits import GeneratorArg, apply_cfg, check_finite, multinomial, processed_logits
 from var.samplers.next_token import TokenProcessor, finish, prepare
 from var.samplers.stats import SampleOutput, SamplerStats
+
+
+@dataclass
+class CTFSampleOutput(SampleOutput):
+    """:class:`SampleOutput` plus the stage-1 ``coarse`` labels ``[B, grid^2]`` (kept out of ``stats`` so that the
+    stats stay JSON-serialisable)."""
+
+    coarse: torch.Tensor | None = None
 
 
 def _check_pair(stage1, stage2, vq) -> None:
@@ -69,7 +78,7 @@ def draw_fine(stage2, labels_B, coarse_BN, proc: TokenProcessor, *, constrained:
 def sample_coarse_to_fine(stage1, stage2, vq, labels_B, *, cfg: float = 2.0, top_k: int = 0, top_p: float = 0.0,
                           temperature: float = 1.1, stage2_cfg: float = 1.0, stage2_top_k: int = 0,
                           stage2_temperature: float = 1.1, constrained: bool = True,
-                          generator: GeneratorArg = None, cache=None, decode: bool = True) -> SampleOutput:
+                          generator: GeneratorArg = None, cache=None, decode: bool = True) -> CTFSampleOutput:
     """Sample ``len(labels_B)`` token grids with CTF (defaults: the paper's tau1 = tau2 = 1.1, no stage-2 top-k).
 
     Args:
@@ -80,8 +89,8 @@ def sample_coarse_to_fine(stage1, stage2, vq, labels_B, *, cfg: float = 2.0, top
         constrained: restrict each fine code to its coarse cluster.
         cache: cache policy for stage 1 (stage 2 has no cache).
     Returns:
-        :class:`SampleOutput` with fine ``tokens [B, grid^2]``; ``stats.extra["coarse"]`` holds the coarse labels
-        (a tensor) and ``stats.forward_passes == grid^2 + 1``.
+        :class:`CTFSampleOutput` with fine ``tokens [B, grid^2]`` and the ``coarse`` labels;
+        ``stats.forward_passes == grid^2 + 1``.
     """
     t0 = time.perf_counter()
     _check_pair(stage1, stage2, vq)
@@ -91,5 +100,5 @@ def sample_coarse_to_fine(stage1, stage2, vq, labels_B, *, cfg: float = 2.0, top
     coarse = draw_coarse_labels(stage1, labels_B, proc1, generator=generator, cache=cache, stats=stats)
     fine = draw_fine(stage2, labels_B, coarse, proc2, constrained=constrained, generator=generator)
     stats.forward_passes += 1
-    stats.extra["coarse"] = coarse
-    return finish(stage1, vq, fine, stats, t0, decode)
+    out = finish(stage1, vq, fine, stats, t0, decode)
+    return CTFSampleOutput(images=out.images, tokens=out.tokens, stats=out.stats, coarse=coarse)
