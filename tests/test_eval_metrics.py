@@ -141,9 +141,11 @@ def test_auto_extractor_prefers_the_offline_classifier_and_falls_back(monkeypatc
         def features(self, x):
             return self.conv(x).mean(dim=(2, 3))
 
+    import var.eval
     fake = types.ModuleType("var.eval.classifier")
     fake.load_classifier = lambda *a, **k: TinyClassifier()
     monkeypatch.setitem(sys.modules, "var.eval.classifier", fake)
+    monkeypatch.setattr(var.eval, "classifier", fake, raising=False)  # the package attribute wins once imported
     ext = load_offline_extractor("auto")
     assert ext.name.startswith("offline-classifier(TinyClassifier,")
     assert extract_features(ext, smooth_images(3, seed=0)).shape == (3, 5)
