@@ -29,7 +29,17 @@ RELEASED_VAR_REPO = "FoundationVision/var"
 RELEASED_VAR_FILES = ("vae_ch160v4096z32.pth", "var_d16.pth", "var_d20.pth", "var_d24.pth", "var_d30.pth",
                       "var_d36.pth")
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
-_CLASSES = {"VAR": (VAR, VARConfig), "MultiScaleVQVAE": (MultiScaleVQVAE, MultiScaleVQVAEConfig)}
+
+
+def saved_model_classes() -> dict:
+    """``_class_name`` of a saved directory -> (module class, config dataclass); imported lazily."""
+    from var.models.ctf import CTFStage2, CTFStage2Config
+    from var.models.gpt import GPT, GPTConfig
+    from var.models.nar import NAR
+    from var.tokenizers.single_scale_vq import SingleScaleVQ, SingleScaleVQConfig
+    return {"VAR": (VAR, VARConfig), "MultiScaleVQVAE": (MultiScaleVQVAE, MultiScaleVQVAEConfig),
+            "GPT": (GPT, GPTConfig), "SingleScaleVQ": (SingleScaleVQ, SingleScaleVQConfig),
+            "NAR": (NAR, GPTConfig), "CTFStage2": (CTFStage2, CTFStage2Config)}
 
 
 # ---- reading files ------------------------------------------------------------------------------------------
@@ -184,9 +194,10 @@ def load_pretrained(directory: str | os.PathLike, *, device="cpu") -> nn.Module:
     if not config_path.exists():
         raise CheckpointError(f"{directory} is not a saved model directory (no {CONFIG_NAME})")
     meta = json.loads(config_path.read_text())
-    if meta.get("_class_name") not in _CLASSES:
+    classes = saved_model_classes()
+    if meta.get("_class_name") not in classes:
         raise CheckpointError(f"{config_path}: unknown model class {meta.get('_class_name')!r}")
-    cls, config_cls = _CLASSES[meta["_class_name"]]
+    cls, config_cls = classes[meta["_class_name"]]
     module = _build_on_meta(cls, config_cls(**meta["config"]))
     load_strict(module, read_state_dict(directory), f"{cls.__name__} saved in {directory}")
     return module.to(device).eval()

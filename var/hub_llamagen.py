@@ -6,7 +6,7 @@
   ``argparse.Namespace`` next to them: files are read with ``torch.load(weights_only=True)`` with the Namespace on
   the safe-globals allow-list; stale ``freqs_cis`` entries of old checkpoints are dropped.
 * Directories written by :func:`var.hub.save_pretrained` (``config.json`` + ``model.safetensors``) load too: the
-  classes ``GPT`` and ``SingleScaleVQ`` are registered in ``var.hub._CLASSES``.
+  classes ``GPT`` and ``SingleScaleVQ`` are listed in ``var.hub.saved_model_classes``.
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from var.errors import CheckpointError, CheckpointMismatchError
 from var.models.gpt import GPT, GPTConfig
 from var.tokenizers.single_scale_vq import SingleScaleVQ, SingleScaleVQConfig
 
-hub._CLASSES.update({"GPT": (GPT, GPTConfig), "SingleScaleVQ": (SingleScaleVQ, SingleScaleVQConfig)})
 
 _DROPPED_KEYS = ("freqs_cis",)  # a non-persistent table some old LlamaGen checkpoints still carry
 

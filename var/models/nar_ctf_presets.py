@@ -2,19 +2,15 @@
 
 Sizes follow the papers: NAR adds one block and one ``dim x V`` head to a LlamaGen GPT; the CTF stage-1 model is a
 LlamaGen GPT over the K coarse labels; the CTF stage-2 model is a bidirectional LlamaGen-style transformer.
-The ``*_tiny`` presets (4 x 4 grid, 64 codes, 10 classes) are for tests and CPU experiments. Importing the module
-also lets :func:`var.hub.load_pretrained` rebuild saved NAR and CTF stage-2 models.
+The ``*_tiny`` presets (4 x 4 grid, 64 codes, 10 classes) are for tests and CPU experiments.
 """
 from __future__ import annotations
 
-from var import hub
 from var.models.ctf import CTFStage2, CTFStage2Config
 from var.models.gpt import GPT, GPTConfig
 from var.models.nar import NAR
 from var.models.registry import register_model
 
-# save_pretrained / load_pretrained directories of these classes (GPT itself is registered by var.hub_llamagen)
-hub._CLASSES.update({"NAR": (NAR, GPTConfig), "CTFStage2": (CTFStage2, CTFStage2Config)})
 
 LLAMAGEN_SIZES = {"b": dict(n_layer=12, n_head=12, dim=768), "m": dict(n_layer=18, n_head=16, dim=1024),
                   "l": dict(n_layer=24, n_head=16, dim=1024), "xl": dict(n_layer=36, n_head=20, dim=1280)}
