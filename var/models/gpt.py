@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from var.errors import ClassIdError, ConfigError
+from var.errors import ConfigError
+from var.models.conditioning import check_class_labels
 from var.kernels.kv_cache import KVCache
 
 
@@ -203,12 +204,7 @@ class GPT(nn.Module):
 
     def check_labels(self, labels_B: torch.Tensor) -> None:
         """Raise :class:`ClassIdError` unless every label is in ``[0, num_classes]`` (num_classes = null)."""
-        if labels_B.dtype.is_floating_point or labels_B.ndim != 1:
-            raise ClassIdError(f"labels must be a 1-D integer tensor, got {labels_B.dtype} {tuple(labels_B.shape)}")
-        if labels_B.numel() and (labels_B.min() < 0 or labels_B.max() > self.null_class):
-            bad = labels_B[(labels_B < 0) | (labels_B > self.null_class)].tolist()
-            raise ClassIdError(f"class ids {bad} out of range [0, {self.null_class - 1}] "
-                               f"(or {self.null_class} for unconditional)")
+        check_class_labels(labels_B, self.null_class)
 
     def check_tokens(self, idx: torch.Tensor) -> None:
         if idx.dtype.is_floating_point or (idx.numel() and (idx.min() < 0 or idx.max() >= self.vocab_size)):
