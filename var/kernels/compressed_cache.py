@@ -205,7 +205,6 @@ class CompressedKVCache:
             raise ConfigError(f"cannot truncate to {length}: positions >= {self._stored_until} (the last scale) "
                               f"were not stored; use keep_last_scale=True")
         for layer in range(self.num_layers):
-            B, H = self.batch_size, self.num_heads
             pos, valid = self._padded_prefix_meta(layer)
             keep = valid & (pos < length)
             if bool(keep.sum() != valid.sum()):

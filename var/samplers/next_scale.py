@@ -7,7 +7,6 @@ last). So ``cfg = 0`` is conditional-only sampling (and skips the unconditional 
 from __future__ import annotations
 
 import time
-from typing import Sequence
 
 import torch
 
