@@ -206,7 +206,7 @@ def fmt_bytes(b) -> str:
 
 
 def to_markdown(meta, rows, arith, kernel_rows) -> str:
-    lines = [f"# KV-cache compression benchmark", "", f"Machine: {meta['machine']}", "",
+    lines = ["# KV-cache compression benchmark", "", f"Machine: {meta['machine']}", "",
              f"Model: {meta['model']}; {meta['images']} images (classes spread over the label range), cfg 1.5, "
              f"top-k 900, top-p 0.96, one generator per image seeded {meta['seed']}+i; fidelity vs the full cache "
              f"with the same seeds. Budgets: fraction of the tokens per head carried into the last scale; "
