@@ -161,6 +161,14 @@ def to_markdown(r: dict) -> str:
             t = r[fam]["tokenizer"]
             lines.append(f"| {fam} | {t['psnr_db']} | {t['codes_used']} / {t['vocab_size']} |")
     lines += ["", f"Bundled files: {r['asset_bytes']['total'] / 2**20:.2f} MiB in total.", ""]
+    training = ROOT / "benchmarks" / "bundled_training.json"
+    if training.exists():
+        t = json.loads(training.read_text())
+        lines += ["## How they were trained", "", f"Machine: {t['machine']}", "",
+                  "| model | wall time | command |", "|---|---|---|"]
+        for row in t["runs"]:
+            lines.append(f"| {row['model']} | {row['wall_time']} | `{row['command']}` |")
+        lines += ["", t.get("note", ""), ""]
     return "\n".join(lines)
 
 
