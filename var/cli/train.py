@@ -20,10 +20,9 @@ import argparse
 import dataclasses
 import json
 import logging
-import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch

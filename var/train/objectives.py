@@ -15,7 +15,6 @@ is part of :meth:`state_dict` so a resumed run draws the same labels.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Sequence
 

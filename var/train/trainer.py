@@ -20,7 +20,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,7 @@ from var.errors import CheckpointError, ConfigError
 from var.train.checkpoint import (checkpoint_path, latest_valid_checkpoint, load_checkpoint, prune_checkpoints,
                                   save_checkpoint)
 from var.train.data import ResumableBatchSampler
-from var.train.objectives import Objective, unwrap
+from var.train.objectives import Objective
 
 log = logging.getLogger(__name__)
 
