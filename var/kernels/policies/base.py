@@ -116,6 +116,15 @@ def uniform_queries(n: int, count: int, device) -> torch.Tensor:
     return torch.linspace(0, n - 1, k, device=device).round().long().unique()
 
 
+def window_priority(scores_BHP: torch.Tensor, ctx: SelectionContext, idx_cur: torch.Tensor, cap: int) -> torch.Tensor:
+    """SnapKV/ScaleKV priorities: the observation window is forced in only when ``cap`` holds it with room to
+    spare; otherwise (``cap <= len(window)``, small models or tiny budgets) every candidate, window included, is
+    ranked by its pooled score, so the cache is not filled with current-scale tokens chosen by position."""
+    if cap > idx_cur.numel():
+        return forced(scores_BHP, current_index_mask(ctx, idx_cur) & ctx.valid_BHP)
+    return scores_BHP
+
+
 def current_index_mask(ctx: SelectionContext, idx_cur: torch.Tensor) -> torch.Tensor:
     """``[B, H, P]`` mask of the given current-scale token indices."""
     B, H, P = ctx.valid_BHP.shape

@@ -63,6 +63,23 @@ class CalibrationProfile:
         raise ConfigError(f"profile must be a CalibrationProfile, a JSON path or None, got {type(profile).__name__}")
 
 
+BUNDLED_PROFILE_NAME = "kv_profile.json"
+
+
+def bundled_profile_path() -> Path:
+    """Where the calibration profile of the bundled VAR (``var/assets/var_bundled``) is shipped."""
+    from var.assets import ASSETS_DIR
+    return ASSETS_DIR / "var_bundled" / BUNDLED_PROFILE_NAME
+
+
+def bundled_profile() -> CalibrationProfile:
+    """The shipped profile of the bundled VAR: ``ScaleKV(budget=0.1, profile=bundled_profile())``, same for HACK."""
+    path = bundled_profile_path()
+    if not path.exists():
+        raise ConfigError(f"no bundled calibration profile at {path}")
+    return CalibrationProfile.load(path)
+
+
 class _RecordingCache(KVCache):
     """A full cache that also accumulates the calibration statistics from the softmax of each attention."""
 

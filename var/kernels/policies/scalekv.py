@@ -8,13 +8,16 @@ Variant implemented (documented choices):
   scale ``k-1``).
 * **Budget allocation** (released code): at every compressed scale the per-layer average is exactly the
   uniform budget ``B``; drafters keep up to the whole cache, ``B_d = min(S, (L*B - N_r*r_min) / N_d)``, and the
-  refiners share the rest, ``B_r = (L*B - N_d*B_d) / N_r`` (``r_min = min(B, window)``). No compression while the
-  cache holds ``<= B`` tokens (the code's ``base_capacity``).
+  refiners share the rest, ``B_r = (L*B - N_d*B_d) / N_r``, with the refiner floor ``r_min = min(window, B // 2)``
+  (our choice: the released budgets give refiners ~30% of B; a floor of ``min(B, window)`` would leave nothing
+  for the drafters whenever ``B <= window``, as on small models). No compression while the cache holds ``<= B``
+  tokens (the code's ``base_capacity``).
 * **Selection** (paper): observation window = centre tokens of a ``sqrt(W) x sqrt(W)`` grid over the current
   map (the last ``W`` tokens for maps smaller than the grid); scores = *softmax* attention of the window's real
   (normalised, scaled) queries summed over the window (the released code sums raw logits of unnormalised
   queries); 1-D **max**-pool with kernel 5 (the code's default; the paper says average); per-head top-k of
-  ``cap - W`` plus the window, kept in sequence order.
+  ``cap - W`` plus the window, kept in sequence order; when ``cap <= W`` the window is not forced and the top-``cap``
+  pooled scores are kept (otherwise only current-scale tokens, chosen by position, would survive).
 
 Without a profile every layer is a refiner with the uniform budget (logged): grid-window SnapKV.
 """
@@ -25,8 +28,8 @@ import statistics
 
 from var.errors import ConfigError
 from var.kernels.compressed_cache import Selection, SelectionContext
-from var.kernels.policies.base import (CacheLayout, CompressionPolicy, current_index_mask, forced, grid_window,
-                                       pool1d, rank_keep)
+from var.kernels.policies.base import (CacheLayout, CompressionPolicy, grid_window, pool1d, rank_keep,
+                                       window_priority)
 from var.kernels.policies.calibration import CalibrationProfile
 
 log = logging.getLogger(__name__)
@@ -64,7 +67,7 @@ def allocate(layout: CacheLayout, budget_tokens: int, drafters: list[set], windo
             caps.append([min(S, budget_tokens)] * depth)
             continue
         total, n_r = depth * budget_tokens, depth - n_d
-        r_min = min(budget_tokens, window)
+        r_min = min(window, max(1, budget_tokens // 2))
         b_d = min(S, (total - n_r * r_min) // n_d)
         b_r = (total - n_d * b_d) // n_r
         caps.append([b_d if l in role else b_r for l in range(depth)])
@@ -116,7 +119,7 @@ class ScaleKV(CompressionPolicy):
             return None
         idx = grid_window(ctx, self.window)
         scores = pool1d(ctx.observation_scores(idx), ctx.valid_BHP, self.kernel, self.pooling)
-        priority = forced(scores, current_index_mask(ctx, idx) & ctx.valid_BHP)
+        priority = window_priority(scores, ctx, idx, cap)
         return Selection(rank_keep(priority, cap, ctx.valid_BHP))
 
     def __repr__(self) -> str:
