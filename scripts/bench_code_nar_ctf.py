@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -46,6 +45,7 @@ from var.samplers.collaborative import sample_collaborative
 from var.samplers.neighbor_nar import sample_nar
 from var.samplers.next_scale import sample_next_scale
 from var.samplers.next_token import sample_next_token
+from var.utils.machine import machine_description
 from var.tokenizers.multiscale_vqvae import VAR_PATCH_NUMS_256
 
 SIZES = {
@@ -61,15 +61,7 @@ SIZES = {
 
 
 def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model} ({torch.get_num_threads()} threads)"
+    return machine_description("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def param_bytes(*models) -> int:

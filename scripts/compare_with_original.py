@@ -38,6 +38,7 @@ from var.hub import load_strict  # noqa: E402
 from var.models.var_model import VAR, VARConfig  # noqa: E402
 from var.samplers import next_scale as ours_sampler  # noqa: E402
 from var.tokenizers.multiscale_vqvae import MultiScaleVQVAE, MultiScaleVQVAEConfig  # noqa: E402
+from var.utils.machine import cpu_model  # noqa: E402
 
 RESET_CLASSES = (nn.Linear, nn.LayerNorm, nn.BatchNorm2d, nn.SyncBatchNorm, nn.Conv1d, nn.Conv2d,
                  nn.ConvTranspose1d, nn.ConvTranspose2d)
@@ -258,14 +259,7 @@ def time_sampling(orig_var, tok, model, batch, big_batch, runs, seed, cfg, top_k
 
 
 def machine_info() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "note": "CPU shared with other engineers' jobs during the run; min of interleaved runs reported"}

@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -22,21 +20,14 @@ import torch
 from var.eval.classifier import accuracy, load_classifier, save_classifier, train_classifier
 from var.train.data import ProceduralShapes
 from var.utils.images import save_image_grid
+from var.utils.machine import machine_description
 
 log = logging.getLogger("eval_bundled")
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}"
+    return machine_description("cpu")
 
 
 def psnr_01(a_B3HW: torch.Tensor, b_B3HW: torch.Tensor) -> float:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from var.models import create
 from var.samplers import sample_next_scale
 from var.samplers.stats import SampleOutput
+from var.utils.machine import machine_description
 from var.utils.memory import PeakMemory
 
 log = logging.getLogger("var.bench_var")
@@ -58,17 +58,7 @@ def _patch_forward_scale_for_recompute(model):
 
 
 def machine_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {cpu}, {torch.get_num_threads()} threads"
+    return machine_description("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def run_once(model, tok, labels, seed, cache, device, decode=True) -> tuple[SampleOutput, float, int]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import platform
 import re
 import time
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from var.utils.machine import machine_description as describe_machine
 
 log = logging.getLogger(__name__)
 
@@ -256,19 +256,7 @@ def batch1_latency(entry, setup: Setup, *, repeats: int, seed: int, cache_factor
 
 def machine_description(device) -> str:
     """CPU model and core count, or the GPU name; plus torch version."""
-    if str(device).startswith("cuda"):
-        hw = f"{torch.cuda.get_device_name(torch.device(device))} (CUDA {torch.version.cuda})"
-    else:
-        cpu = platform.processor() or platform.machine()
-        try:
-            for line in open("/proc/cpuinfo"):
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        hw = f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-    return f"{hw}; torch {torch.__version__}; Python {platform.python_version()}"
+    return describe_machine(device)
 
 
 def agreement(tokens: torch.Tensor | None, ref: torch.Tensor | None) -> float | None:

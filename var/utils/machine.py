@@ -1,0 +1,28 @@
+"""Name the machine a benchmark ran on (every benchmark table states it)."""
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+
+def cpu_model() -> str:
+    """CPU model name from /proc/cpuinfo (else what :mod:`platform` knows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_description(device: str | torch.device = "cpu") -> str:
+    """``"CPU <model>, <n> cores, <t> torch threads; torch <v>; Python <v>"`` or the GPU name for CUDA devices."""
+    if str(device).startswith("cuda"):
+        hw = f"{torch.cuda.get_device_name(torch.device(device))} (CUDA {torch.version.cuda})"
+    else:
+        hw = f"CPU {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return f"{hw}; torch {torch.__version__}; Python {platform.python_version()}"
