@@ -9,6 +9,10 @@ on a CUDA machine, the Triton ragged kernel vs SDPA on gathered dense tensors.
 
     python scripts/bench_kv.py                      # writes benchmarks/kv_cache.{json,md}
     python scripts/bench_kv.py --images 2 --budgets 1 0.1 --policies scalekv hack
+    python scripts/bench_kv.py --images 32 --profile bundled --name kv_cache_bundled   # shipped profile
+
+On the bundled model the table also has the class accuracy of the decoded samples under the bundled offline
+classifier (``var.eval.classifier``), next to the full cache's.
 """
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from var.kernels import H2O, HACK, CalibrationProfile, ScaleKV, SnapKV, StreamingLLM, calibrate  # noqa: E402
+from var.kernels import (H2O, HACK, CalibrationProfile, ScaleKV, SnapKV, StreamingLLM, bundled_profile,  # noqa: E402
+                         calibrate)
 from var.kernels.kv_cache import FullCache  # noqa: E402
 from var.kernels.policies.base import CacheLayout  # noqa: E402
 from var.models import VAR, VARConfig  # noqa: E402
@@ -94,13 +99,29 @@ def fidelity_table(args, device) -> tuple[str, list[dict], list[int]]:
     layout = CacheLayout.of(model)
     num_classes = model.config.num_classes
     labels = [(i * num_classes) // args.images for i in range(args.images)]
-    calib_labels = sorted({(7 + i * num_classes // 4) % num_classes for i in range(4)})
-    profile_path = Path(args.out_dir) / f"kv_profile_{'bundled' if 'bundled' in name else 'var_small_random'}.json"
-    t0 = time.perf_counter()
-    profile = calibrate(model, tok, calib_labels, cfg=1.5, seed=0)
-    profile.save(profile_path)
-    print(f"calibrated on class labels {calib_labels} in {time.perf_counter() - t0:.1f}s -> {profile_path}")
-    profile = CalibrationProfile.load(profile_path)
+    if args.profile:
+        profile = bundled_profile() if args.profile == "bundled" else CalibrationProfile.load(args.profile)
+        print(f"calibration profile {args.profile} (labels {profile.meta.get('labels')})")
+    else:
+        calib_labels = sorted({(7 + i * num_classes // 4) % num_classes for i in range(4)})
+        profile_path = Path(args.out_dir) / f"kv_profile_{'bundled' if 'bundled' in name else 'var_small_random'}.json"
+        t0 = time.perf_counter()
+        profile = calibrate(model, tok, calib_labels, cfg=1.5, seed=0)
+        profile.save(profile_path)
+        print(f"calibrated on class labels {calib_labels} in {time.perf_counter() - t0:.1f}s -> {profile_path}")
+        profile = CalibrationProfile.load(profile_path)
+    roles = describe_roles(profile, layout)
+    print(f"roles: {roles}")
+    classifier = None
+    if "bundled" in name:
+        from var.eval.classifier import load_classifier
+        classifier = load_classifier(device=device)
+    labels_t = torch.tensor(labels, device=device)
+
+    def class_accuracy(images):
+        if classifier is None:
+            return None
+        return float((classifier.predict(images * 2 - 1) == labels_t).float().mean())
 
     full_rec = Recorder(FullCache())
     run_policy(model, tok, labels[:1], FullCache(), args.seed, device)  # warm-up
@@ -108,7 +129,7 @@ def fidelity_table(args, device) -> tuple[str, list[dict], list[int]]:
     rows = [{"policy": "full (preallocated)", "budget": 1.0, "kept_tokens_per_head": layout.full_carried,
              "stored_kv_bytes": full_rec.cache.nbytes(), "peak_cache_bytes": full_rec.cache.nbytes(),
              "images_per_s": len(labels) / full_time, "token_agreement": 1.0, "psnr_db": float("inf"),
-             "peak_gpu_bytes": full_gpu}]
+             "peak_gpu_bytes": full_gpu, "class_accuracy": class_accuracy(full.images)}]
     for pname in args.policies:
         for budget in args.budgets:
             kwargs = {"profile": profile} if pname in ("scalekv", "hack") else {}
@@ -121,10 +142,23 @@ def fidelity_table(args, device) -> tuple[str, list[dict], list[int]]:
                          "stored_kv_bytes": cache.kv_nbytes(), "stored_bytes_with_index": cache.nbytes(),
                          "peak_cache_bytes": cache.peak_nbytes(), "images_per_s": len(labels) / elapsed,
                          "token_agreement": agree / total, "psnr_db": psnr(out.images, full.images),
-                         "peak_gpu_bytes": peak_gpu})
+                         "peak_gpu_bytes": peak_gpu, "class_accuracy": class_accuracy(out.images),
+                         "kept_tokens_per_layer": [cache.lengths(layer).float().mean().item()
+                                                   for layer in range(layout.depth)]})
             print(f"{pname:>12} {budget:>5}: kv {cache.kv_nbytes() / 2**20:7.2f} MiB, "
                   f"agree {agree / total:.3f}, PSNR {rows[-1]['psnr_db']:.2f} dB, {len(labels) / elapsed:.2f} img/s")
-    return name, rows, labels
+    return name, rows, labels, roles
+
+
+def describe_roles(profile, layout) -> dict:
+    """The classification the policies derive from the profile: ScaleKV drafters per scale, HACK contextual heads
+    (the per-layer kept tokens of each run are in its row's ``kept_tokens_per_layer``)."""
+    scalekv, hack = ScaleKV(budget=0.1, profile=profile), HACK(budget=0.1, profile=profile)
+    scalekv.prepare(layout)
+    hack.prepare(layout)
+    return {"profile_labels": profile.meta.get("labels"),
+            "scalekv_drafters_per_scale": [sorted(d) for d in scalekv.drafters],
+            "hack_contextual_heads_LH": hack.contextual.int().tolist()}
 
 
 def arithmetic_table(budgets) -> list[dict]:
@@ -205,24 +239,39 @@ def fmt_bytes(b) -> str:
     return "-" if b is None else f"{b / 2**20:.2f} MiB" if b < 2**30 else f"{b / 2**30:.2f} GiB"
 
 
+def _acc(r) -> str:
+    return "-" if r.get("class_accuracy") is None else f"{r['class_accuracy']:.3f}"
+
+
 def to_markdown(meta, rows, arith, kernel_rows) -> str:
     lines = ["# KV-cache compression benchmark", "", f"Machine: {meta['machine']}", "",
              f"Model: {meta['model']}; {meta['images']} images (classes spread over the label range), cfg 1.5, "
              f"top-k 900, top-p 0.96, one generator per image seeded {meta['seed']}+i; fidelity vs the full cache "
              f"with the same seeds. Budgets: fraction of the tokens per head carried into the last scale; "
-             f"ScaleKV/HACK use the calibration profile saved next to this file.",
+             f"ScaleKV/HACK use the calibration profile: {meta.get('profile', 'saved next to this file')}.",
              "", "| policy | budget | kept tokens/head | stored K/V | peak cache | peak GPU memory | images/s "
-             "| token agreement | PSNR vs full (dB) |", "|---|---|---|---|---|---|---|---|---|"]
+             "| token agreement | PSNR vs full (dB) | class accuracy |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['policy']} | {r['budget']:.0%} | {r['kept_tokens_per_head']} | "
                      f"{fmt_bytes(r['stored_kv_bytes'])} | {fmt_bytes(r['peak_cache_bytes'])} | "
                      f"{fmt_bytes(r['peak_gpu_bytes'])} | {r['images_per_s']:.2f} | {r['token_agreement']:.3f} | "
-                     f"{r['psnr_db']:.2f} |")
+                     f"{r['psnr_db']:.2f} | {_acc(r)} |")
+    trained = "bundled" in str(meta.get("model"))
+    roles = meta.get("roles") or {}
     lines += ["", "Stored K/V = the compressed cache carried into the last scale (the last scale's K/V is never "
-              "stored); the full row is the preallocated cache for all 680 tokens. Peak cache adds one layer's "
-              "uncompressed scale during attention. Random weights: the fidelity columns show the machinery works, they say "
-              "nothing about trained models; images/s on a shared, loaded 2-core CPU are noisy.", "",
-              "## Cache-bytes arithmetic (entering the last scale, CFG = 2 rows per image)", "",
+              "stored); the full row is the preallocated cache for all tokens. Peak cache adds one layer's "
+              "uncompressed scale during attention. "
+              + ("Class accuracy: the bundled offline classifier on the decoded samples (the full row is the "
+                 "model's own accuracy). " if trained else
+                 "Random weights: the fidelity columns show the machinery works, they say nothing about trained "
+                 "models. ")
+              + "images/s on a shared, loaded CPU are noisy.", ""]
+    if roles:
+        lines += [f"Classification from the profile (calibration labels {roles.get('profile_labels')}): ScaleKV "
+                  f"drafter layers per scale {roles.get('scalekv_drafters_per_scale')} (the role at scale k sets "
+                  f"the cache carried into scale k); HACK contextual heads [layer][head] = "
+                  f"{roles.get('hack_contextual_heads_LH')}.", ""]
+    lines += ["## Cache-bytes arithmetic (entering the last scale, CFG = 2 rows per image)", "",
               "| model | batch | budget | tokens/head | bf16 K+V | fp32 K + bf16 V | full peak (680 tok, bf16) |",
               "|---|---|---|---|---|---|---|"]
     for r in arith:
@@ -247,6 +296,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks"))
     parser.add_argument("--skip-fidelity", action="store_true")
+    parser.add_argument("--profile", help="calibration profile JSON for ScaleKV/HACK, or 'bundled' for the one "
+                                          "shipped with the bundled VAR (default: calibrate now)")
+    parser.add_argument("--name", default="kv_cache", help="output file stem in --out-dir")
     parser.add_argument("--render", metavar="JSON", help="only re-render the markdown of a saved result file")
     args = parser.parse_args(argv)
     if args.render:
@@ -259,16 +311,17 @@ def main(argv=None) -> int:
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     meta = {"machine": machine(), "images": args.images, "seed": args.seed, "device": str(device)}
     with torch.no_grad():
-        model_name, rows, labels = ("-", [], []) if args.skip_fidelity else fidelity_table(args, device)
-    meta["model"], meta["labels"] = model_name, labels
+        model_name, rows, labels, roles = ("-", [], [], {}) if args.skip_fidelity else fidelity_table(args, device)
+    meta["model"], meta["labels"], meta["roles"] = model_name, labels, roles
+    meta["profile"] = args.profile or "calibrated by this run"
     arith = arithmetic_table(args.budgets)
     kernel_rows = gpu_kernel_table() if torch.cuda.is_available() else []
     md = to_markdown(meta, rows, arith, kernel_rows)
     print(md)
     out = Path(args.out_dir)
-    (out / "kv_cache.json").write_text(json.dumps({"meta": meta, "policies": rows, "arithmetic": arith,
+    (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "policies": rows, "arithmetic": arith,
                                                    "gpu_kernel": kernel_rows}, indent=1, default=str))
-    (out / "kv_cache.md").write_text(md)
+    (out / f"{args.name}.md").write_text(md)
     return 0
 
 
