@@ -134,7 +134,7 @@ def write_report(rows, args, machine) -> None:
              f"{r['seconds_per_batch']:.2f} | {r['peak_mem_mb']:.0f} | {r['kv_cache_mb']:.0f} | "
              f"{'yes' if r['same_tokens_as_first_mode'] else 'NO'} |" for r in rows]
     md = (f"# VAR sampling speed ({args.model}, random weights, fp32, cfg 1.5, top-k 900, top-p 0.96, decode "
-          f"included)\n\nMachine: {machine}; torch {torch.__version__}; best of {args.repeats} after a warm-up.\n\n"
+          f"included)\n\nMachine: {machine}; best of {args.repeats} after a warm-up.\n\n"
           + header + "\n".join(lines) + "\n")
     print(md)
     out = Path(args.out)
