@@ -8,7 +8,7 @@
   predicts every fine code in one pass (:func:`stage2_loss`). It stores the clustering (``cluster_of`` buffer,
   installed with :meth:`CTFStage2.set_clusters`), so a stage-2 checkpoint always travels with its coarse map.
 
-Choices where the paper is silent (documented in ``docs/code_nar_ctf.md``): stage 2 is a LlamaGen-style
+Choices where the paper is silent (documented in the README, CTF section): stage 2 is a LlamaGen-style
 transformer with the class token as a prefix and 2D RoPE, attention unmasked; its loss is plain CE over all V codes
 (``constrained=True`` restricts the softmax to the codes of the given cluster); k-means uses k-means++ seeding,
 Lloyd iterations and re-seeds empty clusters with the worst-fitted codes, so no coarse label is ever empty.
