@@ -124,14 +124,23 @@ def _build_on_meta(cls, config):
 
 
 # ---- config inference from released state dicts -------------------------------------------------------------
+def require_keys(sd: dict[str, torch.Tensor], keys, what: str) -> None:
+    """Raise :class:`CheckpointMismatchError` naming the ``keys`` absent from ``sd`` (a file of another model)."""
+    absent = [k for k in keys if k not in sd]
+    if absent:
+        raise CheckpointMismatchError(what, missing=absent)
+
+
+def count_indexed(sd: dict[str, torch.Tensor], pattern: str) -> int:
+    """1 + the largest index the regex ``pattern`` captures in the keys (number of blocks, levels, ...)."""
+    return 1 + max(int(m.group(1)) for k in sd if (m := re.match(pattern, k)))
+
+
 def var_config_from_state_dict(sd: dict[str, torch.Tensor]) -> VARConfig:
     """Depth, width, heads, vocabulary, classes, schedule and AdaLN variant of a VAR state dict."""
-    required = ("pos_1LC", "lvl_1L", "class_emb.weight", "word_embed.weight", "head.weight")
-    absent = [k for k in required if k not in sd]
-    if absent:
-        raise CheckpointMismatchError("a VAR transformer (is this the tokenizer or another model's file?)",
-                                      missing=absent)
-    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    require_keys(sd, ("pos_1LC", "lvl_1L", "class_emb.weight", "word_embed.weight", "head.weight"),
+                 "a VAR transformer (is this the tokenizer or another model's file?)")
+    depth = count_indexed(sd, r"blocks\.(\d+)\.")
     levels = sd["lvl_1L"].flatten().tolist()
     patch_nums = tuple(round(levels.count(si) ** 0.5) for si in range(int(max(levels)) + 1))
     heads_key = "blocks.0.attn.scale_mul_1H11"
@@ -148,14 +157,12 @@ def vqvae_config_from_state_dict(sd: dict[str, torch.Tensor], patch_nums=None,
                                  norm_groups: int = 32) -> MultiScaleVQVAEConfig:
     """Tokenizer sizes of a multi-scale VQ-VAE state dict; ``patch_nums`` comes from the VAR model and the
     GroupNorm group count is the released 32 (a plain state dict stores neither)."""
-    required = ("encoder.conv_in.weight", "quantize.embedding.weight", "quantize.ema_vocab_hit_SV")
-    absent = [k for k in required if k not in sd]
-    if absent:
-        raise CheckpointMismatchError("a multi-scale VQ-VAE (is this a transformer's file?)", missing=absent)
+    require_keys(sd, ("encoder.conv_in.weight", "quantize.embedding.weight", "quantize.ema_vocab_hit_SV"),
+                 "a multi-scale VQ-VAE (is this a transformer's file?)")
     ch = sd["encoder.conv_in.weight"].shape[0]
-    levels = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down\.(\d+)\.", k)))
+    levels = count_indexed(sd, r"encoder\.down\.(\d+)\.")
     ch_mult = tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels))
-    num_res = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k)))
+    num_res = count_indexed(sd, r"encoder\.down\.0\.block\.(\d+)\.")
     vocab, z = sd["quantize.embedding.weight"].shape
     num_phi = sum(1 for k in sd if re.match(r"quantize\.quant_resi\.qresi_ls\.\d+\.weight", k))
     num_scales = sd["quantize.ema_vocab_hit_SV"].shape[0]
@@ -203,7 +210,8 @@ def load_pretrained(directory: str | os.PathLike, *, device="cpu") -> nn.Module:
     return module.to(device).eval()
 
 
-def _expect(module: nn.Module, cls: type, path) -> nn.Module:
+def expect_type(module: nn.Module, cls: type, path) -> nn.Module:
+    """``module`` if it is a ``cls``, else a :class:`CheckpointMismatchError` naming what ``path`` holds."""
     if not isinstance(module, cls):
         raise CheckpointMismatchError(f"a {cls.__name__}: {path} holds a {type(module).__name__}")
     return module
@@ -214,7 +222,7 @@ def load_var_transformer(path: str | os.PathLike, *, device="cpu", depth: int | 
     """A VAR transformer from a released ``var_d*.pth``, a safetensors file or a saved directory."""
     path = resolve_checkpoint(path)
     if path.is_dir():
-        model = _expect(load_pretrained(path, device=device), VAR, path)
+        model = expect_type(load_pretrained(path, device=device), VAR, path)
     else:
         sd = read_state_dict(path)
         model = load_strict(_build_on_meta(VAR, var_config_from_state_dict(sd)), sd, f"VAR ({path.name})")
@@ -227,7 +235,7 @@ def load_var_tokenizer(path: str | os.PathLike, *, device="cpu", patch_nums=None
     """The multi-scale VQ-VAE from ``vae_ch160v4096z32.pth``, a safetensors file or a saved directory."""
     path = resolve_checkpoint(path)
     if path.is_dir():
-        tok = _expect(load_pretrained(path, device=device), MultiScaleVQVAE, path)
+        tok = expect_type(load_pretrained(path, device=device), MultiScaleVQVAE, path)
     else:
         sd = read_state_dict(path)
         config = vqvae_config_from_state_dict(sd, patch_nums)

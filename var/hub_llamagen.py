@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -53,13 +52,10 @@ def gpt_config_from_state_dict(sd: dict[str, torch.Tensor], grid_size: int = 16,
                                n_head: int | None = None) -> GPTConfig:
     """Layers, width, heads, vocabulary, classes and FFN size. The files do not store the head count: it is the
     released models' (head dim 64, or 100 for the 3B model) unless ``n_head`` is given."""
-    required = ("tok_embeddings.weight", "cls_embedding.embedding_table.weight", "output.weight")
-    absent = [k for k in required if k not in sd]
-    if absent:
-        raise CheckpointMismatchError("a LlamaGen c2i GPT (is this the tokenizer, a t2i or a VAR file?)",
-                                      missing=absent)
+    hub.require_keys(sd, ("tok_embeddings.weight", "cls_embedding.embedding_table.weight", "output.weight"),
+                     "a LlamaGen c2i GPT (is this the tokenizer, a t2i or a VAR file?)")
     vocab, dim = sd["tok_embeddings.weight"].shape
-    n_layer = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k)))
+    n_layer = hub.count_indexed(sd, r"layers\.(\d+)\.")
     n_head = n_head or (32 if dim == 3200 else max(dim // 64, 1))
     hidden = sd["layers.0.feed_forward.w1.weight"].shape[0]
     config = GPTConfig(dim=dim, n_layer=n_layer, n_head=n_head, vocab_size=vocab, grid_size=grid_size,
@@ -74,14 +70,12 @@ def gpt_config_from_state_dict(sd: dict[str, torch.Tensor], grid_size: int = 16,
 
 def vq_config_from_state_dict(sd: dict[str, torch.Tensor], image_size: int = 256) -> SingleScaleVQConfig:
     """Width, levels, res blocks, codebook and GroupNorm groups of a LlamaGen VQ state dict."""
-    required = ("encoder.conv_in.weight", "quantize.embedding.weight", "quant_conv.weight")
-    absent = [k for k in required if k not in sd]
-    if absent:
-        raise CheckpointMismatchError("a LlamaGen VQ tokenizer (is this a GPT's file?)", missing=absent)
+    hub.require_keys(sd, ("encoder.conv_in.weight", "quantize.embedding.weight", "quant_conv.weight"),
+                     "a LlamaGen VQ tokenizer (is this a GPT's file?)")
     ch = sd["encoder.conv_in.weight"].shape[0]
-    levels = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"encoder\.conv_blocks\.(\d+)\.", k)))
+    levels = hub.count_indexed(sd, r"encoder\.conv_blocks\.(\d+)\.")
     ch_mult = tuple(sd[f"encoder.conv_blocks.{i}.res.0.conv1.weight"].shape[0] // ch for i in range(levels))
-    num_res = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"encoder\.conv_blocks\.0\.res\.(\d+)\.", k)))
+    num_res = hub.count_indexed(sd, r"encoder\.conv_blocks\.0\.res\.(\d+)\.")
     vocab, dim = sd["quantize.embedding.weight"].shape
     usage = sd.get("quantize.codebook_used")
     return SingleScaleVQConfig(codebook_size=vocab, codebook_embed_dim=dim, z_channels=sd["quant_conv.weight"].shape[1],
@@ -94,10 +88,7 @@ def load_llamagen_gpt(path: str | os.PathLike, *, grid_size: int = 16, n_head: i
     """A GPT from a released ``c2i_*.pt``, a safetensors file or a :func:`~var.hub.save_pretrained` directory."""
     path = Path(path)
     if path.is_dir():
-        model = hub.load_pretrained(path, device=device)
-        if not isinstance(model, GPT):
-            raise CheckpointMismatchError(f"a GPT: {path} holds a {type(model).__name__}")
-        return model
+        return hub.expect_type(hub.load_pretrained(path, device=device), GPT, path)
     sd = read_llamagen_state_dict(path)
     model = hub.load_strict(hub._build_on_meta(GPT, gpt_config_from_state_dict(sd, grid_size, n_head)), sd,
                             f"LlamaGen GPT ({path.name})")
@@ -108,9 +99,7 @@ def load_llamagen_vq(path: str | os.PathLike, *, image_size: int = 256, device="
     """The single-scale VQ from ``vq_ds16_c2i.pt``, a safetensors file or a saved directory."""
     path = Path(path)
     if path.is_dir():
-        vq = hub.load_pretrained(path, device=device)
-        if not isinstance(vq, SingleScaleVQ):
-            raise CheckpointMismatchError(f"a SingleScaleVQ: {path} holds a {type(vq).__name__}")
+        vq = hub.expect_type(hub.load_pretrained(path, device=device), SingleScaleVQ, path)
     else:
         sd = read_llamagen_state_dict(path)
         vq = hub.load_strict(hub._build_on_meta(SingleScaleVQ, vq_config_from_state_dict(sd, image_size)), sd,
