@@ -37,7 +37,8 @@ def psnr_01(a_B3HW: torch.Tensor, b_B3HW: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def tokenizer_quality(tok, images_B3HW: torch.Tensor, batch: int = 200) -> dict:
+def tokenizer_quality(tok, images_B3HW: torch.Tensor, labels_B: torch.Tensor, clf, batch: int = 200) -> dict:
+    """PSNR, code usage and the classifier's accuracy on the reconstructions (an upper bound for the samples)."""
     recon, used = [], set()
     for i in range(0, len(images_B3HW), batch):
         idx = tok.encode(images_B3HW[i:i + batch])
@@ -46,6 +47,7 @@ def tokenizer_quality(tok, images_B3HW: torch.Tensor, batch: int = 200) -> dict:
         recon.append(tok.decode(idx))
     recon = torch.cat(recon)
     return {"psnr_db": round(psnr_01((recon + 1) / 2, (images_B3HW + 1) / 2), 2),
+            "recon_class_accuracy": round(accuracy(clf, recon, labels_B), 4),
             "codes_used": len(used), "vocab_size": tok.vocab_size, "num_images": len(images_B3HW)}
 
 
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
     clf = load_classifier()
     report = {"machine": machine(), "classifier": {"real_heldout_accuracy": round(accuracy(clf, x_real, y_real), 4),
                                                    "num_images": len(x_real)}}
-    x_rec = x_real[:args.recon_images]
+    x_rec, y_rec = x_real[:args.recon_images], y_real[:args.recon_images]
 
     var_dir = bundled_var_dir()
     if var_dir is None:
@@ -101,7 +103,7 @@ def main(argv=None) -> int:
     else:
         from var.samplers import sample_next_scale
         tok, model = hub.load_var(var_dir / "tokenizer", var_dir / "transformer")
-        report["var"] = {"tokenizer": tokenizer_quality(tok, x_rec)}
+        report["var"] = {"tokenizer": tokenizer_quality(tok, x_rec, y_rec, clf)}
         settings = {"cfg": 1.5, "top_k": 900, "top_p": 0.96}  # var-sample's defaults
         for name, kw in (("var_sample_defaults", settings), ("no_guidance", {**settings, "cfg": 0.0})):
             metrics, grid = sample_accuracy(
@@ -116,7 +118,7 @@ def main(argv=None) -> int:
     if ar_dir is not None:
         from var.samplers.next_token import sample_next_token
         vq, gpt = load_llamagen(ar_dir / "tokenizer", ar_dir / "transformer")
-        report["ar"] = {"tokenizer": tokenizer_quality(vq, x_rec)}
+        report["ar"] = {"tokenizer": tokenizer_quality(vq, x_rec, y_rec, clf)}
         settings = {"cfg": 2.0, "top_k": 0, "top_p": 0.0}
         metrics, grid = sample_accuracy(lambda lab, g: sample_next_token(gpt, vq, lab, generator=g, **settings).images,
                                         clf, gpt.config.num_classes, args.per_class, args.batch, args.seed, "AR")
@@ -146,11 +148,13 @@ def to_markdown(r: dict) -> str:
                 s = ", ".join(f"{k}={v}" for k, v in m["settings"].items())
                 lines.append(f"| {fam} | {name} ({s}) | {m['class_accuracy']:.2%} | {m['num_samples']} | "
                              f"{m['seconds']} |")
-    lines += ["", "| tokenizer | reconstruction PSNR (dB, held-out) | codes used / vocab |", "|---|---|---|"]
+    lines += ["", "| tokenizer | reconstruction PSNR (dB, held-out) | class accuracy of reconstructions | "
+              "codes used / vocab |", "|---|---|---|---|"]
     for fam in ("var", "ar"):
         if fam in r:
             t = r[fam]["tokenizer"]
-            lines.append(f"| {fam} | {t['psnr_db']} | {t['codes_used']} / {t['vocab_size']} |")
+            lines.append(f"| {fam} | {t['psnr_db']} | {t['recon_class_accuracy']:.2%} | "
+                         f"{t['codes_used']} / {t['vocab_size']} |")
     lines += ["", f"Bundled files: {r['asset_bytes']['total'] / 2**20:.2f} MiB in total.", ""]
     training = ROOT / "benchmarks" / "bundled_training.json"
     if training.exists():

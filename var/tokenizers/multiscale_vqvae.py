@@ -1,13 +1,14 @@
 """VAR's multi-scale residual VQ-VAE (tokenizer of ``vae_ch160v4096z32.pth``), any size configurable."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
 from var.errors import ConfigError, ImageSizeError
+from var.tokenizers.base import VQTokenizerBase
 from var.tokenizers.multiscale_quantizer import MultiScaleQuantizer
 from var.tokenizers.vae_modules import Decoder, Encoder
 
@@ -50,7 +51,7 @@ class MultiScaleVQVAEConfig:
         return self.patch_nums[-1] * self.downsample
 
 
-class MultiScaleVQVAE(nn.Module):
+class MultiScaleVQVAE(VQTokenizerBase):
     """Images in [-1, 1] <-> one index map ``[B, pn, pn]`` per scale of ``patch_nums``.
 
     Owns the scale schedule and the next-scale input step used by the VAR transformer.
@@ -84,14 +85,6 @@ class MultiScaleVQVAE(nn.Module):
     def embed_dim(self) -> int:
         return self.config.z_channels
 
-    @property
-    def downsample(self) -> int:
-        return self.config.downsample
-
-    @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
     # ---- image <-> latent -----------------------------------------------------------------------------------
     def check_images(self, images_B3HW: torch.Tensor) -> None:
         """Raise :class:`ImageSizeError` unless ``images`` is ``[B, C, S, S]`` with S = ``image_size``."""
@@ -99,15 +92,6 @@ class MultiScaleVQVAE(nn.Module):
         if images_B3HW.ndim != 4 or images_B3HW.shape[1] != c or tuple(images_B3HW.shape[2:]) != (size, size):
             raise ImageSizeError(f"this tokenizer takes images of shape [B, {c}, {size}, {size}] in [-1, 1], "
                                  f"got {tuple(images_B3HW.shape)}")
-
-    def encode_latent(self, images_B3HW: torch.Tensor) -> torch.Tensor:
-        """Continuous latent ``f = quant_conv(encoder(img))`` ``[B, Cvae, n, n]``."""
-        self.check_images(images_B3HW)
-        return self.quant_conv(self.encoder(images_B3HW))
-
-    def latent_to_image(self, f_hat_BChw: torch.Tensor) -> torch.Tensor:
-        """Decode an (accumulated) latent to an image in [-1, 1]."""
-        return self.decoder(self.post_quant_conv(f_hat_BChw)).clamp(-1, 1)
 
     # ---- tokenizer contract ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -133,11 +117,3 @@ class MultiScaleVQVAE(nn.Module):
     def teacher_forcing_input(self, indices: Sequence[torch.Tensor]) -> torch.Tensor:
         """Transformer inputs of scales 1.. ``[B, L - 1, Cvae]`` from ground-truth indices."""
         return self.quantize.teacher_forcing_input(indices)
-
-    def forward(self, images_B3HW: torch.Tensor):
-        """Training pass: ``(reconstruction in [-1, 1]-ish (unclamped), vq loss, code usage [SN, V])``."""
-        f_hat, vq_loss, usage = self.quantize(self.encode_latent(images_B3HW))
-        return self.decoder(self.post_quant_conv(f_hat)), vq_loss, usage
-
-    def config_dict(self) -> dict:
-        return asdict(self.config)

@@ -8,7 +8,7 @@ holding one LongTensor ``[B, h, w]`` and ``decode`` takes such a list.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from var.errors import ConfigError, ImageSizeError
+from var.tokenizers.base import VQTokenizerBase
 from var.tokenizers.vae_modules import Downsample, ResnetBlock, Upsample, group_norm
 
 
@@ -204,7 +205,7 @@ class VectorQuantizer(nn.Module):
         return z_q.permute(0, 3, 1, 2).contiguous(), loss, usage
 
 
-class SingleScaleVQ(nn.Module):
+class SingleScaleVQ(VQTokenizerBase):
     """Images in [-1, 1] <-> one index map ``[B, h, w]`` (``h = H / downsample``)."""
 
     def __init__(self, config: SingleScaleVQConfig | None = None, **overrides):
@@ -226,14 +227,6 @@ class SingleScaleVQ(nn.Module):
         return self.config.codebook_embed_dim
 
     @property
-    def downsample(self) -> int:
-        return self.config.downsample
-
-    @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
-    @property
     def patch_nums(self) -> tuple:
         """The (single) token-map side at the default image size, for symmetry with the multi-scale tokenizer."""
         return (self.config.image_size // self.downsample,)
@@ -245,15 +238,6 @@ class SingleScaleVQ(nn.Module):
                 or images_B3HW.shape[3] % ds):
             raise ImageSizeError(f"this tokenizer takes images [B, {c}, H, W] in [-1, 1] with H and W multiples of "
                                  f"{ds}, got {tuple(images_B3HW.shape)}")
-
-    def encode_latent(self, images_B3HW: torch.Tensor) -> torch.Tensor:
-        """Continuous pre-quantisation latent ``[B, Cq, h, w]``."""
-        self.check_images(images_B3HW)
-        return self.quant_conv(self.encoder(images_B3HW))
-
-    def latent_to_image(self, z_q_BChw: torch.Tensor) -> torch.Tensor:
-        """Decode quantised codes ``[B, Cq, h, w]`` to an image in [-1, 1]."""
-        return self.decoder(self.post_quant_conv(z_q_BChw)).clamp(-1, 1)
 
     @torch.no_grad()
     def encode(self, images_B3HW: torch.Tensor) -> list[torch.Tensor]:
@@ -277,11 +261,3 @@ class SingleScaleVQ(nn.Module):
         if idx.numel() and (idx.min() < 0 or idx.max() >= self.vocab_size):
             raise ConfigError(f"token ids must be in [0, {self.vocab_size}), got [{idx.min()}, {idx.max()}]")
         return self.quantize.embed(idx)
-
-    def forward(self, images_B3HW: torch.Tensor):
-        """Training pass: ``(reconstruction (unclamped), vq loss, code usage [1, V])``."""
-        z_q, vq_loss, usage = self.quantize(self.encode_latent(images_B3HW))
-        return self.decoder(self.post_quant_conv(z_q)), vq_loss, usage
-
-    def config_dict(self) -> dict:
-        return asdict(self.config)
