@@ -199,11 +199,12 @@ class TokenDataset(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def pretokenize(tokenizer, dataset, batch_size: int = 256) -> TokenDataset:
+def pretokenize(tokenizer, dataset, batch_size: int = 256, progress: bool = True) -> TokenDataset:
     """Encode every (un-augmented) image once: ``[N, L]`` concatenated tokens of all scales."""
     from tqdm.auto import tqdm
     tokens, labels = [], []
-    for start in tqdm(range(0, len(dataset), batch_size), desc="pretokenize", unit="batch", leave=False):
+    for start in tqdm(range(0, len(dataset), batch_size), desc="pretokenize", unit="batch", leave=False,
+                      disable=not progress):
         items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
         images = torch.stack([x for x, _ in items])
         tokens.append(torch.cat([idx.flatten(1) for idx in tokenizer.encode(images)], dim=1).cpu())
@@ -286,7 +287,7 @@ def run(command: str, data: DataConfig, m, train: TrainConfig, export_dir: str |
     else:
         model, objective, tok = build_ar_job(m, data, train.seed)
     if tok is not None and data.pretokenize and not data.hflip and data.data == "shapes":
-        dataset = pretokenize(tok, dataset)
+        dataset = pretokenize(tok, dataset, progress=train.progress and env.is_main)
     trainer = Trainer(model, objective, dataset, train, env)
     if env.is_main:
         Path(train.out_dir).mkdir(parents=True, exist_ok=True)
