@@ -46,19 +46,9 @@ class DataConfig:
 
 
 @dataclass
-class MSTokenizerModelConfig:
-    """Multi-scale VQ-VAE (``MultiScaleVQVAEConfig`` fields) + the tokenizer objective."""
+class VQObjectiveConfig:
+    """The tokenizer objective (``VQObjective`` arguments), shared by both tokenizer commands."""
 
-    vocab_size: int = 512
-    z_channels: int = 16
-    ch: int = 32
-    ch_mult: tuple = (1, 2, 2)
-    num_res_blocks: int = 1
-    norm_groups: int = 8
-    using_sa: bool = False
-    using_mid_sa: bool = False
-    beta: float = 0.25
-    patch_nums: tuple = (1, 2, 3, 4, 6, 8)
     recon: str = "l1"                       # l1 | l2
     recon_weight: float = 1.0
     vq_weight: float = 1.0
@@ -71,7 +61,23 @@ class MSTokenizerModelConfig:
 
 
 @dataclass
-class SSTokenizerModelConfig:
+class MSTokenizerModelConfig(VQObjectiveConfig):
+    """Multi-scale VQ-VAE (``MultiScaleVQVAEConfig`` fields) + the tokenizer objective."""
+
+    vocab_size: int = 512
+    z_channels: int = 16
+    ch: int = 32
+    ch_mult: tuple = (1, 2, 2)
+    num_res_blocks: int = 1
+    norm_groups: int = 8
+    using_sa: bool = False
+    using_mid_sa: bool = False
+    beta: float = 0.25
+    patch_nums: tuple = (1, 2, 3, 4, 6, 8)
+
+
+@dataclass
+class SSTokenizerModelConfig(VQObjectiveConfig):
     """Single-scale VQ (``SingleScaleVQConfig`` fields) + the tokenizer objective."""
 
     codebook_size: int = 512
@@ -83,15 +89,6 @@ class SSTokenizerModelConfig:
     num_res_blocks: int = 1
     norm_groups: int = 8
     commit_loss_beta: float = 0.25
-    recon: str = "l1"
-    recon_weight: float = 1.0
-    vq_weight: float = 1.0
-    perceptual_weight: float = 0.0
-    perceptual_path: str = ""
-    gan_weight: float = 0.0
-    gan_start: int = 0
-    codebook_init: str = "data"             # data: codes drawn from the first batch's quantizer inputs | model
-    restart_dead_every: int = 50            # re-draw codes unused for this many steps (0: never)
 
 
 @dataclass
