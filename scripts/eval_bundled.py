@@ -164,6 +164,13 @@ def to_markdown(r: dict) -> str:
         for row in t["runs"]:
             lines.append(f"| {row['model']} | {row['wall_time']} | `{row['command']}` |")
         lines += ["", t.get("note", ""), ""]
+        if "ar_ablation" in t:
+            a = t["ar_ablation"]
+            lines += ["## " + a["note"], "", "| single-scale tokenizer | recon PSNR (dB) | recon class accuracy | GPT | "
+                      "sample class accuracy |", "|---|---|---|---|---|"]
+            lines += [f"| {r['tokenizer']} | {r['recon_psnr_db']} | {r['recon_class_accuracy']:.1%} | {r['gpt']} | "
+                      f"{r['sample_class_accuracy']:.1%} |" for r in a["rows"]]
+            lines.append("")
     return "\n".join(lines)
 
 
