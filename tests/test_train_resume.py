@@ -1,5 +1,6 @@
 """Trainer state: kill-and-resume reproduces the uninterrupted run; corrupt/partial checkpoints are detected and
 the previous one stays usable; schedules, weight-decay groups, precision and EMA."""
+import json
 import os
 
 import pytest
@@ -58,8 +59,11 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path):
         assert torch.equal(v, ref_weights[k]), k
     for k, v in resumed.ema.shadow.items():
         assert torch.equal(v, ref_ema[k]), k
+    # step 4 was logged before the kill and again after the resume: the files keep every step once
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
-    assert rows[0].startswith("step,lr") and len(rows) == 1 + 4 + 3  # header, steps 1-4, steps 4-6 after resume
+    assert rows[0].startswith("step,lr") and [int(r.split(",")[0]) for r in rows[1:]] == [1, 2, 3, 4, 5, 6]
+    steps = [json.loads(r)["step"] for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
 
 
 def test_corrupt_checkpoint_detected_and_previous_used(tmp_path):

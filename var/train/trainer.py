@@ -233,7 +233,8 @@ def seed_rank(seed: int, rank: int) -> int:
 # ---- metrics --------------------------------------------------------------------------------------------------
 class MetricsLogger:
     """Rank-0 metrics: ``metrics.jsonl`` (every key), ``metrics.csv`` (the first row's keys) and TensorBoard
-    event files when ``tensorboard`` is installed. Appends on resume."""
+    event files when ``tensorboard`` is installed. Appends on resume, after :meth:`drop_after` has removed the
+    rows of steps the resumed run will redo."""
 
     def __init__(self, out_dir: Path, enabled: bool):
         self.enabled, self.out_dir = enabled, out_dir
@@ -269,6 +270,29 @@ class MetricsLogger:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, row["step"])
+
+    def drop_after(self, step: int) -> None:
+        """Remove the rows logged after ``step`` (a run killed after its last checkpoint logged them; the
+        resumed run logs those steps again), so every step appears once in the files."""
+        if not self.enabled:
+            return
+        for name in ("metrics.jsonl", "metrics.csv"):
+            path = self.out_dir / name
+            if not path.exists():
+                continue
+            lines = path.read_text().splitlines(keepends=True)
+            if name.endswith(".jsonl"):
+                kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step]
+            else:
+                kept = lines[:1] + [ln for ln in lines[1:] if int(next(csv.reader([ln]))[0]) <= step]
+            if len(kept) != len(lines):
+                tmp = path.with_suffix(path.suffix + ".tmp")
+                tmp.write_text("".join(kept))
+                os.replace(tmp, path)
+        if self._tb is not None:  # TensorBoard hides the events after purge_step when the writer reopens
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb.close()
+            self._tb = SummaryWriter(str(self.out_dir / "tb"), purge_step=step + 1)
 
     def close(self) -> None:
         if self._tb is not None:
@@ -408,6 +432,7 @@ class Trainer:
         else:
             path, state = Path(resume), load_checkpoint(resume)
         self.load_state_dict(state)
+        self.metrics.drop_after(self.step)
         log.info("resumed from %s at step %d", path, self.step)
         return True
 
