@@ -15,14 +15,13 @@ Lloyd iterations and re-seeds empty clusters with the worst-fitted codes, so no 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from var.errors import ClassIdError, ConfigError
-from var.models.gpt import ClassEmbedder, GPTConfig, RMSNorm, TransformerBlock, rope_2d_table
+from var.errors import ConfigError
+from var.models.gpt import ClassPrefixTransformer, GPTConfig
 
 
 # ---- codebook clustering ------------------------------------------------------------------------------------------
@@ -97,33 +96,15 @@ class CTFStage2Config(GPTConfig):
             raise ConfigError(f"num_coarse must be positive, got {self.num_coarse}")
 
 
-class CTFStage2(nn.Module):
+class CTFStage2(ClassPrefixTransformer):
     """Fine codes of all positions from ``[class; coarse labels]`` in one bidirectional pass."""
 
-    prefix_len = 1
-
     def __init__(self, config: CTFStage2Config | None = None, **overrides):
-        super().__init__()
         config = config or CTFStage2Config(**overrides)
-        self.config = config
-        self.cls_embedding = ClassEmbedder(config.num_classes, config.dim)
-        self.coarse_embeddings = nn.Embedding(config.num_coarse, config.dim)
-        self.tok_dropout = nn.Dropout(config.token_dropout_p)
-        self.layers = nn.ModuleList([TransformerBlock(config) for _ in range(config.n_layer)])
-        self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        super().__init__(config, "coarse_embeddings", config.num_coarse)
         # coarse label of every fine code (set from k-means with set_clusters; saved with the weights)
         self.register_buffer("cluster_of", torch.arange(config.vocab_size) % config.num_coarse)
-        self._rope: dict = {}  # (cos, sin) table per device, built lazily (works for meta-device construction)
         self.init_weights()
-
-    @property
-    def seq_len(self) -> int:
-        return self.config.seq_len
-
-    @property
-    def null_class(self) -> int:
-        return self.config.num_classes
 
     @torch.no_grad()
     def set_clusters(self, cluster_of_V: torch.Tensor) -> None:
@@ -138,42 +119,15 @@ class CTFStage2(nn.Module):
         """``[K, V]`` boolean cluster membership of the installed clustering."""
         return cluster_members(self.cluster_of, self.config.num_coarse)
 
-    def check_labels(self, labels_B: torch.Tensor) -> None:
-        if labels_B.dtype.is_floating_point or labels_B.ndim != 1 or (
-                labels_B.numel() and (labels_B.min() < 0 or labels_B.max() > self.null_class)):
-            raise ClassIdError(f"labels must be a 1-D integer tensor in [0, {self.null_class}]")
-
-    def _rope_table(self, device) -> torch.Tensor:
-        if device not in self._rope:
-            c = self.config
-            self._rope[device] = rope_2d_table(c.grid_size, c.head_dim, c.rope_base, self.prefix_len).to(device)
-        return self._rope[device]
-
     def forward(self, labels_B: torch.Tensor, coarse_BN: torch.Tensor) -> torch.Tensor:
         """``labels [B]``, coarse labels ``[B, grid^2]`` (raster) -> fine logits ``[B, grid^2, V]`` (fp32)."""
         coarse_BN = coarse_BN.reshape(coarse_BN.shape[0], -1)
         if coarse_BN.shape[1] != self.seq_len:
             raise ConfigError(f"stage 2 takes the full grid of {self.seq_len} coarse labels, got {coarse_BN.shape[1]}")
-        h = torch.cat((self.cls_embedding(labels_B), self.coarse_embeddings(coarse_BN)), dim=1)
-        h = self.tok_dropout(h)
-        L = h.shape[1]
-        full = torch.ones(L, L, dtype=torch.bool, device=h.device)
-        cos_sin = self._rope_table(h.device)[:L]
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cos_sin, i, None, full)
-        return self.output(self.norm(h[:, self.prefix_len:])).float()
-
-    def config_dict(self) -> dict:
-        return asdict(self.config)
-
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """LlamaGen's init: N(0, 0.02) for linear and embedding weights, zero output head."""
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)) and not m.weight.is_meta:
-                nn.init.normal_(m.weight, 0.0, self.config.initializer_range)
-        if not self.output.weight.is_meta:
-            nn.init.zeros_(self.output.weight)
+        x = torch.cat((self.cls_embedding(labels_B), self.coarse_embeddings(coarse_BN)), dim=1)
+        L = x.shape[1]
+        full = torch.ones(L, L, dtype=torch.bool, device=x.device)
+        return self.blocks_and_head(x, torch.arange(L, device=x.device), None, full)[:, self.prefix_len:]
 
 
 # ---- losses -------------------------------------------------------------------------------------------------------

@@ -171,23 +171,23 @@ class ClassEmbedder(nn.Module):
         return self.embedding_table(labels_B).unsqueeze(1)  # [B, 1, C]
 
 
-class GPT(nn.Module):
-    """Class-conditional next-token transformer over ``grid_size^2`` image tokens (one class prefix token)."""
+class ClassPrefixTransformer(nn.Module):
+    """LlamaGen's trunk over ``[class; grid^2 inputs]``: class embedding, one input embedding, 2D-RoPE blocks, final
+    norm and vocabulary head. :class:`GPT` feeds it image tokens causally; CTF's stage 2 its coarse labels
+    bidirectionally. Module names (and their order) follow LlamaGen's checkpoints."""
 
     prefix_len = 1
 
-    def __init__(self, config: GPTConfig | None = None, **overrides):
+    def __init__(self, config: GPTConfig, input_embedding: str, input_vocab_size: int):
         super().__init__()
-        config = config or GPTConfig(**overrides)
         self.config = config
         self.cls_embedding = ClassEmbedder(config.num_classes, config.dim)
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.add_module(input_embedding, nn.Embedding(input_vocab_size, config.dim))
         self.tok_dropout = nn.Dropout(config.token_dropout_p)
         self.layers = nn.ModuleList([TransformerBlock(config) for _ in range(config.n_layer)])
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
-        self._rope: dict = {}
-        self.init_weights()
+        self._rope: dict = {}  # (cos, sin) table per device, built lazily (works for meta-device construction)
 
     # ---- sizes, labels ----------------------------------------------------------------------------------------
     @property
@@ -206,16 +206,7 @@ class GPT(nn.Module):
         """Raise :class:`ClassIdError` unless every label is in ``[0, num_classes]`` (num_classes = null)."""
         check_class_labels(labels_B, self.null_class)
 
-    def check_tokens(self, idx: torch.Tensor) -> None:
-        if idx.dtype.is_floating_point or (idx.numel() and (idx.min() < 0 or idx.max() >= self.vocab_size)):
-            raise ConfigError(f"token ids must be integers in [0, {self.vocab_size})")
-
-    def drop_labels(self, labels_B: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Replace each label by the null class with probability ``class_dropout_p`` (CFG training)."""
-        drop = torch.rand(labels_B.shape, generator=generator, device=labels_B.device) < self.config.class_dropout_p
-        return torch.where(drop, torch.full_like(labels_B, self.null_class), labels_B)
-
-    # ---- embeddings and RoPE ---------------------------------------------------------------------------------
+    # ---- RoPE and the blocks ----------------------------------------------------------------------------------
     def rope(self, positions: torch.Tensor) -> torch.Tensor:
         """(cos, sin) of absolute positions ``[l]`` or ``[B, l]`` -> ``[..., head_dim/2, 2]`` (fp32)."""
         device = positions.device
@@ -228,6 +219,47 @@ class GPT(nn.Module):
             raise ConfigError(f"positions must be in [0, {table.shape[0]}), got [{positions.min()}, {positions.max()}]")
         return table[positions]
 
+    def blocks_and_head(self, x_BlC: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache | None,
+                        attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """Input embeddings ``[B, l, C]`` at absolute ``positions`` -> fp32 logits ``[B, l, V]``."""
+        h = self.tok_dropout(x_BlC)
+        cos_sin = self.rope(positions)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos_sin, i, kv_cache, attn_mask)
+        return self.output(self.norm(h)).float()
+
+    def config_dict(self) -> dict:
+        return asdict(self.config)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """LlamaGen's init: N(0, 0.02) for linear and embedding weights, zero output head."""
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)) and not m.weight.is_meta:
+                nn.init.normal_(m.weight, 0.0, std)
+        if not self.output.weight.is_meta:
+            nn.init.zeros_(self.output.weight)
+
+
+class GPT(ClassPrefixTransformer):
+    """Class-conditional next-token transformer over ``grid_size^2`` image tokens (one class prefix token)."""
+
+    def __init__(self, config: GPTConfig | None = None, **overrides):
+        config = config or GPTConfig(**overrides)
+        super().__init__(config, "tok_embeddings", config.vocab_size)
+        self.init_weights()
+
+    def check_tokens(self, idx: torch.Tensor) -> None:
+        if idx.dtype.is_floating_point or (idx.numel() and (idx.min() < 0 or idx.max() >= self.vocab_size)):
+            raise ConfigError(f"token ids must be integers in [0, {self.vocab_size})")
+
+    def drop_labels(self, labels_B: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Replace each label by the null class with probability ``class_dropout_p`` (CFG training)."""
+        drop = torch.rand(labels_B.shape, generator=generator, device=labels_B.device) < self.config.class_dropout_p
+        return torch.where(drop, torch.full_like(labels_B, self.null_class), labels_B)
+
+    # ---- embeddings ------------------------------------------------------------------------------------------
     def class_embed(self, labels_B: torch.Tensor) -> torch.Tensor:
         return self.cls_embedding(labels_B)
 
@@ -244,13 +276,10 @@ class GPT(nn.Module):
             n, l = kv_cache.length, x_BlC.shape[1]
             slots = torch.arange(n + l, device=x_BlC.device)
             attn_mask = slots[None, :] <= (n + torch.arange(l, device=x_BlC.device))[:, None]
-        h = self.tok_dropout(x_BlC)
-        cos_sin = self.rope(positions)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cos_sin, i, kv_cache, attn_mask)
+        logits = self.blocks_and_head(x_BlC, positions, kv_cache, attn_mask)
         if kv_cache is not None:
             kv_cache.advance(x_BlC.shape[1])
-        return self.output(self.norm(h)).float()
+        return logits
 
     def forward(self, labels_B: torch.Tensor, idx_BL: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: logits ``[B, L, V]`` where row ``i`` predicts ``idx[:, i]`` from the class and
@@ -292,17 +321,3 @@ class GPT(nn.Module):
         c = self.config
         return KVCache(c.n_layer, batch_size, c.n_head, capacity or self.prefix_len + c.seq_len, c.head_dim,
                        dtype=dtype or param.dtype, device=device or param.device, k_dtype=k_dtype)
-
-    def config_dict(self) -> dict:
-        return asdict(self.config)
-
-    # ---- training initialisation ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """LlamaGen's init: N(0, 0.02) for linear and embedding weights, zero output head."""
-        std = self.config.initializer_range
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)) and not m.weight.is_meta:
-                nn.init.normal_(m.weight, 0.0, std)
-        if not self.output.weight.is_meta:
-            nn.init.zeros_(self.output.weight)
