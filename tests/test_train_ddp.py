@@ -7,10 +7,7 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 import torch
-
-SLOW = pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="slow (torchrun end-to-end): set RUN_SLOW=1")
 
 from var.hub import load_pretrained
 
@@ -68,7 +65,6 @@ def test_ddp_two_ranks_agree(tmp_path):
     assert (tmp_path / "ckpt_00000002.pt").exists() and not (tmp_path / "rank1_metrics.csv").exists()
 
 
-@SLOW
 def test_fsdp_two_ranks_checkpoint_and_resume(tmp_path):
     from var.models import create
     from var.train.checkpoint import load_checkpoint
@@ -81,7 +77,6 @@ def test_fsdp_two_ranks_checkpoint_and_resume(tmp_path):
     assert load_checkpoint(tmp_path / "ckpt_00000004.pt")["step"] == 4
 
 
-@SLOW
 def test_cli_tokenizer_then_var_under_torchrun(tmp_path):
     tiny_tok = ["--image-size", "16", "--num-images", "64", "--vocab-size", "32", "--z-channels", "8", "--ch", "16",
                 "--ch-mult", "1", "2", "2", "--patch-nums", "1", "2", "4", "--steps", "2", "--batch-size", "4",
