@@ -94,5 +94,9 @@ def test_zipar_full_window_is_next_token_and_steps_follow_the_schedule():
     for s in (1, 2, 4):
         out = sample_zipar(gpt, None, labels, window=s, generator=_gen(0), **KNOBS)
         assert out.stats.forward_passes == 5 + 4 * s and out.tokens.shape == (3, 25)
-    with pytest.raises(ConfigError):
-        sample_zipar(gpt, None, labels, window=6)
+    default = sample_zipar(gpt, None, labels, generator=_gen(0), **KNOBS)  # half the width: s = 5 // 2 = 2
+    assert torch.equal(default.tokens, sample_zipar(gpt, None, labels, window=2, generator=_gen(0), **KNOBS).tokens)
+    assert default.stats.forward_passes == 5 + 4 * 2
+    for bad in (0, 6):
+        with pytest.raises(ConfigError):
+            sample_zipar(gpt, None, labels, window=bad)

@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     ar.add_argument("--lantern-k", type=int, default=1000, help="LANTERN latent neighbours")
     ar.add_argument("--lantern-delta", type=float, default=0.1, help="LANTERN moved-mass bound (0 = SJD)")
     ar.add_argument("--gsd-group", type=int, default=10, help="GSD group size (1 = SJD)")
-    ar.add_argument("--zipar-window", type=int, default=8, help="ZipAR window s (grid width = next-token)")
+    ar.add_argument("--zipar-window", type=int, default=None,
+                    help="ZipAR window s (default: half the grid width; the grid width = next-token)")
     out = p.add_argument_group("output and device")
     out.add_argument("--out", default="samples.png", help="grid PNG path")
     out.add_argument("--out-dir", help="also write each image as a PNG into this folder")

@@ -27,9 +27,10 @@ from var.samplers.stats import SamplerStats
 
 
 @torch.no_grad()
-def sample_zipar(model, vq, labels_B, *, window: int = 8, cfg: float = 2.0, top_k: int = 0, top_p: float = 0.0,
-                 temperature: float = 1.0, generator: GeneratorArg = None, decode: bool = True):
-    """Row-parallel decoding with a fixed window ``s`` (1 <= s <= grid width); see the module doc.
+def sample_zipar(model, vq, labels_B, *, window: int | None = None, cfg: float = 2.0, top_k: int = 0,
+                 top_p: float = 0.0, temperature: float = 1.0, generator: GeneratorArg = None, decode: bool = True):
+    """Row-parallel decoding with a fixed window ``s`` (1 <= s <= grid width; default half the grid width, e.g. 8
+    for LlamaGen's 16 x 16 grid; s = width is plain next-token decoding); see the module doc.
 
     Args as :func:`~var.samplers.next_token.sample_next_token`. ``stats.extra`` holds the window and the ideal
     step count ``W + (H - 1) * s``.
@@ -37,6 +38,7 @@ def sample_zipar(model, vq, labels_B, *, window: int = 8, cfg: float = 2.0, top_
     t0 = time.perf_counter()
     labels_B, proc, rows = prepare(model, vq, labels_B, cfg, temperature, top_k, top_p)
     H = W = model.config.grid_size
+    window = max(1, W // 2) if window is None else window
     if not 1 <= window <= W:
         raise ConfigError(f"ZipAR window must be in [1, {W}] (the grid width), got {window}")
     B, N, T, device = labels_B.shape[0], model.seq_len, model.prefix_len, labels_B.device
