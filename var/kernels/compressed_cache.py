@@ -25,6 +25,7 @@ import torch
 
 from var.errors import ConfigError
 from var.kernels.compaction import gather_rows, kept_rows, segment_starts
+from var.kernels.kv_cache import SequenceCursor
 from var.kernels.ragged_attention import gather_prefix, ragged_attention
 
 
@@ -105,7 +106,7 @@ class SelectionContext:
         return scores.masked_fill(~self.valid_BHP, float("-inf"))
 
 
-class CompressedKVCache:
+class CompressedKVCache(SequenceCursor):
     """Ragged per-head KV cache driven by a compression policy (None = keep everything)."""
 
     def __init__(self, num_layers: int, batch_size: int, num_heads: int, head_dim: int, *, capacity: int,
@@ -178,9 +179,7 @@ class CompressedKVCache:
         if (B, H, D) != (self.batch_size, self.num_heads, self.head_dim):
             raise ConfigError(f"attend got q {tuple(q_BHlD.shape)}, cache is for batch {self.batch_size}, "
                               f"heads {self.num_heads}, head_dim {self.head_dim}")
-        start, end = self.length, self.length + n
-        if end > self.capacity:
-            raise ConfigError(f"KV cache overflow: {end} tokens > capacity {self.capacity}")
+        start, end = self.span(n)
         k_new, v_new = k_BHlD.to(self.k_dtype), v_BHlD.to(self.v_dtype)
         out = ragged_attention(q_BHlD, self.k_pool[layer], self.v_pool[layer], self.seg_start[layer],
                                self.seg_len[layer], k_new, v_new, scale=scale, backend=self.backend,
@@ -193,14 +192,9 @@ class CompressedKVCache:
             self._merge(layer, q_BHlD, k_new, v_new, start, scale)
         return out.to(v_BHlD.dtype)
 
-    def advance(self, num_tokens: int) -> None:
-        """Commit the ``num_tokens`` tokens written by the last forward pass."""
-        self.length += num_tokens
-
     def truncate(self, length: int) -> None:
         """Roll back to the first ``length`` sequence positions: drop every kept token at position >= length."""
-        if not 0 <= length <= self.length:
-            raise ConfigError(f"cannot truncate a cache of length {self.length} to {length}")
+        self.check_truncate(length)
         if length > self._stored_until:
             raise ConfigError(f"cannot truncate to {length}: positions >= {self._stored_until} (the last scale) "
                               f"were not stored; use keep_last_scale=True")

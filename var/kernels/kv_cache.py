@@ -14,7 +14,30 @@ import torch.nn.functional as F
 from var.errors import ConfigError
 
 
-class KVCache:
+class SequenceCursor:
+    """The write pointer shared by the dense and the compressed caches: ``length`` committed positions out of
+    ``capacity``; a pass writes ``[length, length + l)``, :meth:`advance` commits them, :meth:`truncate` rolls back."""
+
+    length: int
+    capacity: int
+
+    def span(self, num_new: int) -> tuple[int, int]:
+        """``(start, end)`` of ``num_new`` new positions; raises when they do not fit."""
+        start, end = self.length, self.length + num_new
+        if end > self.capacity:
+            raise ConfigError(f"KV cache overflow: {end} tokens > capacity {self.capacity}")
+        return start, end
+
+    def advance(self, num_tokens: int) -> None:
+        """Commit the ``num_tokens`` tokens written by the last forward pass."""
+        self.length += num_tokens
+
+    def check_truncate(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ConfigError(f"cannot truncate a cache of length {self.length} to {length}")
+
+
+class KVCache(SequenceCursor):
     """Preallocated dense K/V buffers shared by all layers' write pointer ``length``."""
 
     def __init__(self, num_layers: int, batch_size: int, num_heads: int, capacity: int, head_dim: int, *,
@@ -33,9 +56,7 @@ class KVCache:
         ``attn_mask`` (bool, True = attend, or additive float) must broadcast to ``[B, H, l, length + l]``;
         None means every new token sees every cached and new token (one VAR scale).
         """
-        start, end = self.length, self.length + q_BHlD.shape[2]
-        if end > self.capacity:
-            raise ConfigError(f"KV cache overflow: {end} tokens > capacity {self.capacity}")
+        start, end = self.span(q_BHlD.shape[2])
         k_cache, v_cache = self.k[layer], self.v[layer]
         k_cache[:, :, start:end] = k_BHlD
         v_cache[:, :, start:end] = v_BHlD
@@ -45,14 +66,9 @@ class KVCache:
         out = F.scaled_dot_product_attention(q_BHlD, k_all, v_all, attn_mask=attn_mask, scale=scale)
         return out.to(v_BHlD.dtype)
 
-    def advance(self, num_tokens: int) -> None:
-        """Commit the ``num_tokens`` tokens written by the last forward pass."""
-        self.length += num_tokens
-
     def truncate(self, length: int) -> None:
         """Roll back to the first ``length`` tokens (later positions are overwritten by the next write)."""
-        if not 0 <= length <= self.length:
-            raise ConfigError(f"cannot truncate a cache of length {self.length} to {length}")
+        self.check_truncate(length)
         self.length = length
 
     def reset(self) -> None:
