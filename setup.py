@@ -24,10 +24,10 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "var-train=var.cli.train:main",
-            "var-eval=var.cli.eval:main",
-            "var-bench=var.cli.bench:main",
-            "var-sample=var.cli.sample:main",
+            "var-train=var.cli.train:cli",
+            "var-eval=var.cli.eval:cli",
+            "var-bench=var.cli.bench:cli",
+            "var-sample=var.cli.sample:cli",
         ],
     },
 )

@@ -1,7 +1,7 @@
 """Thin wrapper: ``python scripts/eval.py sample|metrics --help`` (same as ``var-eval``; works under torchrun)."""
 import sys
 
-from var.cli.eval import main
+from var.cli.eval import cli
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -1,7 +1,7 @@
 """Thin wrapper of ``var-train`` (works with ``torchrun scripts/train.py <subcommand> ...``)."""
 import sys
 
-from var.cli.train import main
+from var.cli.train import cli
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

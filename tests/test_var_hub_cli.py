@@ -100,3 +100,18 @@ def test_cli_rejects_unknown_class(tmp_path, released_style_files):
     with pytest.raises(ClassIdError):
         sample_main(["--vae", str(d / "vae"), "--var", str(d / "var_tiny.pth"), "--classes", "5000",
                      "--out", str(tmp_path / "g.png")])
+
+
+def test_console_script_reports_bad_input_in_one_line(tmp_path, released_style_files, capsys, monkeypatch):
+    from var.cli.sample import cli
+    from var.errors import ClassIdError
+    _, _, d = released_style_files
+    args = ["--vae", str(d / "vae"), "--var", str(d / "var_tiny.pth"), "--classes", "5000",
+            "--out", str(tmp_path / "g.png")]
+    monkeypatch.delenv("VAR_TRACEBACK", raising=False)
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert "error: class ids [5000] out of range" in err and "Traceback" not in err
+    monkeypatch.setenv("VAR_TRACEBACK", "1")
+    with pytest.raises(ClassIdError):
+        cli(args)

@@ -14,7 +14,8 @@ class CheckpointMismatchError(CheckpointError):
 
     def __init__(self, what: str, missing=(), unexpected=(), mismatched=()):
         self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
-        lines = [f"checkpoint does not match {what}:"]
+        has_lists = bool(self.missing or self.unexpected or self.mismatched)
+        lines = [f"checkpoint does not match {what}" + (":" if has_lists else "")]
         for title, items in (("missing keys", self.missing), ("unexpected keys", self.unexpected),
                              ("shape mismatches", self.mismatched)):
             if items:

@@ -18,6 +18,8 @@ import sys
 
 import torch
 
+from var.cli import command_line
+
 log = logging.getLogger("var.cli.bench")
 
 
@@ -68,5 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+cli = command_line(main)
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

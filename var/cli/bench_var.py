@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from var.cli import command_line
 from var.models import create
 from var.samplers import sample_next_scale
 from var.samplers.stats import SampleOutput
@@ -144,5 +145,7 @@ def write_report(rows, args, machine) -> None:
                                                     "rows": rows}, indent=2))
 
 
+cli = command_line(main)
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

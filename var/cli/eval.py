@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from var.cli import command_line
 from var.errors import ConfigError
 
 log = logging.getLogger("var.cli.eval")
@@ -285,5 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"var-eval: {e}") from e
 
 
+cli = command_line(main)
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from var.cli import command_line
+
 log = logging.getLogger("var.cli.sample")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -170,5 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+cli = command_line(main)
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from var.cli import command_line
 from var.errors import ConfigError
 from var.train.trainer import DistEnv, Trainer, TrainConfig
 
@@ -321,5 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+cli = command_line(main)
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())
