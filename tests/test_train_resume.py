@@ -52,6 +52,8 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path):
     with pytest.raises(Killed):
         run.fit()
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["ckpt_00000003.pt"]
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # a row cut short by the kill
     resumed = _trainer(tmp_path / "run", resume="auto")
     resumed.fit()
     assert resumed.step == 6

@@ -273,7 +273,8 @@ class MetricsLogger:
 
     def drop_after(self, step: int) -> None:
         """Remove the rows logged after ``step`` (a run killed after its last checkpoint logged them; the
-        resumed run logs those steps again), so every step appears once in the files."""
+        resumed run logs those steps again), so every step appears once in the files. A last line cut short by
+        the kill (no newline) goes too."""
         if not self.enabled:
             return
         for name in ("metrics.jsonl", "metrics.csv"):
@@ -281,10 +282,11 @@ class MetricsLogger:
             if not path.exists():
                 continue
             lines = path.read_text().splitlines(keepends=True)
+            rows = [ln for ln in lines if ln.endswith("\n")]
             if name.endswith(".jsonl"):
-                kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step]
+                kept = [ln for ln in rows if ln.strip() and json.loads(ln)["step"] <= step]
             else:
-                kept = lines[:1] + [ln for ln in lines[1:] if int(next(csv.reader([ln]))[0]) <= step]
+                kept = rows[:1] + [ln for ln in rows[1:] if int(next(csv.reader([ln]))[0]) <= step]
             if len(kept) != len(lines):
                 tmp = path.with_suffix(path.suffix + ".tmp")
                 tmp.write_text("".join(kept))
