@@ -262,7 +262,9 @@ def machine_info() -> dict:
     cpu = cpu_model()
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
-            "note": "CPU shared with other engineers' jobs during the run; min of interleaved runs reported"}
+            "note": f"Load average {', '.join(f'{x:.1f}' for x in os.getloadavg())} (1/5/15 min) when the report "
+                    f"was written (above the CPU count: other jobs shared the machine); min of interleaved runs "
+                    f"reported"}
 
 
 def markdown(report: dict) -> str:

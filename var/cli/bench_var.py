@@ -1,8 +1,9 @@
-"""Speed of VAR sampling: no cache (recompute the prefix) vs the preallocated KV cache vs a compiled step.
+"""Speed of VAR sampling: no cache (recompute the prefix) vs the preallocated KV cache vs a compiled step vs the
+cached sampler under bf16 autocast.
 
 Prints a markdown table and writes ``benchmarks/bench_var.{md,json}``. Random weights (the original
-initialisation), fp32 unless ``--dtype``; sampler settings of the paper (cfg 1.5, top-k 900, top-p 0.96).
-Also checks that the three modes produce identical logits / tokens for the same seed.
+initialisation); sampler settings of the paper (cfg 1.5, top-k 900, top-p 0.96). The fp32 modes must produce
+identical tokens for the same seed; the bf16 row reports the fraction of tokens that agree with the first mode.
 """
 from __future__ import annotations
 
@@ -63,9 +64,13 @@ def machine_name() -> str:
     return machine_description("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def run_once(model, tok, labels, seed, cache, device, decode=True) -> tuple[SampleOutput, float, int]:
+MODES = ("recompute", "cached", "compiled", "bf16")
+
+
+def run_once(model, tok, labels, seed, cache, device, decode=True,
+             autocast: torch.dtype | None = None) -> tuple[SampleOutput, float, int]:
     g = torch.Generator(device=device).manual_seed(seed)
-    with PeakMemory(device) as mem:
+    with PeakMemory(device) as mem, torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -83,7 +88,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="var_d16", help="preset (random weights)")
     p.add_argument("--tokenizer", default="msvq_var")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--modes", nargs="+", default=["recompute", "cached", "compiled"])
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                   help="bf16 = cached under torch.autocast(bfloat16)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per setting (after one warm-up)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="benchmarks/bench_var")
@@ -101,26 +107,27 @@ def main(argv=None) -> int:
         labels = torch.arange(bs, device=device) % model.config.num_classes
         for mode in args.modes:
             cache = _Recompute() if mode == "recompute" else None
+            autocast = torch.bfloat16 if mode == "bf16" else None
             if mode == "compiled":
                 # one graph per scale shape (10 scales + the growing cache): raise dynamo's default limit of 8
                 torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
                 model.forward_scale = torch.compile(eager_step, dynamic=False)
             t_warm = time.perf_counter()
-            run_once(model, tok, labels, 0, cache, device)  # warm-up (and compilation)
+            run_once(model, tok, labels, 0, cache, device, autocast=autocast)  # warm-up (and compilation)
             warm = time.perf_counter() - t_warm
             times, peak = [], 0
             for r in range(args.repeats):
-                out, seconds, mem = run_once(model, tok, labels, r, cache, device)
+                out, seconds, mem = run_once(model, tok, labels, r, cache, device, autocast=autocast)
                 times.append(seconds)
                 peak = max(peak, mem)
             tokens = [t.cpu() for t in out.tokens]
-            same = reference.setdefault(bs, tokens) is tokens or all(torch.equal(a, b) for a, b in
-                                                                     zip(reference[bs], tokens))
+            ref = reference.setdefault(bs, tokens)
+            agreement = sum((a == b).sum().item() for a, b in zip(ref, tokens)) / sum(a.numel() for a in ref)
             best = min(times)
             rows.append(dict(model=args.model, mode=mode, batch=bs, images_per_s=bs / best,
                              ms_per_image=1000 * best / bs, seconds_per_batch=best, warmup_s=warm,
                              peak_mem_mb=peak / 2 ** 20, kv_cache_mb=out.stats.peak_kv_cache_bytes / 2 ** 20,
-                             same_tokens_as_first_mode=bool(same)))
+                             same_tokens_as_first_mode=agreement == 1.0, token_agreement=agreement))
             log.info("%s", rows[-1])
             model.forward_scale = eager_step
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -128,14 +135,19 @@ def main(argv=None) -> int:
     return 0
 
 
+def _same_tokens_cell(row: dict) -> str:
+    return "yes" if row["same_tokens_as_first_mode"] else f"no ({row['token_agreement']:.1%} agree)"
+
+
 def write_report(rows, args, machine) -> None:
     header = ("| model | mode | batch | images/s | ms/image | s/batch | peak mem (MB) | KV cache (MB) | "
-              "same tokens |\n|---|---|---|---|---|---|---|---|---|\n")
+              "same tokens as the first mode |\n|---|---|---|---|---|---|---|---|---|\n")
     lines = [f"| {r['model']} | {r['mode']} | {r['batch']} | {r['images_per_s']:.3f} | {r['ms_per_image']:.0f} | "
              f"{r['seconds_per_batch']:.2f} | {r['peak_mem_mb']:.0f} | {r['kv_cache_mb']:.0f} | "
-             f"{'yes' if r['same_tokens_as_first_mode'] else 'NO'} |" for r in rows]
-    md = (f"# VAR sampling speed ({args.model}, random weights, fp32, cfg 1.5, top-k 900, top-p 0.96, decode "
-          f"included)\n\nMachine: {machine}; best of {args.repeats} after a warm-up.\n\n"
+             f"{_same_tokens_cell(r)} |"
+             for r in rows]
+    md = (f"# VAR sampling speed ({args.model}, random weights, fp32 except the bf16 mode, cfg 1.5, top-k 900, "
+          f"top-p 0.96, decode included)\n\nMachine: {machine}; best of {args.repeats} after a warm-up.\n\n"
           + header + "\n".join(lines) + "\n")
     print(md)
     out = Path(args.out)
