@@ -49,3 +49,15 @@ def test_metrics_cli_saved_reference_statistics(tmp_path, capsys):
         np.savez(tmp_path / "other.npz", mu=data["mu"], sigma=data["sigma"], evaluator=np.array("offline:other"))
     with pytest.raises(SystemExit, match="statistics of"):  # statistics of another extractor are refused
         main(["metrics", str(tmp_path / "ref.npz"), "--ref-stats", str(tmp_path / "other.npz"), *common])
+
+
+def test_sample_cli_next_token_uses_the_bundled_ar_model_with_llamagen_defaults(tmp_path):
+    from var.hub_llamagen import bundled_ar_dir
+    if bundled_ar_dir() is None:
+        pytest.skip("no bundled AR model installed")
+    out = tmp_path / "ar"
+    assert main(["sample", "--sampler", "next_token", "--num-images", "2", "--out", str(out), "--device", "cpu"]) == 0
+    settings = json.loads((out / "sampling.json").read_text())["settings"]
+    assert settings["model"].startswith("bundled AR model")
+    assert (settings["cfg"], settings["top_k"], settings["top_p"]) == (2.0, 0, 0.0)  # var-sample's AR defaults
+    assert np.load(out / "images.npz")["arr_0"].shape == (2, 32, 32, 3)

@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="generate an evaluation set (PNG folder + ADM .npz), torchrun-distributed",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    m = s.add_argument_group("model (default: the bundled VAR model, else random-weight var_tiny)")
+    m = s.add_argument_group("model (default: the bundled VAR model for VAR samplers, the bundled AR model for "
+                             "next-token samplers; else random-weight tiny presets)")
     m.add_argument("--vae", help="multi-scale tokenizer checkpoint (VAR family)")
     m.add_argument("--var", help="VAR checkpoint (VAR family)")
     m.add_argument("--refiner", help="second VAR checkpoint for two-model samplers (collaborative / CoDe)")
@@ -68,9 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--random-init", action="store_true", help="random-weight tiny presets (smoke tests)")
     g = s.add_argument_group("sampler")
     g.add_argument("--sampler", default="next_scale", help="a sampler of var.samplers (sample_<name>)")
-    g.add_argument("--cfg", type=float, default=1.5)
-    g.add_argument("--top-k", type=int, default=900)
-    g.add_argument("--top-p", type=float, default=0.96)
+    g.add_argument("--cfg", type=float, default=None, help="default 1.5 (VAR family), 2.0 (next-token family)")
+    g.add_argument("--top-k", type=int, default=None, help="default 900 (VAR family), 0 = off (next-token family)")
+    g.add_argument("--top-p", type=float, default=None, help="default 0.96 (VAR family), 0 = off (next-token)")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--more-smooth", action="store_true", help="VAR's Gumbel smoothing (not for FID)")
     g.add_argument("--sampler-arg", action="append", metavar="KEY=VALUE", help="extra sampler keyword (repeatable)")
@@ -117,10 +118,15 @@ def _load_family(args, entry):
             raise ConfigError("this installation has no next-token model loader (var.hub.load_llamagen)")
         tok, model = loader(args.vq, args.gpt, device=args.device)
         return {"model": model, "vq": tok, "tok": tok}, str(args.gpt)
-    if "vq" in entry.required_components():  # next-token family
+    if _is_next_token(entry):
+        from var.hub_llamagen import bundled_ar_dir
+        bundled = None if args.random_init else bundled_ar_dir()
+        if bundled is not None:
+            tok, model = hub.load_llamagen(bundled / "tokenizer", bundled / "transformer", device=args.device)
+            return {"model": model, "vq": tok, "tok": tok}, f"bundled AR model {bundled.name}"
         if not args.random_init:
-            raise ConfigError(f"sampler {entry.name} samples a next-token model: give --vq and --gpt "
-                              f"(or --random-init for a smoke test)")
+            raise ConfigError(f"sampler {entry.name} samples a next-token model and no bundled AR model is "
+                              f"installed: give --vq and --gpt (or --random-init for a smoke test)")
         from var.models import create
         torch.manual_seed(args.seed)
         vq, gpt = create("vq_tiny").eval().to(args.device), create("gpt_tiny").eval().to(args.device)
@@ -134,6 +140,18 @@ def _load_family(args, entry):
         refiner = hub.load_var_transformer(args.refiner, device=args.device)
         return {"drafter": model, "refiner": refiner, "tok": tok}, f"{desc} + refiner {args.refiner}"
     return {"model": model, "tok": tok}, desc
+
+
+def _is_next_token(entry) -> bool:
+    return "vq" in entry.required_components()
+
+
+def _fill_family_defaults(args, entry) -> None:
+    """--cfg / --top-k / --top-p not given: var-sample's defaults of the sampler's model family."""
+    from var.cli.sample import FAMILY_DEFAULTS
+    for name, value in FAMILY_DEFAULTS["ar" if _is_next_token(entry) else "var"].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def make_sample_fn(entry, components: dict, settings: dict, *, cache=None, dtype: str = "fp32", device="cpu"):
@@ -167,6 +185,7 @@ def run_sample(args) -> int:
             raise ConfigError(f"unknown cache policy {args.cache!r}; available: {', '.join(sorted(policies))}")
         cache = policies[args.cache].make(args.budget)
     components, desc = _load_family(args, entry)
+    _fill_family_defaults(args, entry)
     settings = {"model": desc, "sampler": entry.name, "cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p,
                 "temperature": args.temperature, "more_smooth": args.more_smooth, **_parse_kv(args.sampler_arg)}
     missing = entry.missing_components(components, settings)

@@ -109,16 +109,20 @@ def load_ar_models(args):
     return create("vq_tiny").eval().to(args.device), create("gpt_tiny").eval().to(args.device), "random gpt_tiny"
 
 
+# the samplers' defaults per model family: VAR's FID settings and LlamaGen's (also used by var-eval sample)
+FAMILY_DEFAULTS = {"var": dict(cfg=1.5, top_k=900, top_p=0.96), "ar": dict(cfg=2.0, top_k=0, top_p=0.0)}
+
+
 def resolve_family_defaults(args) -> None:
     """Fill the per-family defaults of --sampler / --cfg / --top-k / --top-p."""
     if args.family == "var":
         if args.sampler not in (None, "next_scale"):
             raise SystemExit(f"var-sample: --sampler {args.sampler} needs --family ar")
-        defaults = dict(sampler="next_scale", cfg=1.5, top_k=900, top_p=0.96)
+        defaults = dict(sampler="next_scale", **FAMILY_DEFAULTS["var"])
     else:
         if args.sampler == "next_scale":
             raise SystemExit("var-sample: next_scale is the VAR sampler (use --family var)")
-        defaults = dict(sampler="next_token", cfg=2.0, top_k=0, top_p=0.0)
+        defaults = dict(sampler="next_token", **FAMILY_DEFAULTS["ar"])
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
