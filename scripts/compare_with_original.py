@@ -38,7 +38,7 @@ from var.hub import load_strict  # noqa: E402
 from var.models.var_model import VAR, VARConfig  # noqa: E402
 from var.samplers import next_scale as ours_sampler  # noqa: E402
 from var.tokenizers.multiscale_vqvae import MultiScaleVQVAE, MultiScaleVQVAEConfig  # noqa: E402
-from var.utils.machine import cpu_model  # noqa: E402
+from var.utils.machine import cpu_model, load_average  # noqa: E402
 
 RESET_CLASSES = (nn.Linear, nn.LayerNorm, nn.BatchNorm2d, nn.SyncBatchNorm, nn.Conv1d, nn.Conv2d,
                  nn.ConvTranspose1d, nn.ConvTranspose2d)
@@ -262,9 +262,8 @@ def machine_info() -> dict:
     cpu = cpu_model()
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
-            "note": f"Load average {', '.join(f'{x:.1f}' for x in os.getloadavg())} (1/5/15 min) when the report "
-                    f"was written (above the CPU count: other jobs shared the machine); min of interleaved runs "
-                    f"reported"}
+            "note": f"Load average {load_average()} when the report was written (above the CPU count, other jobs "
+                    f"shared the machine); min of interleaved runs reported"}
 
 
 def markdown(report: dict) -> str:

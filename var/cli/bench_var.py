@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from var.cli import command_line
 from var.models import create
 from var.samplers import sample_next_scale
 from var.samplers.stats import SampleOutput
-from var.utils.machine import machine_description
+from var.utils.machine import load_average, machine_description
 from var.utils.memory import PeakMemory
 
 log = logging.getLogger("var.bench_var")
@@ -130,8 +129,7 @@ def main(argv=None) -> int:
                              same_tokens_as_first_mode=agreement == 1.0, token_agreement=agreement))
             log.info("%s", rows[-1])
             model.forward_scale = eager_step
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    write_report(rows, args, f"{machine_name()}; load average during the run {load}")
+    write_report(rows, args, f"{machine_name()}; load average at the end of the run {load_average()}")
     return 0
 
 

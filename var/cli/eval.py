@@ -119,19 +119,13 @@ def _load_family(args, entry):
         tok, model = loader(args.vq, args.gpt, device=args.device)
         return {"model": model, "vq": tok, "tok": tok}, str(args.gpt)
     if _is_next_token(entry):
+        from var.cli.sample import load_ar_models
         from var.hub_llamagen import bundled_ar_dir
-        bundled = None if args.random_init else bundled_ar_dir()
-        if bundled is not None:
-            tok, model = hub.load_llamagen(bundled / "tokenizer", bundled / "transformer", device=args.device)
-            return {"model": model, "vq": tok, "tok": tok}, f"bundled AR model {bundled.name}"
-        if not args.random_init:
+        if not args.random_init and bundled_ar_dir() is None:
             raise ConfigError(f"sampler {entry.name} samples a next-token model and no bundled AR model is "
                               f"installed: give --vq and --gpt (or --random-init for a smoke test)")
-        from var.models import create
-        torch.manual_seed(args.seed)
-        vq, gpt = create("vq_tiny").eval().to(args.device), create("gpt_tiny").eval().to(args.device)
-        log.warning("sampling from RANDOM weights (gpt_tiny); images are noise")
-        return {"model": gpt, "vq": vq, "tok": vq}, "random-weight gpt_tiny"
+        vq, gpt, desc = load_ar_models(args)  # the bundled AR model, or random tiny presets with --random-init
+        return {"model": gpt, "vq": vq, "tok": vq}, desc
     from var.cli.sample import load_models
     tok, model, desc = load_models(args)
     if entry.needs_pair:

@@ -106,7 +106,7 @@ def load_ar_models(args):
         return vq, gpt, f"bundled AR model {bundled.name}"
     log.warning("no bundled AR model found: sampling from RANDOM weights (gpt_tiny); images are noise")
     torch.manual_seed(args.seed)
-    return create("vq_tiny").eval().to(args.device), create("gpt_tiny").eval().to(args.device), "random gpt_tiny"
+    return create("vq_tiny").eval().to(args.device), create("gpt_tiny").eval().to(args.device), "random-weight gpt_tiny"
 
 
 # the samplers' defaults per model family: VAR's FID settings and LlamaGen's (also used by var-eval sample)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from var.utils.machine import machine_description as describe_machine
+from var.utils.machine import load_average, machine_description as describe_machine
 
 log = logging.getLogger(__name__)
 
@@ -418,10 +417,7 @@ def run_benchmark(*, device="cpu", num_images: int = 64, batch: int = 16, repeat
     order = {s.name: i for i, s in enumerate(setups)}
     rows.sort(key=lambda r: (order.get(r["family"], 99), not r["is_reference"], r["sampler"], r["cache"] != "full",
                              r["cache"], -(r["budget"] or 0)))
-    try:
-        load = "load average %.1f / %.1f / %.1f (1/5/15 min) at the end" % os.getloadavg()
-    except (OSError, AttributeError):
-        load = "load average unknown"
+    load = f"load average {load_average()} at the end"
     return {"machine": machine_description(device), "device": str(device), "load": load,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "settings": {"num_images": num_images, "batch": batch, "repeats": repeats, "timed_runs": timed_runs,

@@ -26,3 +26,11 @@ def machine_description(device: str | torch.device = "cpu") -> str:
     else:
         hw = f"CPU {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
     return f"{hw}; torch {torch.__version__}; Python {platform.python_version()}"
+
+
+def load_average() -> str:
+    """``"1.9 / 1.6 / 1.4 (1/5/15 min)"``, or ``"unknown"`` where the OS does not report it."""
+    try:
+        return "%.1f / %.1f / %.1f (1/5/15 min)" % os.getloadavg()
+    except (OSError, AttributeError):
+        return "unknown"
