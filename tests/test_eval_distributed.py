@@ -15,7 +15,18 @@ from var.eval.distributed import SamplingPlan, finalize, generate_samples, missi
 from var.eval.export import list_pngs, load_images
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+SUBPROCESS_THREADS = 1
+ENV = {**os.environ, "OMP_NUM_THREADS": str(SUBPROCESS_THREADS), "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture
+def like_subprocess():
+    """Run this process's sampling at the subprocesses' thread count: float reductions (and so the rounding of a
+    pixel to uint8) depend on how many threads split them, and images are compared bit for bit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(SUBPROCESS_THREADS)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_sample_fn():
@@ -43,7 +54,7 @@ def test_plan_shards_partition_indices_and_seeds():
     assert plan.labels(range(8, 13)).tolist() == [8, 9, 0, 1, 2]
 
 
-def test_torchrun_two_gloo_ranks_disjoint_complete_and_rank_invariant(tmp_path):
+def test_torchrun_two_gloo_ranks_disjoint_complete_and_rank_invariant(tmp_path, like_subprocess):
     out = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "var.cli.eval", "sample", "--random-init", "--out", str(out), "--per-class", "3", "--shard-size", "4",
@@ -81,7 +92,7 @@ KILLER = textwrap.dedent("""
 """)
 
 
-def test_killed_run_resumes_without_duplicates(tmp_path):
+def test_killed_run_resumes_without_duplicates(tmp_path, like_subprocess):
     out = tmp_path / "killed"
     script = KILLER.format(tests=str(Path(__file__).parent), out=str(out))
     proc = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=120)
