@@ -20,7 +20,7 @@ setup(
     extras_require={
         "triton": ["triton"],
         "eval": ["torch-fidelity", "scipy"],
-        "dev": ["pytest", "scipy", "triton"],
+        "dev": ["pytest", "scipy", "triton", "mkdocs>=1.6", "mkdocstrings[python]>=0.28"],
     },
     entry_points={
         "console_scripts": [
