@@ -20,7 +20,9 @@ setup(
     extras_require={
         "triton": ["triton"],
         "eval": ["torch-fidelity", "scipy"],
-        "dev": ["pytest", "scipy", "triton", "mkdocs>=1.6", "mkdocstrings[python]>=0.28"],
+        "t2i": ["transformers>=4.40", "tokenizers", "sentencepiece"],  # text encoder of Infinity / LlamaGen T2I
+        "dev": ["pytest", "scipy", "triton", "mkdocs>=1.6", "mkdocstrings[python]>=0.28", "transformers>=4.40",
+                "tokenizers"],
     },
     entry_points={
         "console_scripts": [

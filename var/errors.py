@@ -39,3 +39,11 @@ class NonFiniteLogitsError(VarError):
 
 class ConfigError(VarError):
     """A configuration value or sampler argument is out of range."""
+
+
+class MissingDependencyError(VarError):
+    """An optional dependency (an extra such as ``[t2i]``) is needed for this feature and is not installed."""
+
+
+class TextEncoderError(VarError):
+    """A text encoder or a prompt-embedding file is missing, unreadable, or not what was asked for."""
