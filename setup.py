@@ -21,7 +21,7 @@ setup(
         "triton": ["triton"],
         "eval": ["torch-fidelity", "scipy"],
         "t2i": ["transformers>=4.40", "tokenizers", "sentencepiece"],  # text encoder of Infinity / LlamaGen T2I
-        "dev": ["pytest", "scipy", "triton", "mkdocs>=1.6", "mkdocstrings[python]>=0.28", "transformers>=4.40",
+        "dev": ["pytest", "scipy", "triton==3.9.0", "mkdocs>=1.6", "mkdocstrings[python]>=0.28", "transformers>=4.40",
                 "tokenizers"],
     },
     entry_points={
