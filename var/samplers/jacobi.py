@@ -14,9 +14,15 @@ One forward pass verifies a window of ``L - 1`` draft tokens after the last comm
   fresh drafts (``init``: ``random`` uniform tokens, ``repeat_horizon`` = copy of the left neighbour,
   ``repeat_vertical`` = copy of the token above; all one-hot, all drawn from the given generator).
 
+One pass is five small steps (:func:`draft_window`, :func:`verify`, :func:`accept`, :func:`commit`,
+:func:`refill`; :func:`next_samples` draws the new samples that :func:`accept` and :func:`refill` use).
+
 Batch > 1: every sample keeps its own accepted length. Rows sit at different sequence positions in the same
 pass; the window's K/V are written after the longest row and the accepted ones are moved next to each row's
-committed prefix (the rest is masked out and overwritten later), then the cache is truncated.
+committed prefix (the rest is masked out and overwritten later), then the cache is truncated. A row with fewer
+positions left than the pass is wide behaves as in a pass of its own width, and every sample draws the same
+uniforms per pass (:class:`PassUniforms`, mapped to tokens by inverse CDF), so a batch with one generator per
+sample equals the single runs.
 
 Variants:
 
@@ -34,13 +40,14 @@ Variants:
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from var.errors import ConfigError
-from var.samplers.logits import GeneratorArg, multinomial, rand_like_per_sample
-from var.samplers.next_token import finish, prepare
+from var.samplers.logits import GeneratorArg, rand_like_per_sample, sample_from_uniform
+from var.samplers.next_token import TokenProcessor, finish, prepare
 from var.samplers.stats import SamplerStats
 
 DRAFT_INITS = ("random", "repeat_horizon", "repeat_vertical")
@@ -53,6 +60,7 @@ class ExactAcceptance:
     """Standard speculative (modified rejection) sampling: ratio ``p(x) / q(x)``, residual ``max(0, p - q)``."""
 
     exact = True
+    carried_drafts_one_hot = False  # carried-over drafts keep their old target as q (SJD)
 
     def ratio_and_residual(self, p, q, x):
         ratio = p.gather(-1, x[..., None])[..., 0] / q.gather(-1, x[..., None])[..., 0].clamp_min(_TINY)
@@ -123,46 +131,195 @@ class GroupedAcceptance(ExactAcceptance):
         return ratio, (p - q).clamp_min(0)
 
 
-# ---- helpers ------------------------------------------------------------------------------------------------
+# ---- the steps of one pass ---------------------------------------------------------------------------------
 def _normalise(weights: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
     total = weights.sum(-1, keepdim=True)
     return torch.where(total > _TINY, weights / total.clamp_min(_TINY), fallback)
 
 
-def _move_window_kv(cache, src_start: int, dst_R: torch.Tensor, count: int) -> None:
-    """Copy each row's ``count`` K/V slots at ``[src_start, +count)`` to ``[dst_R[r], +count)`` (all layers)."""
-    dst = dst_R[:, None] + torch.arange(count, device=dst_R.device)
-    rows = torch.arange(dst_R.shape[0], device=dst_R.device)[:, None].expand_as(dst)
+@dataclass
+class PassUniforms:
+    """Every uniform one pass needs, ``[B, window]`` each, indexed by window position.
+
+    Drawn in full whatever the pass width, so each sample consumes the same amount of its generator per pass as
+    in a run on its own: a batch with one generator per sample then equals the single runs."""
+
+    accept_BL: torch.Tensor    # acceptance test of the draft at each position
+    residual_BL: torch.Tensor  # resample from the residual at the first rejection
+    target_BL: torch.Tensor    # new sample from the target (next drafts, bonus token)
+    coupling_BL: torch.Tensor  # maximal coupling's residual draw under an inexact rule
+    fresh_BL: torch.Tensor     # initial drafts of the new slots
+
+    @classmethod
+    def draw(cls, batch: int, window: int, generator: GeneratorArg, device) -> "PassUniforms":
+        u = rand_like_per_sample((batch, 5, window), generator, device)
+        return cls(*u.unbind(1))
+
+
+@dataclass
+class WindowInputs:
+    """What one forward pass reads: the last committed token and the drafts after it, with their absolute
+    positions and the attention mask over ``[cache, window]``."""
+
+    tokens_BW: torch.Tensor
+    positions_BW: torch.Tensor
+    mask_BWS: torch.Tensor
+    prefix_slots_B: torch.Tensor  # committed K/V slots of each row (= position of the last committed token)
+
+
+@dataclass
+class Verdict:
+    """The outcome of the acceptance tests of one pass."""
+
+    commit_count_B: torch.Tensor  # tokens committed by this pass (accepted drafts + one resampled/bonus token)
+    commit_BW: torch.Tensor       # the tokens to commit, valid up to ``commit_count``
+
+
+def initial_drafts(init: str, tokens_BN: torch.Tensor, committed_B: torch.Tensor, drafts_BK: torch.Tensor,
+                   first_new_slot_B: torch.Tensor, grid: int, vocab: int, uniforms_BK: torch.Tensor,
+                   gumbel_BNV: torch.Tensor | None) -> torch.Tensor:
+    """Fill draft slots ``k >= first_new_slot`` (token ``committed + k``) with initial drafts (recorded one-hot)."""
+    batch, slots = drafts_BK.shape
+    seq_len = tokens_BN.shape[1] - 1  # the last column is the commit sink
+    token_BK = (committed_B[:, None] + torch.arange(slots, device=drafts_BK.device)).clamp(max=seq_len - 1)
+    if gumbel_BNV is not None:  # the Gumbel coupling's draft before any target: argmax of the noise alone
+        random_BK = gumbel_BNV.gather(1, token_BK[..., None].expand(-1, -1, vocab)).argmax(-1)
+    else:
+        random_BK = (uniforms_BK * vocab).long().clamp(max=vocab - 1)
+    out = drafts_BK.clone()
+    rows = torch.arange(batch, device=drafts_BK.device)
+    for slot in range(slots):  # left to right: a repeat may copy a draft filled earlier in this loop
+        token, value = token_BK[:, slot], random_BK[:, slot]
+        if init != "random":
+            source = token - 1 if init == "repeat_horizon" else token - grid
+            has_source = (source >= 0) & ((token % grid != 0) if init == "repeat_horizon" else True)
+            source = source.clamp(min=0)
+            source_slot = (source - committed_B).clamp(min=0, max=slots - 1)
+            known = torch.where(source < committed_B, tokens_BN[rows, source], out[rows, source_slot])
+            value = torch.where(has_source, known, value)
+        out[:, slot] = torch.where(slot >= first_new_slot_B, value, out[:, slot])
+    return out
+
+
+def draft_window(tokens_BN: torch.Tensor, committed_B: torch.Tensor, drafts_BK: torch.Tensor, width: int,
+                 prefix_len: int, cache_length: int) -> WindowInputs:
+    """Step 1: the inputs of one pass of ``width`` positions, per row at its own sequence position."""
+    offsets = torch.arange(width, device=tokens_BN.device)
+    seq_len = tokens_BN.shape[1] - 1
+    prefix_slots_B = prefix_len + committed_B - 1
+    tokens_BW = torch.cat((tokens_BN.gather(1, (committed_B - 1)[:, None]), drafts_BK[:, :width - 1]), dim=1)
+    positions_BW = (prefix_slots_B[:, None] + offsets).clamp(max=prefix_len + seq_len - 1)
+    slots = torch.arange(cache_length + width, device=tokens_BN.device)
+    # a row sees its own committed prefix (rows are at different lengths) and the window causally; the window's
+    # K/V are written after the longest row, so the slots between a row's prefix and the window are masked out
+    sees_prefix = slots[None, None] < prefix_slots_B[:, None, None]
+    sees_window = (slots[None, None] >= cache_length) & (slots[None, None] - cache_length <= offsets[None, :, None])
+    return WindowInputs(tokens_BW, positions_BW, sees_prefix | sees_window, prefix_slots_B)
+
+
+def verify(model, proc: TokenProcessor, cache, window: WindowInputs) -> torch.Tensor:
+    """Step 2: one forward pass -> the target distribution ``[B, width, V]`` of every window position."""
+    logits = model.decode(proc.double(window.tokens_BW), cache, positions=proc.double(window.positions_BW),
+                          attn_mask=proc.double(window.mask_BWS)[:, None])
+    return proc.probs(logits, "Jacobi window")
+
+
+def accept(rule: ExactAcceptance, target_BWV: torch.Tensor, drafts_BK: torch.Tensor, draft_q_BKV: torch.Tensor,
+           valid_B: torch.Tensor, samples_BW: torch.Tensor, uniforms: PassUniforms) -> Verdict:
+    """Step 3: test a row's drafts left to right; commit the accepted prefix plus the residual sample at the first
+    rejection, or the bonus token (the new sample of the row's last valid position) if every draft is accepted.
+
+    A row with ``valid`` positions left tests ``valid - 1`` drafts, as it would in a pass of its own width."""
+    num_drafts = target_BWV.shape[1] - 1
+    drafts, target = drafts_BK[:, :num_drafts], target_BWV[:, :num_drafts]
+    ratio, residual = rule.ratio_and_residual(target, draft_q_BKV[:, :num_drafts], drafts)
+    tested_B = (valid_B - 1).clamp(min=0)
+    accepted = (uniforms.accept_BL[:, :num_drafts] < ratio) & (
+        torch.arange(num_drafts, device=drafts.device)[None] < tested_B[:, None])
+    # the first position not accepted: a rejection if it is below tested_B, else the bonus position
+    stop_B = (torch.where(accepted.all(1), num_drafts, (~accepted).int().argmax(1)) if num_drafts
+              else torch.zeros_like(valid_B))
+    rejected = stop_B < tested_B
+    rows = torch.arange(drafts_BK.shape[0], device=drafts_BK.device)
+    last = samples_BW[rows, stop_B]  # the bonus token unless rejected
+    if num_drafts:
+        at = stop_B.clamp(max=num_drafts - 1)
+        resampled = sample_from_uniform(_normalise(residual[rows, at], target[rows, at]),
+                                        uniforms.residual_BL[rows, at])
+        last = torch.where(rejected, resampled, last)
+    commit = torch.cat((drafts, samples_BW[:, num_drafts:]), dim=1)
+    commit[rows, stop_B] = last
+    return Verdict(torch.where(valid_B > 0, stop_B + 1, 0), commit)
+
+
+def next_samples(coupling: str, rule: ExactAcceptance, target_BWV: torch.Tensor, drafts_BK: torch.Tensor,
+                 draft_q_BKV: torch.Tensor, committed_B: torch.Tensor, valid_B: torch.Tensor,
+                 gumbel_BNV: torch.Tensor | None, uniforms: PassUniforms) -> torch.Tensor:
+    """A new sample ``[B, width]`` of every window position from its target: the next pass's drafts and the bonus
+    token. Independent draws, or (MC-SJD) coupled with the old draft so consecutive drafts agree more often."""
+    width, vocab = target_BWV.shape[1], target_BWV.shape[2]
+    independent = sample_from_uniform(target_BWV, uniforms.target_BL[:, :width])
+    if coupling == "gumbel":  # one fixed Gumbel vector per token: argmax(log p + g) is a sample of p
+        seq_len = gumbel_BNV.shape[1]
+        token_BW = (committed_B[:, None] + torch.arange(width, device=target_BWV.device)).clamp(max=seq_len - 1)
+        noise = gumbel_BNV.gather(1, token_BW[..., None].expand(-1, -1, vocab))
+        return (target_BWV.log() + noise).argmax(-1)
+    if coupling == "maximal" and width > 1:  # keep the old draft w.p. min(1, p/q), else draw the residual
+        drafts, draft_q, target = drafts_BK[:, :width - 1], draft_q_BKV[:, :width - 1], target_BWV[:, :width - 1]
+        ratio, residual = ExactAcceptance().ratio_and_residual(target, draft_q, drafts)  # the exact p, not p~
+        keep = uniforms.accept_BL[:, :width - 1] < ratio
+        redraw_u = uniforms.residual_BL if rule.exact else uniforms.coupling_BL
+        redraw = sample_from_uniform(_normalise(residual, target), redraw_u[:, :width - 1])
+        coupled = torch.cat((torch.where(keep, drafts, redraw), independent[:, width - 1:]), dim=1)
+        # a row's last valid position holds its bonus token: an independent sample, as in a pass of its own width
+        has_draft = torch.arange(width, device=target_BWV.device)[None] < (valid_B - 1)[:, None]
+        return torch.where(has_draft, coupled, independent)
+    return independent
+
+
+def move_window_kv(cache, window_start: int, prefix_slots_B: torch.Tensor, count: int) -> None:
+    """Copy each row's ``count`` K/V slots at ``[window_start, +count)`` to ``[prefix_slots_B[r], +count)``."""
+    dst = prefix_slots_B[:, None] + torch.arange(count, device=prefix_slots_B.device)
+    rows = torch.arange(prefix_slots_B.shape[0], device=prefix_slots_B.device)[:, None].expand_as(dst)
     for buf in cache.k + cache.v:  # [R, H, capacity, D]
-        moved = buf[:, :, src_start:src_start + count].transpose(1, 2).clone()  # [R, count, H, D]
+        moved = buf[:, :, window_start:window_start + count].transpose(1, 2).clone()  # [R, count, H, D]
         buf.transpose(1, 2)[rows, dst] = moved  # index_put_ on a view writes into the cache
 
 
-def _fresh_drafts(init: str, committed_BN: torch.Tensor, n_B: torch.Tensor, drafts_BK: torch.Tensor,
-                  first_fresh_B: torch.Tensor, N: int, grid: int, vocab: int, generator: GeneratorArg,
-                  gumbel_BNV: torch.Tensor | None) -> torch.Tensor:
-    """Fill draft slots ``k >= first_fresh`` (token ``n + k`` of ``N``) with initial drafts (one-hot ``q``)."""
-    B, K = drafts_BK.shape
-    u = rand_like_per_sample((B, K), generator, drafts_BK.device)
-    out = drafts_BK.clone()
-    t_BK = (n_B[:, None] + torch.arange(K, device=n_B.device)).clamp(max=N - 1)
-    if gumbel_BNV is not None:
-        random_tok = gumbel_BNV.gather(1, t_BK[..., None].expand(-1, -1, vocab)).argmax(-1)
-    else:
-        random_tok = (u * vocab).long().clamp(max=vocab - 1)
-    rows = torch.arange(B, device=n_B.device)
-    for k in range(K):
-        t = t_BK[:, k]
-        value = random_tok[:, k]
-        if init != "random":
-            src = t - 1 if init == "repeat_horizon" else t - grid
-            has_src = (src >= 0) & ((t % grid != 0) if init == "repeat_horizon" else True)
-            src = src.clamp(min=0)
-            src_k = (src - n_B).clamp(min=0, max=K - 1)
-            known = torch.where(src < n_B, committed_BN[rows, src], out[rows, src_k])
-            value = torch.where(has_src, known, value)
-        out[:, k] = torch.where(k >= first_fresh_B, value, out[:, k])
-    return out
+def commit(tokens_BN: torch.Tensor, committed_B: torch.Tensor, verdict: Verdict, cache, window: WindowInputs,
+           window_start: int, proc: TokenProcessor) -> None:
+    """Step 4: write the committed tokens; keep the K/V of the accepted inputs next to each row's prefix and drop
+    the rest (the rejected inputs' K/V were computed from a wrong draft)."""
+    width = verdict.commit_BW.shape[1]
+    offsets = torch.arange(width, device=tokens_BN.device)
+    sink = tokens_BN.shape[1] - 1
+    target_columns = torch.where(offsets[None] < verdict.commit_count_B[:, None], committed_B[:, None] + offsets,
+                                 sink)
+    tokens_BN.scatter_(1, target_columns, verdict.commit_BW)
+    prefix_slots = proc.double(window.prefix_slots_B)
+    move_window_kv(cache, window_start, prefix_slots, width)
+    # inputs w_0..w_{m-1} (the last committed token and the accepted drafts) are consistent with the new prefix
+    cache.truncate(int((prefix_slots + proc.double(verdict.commit_count_B)).max()))
+
+
+def refill(init: str, tokens_BN: torch.Tensor, committed_B: torch.Tensor, commit_count_B: torch.Tensor,
+           samples_BW: torch.Tensor, target_BWV: torch.Tensor, slots: int, grid: int, uniforms: PassUniforms,
+           gumbel_BNV: torch.Tensor | None, carried_one_hot: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 5: the next window's drafts (``committed_B`` is already advanced): the new samples of the positions
+    after the commit, recorded with their target as ``q`` (or one-hot: see :class:`LanternAcceptance`), then
+    initial drafts for the slots past this pass's window."""
+    width, vocab = target_BWV.shape[1], target_BWV.shape[2]
+    source_BK = commit_count_B[:, None] + torch.arange(slots, device=tokens_BN.device)[None]
+    carried = source_BK < width
+    source_BK = source_BK.clamp(max=width - 1)
+    drafts = torch.where(carried, samples_BW.gather(1, source_BK), torch.zeros_like(source_BK))
+    drafts = initial_drafts(init, tokens_BN, committed_B, drafts, (width - commit_count_B).clamp(min=0), grid, vocab,
+                            uniforms.fresh_BL[:, :slots], gumbel_BNV)
+    one_hot = F.one_hot(drafts, vocab).float()
+    if carried_one_hot:
+        return drafts, one_hot
+    carried_q = target_BWV.gather(1, source_BK[..., None].expand(-1, -1, vocab))
+    return drafts, torch.where(carried[..., None], carried_q, one_hot)
 
 
 # ---- the engine ---------------------------------------------------------------------------------------------
@@ -176,7 +333,9 @@ def sample_jacobi(model, vq, labels_B, *, window: int = 16, init: str = "random"
         window: window length L (inputs per pass = 1 committed token + L - 1 drafts); 1 = plain decoding.
         init: initial drafts, one of :data:`DRAFT_INITS`. coupling: one of :data:`COUPLINGS`.
         acceptance: :class:`ExactAcceptance` (default), :class:`LanternAcceptance` or :class:`GroupedAcceptance`.
-        cfg, top_k, top_p, temperature, generator: as :func:`~var.samplers.next_token.sample_next_token`.
+        cfg, top_k, top_p, temperature: as :func:`~var.samplers.next_token.sample_next_token`.
+        generator: one ``torch.Generator`` or one per sample (each sample draws a fixed number of uniforms per
+            pass, so a batch with one generator per sample equals the single runs).
     Returns:
         :class:`~var.samplers.stats.SampleOutput`; ``stats.extra`` holds ``iterations``,
         ``mean_accepted_per_iteration`` (per sample) and ``accepted_histogram``.
@@ -191,97 +350,55 @@ def sample_jacobi(model, vq, labels_B, *, window: int = 16, init: str = "random"
     rule = acceptance or ExactAcceptance()
     labels_B, proc, rows = prepare(model, vq, labels_B, cfg, temperature, top_k, top_p)
     device = labels_B.device
-    B, N, V, L, T, grid = labels_B.shape[0], model.seq_len, model.vocab_size, window, model.prefix_len, \
-        model.config.grid_size
-    cache = model.new_kv_cache(rows.shape[0], capacity=T + N + L)
+    batch, seq_len, vocab, prefix_len = labels_B.shape[0], model.seq_len, model.vocab_size, model.prefix_len
+    grid, slots = model.config.grid_size, window - 1
+    cache = model.new_kv_cache(rows.shape[0], capacity=prefix_len + seq_len + window)
     stats = SamplerStats(peak_kv_cache_bytes=cache.nbytes())
-    gumbel = None
+    gumbel_BNV = None
     if coupling == "gumbel":
-        u = rand_like_per_sample((B, N, V), generator, device).clamp(1e-20, 1.0)
-        gumbel = -torch.log((-torch.log(u)).clamp_min(1e-20))  # one fixed Gumbel vector per (sample, token)
+        u = rand_like_per_sample((batch, seq_len, vocab), generator, device).clamp(1e-20, 1.0)
+        gumbel_BNV = -torch.log((-torch.log(u)).clamp_min(1e-20))  # one fixed Gumbel vector per (sample, token)
 
-    tokens = torch.zeros(B, N + 1, dtype=torch.long, device=device)  # column N: a sink for unused writes
-    tokens[:, 0] = multinomial(proc.probs(model.prefill(rows, cache)[:, -1], "token 0"), generator)
+    first = PassUniforms.draw(batch, window, generator, device)
+    tokens_BN = torch.zeros(batch, seq_len + 1, dtype=torch.long, device=device)  # column N: sink for unused writes
+    first_target_BV = proc.probs(model.prefill(rows, cache)[:, -1], "token 0")
+    tokens_BN[:, 0] = sample_from_uniform(first_target_BV, first.target_BL[:, 0])
     stats.forward_passes = 1
-    n = torch.ones(B, dtype=torch.long, device=device)
-    K = L - 1  # draft slots
-    drafts = torch.zeros(B, K, dtype=torch.long, device=device)
-    if K:
-        drafts = _fresh_drafts(init, tokens, n, drafts, torch.zeros_like(n), N, grid, V, generator, gumbel)
-    draft_q = F.one_hot(drafts, V).float()
-    ar = torch.arange(L, device=device)
-    rows_idx = torch.arange(B, device=device)
-    accepted_counts, hist = [], torch.zeros(L + 1, dtype=torch.long)
+    committed_B = torch.ones(batch, dtype=torch.long, device=device)
+    drafts_BK = initial_drafts(init, tokens_BN, committed_B, torch.zeros(batch, slots, dtype=torch.long,
+                               device=device), torch.zeros_like(committed_B), grid, vocab, first.fresh_BL[:, :slots],
+                               gumbel_BNV)
+    draft_q_BKV = F.one_hot(drafts_BK, vocab).float()
+    accepted_means, histogram = [], torch.zeros(window + 1, dtype=torch.long)
 
-    while bool((n < N).any()):
-        remaining = N - n
-        Lw = int(min(L, int(remaining.max())))
-        Lb = remaining.clamp(max=Lw)  # valid predictions per row (0 for finished rows)
-        c = T + n - 1                 # committed K/V slots per row (= absolute position of w_0)
-        S = cache.length
-        inputs = torch.cat((tokens.gather(1, (n - 1)[:, None]), drafts[:, :Lw - 1]), dim=1)
-        positions = (c[:, None] + ar[:Lw]).clamp(max=T + N - 1)
-        slots = torch.arange(S + Lw, device=device)
-        mask = (slots[None, None] < c[:, None, None]) | (
-            (slots[None, None] >= S) & (slots[None, None] - S <= ar[:Lw][None, :, None]))
-        logits = model.decode(proc.double(inputs), cache, positions=proc.double(positions),
-                              attn_mask=proc.double(mask)[:, None])
+    while bool((committed_B < seq_len).any()):
+        remaining_B = seq_len - committed_B
+        width = int(min(window, int(remaining_B.max())))
+        valid_B = remaining_B.clamp(max=width)  # positions a row still needs (0 for finished rows)
+        uniforms = PassUniforms.draw(batch, window, generator, device)
+        window_start = cache.length
+        inputs = draft_window(tokens_BN, committed_B, drafts_BK, width, prefix_len, window_start)
+        target_BWV = verify(model, proc, cache, inputs)
         stats.forward_passes += 1
-        p = proc.probs(logits, "Jacobi window")  # [B, Lw, V]: p[:, i] is token n + i
+        samples_BW = next_samples(coupling, rule, target_BWV, drafts_BK, draft_q_BKV, committed_B, valid_B,
+                                  gumbel_BNV, uniforms)
+        verdict = accept(rule, target_BWV, drafts_BK, draft_q_BKV, valid_B, samples_BW, uniforms)
+        commit(tokens_BN, committed_B, verdict, cache, inputs, window_start, proc)
 
-        # drafts k = 0..Lw-2 (token n + k) against p[:, k]; all uniforms/samples are drawn for every position
-        x, q, pk = drafts[:, :Lw - 1], draft_q[:, :Lw - 1], p[:, :Lw - 1]
-        u = rand_like_per_sample((B, Lw - 1), generator, device)
-        ratio, residual = rule.ratio_and_residual(pk, q, x)
-        accept = u < ratio
-        resampled = multinomial(_normalise(residual, pk), generator) if Lw > 1 else x
-        fresh = multinomial(p, generator)  # [B, Lw]: independent redrafts and the bonus token
-        if coupling == "maximal" and Lw > 1:
-            keep, redraw = accept, resampled
-            if not rule.exact:  # couple with the exact target, not the relaxed one
-                plain_ratio, plain_res = ExactAcceptance().ratio_and_residual(pk, q, x)
-                keep, redraw = u < plain_ratio, multinomial(_normalise(plain_res, pk), generator)
-            new_drafts = torch.cat((torch.where(keep, x, redraw), fresh[:, Lw - 1:]), dim=1)
-        elif coupling == "gumbel":
-            t_idx = (n[:, None] + ar[:Lw]).clamp(max=N - 1)
-            new_drafts = (p.log() + gumbel.gather(1, t_idx[..., None].expand(-1, -1, V))).argmax(-1)
-        else:
-            new_drafts = fresh
+        active = valid_B > 0
+        accepted_means.append(verdict.commit_count_B[active].float().mean().item())
+        histogram += torch.bincount(verdict.commit_count_B[active].cpu(), minlength=window + 1)[: window + 1]
+        committed_B = committed_B + verdict.commit_count_B
+        if slots:
+            drafts_BK, draft_q_BKV = refill(init, tokens_BN, committed_B, verdict.commit_count_B, samples_BW,
+                                            target_BWV, slots, grid, uniforms, gumbel_BNV,
+                                            rule.carried_drafts_one_hot)
 
-        ok = accept & (ar[:Lw - 1][None] < Lb[:, None])
-        kstar = torch.where(ok.all(1), Lw - 1, (~ok).int().argmax(1)) if Lw > 1 else torch.zeros_like(n)
-        rejected = (kstar < Lb) & (kstar < Lw - 1)
-        m = torch.where(rejected, kstar + 1, Lb)  # tokens committed by this pass
-        out = torch.cat((x, new_drafts[:, Lw - 1:]), dim=1)  # accepted drafts, then the bonus token
-        if Lw > 1:
-            k_res = kstar.clamp(max=Lw - 2)
-            out[rows_idx, k_res] = torch.where(rejected, resampled[rows_idx, k_res], out[rows_idx, k_res])
-        target = torch.where(ar[:Lw][None] < m[:, None], n[:, None] + ar[:Lw], N)
-        tokens.scatter_(1, target, out)
-
-        # keep the K/V of the accepted inputs w_0..w_{m-1} next to each row's prefix, drop the rest
-        _move_window_kv(cache, S, proc.double(c), Lw)
-        cache.truncate(int((c + m).max()))
-        active = Lb > 0
-        accepted_counts.append(m[active].float().mean().item())
-        hist += torch.bincount(m[active].cpu(), minlength=L + 1)[: L + 1]
-
-        # next window: the new samples of the positions after the commit (q = their p), then fresh drafts
-        n = n + m
-        if K:
-            src = (m[:, None] + ar[None, :K]).clamp(max=Lw - 1)
-            from_p = (m[:, None] + ar[None, :K]) < Lw
-            drafts = torch.where(from_p, new_drafts.gather(1, src), torch.zeros_like(src))
-            drafts = _fresh_drafts(init, tokens, n, drafts, (Lw - m).clamp(min=0), N, grid, V, generator,
-                                   gumbel)
-            draft_q = torch.where(from_p[..., None], p.gather(1, src[..., None].expand(-1, -1, V)),
-                                  F.one_hot(drafts, V).float())
-
-    stats.extra.update(iterations=len(accepted_counts),
-                       mean_accepted_per_iteration=sum(accepted_counts) / max(len(accepted_counts), 1),
-                       accepted_histogram=hist.tolist(), window=L, init=init, coupling=coupling,
+    stats.extra.update(iterations=len(accepted_means),
+                       mean_accepted_per_iteration=sum(accepted_means) / max(len(accepted_means), 1),
+                       accepted_histogram=histogram.tolist(), window=window, init=init, coupling=coupling,
                        acceptance=type(rule).__name__)
-    return finish(model, vq, tokens[:, :N], stats, t0, decode)
+    return finish(model, vq, tokens_BN[:, :seq_len], stats, t0, decode)
 
 
 # ---- public samplers ----------------------------------------------------------------------------------------

@@ -110,6 +110,20 @@ def rand_like_per_sample(shape, generator: GeneratorArg, device, dtype=torch.flo
     return torch.stack([torch.rand(shape[1:], generator=g, device=device, dtype=dtype) for g in gens], dim=0)
 
 
+def sample_from_uniform(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw: one index per row of ``probs [..., V]`` from the uniforms ``u [...]`` in [0, 1).
+
+    A sampler that must give each sample a random stream independent of the batch draws a fixed number of
+    uniforms per step and maps them through this (``torch.multinomial``'s consumption depends on the shape).
+    The CDF is accumulated in fp64; a zero-probability index is never returned.
+    """
+    cdf = probs.double().cumsum(dim=-1)
+    target = u.double()[..., None] * cdf[..., -1:]
+    index = torch.searchsorted(cdf, target, right=True)[..., 0]  # first index whose cdf exceeds the target
+    last_positive = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(dim=-1)  # guards u * total rounding up
+    return torch.minimum(index, last_positive)
+
+
 def gumbel_softmax(logits: torch.Tensor, tau: float, generator: GeneratorArg = None) -> torch.Tensor:
     """Soft Gumbel-softmax sample ``softmax((logits + g) / tau)``, ``g = -log(Exp(1))`` drawn with
     ``exponential_`` on the generator(s) (VAR's ``more_smooth`` noise, so seeded runs match the original)."""
