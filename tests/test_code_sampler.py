@@ -5,8 +5,9 @@ import torch
 from var.errors import ConfigError
 from var.kernels.kv_cache import FullCache, KVCache
 from var.models import create
-from var.samplers.collaborative import (DraftHandoff, ScaleSchedule, _refiner_prefill, paper_temperatures,
-                                        sample_collaborative)
+from var.samplers.collaborative import (DraftHandoff, ScaleSchedule, _refiner_prefill, code_preset,
+                                        paper_temperatures, sample_collaborative, scale_logits)
+from var.samplers.logits import top_k_top_p_filter
 from var.samplers.next_scale import sample_next_scale
 
 NUM_SCALES = 4
@@ -38,7 +39,8 @@ def same_tokens(a, b):
 def test_all_scales_drafted_equals_drafter(models):
     drafter, refiner, tok = models
     ref = sample_next_scale(drafter, tok, LABELS, generator=gen(), **KNOBS)
-    out = sample_collaborative(drafter, refiner, tok, LABELS, draft_steps=NUM_SCALES, generator=gen(), **KNOBS)
+    out = sample_collaborative(drafter, refiner, tok, LABELS, draft_steps=NUM_SCALES, generator=gen(),
+                               temperature_order="before_filter", **KNOBS)  # next_scale's (VAR/LlamaGen) order
     assert same_tokens(out.tokens, ref.tokens)
     torch.testing.assert_close(out.images, ref.images)
     assert out.stats.forward_passes == NUM_SCALES and out.stats.extra["refiner_passes"] == 0
@@ -47,7 +49,8 @@ def test_all_scales_drafted_equals_drafter(models):
 def test_zero_drafted_equals_refiner(models):
     drafter, refiner, tok = models
     ref = sample_next_scale(refiner, tok, LABELS, generator=gen(n=4), **KNOBS)
-    out = sample_collaborative(drafter, refiner, tok, LABELS, draft_steps=0, generator=gen(n=4), **KNOBS)
+    out = sample_collaborative(drafter, refiner, tok, LABELS, draft_steps=0, generator=gen(n=4),
+                               temperature_order="before_filter", **KNOBS)
     assert same_tokens(out.tokens, ref.tokens)
     torch.testing.assert_close(out.images, ref.images)
     assert out.stats.extra["drafter_passes"] == 0 and "drafter_peak_kv_cache_bytes" not in out.stats.extra
@@ -68,7 +71,7 @@ def test_same_model_on_both_sides_equals_plain_sampler(models, n, prefill):
     drafter, _, tok = models
     ref = sample_next_scale(drafter, tok, LABELS, generator=gen(3), decode=False, **KNOBS)
     out = sample_collaborative(drafter, drafter, tok, LABELS, draft_steps=n, generator=gen(3), prefill=prefill,
-                               decode=False, **KNOBS)
+                               decode=False, temperature_order="before_filter", **KNOBS)
     assert same_tokens(out.tokens, ref.tokens)
     passes = NUM_SCALES if prefill == "one_pass" else NUM_SCALES + n
     assert out.stats.forward_passes == passes and out.stats.extra["prefill"] == prefill
@@ -204,6 +207,36 @@ def test_more_smooth_matches_plain_sampler(models):
     drafter, refiner, tok = models
     ref = sample_next_scale(refiner, tok, LABELS, generator=gen(), more_smooth=True, **KNOBS)
     out = sample_collaborative(drafter, refiner, tok, LABELS, draft_steps=0, generator=gen(), more_smooth=True,
-                               **KNOBS)
+                               temperature_order="before_filter", **KNOBS)
     assert same_tokens(out.tokens, ref.tokens)
     torch.testing.assert_close(out.images, ref.images)
+
+
+def test_temperature_order_follows_the_code_release():
+    """CoDe's release filters the raw logits (top-k, top-p), then divides by the temperature; VAR/LlamaGen divide
+    first. With top-p 0.96 and temperature 1.1 the nuclei differ; both orders are reachable by name."""
+    logits = torch.linspace(6.0, -6.0, 400)[None, None] + torch.randn(1, 1, 400, generator=gen(3)) * 0.1
+    release = ScaleSchedule.build(1, cfg=0.0, top_k=0, top_p=0.96, temperature=1.1)
+    assert release.temperature_order == "after_filter"
+    expected = (top_k_top_p_filter(logits, 0, 0.96) / 1.1).softmax(-1)  # written out, not through the processor
+    torch.testing.assert_close(scale_logits(logits, 0, release).softmax(-1), expected)
+    var_order = ScaleSchedule.build(1, cfg=0.0, top_k=0, top_p=0.96, temperature=1.1,
+                                    temperature_order="before_filter")
+    torch.testing.assert_close(scale_logits(logits, 0, var_order).softmax(-1),
+                               top_k_top_p_filter(logits / 1.1, 0, 0.96).softmax(-1))
+    kept_release = int((expected > 0).sum())
+    kept_var = int((scale_logits(logits, 0, var_order) > float("-inf")).sum())
+    assert kept_release < kept_var  # a hotter temperature first widens the nucleus
+    with pytest.raises(ConfigError, match="temperature_order"):
+        ScaleSchedule.build(1, cfg=0.0, top_k=0, top_p=0.9, temperature=1.0, temperature_order="late")
+
+
+def test_paper_preset(models):
+    drafter, refiner, tok = models
+    preset = code_preset("paper", NUM_SCALES)
+    assert preset["top_k"] == 600 and preset["top_p"] == 0.96 and preset["cfg"] == 1.5
+    assert code_preset("paper")["temperature"] == [1.1] * 7 + [1.0] * 3 and code_preset("paper")["draft_steps"] == 8
+    out = sample_collaborative(drafter, refiner, tok, LABELS, generator=gen(), decode=False, **preset)
+    assert out.stats.extra["draft_steps"] == NUM_SCALES
+    with pytest.raises(ConfigError, match="preset"):
+        code_preset("fast")

@@ -8,8 +8,10 @@ first refined scale] under VAR's block-causal mask (a "prefill"), samples that s
 and continues like the plain next-scale sampler.
 
 ``draft_steps = num_scales`` reproduces ``sample_next_scale(drafter)`` token for token and ``draft_steps = 0``
-reproduces ``sample_next_scale(refiner)`` (same seed): every scale draws from the generator exactly once, as there.
-Sampling knobs may be given per scale (the paper: temperature 1.1 on the first 7 scales, 1.0 on the last 3).
+reproduces ``sample_next_scale(refiner)`` (same seed, ``temperature_order="before_filter"``, the next-scale
+sampler's order): every scale draws from the generator exactly once, as there.
+Sampling knobs may be given per scale (the paper: temperature 1.1 on the first 7 scales, 1.0 on the last 3); by
+default the temperature is applied after top-k/top-p, as in the CoDe release (:func:`code_preset`).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch
 from var.errors import ConfigError
 from var.kernels.kv_cache import FullCache, KVCache
 from var.samplers.logits import (GeneratorArg, apply_cfg, check_finite, check_sampling_args, gumbel_softmax,
-                                 multinomial, processed_logits)
+                                 multinomial, processed_logits, TEMPERATURE_ORDERS)
 from var.samplers.next_scale import as_label_tensor
 from var.samplers.stats import SampleOutput, SamplerStats
 
@@ -38,6 +40,19 @@ def paper_temperatures(num_scales: int, hot: float = 1.1, cold: float = 1.0, num
     return [hot if si < num_scales - num_cold else cold for si in range(num_scales)]
 
 
+CODE_PRESETS = ("paper",)
+
+
+def code_preset(name: str = "paper", num_scales: int = 10) -> dict:
+    """Keyword arguments of :func:`sample_collaborative` for a released setting. ``"paper"``: the release's FID
+    script (``sample_CoDe.py``): N = 8 drafted scales, cfg 1.5 (VAR ramp), top-k 600 and top-p 0.96 on every scale,
+    temperature 1.1 on all but the last 3 scales, filters before the temperature, no ``more_smooth``."""
+    if name not in CODE_PRESETS:
+        raise ConfigError(f"unknown CoDe preset {name!r}; choose one of {CODE_PRESETS}")
+    return dict(draft_steps=min(8, num_scales), cfg=1.5, top_k=600, top_p=0.96,
+                temperature=paper_temperatures(num_scales), temperature_order="after_filter", more_smooth=False)
+
+
 @dataclass
 class ScaleSchedule:
     """Per-scale sampling knobs (lists of length ``num_scales``); ``cfg[si]`` is the guidance ``t`` at scale si,
@@ -47,6 +62,7 @@ class ScaleSchedule:
     top_k: list
     top_p: list
     cfg: list
+    temperature_order: str = "after_filter"  # the CoDe release filters the raw logits, then divides
 
     @property
     def guided(self) -> bool:
@@ -54,9 +70,11 @@ class ScaleSchedule:
 
     @classmethod
     def build(cls, num_scales: int, *, cfg: PerScale, top_k: PerScale, top_p: PerScale,
-              temperature: PerScale) -> "ScaleSchedule":
+              temperature: PerScale, temperature_order: str = "after_filter") -> "ScaleSchedule":
         """Scalars are broadcast (a scalar ``cfg`` is VAR's ramp ``cfg * si / (SN - 1)``); sequences must have
-        one entry per scale."""
+        one entry per scale. ``temperature_order``: see :func:`~var.samplers.logits.processed_logits`."""
+        if temperature_order not in TEMPERATURE_ORDERS:
+            raise ConfigError(f"temperature_order must be one of {TEMPERATURE_ORDERS}, got {temperature_order!r}")
         def per_scale(value, name):
             if isinstance(value, (int, float)):
                 return [value] * num_scales
@@ -74,7 +92,7 @@ class ScaleSchedule:
             if any(not t >= 0 for t in cfg_t):
                 raise ConfigError(f"per-scale cfg values must be >= 0, got {cfg_t}")
         sched = cls(per_scale(temperature, "temperature"), per_scale(top_k, "top_k"), per_scale(top_p, "top_p"),
-                    [float(t) for t in cfg_t])
+                    [float(t) for t in cfg_t], temperature_order)
         for k, p, t in zip(sched.top_k, sched.top_p, sched.temperature):
             check_sampling_args(k, p, t)
         return sched
@@ -131,18 +149,26 @@ def _embed_input(model, si: int, latent_BlCv: torch.Tensor, guided: bool) -> tor
     return torch.cat((x_BlC, x_BlC)) if guided else x_BlC
 
 
+def scale_logits(guided_logits: torch.Tensor, si: int, sched: ScaleSchedule) -> torch.Tensor:
+    """The logits whose softmax is scale ``si``'s sampling distribution (temperature and filters in the schedule's
+    order)."""
+    return processed_logits(guided_logits, temperature=sched.temperature[si], top_k=sched.top_k[si],
+                            top_p=sched.top_p[si], temperature_order=sched.temperature_order)
+
+
 def _sample_scale(logits, si, B, sched: ScaleSchedule, tok, f_hat, generator, more_smooth):
     """Guide, filter and draw scale ``si``; returns ``(idx [B, pn, pn], f_hat, next input [B, l, Cvae])``."""
     pn, num_scales = tok.patch_nums[si], len(tok.patch_nums)
     check_finite(logits, f"scale {si} (pn={pn})")
     if sched.guided:
         logits = apply_cfg(logits[:B], logits[B:], 1 + sched.cfg[si])
-    logits = processed_logits(logits, temperature=sched.temperature[si], top_k=sched.top_k[si],
-                              top_p=sched.top_p[si])
+    logits = scale_logits(logits, si, sched)
     idx_Bl = multinomial(logits.softmax(dim=-1), generator)
     if more_smooth:
         ratio = si / (num_scales - 1) if num_scales > 1 else 1.0
         tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
+        if sched.temperature_order == "after_filter":  # the release smooths the filtered, untempered logits
+            logits = logits * sched.temperature[si]
         h_BlC = gumbel_softmax(logits * (1 + ratio), tau, generator) @ tok.quantize.embedding.weight.float()
     else:
         h_BlC = tok.quantize.embedding.weight[idx_Bl]
@@ -247,9 +273,9 @@ def refine(refiner, tok, labels_B, handoff: DraftHandoff, sched: ScaleSchedule, 
 @torch.no_grad()
 def sample_collaborative(drafter, refiner, tok, labels_B, *, draft_steps: int, cfg: PerScale = 1.5,
                          top_k: PerScale = 900, top_p: PerScale = 0.96, temperature: PerScale = 1.0,
-                         more_smooth: bool = False, generator: GeneratorArg = None, cache=None,
-                         drafter_cache=None, refiner_cache=None, prefill: str = "auto",
-                         decode: bool = True) -> SampleOutput:
+                         temperature_order: str = "after_filter", more_smooth: bool = False,
+                         generator: GeneratorArg = None, cache=None, drafter_cache=None, refiner_cache=None,
+                         prefill: str = "auto", decode: bool = True) -> SampleOutput:
     """CoDe sampling: ``drafter`` samples scales ``[0, draft_steps)``, ``refiner`` the rest.
 
     Args:
@@ -258,6 +284,8 @@ def sample_collaborative(drafter, refiner, tok, labels_B, *, draft_steps: int, c
         draft_steps: N in ``[0, num_scales]``; the paper's default for 10 scales is 8.
         cfg: VAR's guidance ramp end (float) or one guidance value ``t`` per scale.
         top_k, top_p, temperature: a scalar or one value per scale (see :func:`paper_temperatures`).
+        temperature_order: ``"after_filter"`` (the CoDe release: top-k/top-p on the raw logits, then the
+            temperature) or ``"before_filter"`` (VAR/LlamaGen order); :func:`code_preset` gives the paper's set.
         generator: one ``torch.Generator`` or one per sample.
         cache: cache policy for both models (``new_cache(model, batch, dtype=, device=)``; default full);
             ``drafter_cache`` / ``refiner_cache`` override it per model.
@@ -275,7 +303,8 @@ def sample_collaborative(drafter, refiner, tok, labels_B, *, draft_steps: int, c
     num_scales = len(tok.patch_nums)
     if not (isinstance(draft_steps, int) and 0 <= draft_steps <= num_scales):
         raise ConfigError(f"draft_steps must be an int in [0, {num_scales}], got {draft_steps!r}")
-    sched = ScaleSchedule.build(num_scales, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature)
+    sched = ScaleSchedule.build(num_scales, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature,
+                                temperature_order=temperature_order)
     stats = SamplerStats(extra={"draft_steps": draft_steps, "drafter_passes": draft_steps})
 
     handoff = draft(drafter, tok, labels_B, draft_steps, sched, generator=generator,

@@ -56,10 +56,22 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0)
     return out
 
 
-def processed_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
-                     top_p: float = 0.0) -> torch.Tensor:
-    """Temperature then top-k/top-p, in fp32: the logits whose softmax is the sampling distribution."""
+TEMPERATURE_ORDERS = ("before_filter", "after_filter")
+
+
+def processed_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
+                     temperature_order: str = "before_filter") -> torch.Tensor:
+    """Temperature and top-k/top-p, in fp32: the logits whose softmax is the sampling distribution.
+
+    ``temperature_order="before_filter"`` divides by the temperature, then filters (LlamaGen, VAR); ``"after_filter"``
+    filters the raw logits, then divides (the CoDe release). The order changes the top-p nucleus, not top-k.
+    """
+    if temperature_order not in TEMPERATURE_ORDERS:
+        raise ConfigError(f"temperature_order must be one of {TEMPERATURE_ORDERS}, got {temperature_order!r}")
     logits = logits.float()
+    if temperature_order == "after_filter":
+        filtered = top_k_top_p_filter(logits, top_k, top_p)
+        return filtered / temperature if temperature != 1.0 else filtered
     if temperature != 1.0:
         logits = logits / temperature
     return top_k_top_p_filter(logits, top_k, top_p)
