@@ -80,21 +80,35 @@ def forced(priority_BHP: torch.Tensor, must_keep_BHP: torch.Tensor) -> torch.Ten
     return priority_BHP.masked_fill(must_keep_BHP, float("inf"))
 
 
-def pool1d(scores_BHP: torch.Tensor, valid_BHP: torch.Tensor, kernel: int, mode: str) -> torch.Tensor:
-    """1-D max/avg pool (stride 1, same length) over the candidate axis; invalid entries count as 0."""
+def pool1d(scores_BHP: torch.Tensor, valid_BHP: torch.Tensor, kernel: int, mode: str, *,
+           include_pad: bool = False) -> torch.Tensor:
+    """1-D max/avg pool (stride 1, same length) over the candidate axis; entries outside ``valid`` take no part
+    (they count as -inf in a max and as 0 in an average) and come out -inf. ``include_pad``: the average divides
+    by ``kernel`` at the ends too (``F.avg_pool1d``'s default, used by the SnapKV release)."""
     if kernel <= 1:
-        return scores_BHP
-    x = scores_BHP.masked_fill(~valid_BHP, 0.0)
-    B, H, P = x.shape
-    x = x.reshape(B * H, 1, P)
+        return scores_BHP.masked_fill(~valid_BHP, float("-inf"))
+    B, H, P = scores_BHP.shape
     pad = kernel // 2
     if mode == "max":
+        x = scores_BHP.float().masked_fill(~valid_BHP, float("-inf")).reshape(B * H, 1, P)
         y = F.max_pool1d(x, kernel, stride=1, padding=pad)
     elif mode == "avg":
-        y = F.avg_pool1d(x, kernel, stride=1, padding=pad, count_include_pad=False)
+        x = scores_BHP.float().masked_fill(~valid_BHP, 0.0).reshape(B * H, 1, P)
+        y = F.avg_pool1d(x, kernel, stride=1, padding=pad, count_include_pad=include_pad)
     else:
         raise ConfigError(f"pooling must be 'max' or 'avg', got {mode!r}")
     return y[..., :P].reshape(B, H, P).masked_fill(~valid_BHP, float("-inf"))
+
+
+def pool_outside_window(scores_BHP: torch.Tensor, ctx: SelectionContext, idx_cur: torch.Tensor, cap: int,
+                        kernel: int, mode: str, *, include_pad: bool = False) -> torch.Tensor:
+    """Pooled scores with the observation window taken out before pooling when it will be kept anyway
+    (``cap > len(window)``), as the SnapKV and ScaleKV releases do: a token next to the window does not inherit
+    the window's (self-attention) score. Window entries come out -inf; :func:`window_priority` forces them in."""
+    if cap > idx_cur.numel():
+        outside = ctx.valid_BHP & ~current_index_mask(ctx, idx_cur)
+        return pool1d(scores_BHP, outside, kernel, mode, include_pad=include_pad)
+    return pool1d(scores_BHP, ctx.valid_BHP, kernel, mode, include_pad=include_pad)
 
 
 def grid_window(ctx: SelectionContext, window: int) -> torch.Tensor:

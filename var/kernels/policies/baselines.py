@@ -2,8 +2,9 @@
 
 * :class:`StreamingLLM`: ``sinks`` first tokens + the most recent tokens (Xiao et al., 2024).
 * :class:`SnapKV`: the last ``window`` queries of the current scale score every key (softmax attention summed over
-  the window, 1-D pool), keep the window + the top-scoring rest, per head (Li et al., 2024); when the budget is
-  not larger than the window, the top-scoring tokens only (window not forced).
+  the window, 1-D pool of the non-window part only, zero-padded and divided by the kernel at the ends, as the
+  release's ``F.avg_pool1d``), keep the window + the top-scoring rest, per head (Li et al., 2024); when the
+  budget is not larger than the window, the top-scoring tokens only (window not forced, everything pooled).
 * :class:`H2O`: accumulated attention received by each key over all scales (estimated from ``num_queries``
   evenly spaced queries per scale, rescaled to the scale's size), keep the most recent ``recent_ratio`` of the
   budget + the heaviest hitters (Zhang et al., 2023).
@@ -16,7 +17,7 @@ import torch
 
 from var.errors import ConfigError
 from var.kernels.compressed_cache import Selection, SelectionContext
-from var.kernels.policies.base import (CompressionPolicy, check_fraction, forced, pool1d, rank_keep,
+from var.kernels.policies.base import (CompressionPolicy, check_fraction, forced, pool_outside_window, rank_keep,
                                        uniform_queries, window_priority)
 
 
@@ -56,7 +57,8 @@ class SnapKV(CompressionPolicy):
         if ctx.max_prefix + ctx.n_cur <= self.budget_per_head:
             return None
         idx = torch.arange(max(0, ctx.n_cur - max(1, self.window)), ctx.n_cur, device=ctx.q_BHnD.device)
-        scores = pool1d(ctx.observation_scores(idx), ctx.valid_BHP, self.kernel, self.pooling)
+        scores = pool_outside_window(ctx.observation_scores(idx), ctx, idx, self.budget_per_head, self.kernel,
+                                     self.pooling, include_pad=True)
         priority = window_priority(scores, ctx, idx, self.budget_per_head)
         return Selection(rank_keep(priority, self.budget_per_head, ctx.valid_BHP))
 

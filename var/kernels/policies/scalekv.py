@@ -14,10 +14,11 @@ Variant implemented (documented choices):
   tokens (the code's ``base_capacity``).
 * **Selection** (paper): observation window = centre tokens of a ``sqrt(W) x sqrt(W)`` grid over the current
   map (the last ``W`` tokens for maps smaller than the grid); scores = *softmax* attention of the window's real
-  (normalised, scaled) queries summed over the window (the released code sums raw logits of unnormalised
-  queries); 1-D **max**-pool with kernel 5 (the code's default; the paper says average); per-head top-k of
-  ``cap - W`` plus the window, kept in sequence order; when ``cap <= W`` the window is not forced and the top-``cap``
-  pooled scores are kept (otherwise only current-scale tokens, chosen by position, would survive).
+  (normalised, scaled) queries summed over the window (``scores="logits"``: summed raw logits, as the release);
+  the window's own columns are taken out before the 1-D **max**-pool with kernel 5 (the release sets them to
+  -inf, so a token next to a window token does not inherit its score; the paper says average pooling); per-head
+  top-k of ``cap - W`` plus the window, kept in sequence order; when ``cap <= W`` the window is not forced and the
+  top-``cap`` pooled scores are kept (otherwise only current-scale tokens, chosen by position, would survive).
 
 Without a profile every layer is a refiner with the uniform budget (logged): grid-window SnapKV.
 """
@@ -28,11 +29,12 @@ import statistics
 
 from var.errors import ConfigError
 from var.kernels.compressed_cache import Selection, SelectionContext
-from var.kernels.policies.base import (CacheLayout, CompressionPolicy, grid_window, pool1d, rank_keep,
-                                       window_priority)
+from var.kernels.policies.base import (CacheLayout, CompressionPolicy, grid_window, pool_outside_window,
+                                       rank_keep, window_priority)
 from var.kernels.policies.calibration import CalibrationProfile
 
 log = logging.getLogger(__name__)
+SCORES = ("softmax", "logits")  # the paper's softmax attention, or the release's summed raw logits
 
 
 def classify_drafters(asi: list, drafters_per_scale: int) -> list[set]:
@@ -78,13 +80,16 @@ class ScaleKV(CompressionPolicy):
     """``ScaleKV(budget=0.1, profile=...)``: budget is a fraction of the cache carried into the last scale."""
 
     def __init__(self, budget: float, *, profile=None, drafters_per_scale: int | None = None, window: int = 16,
-                 kernel: int = 5, pooling: str = "max", **kw):
+                 kernel: int = 5, pooling: str = "max", scores: str = "softmax", **kw):
         super().__init__(budget, **kw)
         self.profile = CalibrationProfile.coerce(profile)
         if drafters_per_scale is not None and (isinstance(drafters_per_scale, bool) or drafters_per_scale < 0):
             raise ConfigError(f"drafters_per_scale must be >= 0, got {drafters_per_scale!r}")
         if pooling not in ("max", "avg"):
             raise ConfigError(f"pooling must be 'max' or 'avg', got {pooling!r}")
+        if scores not in SCORES:
+            raise ConfigError(f"scores must be one of {SCORES}, got {scores!r}")
+        self.scores = scores
         self.drafters_per_scale, self.window, self.kernel, self.pooling = drafters_per_scale, window, kernel, pooling
         self.drafters: list[set] = []
         self.caps: list[list[int]] = []
@@ -118,10 +123,11 @@ class ScaleKV(CompressionPolicy):
         if key_len <= cap:
             return None
         idx = grid_window(ctx, self.window)
-        scores = pool1d(ctx.observation_scores(idx), ctx.valid_BHP, self.kernel, self.pooling)
+        raw = ctx.observation_scores(idx, softmax=self.scores == "softmax")
+        scores = pool_outside_window(raw, ctx, idx, cap, self.kernel, self.pooling)
         priority = window_priority(scores, ctx, idx, cap)
         return Selection(rank_keep(priority, cap, ctx.valid_BHP))
 
     def __repr__(self) -> str:
         return (f"ScaleKV(budget={self.budget}, calibrated={self.profile is not None}, window={self.window}, "
-                f"kernel={self.kernel}, pooling={self.pooling!r})")
+                f"kernel={self.kernel}, pooling={self.pooling!r}, scores={self.scores!r})")

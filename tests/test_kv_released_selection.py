@@ -1,0 +1,108 @@
+"""SnapKV and ScaleKV keep the same token sets as their releases on fixed scores.
+
+The releases' selection rules are written out here with plain torch ops (not through the policies):
+* SnapKV (FasterDecoding/SnapKV ``SnapKVCluster.update_kv``): pool the summed window scores of the non-window part
+  only (``F.avg_pool1d``, zero padding counted), keep its top ``cap - W`` plus the window;
+* ScaleKV (StargazerX0/ScaleKV ``ScaleKVCluster.update_kv``): window columns set to -inf before the sum and the
+  max-pool, pooled window entries -inf, keep the top ``cap - W`` plus the window.
+Before the fix the window's own (large) scores leaked into its neighbours through the pooling.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from var.kernels import ScaleKV, SnapKV
+from var.kernels.compressed_cache import SelectionContext
+from var.kernels.policies.base import CacheLayout, grid_window, pool1d
+
+PATCH_NUMS = (1, 2, 3, 4, 6)
+PREFIX, CUR = 30, 36
+P = PREFIX + CUR
+LAYOUT = CacheLayout(depth=1, num_heads=1, head_dim=4, patch_nums=PATCH_NUMS)
+
+
+def context(scores_P):
+    ctx = SelectionContext(layer=0, start=PREFIX, n_cur=CUR, scale=1.0, q_BHnD=torch.zeros(1, 1, CUR, 4),
+                           k_cand_BHPD=torch.zeros(1, 1, P, 4), valid_BHP=torch.ones(1, 1, P, dtype=torch.bool),
+                           pos_BHP=torch.arange(P).view(1, 1, P), max_prefix=PREFIX, patch_nums=PATCH_NUMS)
+    ctx.observation_scores = lambda idx, softmax=True: scores_P.view(1, 1, P).clone()  # fixed scores
+    return ctx
+
+
+def fixed_scores(seed, window_P):
+    """Random scores with large window (self-attention) entries, chosen so that the release's top-k has no tie at
+    its cut-off (torch.topk's tie order is unspecified)."""
+    scores = torch.rand(P, generator=torch.Generator().manual_seed(seed))
+    scores[window_P] += 5.0
+    return scores
+
+
+def kept(policy, scores):
+    return set(policy.select(context(scores)).keep_BHP[0, 0].nonzero().flatten().tolist())
+
+
+def untied_topk(pooled, k):
+    values, idx = pooled.topk(k + 1)
+    return set(idx[:k].tolist()) if values[k - 1] > values[k] else None
+
+
+def released_snapkv(scores, window, cap, kernel=5):
+    rest = scores[:P - window]
+    pooled = F.avg_pool1d(rest.view(1, 1, -1), kernel, stride=1, padding=kernel // 2).view(-1)
+    top = untied_topk(pooled, cap - window)
+    return None if top is None else top | set(range(P - window, P))
+
+
+def released_scalekv(scores, window_P, cap, kernel=5):
+    masked = scores.clone()
+    masked[window_P] = float("-inf")
+    pooled = F.max_pool1d(masked.view(1, 1, -1), kernel, stride=1, padding=kernel // 2).view(-1)
+    pooled[window_P] = float("-inf")
+    top = untied_topk(pooled, cap - len(window_P))
+    return None if top is None else top | set(window_P.tolist())
+
+
+def test_snapkv_pools_only_the_non_window_part_as_released():
+    policy = SnapKV(0.5, window=4, backend="torch")
+    policy.prepare(LAYOUT)
+    cap = policy.budget_per_head  # 15 of 30
+    window = torch.arange(P - 4, P)
+    compared = differs = 0
+    for seed in range(20):
+        scores = fixed_scores(seed, window)
+        expected = released_snapkv(scores, 4, cap)
+        if expected is None:
+            continue
+        compared += 1
+        assert kept(policy, scores) == expected, seed
+        old = pool1d(scores.view(1, 1, P), torch.ones(1, 1, P, dtype=torch.bool), 5, "avg")[0, 0]
+        old[window] = float("inf")
+        differs += set(old.topk(cap).indices.tolist()) != expected  # the old rule kept the window's neighbours
+    assert compared >= 10 and differs == compared
+
+
+def test_scalekv_masks_the_window_before_pooling_as_released():
+    policy = ScaleKV(0.5, window=4, backend="torch")  # no profile: uniform caps (what this rule is about)
+    policy.prepare(LAYOUT)
+    cap = policy.budget_per_head
+    window = PREFIX + grid_window(context(torch.zeros(P)), 4)
+    compared = differs = 0
+    for seed in range(300):
+        scores = fixed_scores(seed, window)
+        expected = released_scalekv(scores, window, cap)
+        if expected is None:
+            continue
+        compared += 1
+        assert kept(policy, scores) == expected, seed
+        old = pool1d(scores.view(1, 1, P), torch.ones(1, 1, P, dtype=torch.bool), 5, "max")[0, 0]
+        old[window] = float("inf")
+        differs += set(old.topk(cap).indices.tolist()) != expected
+    assert compared >= 10 and differs == compared  # the old rule kept the window's neighbours every time
+
+
+@pytest.mark.parametrize("scores", ["softmax", "logits"])
+def test_scalekv_score_modes(scores):
+    policy = ScaleKV(0.5, window=4, scores=scores, backend="torch")
+    assert repr(policy).endswith(f"scores={scores!r})")
+    with pytest.raises(Exception, match="scores"):
+        ScaleKV(0.5, scores="raw")
