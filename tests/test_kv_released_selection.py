@@ -106,3 +106,40 @@ def test_scalekv_score_modes(scores):
     assert repr(policy).endswith(f"scores={scores!r})")
     with pytest.raises(Exception, match="scores"):
         ScaleKV(0.5, scores="raw")
+
+
+# ---- budgets -------------------------------------------------------------------------------------------------
+INFINITY_1024 = (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64)
+
+
+def released_file(depth, drafters, entries):
+    """A budget file in the release's format; ``entries``: {scale k: (Max, Min)} (numbers of the 2B file)."""
+    return {f"Scale {k}": {**{f"Block {b}": int(b in drafters) for b in range(depth)}, "High": len(drafters),
+                           "Max": mx, "Min": mn, "Limit": 0} for k, (mx, mn) in entries.items()}
+
+
+def test_released_budget_file_gives_650_tokens_at_10_percent(tmp_path):
+    """Infinity-2B's ``budgets/2b_10%_budget.json``: at the last compression block 0 keeps 6385 tokens and the 31
+    others 465: 650 on average (``round(0.1 * 6425)`` = 642 is what the uniform definition gives)."""
+    import json
+
+    from var.kernels.policies.scalekv import ReleasedBudgets
+    path = tmp_path / "2b_10%_budget.json"
+    path.write_text(json.dumps(released_file(32, {0}, {12: (4100, 420), 13: (6385, 465)})))
+    layout = CacheLayout(depth=32, num_heads=2, head_dim=4, patch_nums=INFINITY_1024)
+    policy = ScaleKV(0.1, released_budgets=path, backend="torch")
+    policy.prepare(layout)
+    assert sum(policy.caps[11]) / 32 == 650 and layout.budget_tokens(0.1) == 642
+    assert policy.caps[11][0] == 6385 and policy.caps[10][0] == 4100 and policy.caps[10][1] == 420
+    assert policy.caps[9] == [layout.cumulative(9)] * 32  # no entry: not compressed
+    assert policy.drafters[12] == {0} and policy.drafters[11] == {0}
+    with pytest.raises(Exception, match="32 layers"):
+        policy.prepare(CacheLayout(depth=40, num_heads=2, head_dim=4, patch_nums=INFINITY_1024))
+    with pytest.raises(Exception, match="Scale"):
+        ReleasedBudgets.parse({"layers": {}})
+
+
+def test_default_drafter_count_follows_the_released_budgets():
+    from var.kernels.policies.scalekv import default_drafters_per_scale
+    assert default_drafters_per_scale(40) == 3 and default_drafters_per_scale(32) == 2  # 8B and 2B files
+    assert default_drafters_per_scale(16) == 1 and default_drafters_per_scale(30) == 2

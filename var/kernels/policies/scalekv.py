@@ -24,8 +24,12 @@ Without a profile every layer is a refiner with the uniform budget (logged): gri
 """
 from __future__ import annotations
 
+import json
 import logging
+import math
 import statistics
+from dataclasses import dataclass
+from pathlib import Path
 
 from var.errors import ConfigError
 from var.kernels.compressed_cache import Selection, SelectionContext
@@ -35,6 +39,67 @@ from var.kernels.policies.calibration import CalibrationProfile
 
 log = logging.getLogger(__name__)
 SCORES = ("softmax", "logits")  # the paper's softmax attention, or the release's summed raw logits
+
+
+def default_drafters_per_scale(depth: int) -> int:
+    """Drafter layers per scale: ``ceil(depth / 16)``, as the released budgets (2 of Infinity-2B's 32 blocks, 3 of
+    Infinity-8B's 40)."""
+    return max(1, math.ceil(depth / 16))
+
+
+@dataclass(frozen=True)
+class ReleasedBudgets:
+    """A budget file of the ScaleKV release (``budgets/{2b,8b}_10%_budget.json``): for some scales, which blocks
+    are drafters (flag 1) and the per-layer caps of drafters (``Max``) and refiners (``Min``).
+
+    The release's entry ``"Scale k"`` caps the cache carried into the ``k``-th scale (1-based; its
+    ``cache_sizes[scale_ind + 2]``), i.e. ``caps[k - 2]`` here; scales without an entry are not compressed."""
+
+    depth: int
+    entries: dict  # scale index si (cache kept after scale si) -> (drafter blocks, drafter cap, refiner cap)
+
+    @classmethod
+    def load(cls, path) -> "ReleasedBudgets":
+        try:
+            raw = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read a ScaleKV budget file from {path}: {exc}") from exc
+        return cls.parse(raw, source=str(path))
+
+    @classmethod
+    def parse(cls, raw: dict, source: str = "budget file") -> "ReleasedBudgets":
+        entries, depth = {}, None
+        for key, scale in raw.items():
+            if not key.startswith("Scale ") or not isinstance(scale, dict):
+                raise ConfigError(f"{source}: unexpected entry {key!r} (want 'Scale <k>' objects)")
+            blocks = sorted(int(name.split()[1]) for name in scale if name.startswith("Block "))
+            if blocks != list(range(len(blocks))) or not blocks:
+                raise ConfigError(f"{source}: {key} must list 'Block 0'..'Block <L-1>'")
+            if depth not in (None, len(blocks)):
+                raise ConfigError(f"{source}: {key} has {len(blocks)} blocks, other scales {depth}")
+            depth = len(blocks)
+            missing = {"Max", "Min"} - set(scale)
+            if missing:
+                raise ConfigError(f"{source}: {key} lacks {sorted(missing)}")
+            drafters = frozenset(b for b in blocks if scale[f"Block {b}"])
+            entries[int(key.split()[1]) - 2] = (drafters, int(scale["Max"]), int(scale["Min"]))
+        if depth is None:
+            raise ConfigError(f"{source}: no 'Scale <k>' entries")
+        return cls(depth, entries)
+
+    def caps(self, layout: CacheLayout) -> list[list[int]]:
+        """``caps[si][l]`` for ``layout`` (its depth must match the file's)."""
+        if layout.depth != self.depth:
+            raise ConfigError(f"the budget file is for {self.depth} layers, the model has {layout.depth}")
+        caps = []
+        for si in range(len(layout.patch_nums)):
+            full = layout.cumulative(si)
+            if si not in self.entries:
+                caps.append([full] * layout.depth)
+                continue
+            drafters, drafter_cap, refiner_cap = self.entries[si]
+            caps.append([min(full, drafter_cap if l in drafters else refiner_cap) for l in range(layout.depth)])
+        return caps
 
 
 def classify_drafters(asi: list, drafters_per_scale: int) -> list[set]:
@@ -77,12 +142,20 @@ def allocate(layout: CacheLayout, budget_tokens: int, drafters: list[set], windo
 
 
 class ScaleKV(CompressionPolicy):
-    """``ScaleKV(budget=0.1, profile=...)``: budget is a fraction of the cache carried into the last scale."""
+    """``ScaleKV(budget=0.1, profile=...)``: budget is a fraction of the cache carried into the last scale.
+
+    ``released_budgets``: a budget file of the release (path or :class:`ReleasedBudgets`) whose per-layer caps and
+    drafters are used as they are (no profile needed); ``drafters_per_scale`` defaults to
+    :func:`default_drafters_per_scale`."""
 
     def __init__(self, budget: float, *, profile=None, drafters_per_scale: int | None = None, window: int = 16,
-                 kernel: int = 5, pooling: str = "max", scores: str = "softmax", **kw):
+                 kernel: int = 5, pooling: str = "max", scores: str = "softmax",
+                 released_budgets: ReleasedBudgets | str | Path | None = None, **kw):
         super().__init__(budget, **kw)
         self.profile = CalibrationProfile.coerce(profile)
+        if released_budgets is not None and not isinstance(released_budgets, ReleasedBudgets):
+            released_budgets = ReleasedBudgets.load(released_budgets)
+        self.released_budgets = released_budgets
         if drafters_per_scale is not None and (isinstance(drafters_per_scale, bool) or drafters_per_scale < 0):
             raise ConfigError(f"drafters_per_scale must be >= 0, got {drafters_per_scale!r}")
         if pooling not in ("max", "avg"):
@@ -93,10 +166,16 @@ class ScaleKV(CompressionPolicy):
         self.drafters_per_scale, self.window, self.kernel, self.pooling = drafters_per_scale, window, kernel, pooling
         self.drafters: list[set] = []
         self.caps: list[list[int]] = []
+        self.floor = 0
 
     def prepare(self, layout: CacheLayout) -> None:
         super().prepare(layout)
         num_scales = len(layout.patch_nums)
+        if self.released_budgets is not None:  # the release's own per-layer caps (and drafters) replace ours
+            self.caps = self.released_budgets.caps(layout)
+            self.drafters = [set(self.released_budgets.entries.get(si - 1, (set(),))[0]) for si in range(num_scales)]
+            self.floor = min(min(caps) for caps in self.caps)
+            return
         if self.profile is None:
             log.warning("ScaleKV without a calibration profile: every layer gets the uniform budget")
             self.drafters = [set() for _ in range(num_scales)]
@@ -104,19 +183,20 @@ class ScaleKV(CompressionPolicy):
             self.profile.check(layout)
             per_scale = self.drafters_per_scale
             if per_scale is None:
-                per_scale = max(1, round(layout.depth / 16))
+                per_scale = default_drafters_per_scale(layout.depth)
             self.drafters = classify_drafters(self.profile.asi, min(per_scale, layout.depth))
         self.caps = allocate(layout, self.budget_per_head, self.drafters, self.window)
+        self.floor = self.budget_per_head  # no layer keeps fewer tokens than this before it is compressed
 
     def _cap(self, layer: int, si: int | None) -> int:
         return self.caps[si][layer] if si is not None else self.budget_per_head
 
     def wants_selection(self, layer: int, start: int, n: int, max_key_len: int) -> bool:
-        return max_key_len > self.budget_per_head and max_key_len > self._cap(layer, self.scale_index(start, n))
+        return max_key_len > self.floor and max_key_len > self._cap(layer, self.scale_index(start, n))
 
     def select(self, ctx: SelectionContext) -> Selection | None:
         key_len = ctx.max_prefix + ctx.n_cur
-        if key_len <= self.budget_per_head:
+        if key_len <= self.floor:
             return None
         si = ctx.scale_index
         cap = self._cap(ctx.layer, si)
