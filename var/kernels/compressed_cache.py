@@ -142,6 +142,7 @@ class CompressedKVCache(SequenceCursor):
         self.length = 0
         self._stored_until = self.capacity  # positions >= this were attended to but not stored
         self._peak = 0
+        self._peak_live = 0
         self.selections = 0  # policy decisions that were made (compressions)
 
     def held_tensors(self) -> list[torch.Tensor]:
@@ -150,16 +151,24 @@ class CompressedKVCache(SequenceCursor):
         return tensors + (self.score_pool or [])
 
     def nbytes(self) -> int:
-        """Bytes of all tensors held: K/V pools plus the index metadata (positions, segments, scores)."""
+        """Bytes allocated: all tensors held, K/V pools plus the index metadata (positions, segments, scores)."""
         return sum(t.numel() * t.element_size() for t in self.held_tensors())
 
     def kv_nbytes(self) -> int:
         """Bytes of the kept K and V only (the quantity papers report)."""
         return sum(t.numel() * t.element_size() for t in self.k_pool + self.v_pool)
 
+    def live_nbytes(self) -> int:
+        """Bytes of K/V holding live tokens: the kept ones (the pools are exactly their size)."""
+        return self.kv_nbytes()
+
     def peak_nbytes(self) -> int:
-        """Largest footprint seen, including one layer's uncompressed new tokens during :meth:`attend`."""
+        """Largest allocation seen, including one layer's uncompressed new tokens during :meth:`attend`."""
         return max(self._peak, self.nbytes())
+
+    def peak_live_nbytes(self) -> int:
+        """Largest :meth:`live_nbytes` seen since the last :meth:`reset`."""
+        return max(self._peak_live, self.live_nbytes())
 
     def lengths(self, layer: int) -> torch.Tensor:
         """Kept tokens per (batch row, head) of ``layer``: ``[B, H]`` int32."""
@@ -190,6 +199,7 @@ class CompressedKVCache(SequenceCursor):
             self._stored_until = min(self._stored_until, start)
         else:
             self._merge(layer, q_BHlD, k_new, v_new, start, scale)
+            self._peak_live = max(self._peak_live, self.live_nbytes())
         return out.to(v_BHlD.dtype)
 
     def truncate(self, length: int) -> None:

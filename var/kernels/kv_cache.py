@@ -5,6 +5,10 @@ Per layer it holds ``k, v: [B, H, capacity, D]``. A forward pass over ``l`` new 
 with :meth:`KVCache.advance`. :meth:`truncate` rolls back uncommitted or rejected positions (speculative
 decoding). Compressed caches (ScaleKV, HACK, ...) implement the same ``attend / advance / truncate / nbytes``
 interface, so the models never know which cache they are given.
+
+Memory is reported the same way by every cache: :meth:`nbytes` = bytes allocated (every tensor the cache holds),
+:meth:`live_nbytes` = bytes of K/V holding live tokens (tokens a later pass can attend to), and the peaks of both
+over the cache's life (:meth:`peak_nbytes`, :meth:`peak_live_nbytes`).
 """
 from __future__ import annotations
 
@@ -48,6 +52,11 @@ class KVCache(SequenceCursor):
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.capacity = capacity
         self.length = 0
+        self._peak_length = 0
+
+    def advance(self, num_tokens: int) -> None:
+        super().advance(num_tokens)
+        self._peak_length = max(self._peak_length, self.length)
 
     def attend(self, layer: int, q_BHlD: torch.Tensor, k_BHlD: torch.Tensor, v_BHlD: torch.Tensor, *,
                scale: float, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -61,8 +70,10 @@ class KVCache(SequenceCursor):
         k_cache[:, :, start:end] = k_BHlD
         v_cache[:, :, start:end] = v_BHlD
         k_all, v_all = k_cache[:, :, :end], v_cache[:, :, :end]
-        if k_all.dtype != q_BHlD.dtype:
-            q_BHlD, k_all, v_all = q_BHlD.float(), k_all.float(), v_all.float()
+        q_BHlD = q_BHlD.to(k_all.dtype)  # the cache is read in its stored dtype: q is rounded to K's, never K up
+        if v_all.dtype != k_all.dtype:  # SDPA takes one dtype: a mixed cache (fp32 K, bf16 V) computes in the wider
+            dtype = torch.promote_types(k_all.dtype, v_all.dtype)
+            q_BHlD, k_all, v_all = q_BHlD.to(dtype), k_all.to(dtype), v_all.to(dtype)
         out = F.scaled_dot_product_attention(q_BHlD, k_all, v_all, attn_mask=attn_mask, scale=scale)
         return out.to(v_BHlD.dtype)
 
@@ -73,15 +84,26 @@ class KVCache(SequenceCursor):
 
     def reset(self) -> None:
         self.length = 0
+        self._peak_length = 0
 
     def nbytes(self) -> int:
-        """Bytes held by the preallocated buffers (all layers, K and V)."""
+        """Bytes allocated: the preallocated K/V buffers of all layers."""
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
-    def used_nbytes(self) -> int:
-        """Bytes of the committed tokens only."""
-        per_token = sum(t[:, :, :1].numel() * t.element_size() for t in self.k + self.v)
-        return per_token * self.length
+    def live_nbytes(self) -> int:
+        """Bytes of K/V holding the committed tokens."""
+        return self._token_nbytes() * self.length
+
+    def peak_nbytes(self) -> int:
+        """Largest allocation over the cache's life (constant: the buffers are preallocated)."""
+        return self.nbytes()
+
+    def peak_live_nbytes(self) -> int:
+        """Largest :meth:`live_nbytes` over the cache's life (since the last :meth:`reset`)."""
+        return self._token_nbytes() * self._peak_length
+
+    def _token_nbytes(self) -> int:
+        return sum(t[:, :, :1].numel() * t.element_size() for t in self.k + self.v)
 
 
 class FullCache:

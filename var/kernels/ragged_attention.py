@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from var.errors import ConfigError
-from var.kernels._backend import resolve_backend
+from var.kernels._backend import disable_triton, requested_backend, resolve_backend
 
 
 def _check(q, k_pool, v_pool, seg_start, seg_len, k_cur, v_cur):
@@ -34,6 +34,9 @@ def _check(q, k_pool, v_pool, seg_start, seg_len, k_cur, v_cur):
                           f"{tuple(seg_start.shape)}, {tuple(seg_len.shape)}")
     if k_pool.shape[0] != v_pool.shape[0]:
         raise ConfigError(f"k_pool has {k_pool.shape[0]} rows, v_pool {v_pool.shape[0]}")
+    if k_pool.dtype != k_cur.dtype or v_pool.dtype != v_cur.dtype:
+        raise ConfigError(f"pool and current-scale dtypes must match (the cache stores new tokens in its pool dtype): "
+                          f"k_pool {k_pool.dtype} vs k_cur {k_cur.dtype}, v_pool {v_pool.dtype} vs v_cur {v_cur.dtype}")
 
 
 def ragged_attention_reference(q_BHnD, k_pool_TD, v_pool_TD, seg_start, seg_len, k_BHnD, v_BHnD, *,
@@ -79,7 +82,10 @@ def _ragged_attention_torch(q, k_pool, v_pool, seg_start, seg_len, k_cur, v_cur,
         mask = None
         if valid is not None:
             mask = torch.cat((valid, valid.new_ones(B, H, n)), dim=2).unsqueeze(2)  # [B, H, 1, P + n]
-    return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=scale)
+    dtype = torch.promote_types(k_all.dtype, v_all.dtype)  # SDPA takes one dtype: the wider of K and V
+    q = q.to(k_all.dtype).to(dtype)  # q rounded to K's dtype, as in the kernel
+    out = F.scaled_dot_product_attention(q, k_all.to(dtype), v_all.to(dtype), attn_mask=mask, scale=scale)
+    return out.to(v_cur.dtype)
 
 
 def ragged_attention(q_BHnD, k_pool_TD, v_pool_TD, seg_start, seg_len, k_BHnD, v_BHnD, *, scale: float,
@@ -87,27 +93,32 @@ def ragged_attention(q_BHnD, k_pool_TD, v_pool_TD, seg_start, seg_len, k_BHnD, v
                      uniform_len: int | None = None) -> torch.Tensor:
     """Attention over (ragged prefix + dense current scale); see the module docstring for the layout.
 
-    Mixed dtypes follow :class:`~var.kernels.KVCache`: when K's dtype differs from q's (fp32 K under autocast),
-    q, K and V are computed in fp32. ``uniform_len`` is a hint that every head has exactly that many prefix rows
-    laid out contiguously (the PyTorch path then avoids the gather). ``out`` (Triton path) is fully overwritten.
+    Dtypes: K/V are used in their stored dtypes (``k_pool``/``k_cur`` share one, ``v_pool``/``v_cur`` another,
+    else :class:`~var.errors.ConfigError`); ``q`` is rounded to K's dtype (an fp32 query under autocast meets bf16
+    pools as bf16), products accumulate in fp32 and the result has V's dtype. ``uniform_len`` is a hint that every
+    head has exactly that many prefix rows laid out contiguously (the PyTorch path then avoids the gather). ``out``
+    (any strides, V's dtype or another float dtype) is fully overwritten and returned.
+
+    Backend: see :func:`var.kernels._backend.resolve_backend`. When the Triton kernel fails to compile or launch
+    under ``auto``, this and every later call use the PyTorch path (one warning); an explicit ``triton`` raises.
     """
     _check(q_BHnD, k_pool_TD, v_pool_TD, seg_start, seg_len, k_BHnD, v_BHnD)
-    if k_BHnD.dtype != q_BHnD.dtype or v_BHnD.dtype != q_BHnD.dtype:
-        q_BHnD, k_BHnD, v_BHnD = q_BHnD.float(), k_BHnD.float(), v_BHnD.float()
-        k_pool_TD, v_pool_TD = k_pool_TD.float(), v_pool_TD.float()
-    if resolve_backend(backend, q_BHnD.device) == "torch":
-        result = _ragged_attention_torch(q_BHnD, k_pool_TD, v_pool_TD, seg_start, seg_len, k_BHnD, v_BHnD,
-                                         scale=scale, uniform_len=uniform_len)
-        if out is not None:
-            out.copy_(result)
-            return out
-        return result
-    from var.kernels._ragged_attention_triton import ragged_attention_triton
+    if out is not None and out.shape != q_BHnD.shape:
+        raise ConfigError(f"out must have q's shape {tuple(q_BHnD.shape)}, got {tuple(out.shape)}")
+    if resolve_backend(backend, q_BHnD.device) == "triton":
+        target = out if out is not None else torch.empty(q_BHnD.shape, dtype=v_BHnD.dtype, device=q_BHnD.device)
+        try:
+            from var.kernels._ragged_attention_triton import ragged_attention_triton
 
-    B, H, n, D = q_BHnD.shape
-    if out is None:
-        out = torch.empty(B, H, n, D, dtype=q_BHnD.dtype, device=q_BHnD.device)
-    contiguous = [t if t.stride(-1) == 1 else t.contiguous() for t in (q_BHnD, k_pool_TD, v_pool_TD, k_BHnD, v_BHnD)]
-    q_c, kp, vp, kc, vc = contiguous
-    return ragged_attention_triton(q_c, kp, vp, seg_start.to(torch.int32).contiguous(),
-                                   seg_len.to(torch.int32).contiguous(), kc, vc, scale=scale, out=out)
+            return ragged_attention_triton(q_BHnD, k_pool_TD, v_pool_TD, seg_start.to(torch.int32),
+                                           seg_len.to(torch.int32), k_BHnD, v_BHnD, scale=scale, out=target)
+        except Exception as err:  # noqa: BLE001 - a compile/launch failure of an optional fast path
+            if requested_backend(backend) == "triton":
+                raise
+            disable_triton(f"ragged_attention: {type(err).__name__}: {err}")
+    result = _ragged_attention_torch(q_BHnD, k_pool_TD, v_pool_TD, seg_start, seg_len, k_BHnD, v_BHnD,
+                                     scale=scale, uniform_len=uniform_len)
+    if out is not None:
+        out.copy_(result)
+        return out
+    return result

@@ -51,7 +51,7 @@ def draw_coarse_labels(stage1, labels_B, proc: TokenProcessor, *, generator: Gen
             logits = stage1.decode(proc.double(out[:, i - 1:i]), kv_cache)
         if stats is not None:
             stats.forward_passes += 1
-            stats.peak_kv_cache_bytes = max(stats.peak_kv_cache_bytes, kv_cache.nbytes())
+            stats.track_kv(kv_cache)
         out[:, i] = multinomial(proc.probs(logits[:, -1], f"stage 1 token {i}"), generator)
     return out
 

@@ -398,7 +398,7 @@ def sample_jacobi(model, vq, labels_B, *, window: int = 16, init: str = "random"
                        mean_accepted_per_iteration=sum(accepted_means) / max(len(accepted_means), 1),
                        accepted_histogram=histogram.tolist(), window=window, init=init, coupling=coupling,
                        acceptance=type(rule).__name__)
-    return finish(model, vq, tokens_BN[:, :seq_len], stats, t0, decode)
+    return finish(model, vq, tokens_BN[:, :seq_len], stats, t0, decode, cache=cache)
 
 
 # ---- public samplers ----------------------------------------------------------------------------------------

@@ -99,4 +99,4 @@ def sample_zipar(model, vq, labels_B, *, window: int | None = None, cfg: float =
             col[r] += 1
 
     stats.extra.update(window=window, ideal_steps=W + (H - 1) * window)
-    return finish(model, vq, tokens, stats, t0, decode)
+    return finish(model, vq, tokens, stats, t0, decode, cache=cache)

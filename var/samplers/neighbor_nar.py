@@ -71,7 +71,7 @@ def sample_nar(model, vq, labels_B, *, cfg: float = 2.0, top_k: int = 0, top_p: 
         right, down = model.forward_heads(model.tok_embeddings(proc.double(grid[:, rows, cols])),
                                           1 + rows * n + cols, kv_cache)
         stats.forward_passes += 1
-        stats.peak_kv_cache_bytes = max(stats.peak_kv_cache_bytes, kv_cache.nbytes())
+        stats.track_kv(kv_cache)
         tgt = torch.tensor(list(diagonal_rows(d, n)), device=device)
         probs = proc.probs(_mixed_targets(right, down, d, n), f"diagonal {d}")
         grid[:, tgt, d - tgt] = multinomial(probs, generator)

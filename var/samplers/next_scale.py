@@ -71,7 +71,7 @@ def sample_next_scale(model, tok, labels_B, *, cfg: float = 1.5, top_k: int = 90
         ratio = si / (num_scales - 1) if num_scales > 1 else 1.0
         logits = model.forward_scale(x_BlC, cond_BD, kv_cache)  # [rows, pn*pn, V]
         stats.forward_passes += 1
-        stats.peak_kv_cache_bytes = max(stats.peak_kv_cache_bytes, kv_cache.nbytes())
+        stats.track_kv(kv_cache)
         check_finite(logits, f"scale {si} (pn={pn})")
         if guided:
             logits = apply_cfg(logits[:B], logits[B:], 1 + cfg * ratio)

@@ -77,9 +77,12 @@ def prepare(model, vq, labels_B, cfg, temperature, top_k, top_p):
     return labels_B, proc, proc.rows(labels_B, model.null_class)
 
 
-def finish(model, vq, tokens_BN: torch.Tensor, stats: SamplerStats, t0: float, decode: bool) -> SampleOutput:
-    """Decode ``[B, N]`` tokens (images in [0, 1]) and stamp the wall time."""
+def finish(model, vq, tokens_BN: torch.Tensor, stats: SamplerStats, t0: float, decode: bool,
+           cache=None) -> SampleOutput:
+    """Decode ``[B, N]`` tokens (images in [0, 1]), fold in ``cache``'s byte peaks and stamp the wall time."""
     stats.tokens = model.seq_len
+    if cache is not None:
+        stats.track_kv(cache)
     images = None
     if decode and vq is not None:
         g = model.config.grid_size
@@ -113,7 +116,7 @@ def sample_next_token(model, vq, labels_B, *, cfg: float = 2.0, top_k: int = 0, 
         tokens[:, i] = multinomial(proc.probs(logits[:, -1], f"token {i}"), generator)
         if i + 1 < N:
             logits = model.decode(proc.double(tokens[:, i:i + 1]), kv_cache)
-    return finish(model, vq, tokens, stats, t0, decode)
+    return finish(model, vq, tokens, stats, t0, decode, cache=kv_cache)
 
 
 AR_SAMPLERS = ("next_token", "sjd", "mcsjd", "lantern", "gsd", "zipar")

@@ -12,7 +12,8 @@ class SamplerStats:
 
     forward_passes: int = 0          # model forward passes (a CFG pass over cond+uncond rows counts once)
     tokens: int = 0                  # tokens generated per image
-    peak_kv_cache_bytes: int = 0     # largest KV-cache footprint held during the call
+    peak_kv_cache_bytes: int = 0     # largest KV-cache allocation during the call (cache.peak_nbytes())
+    peak_kv_live_bytes: int = 0      # largest K/V bytes holding live tokens (cache.peak_live_nbytes())
     wall_time_s: float = 0.0
     extra: dict = field(default_factory=dict)  # sampler-specific numbers (accept lengths, ...)
 
@@ -20,6 +21,11 @@ class SamplerStats:
     def tokens_per_pass(self) -> float:
         """Mean tokens produced per forward pass (accepted tokens per pass for speculative samplers)."""
         return self.tokens / max(self.forward_passes, 1)
+
+    def track_kv(self, cache) -> None:
+        """Fold a cache's allocated and live peaks into the call's peaks (the same two numbers for every cache)."""
+        self.peak_kv_cache_bytes = max(self.peak_kv_cache_bytes, cache.peak_nbytes())
+        self.peak_kv_live_bytes = max(self.peak_kv_live_bytes, cache.peak_live_nbytes())
 
     def as_dict(self) -> dict:
         return {**asdict(self), "tokens_per_pass": self.tokens_per_pass}
