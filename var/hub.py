@@ -35,11 +35,12 @@ def saved_model_classes() -> dict:
     """``_class_name`` of a saved directory -> (module class, config dataclass); imported lazily."""
     from var.models.ctf import CTFStage2, CTFStage2Config
     from var.models.gpt import GPT, GPTConfig
+    from var.models.gpt_t2i import GPTT2I, GPTT2IConfig
     from var.models.nar import NAR
     from var.tokenizers.single_scale_vq import SingleScaleVQ, SingleScaleVQConfig
     return {"VAR": (VAR, VARConfig), "MultiScaleVQVAE": (MultiScaleVQVAE, MultiScaleVQVAEConfig),
             "GPT": (GPT, GPTConfig), "SingleScaleVQ": (SingleScaleVQ, SingleScaleVQConfig),
-            "NAR": (NAR, GPTConfig), "CTFStage2": (CTFStage2, CTFStage2Config)}
+            "GPTT2I": (GPTT2I, GPTT2IConfig), "NAR": (NAR, GPTConfig), "CTFStage2": (CTFStage2, CTFStage2Config)}
 
 
 # ---- reading files ------------------------------------------------------------------------------------------

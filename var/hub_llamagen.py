@@ -1,10 +1,13 @@
-"""Loading LlamaGen's released c2i files (``vq_ds16_c2i.pt``, ``c2i_{B,L,XL,XXL,3B}_*.pt``) and our own directories.
+"""Loading LlamaGen's released files (``vq_ds16_c2i.pt``, ``c2i_{B,L,XL,XXL,3B}_*.pt``; t2i: ``vq_ds16_t2i.pt``,
+``t2i_XL_stage1_256.pt``, ``t2i_XL_stage2_512.pt``) and our own directories.
 
 * ``vq, gpt = load_llamagen(vq_path, gpt_path)``: strict loads; sizes are inferred from the state dicts, the
   token grid from ``image_size`` (256 -> 16 x 16 with the ds16 tokenizer, 384 -> 24 x 24).
 * LlamaGen wraps weights in ``{"model": ...}`` (DDP) or stores the raw dict (FSDP), and pickles an
   ``argparse.Namespace`` next to them: files are read with ``torch.load(weights_only=True)`` with the Namespace on
   the safe-globals allow-list; stale ``freqs_cis`` entries of old checkpoints are dropped.
+* A GPT file holding ``cls_embedding.cap_proj`` is the text-to-image model (:class:`~var.models.gpt_t2i.GPTT2I`);
+  its caption width and length come from ``uncond_embedding``. Stage 2 (512 px) needs ``image_size=512``.
 * Directories written by :func:`var.hub.save_pretrained` (``config.json`` + ``model.safetensors``) load too: the
   classes ``GPT`` and ``SingleScaleVQ`` are listed in ``var.hub.saved_model_classes``.
 """
@@ -19,6 +22,7 @@ import torch
 from var import hub
 from var.errors import CheckpointError, CheckpointMismatchError
 from var.models.gpt import GPT, GPTConfig
+from var.models.gpt_t2i import GPTT2I, GPTT2IConfig
 from var.tokenizers.single_scale_vq import SingleScaleVQ, SingleScaleVQConfig
 
 
@@ -48,18 +52,32 @@ def read_llamagen_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
     return {k: v for k, v in obj.items() if k not in _DROPPED_KEYS}
 
 
+T2I_KEY = "cls_embedding.cap_proj.fc1.weight"
+
+
+def is_t2i_state_dict(sd: dict[str, torch.Tensor]) -> bool:
+    return T2I_KEY in sd
+
+
 def gpt_config_from_state_dict(sd: dict[str, torch.Tensor], grid_size: int = 16,
                                n_head: int | None = None) -> GPTConfig:
-    """Layers, width, heads, vocabulary, classes and FFN size. The files do not store the head count: it is the
-    released models' (head dim 64, or 100 for the 3B model) unless ``n_head`` is given."""
-    hub.require_keys(sd, ("tok_embeddings.weight", "cls_embedding.embedding_table.weight", "output.weight"),
-                     "a LlamaGen c2i GPT (is this the tokenizer, a t2i or a VAR file?)")
+    """Layers, width, heads, vocabulary, classes (or caption width and length) and FFN size. The files do not
+    store the head count: it is the released models' (head dim 64, or 100 for the 3B model) unless ``n_head``."""
+    t2i = is_t2i_state_dict(sd)
+    prefix = ("cls_embedding.uncond_embedding",) if t2i else ("cls_embedding.embedding_table.weight",)
+    hub.require_keys(sd, ("tok_embeddings.weight", *prefix, "output.weight"),
+                     "a LlamaGen GPT (is this the tokenizer or a VAR file?)")
     vocab, dim = sd["tok_embeddings.weight"].shape
     n_layer = hub.count_indexed(sd, r"layers\.(\d+)\.")
     n_head = n_head or (32 if dim == 3200 else max(dim // 64, 1))
     hidden = sd["layers.0.feed_forward.w1.weight"].shape[0]
-    config = GPTConfig(dim=dim, n_layer=n_layer, n_head=n_head, vocab_size=vocab, grid_size=grid_size,
-                       num_classes=sd["cls_embedding.embedding_table.weight"].shape[0] - 1)
+    if t2i:
+        caption_len, caption_dim = sd["cls_embedding.uncond_embedding"].shape
+        config = GPTT2IConfig(dim=dim, n_layer=n_layer, n_head=n_head, vocab_size=vocab, grid_size=grid_size,
+                              caption_dim=caption_dim, caption_len=caption_len)
+    else:
+        config = GPTConfig(dim=dim, n_layer=n_layer, n_head=n_head, vocab_size=vocab, grid_size=grid_size,
+                           num_classes=sd["cls_embedding.embedding_table.weight"].shape[0] - 1)
     if config.ffn_hidden != hidden:  # a non-default multiple_of (small models trained here)
         for multiple in (256, 128, 64, 32, 16, 8, 1):
             config.multiple_of = multiple
@@ -85,13 +103,15 @@ def vq_config_from_state_dict(sd: dict[str, torch.Tensor], image_size: int = 256
 
 def load_llamagen_gpt(path: str | os.PathLike, *, grid_size: int = 16, n_head: int | None = None,
                       device="cpu") -> GPT:
-    """A GPT from a released ``c2i_*.pt``, a safetensors file or a :func:`~var.hub.save_pretrained` directory."""
+    """A GPT (or :class:`GPTT2I` for a t2i file) from a released ``c2i_*.pt`` / ``t2i_*.pt``, a safetensors file
+    or a :func:`~var.hub.save_pretrained` directory."""
     path = Path(path)
     if path.is_dir():
         return hub.expect_type(hub.load_pretrained(path, device=device), GPT, path)
     sd = read_llamagen_state_dict(path)
-    model = hub.load_strict(hub._build_on_meta(GPT, gpt_config_from_state_dict(sd, grid_size, n_head)), sd,
-                            f"LlamaGen GPT ({path.name})")
+    config = gpt_config_from_state_dict(sd, grid_size, n_head)
+    cls = GPTT2I if isinstance(config, GPTT2IConfig) else GPT
+    model = hub.load_strict(hub._build_on_meta(cls, config), sd, f"LlamaGen {cls.__name__} ({path.name})")
     return model.to(device).eval()
 
 

@@ -53,6 +53,9 @@ class KVCache(SequenceCursor):
         self.capacity = capacity
         self.length = 0
         self._peak_length = 0
+        # [B, P] bool or None: which of the first P slots later queries may see (a padded caption prefix); the
+        # model that wrote the prefix sets it and folds it into its attention masks
+        self.prefix_mask: torch.Tensor | None = None
 
     def advance(self, num_tokens: int) -> None:
         super().advance(num_tokens)
@@ -85,6 +88,7 @@ class KVCache(SequenceCursor):
     def reset(self) -> None:
         self.length = 0
         self._peak_length = 0
+        self.prefix_mask = None
 
     def nbytes(self) -> int:
         """Bytes allocated: the preallocated K/V buffers of all layers."""

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from var.errors import ConfigError
+from var.errors import ClassIdError, ConfigError
 from var.models.conditioning import check_class_labels
 from var.kernels.kv_cache import KVCache
 
@@ -50,12 +50,18 @@ class GPTConfig:
     initializer_range: float = 0.02
 
     def __post_init__(self):
+        self.check_trunk()
+        if self.num_classes < 1:
+            raise ConfigError(f"num_classes must be >= 1, got {self.num_classes}")
+
+    def check_trunk(self) -> None:
+        """Checks shared with the caption-conditioned config (which has no classes)."""
         if self.dim % self.n_head:
             raise ConfigError(f"dim {self.dim} is not divisible by n_head {self.n_head}")
         if (self.dim // self.n_head) % 4:
             raise ConfigError(f"2D RoPE needs a head dim divisible by 4, got {self.dim // self.n_head}")
-        if self.grid_size < 1 or self.vocab_size < 2 or self.num_classes < 1:
-            raise ConfigError(f"bad sizes: grid {self.grid_size}, vocab {self.vocab_size}, classes {self.num_classes}")
+        if self.grid_size < 1 or self.vocab_size < 2:
+            raise ConfigError(f"bad sizes: grid {self.grid_size}, vocab {self.vocab_size}")
 
     @property
     def head_dim(self) -> int:
@@ -181,13 +187,17 @@ class ClassPrefixTransformer(nn.Module):
     def __init__(self, config: GPTConfig, input_embedding: str, input_vocab_size: int):
         super().__init__()
         self.config = config
-        self.cls_embedding = ClassEmbedder(config.num_classes, config.dim)
+        self.cls_embedding = self.prefix_embedder()
         self.add_module(input_embedding, nn.Embedding(input_vocab_size, config.dim))
         self.tok_dropout = nn.Dropout(config.token_dropout_p)
         self.layers = nn.ModuleList([TransformerBlock(config) for _ in range(config.n_layer)])
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         self._rope: dict = {}  # (cos, sin) table per device, built lazily (works for meta-device construction)
+
+    def prefix_embedder(self) -> nn.Module:
+        """The module that embeds the condition into the prefix (``cls_embedding``): class ids here."""
+        return ClassEmbedder(self.config.num_classes, self.config.dim)
 
     # ---- sizes, labels ----------------------------------------------------------------------------------------
     @property
@@ -205,6 +215,16 @@ class ClassPrefixTransformer(nn.Module):
     def check_labels(self, labels_B: torch.Tensor) -> None:
         """Raise :class:`ClassIdError` unless every label is in ``[0, num_classes]`` (num_classes = null)."""
         check_class_labels(labels_B, self.null_class)
+
+    def check_condition(self, cond) -> None:
+        """Samplers' entry: the condition of a class-conditional GPT is its class ids (see :meth:`check_labels`)."""
+        if not isinstance(cond, torch.Tensor):
+            raise ClassIdError(f"this class-conditional GPT takes class ids, got a {type(cond).__name__}")
+        self.check_labels(cond)
+
+    def condition_rows(self, labels_B: torch.Tensor, guided: bool) -> torch.Tensor:
+        """The model batch for CFG: ``[labels; null class]`` when ``guided``, else ``labels``."""
+        return torch.cat((labels_B, torch.full_like(labels_B, self.null_class))) if guided else labels_B
 
     # ---- RoPE and the blocks ----------------------------------------------------------------------------------
     def rope(self, positions: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ XXL 48/24/1536 (1.4B), 3B 24/32/3200 (3.1B). ``grid_size`` is 16 for the 256 px 
 from __future__ import annotations
 
 from var.models.gpt import GPT, GPTConfig
+from var.models.gpt_t2i import GPTT2I, GPTT2IConfig
 from var.models.registry import register_model
 from var.tokenizers.single_scale_vq import SingleScaleVQ, SingleScaleVQConfig
 
@@ -56,8 +57,29 @@ def gpt_tiny(**overrides) -> GPT:
 
 
 @register_model
+def gpt_xl_t2i(**overrides) -> GPTT2I:
+    """LlamaGen GPT-XL t2i (775M + caption MLP): ``t2i_XL_stage1_256.pt``; ``grid_size=32`` for
+    ``t2i_XL_stage2_512.pt`` (same keys). Captions: 120 rows of flan-t5-xl features (2048-d)."""
+    return GPTT2I(GPTT2IConfig(**overrides))
+
+
+@register_model
+def gpt_tiny_t2i(**overrides) -> GPTT2I:
+    """gpt_tiny with an 8-row caption prefix of 16-d features (tests)."""
+    cfg = dict(dim=64, n_layer=2, n_head=4, multiple_of=32, vocab_size=64, grid_size=4, caption_dim=16,
+               caption_len=8)
+    return GPTT2I(GPTT2IConfig(**{**cfg, **overrides}))
+
+
+@register_model
 def vq_ds16(**overrides) -> SingleScaleVQ:
     """LlamaGen ``vq_ds16_c2i.pt`` (ch 128, codebook 16384 x 8, L2-normalised codes, downsample 16)."""
+    return SingleScaleVQ(SingleScaleVQConfig(**overrides))
+
+
+@register_model
+def vq_ds16_t2i(**overrides) -> SingleScaleVQ:
+    """LlamaGen ``vq_ds16_t2i.pt``: the same architecture and key set as ``vq_ds16`` (weights trained for t2i)."""
     return SingleScaleVQ(SingleScaleVQConfig(**overrides))
 
 

@@ -42,7 +42,7 @@ def draw_coarse_labels(stage1, labels_B, proc: TokenProcessor, *, generator: Gen
                        stats: SamplerStats | None = None) -> torch.Tensor:
     """Stage 1: raster next-token sampling of ``[B, grid^2]`` coarse labels (one pass per token)."""
     B, N = labels_B.shape[0], stage1.seq_len
-    rows = proc.rows(labels_B, stage1.null_class)
+    rows = stage1.condition_rows(labels_B, proc.guided)
     kv_cache = (cache or FullCache()).new_cache(stage1, rows.shape[0], device=labels_B.device)
     out = torch.empty(B, N, dtype=torch.long, device=labels_B.device)
     logits = stage1.prefill(rows, kv_cache)
@@ -63,7 +63,7 @@ def draw_fine(stage2, labels_B, coarse_BN, proc: TokenProcessor, *, constrained:
     Order: guidance on the raw logits, then the cluster constraint (-inf outside the cluster), then temperature and
     top-k/top-p (which never revive a masked code).
     """
-    logits = stage2(proc.rows(labels_B, stage2.null_class), proc.double(coarse_BN))
+    logits = stage2(stage2.condition_rows(labels_B, proc.guided), proc.double(coarse_BN))
     check_finite(logits, "stage 2")
     if proc.guided:
         B = labels_B.shape[0]

@@ -350,9 +350,9 @@ def sample_jacobi(model, vq, labels_B, *, window: int = 16, init: str = "random"
     rule = acceptance or ExactAcceptance()
     labels_B, proc, rows = prepare(model, vq, labels_B, cfg, temperature, top_k, top_p)
     device = labels_B.device
-    batch, seq_len, vocab, prefix_len = labels_B.shape[0], model.seq_len, model.vocab_size, model.prefix_len
+    batch, seq_len, vocab, prefix_len = len(labels_B), model.seq_len, model.vocab_size, model.prefix_len
     grid, slots = model.config.grid_size, window - 1
-    cache = model.new_kv_cache(rows.shape[0], capacity=prefix_len + seq_len + window)
+    cache = model.new_kv_cache(len(rows), capacity=prefix_len + seq_len + window)
     stats = SamplerStats(peak_kv_cache_bytes=cache.nbytes())
     gumbel_BNV = None
     if coupling == "gumbel":

@@ -41,8 +41,8 @@ def sample_zipar(model, vq, labels_B, *, window: int | None = None, cfg: float =
     window = max(1, W // 2) if window is None else window
     if not 1 <= window <= W:
         raise ConfigError(f"ZipAR window must be in [1, {W}] (the grid width), got {window}")
-    B, N, T, device = labels_B.shape[0], model.seq_len, model.prefix_len, labels_B.device
-    cache = model.new_kv_cache(rows.shape[0], capacity=T + N + H)
+    B, N, T, device = len(labels_B), model.seq_len, model.prefix_len, labels_B.device
+    cache = model.new_kv_cache(len(rows), capacity=T + N + H)
     stats = SamplerStats(peak_kv_cache_bytes=cache.nbytes())
     tokens = torch.zeros(B, N, dtype=torch.long, device=device)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from var.errors import ConfigError
+from var.models.conditioning import CaptionCondition
 from var.samplers.logits import (GeneratorArg, apply_cfg, check_finite, check_sampling_args, multinomial,
                                  processed_logits)
 from var.samplers.next_scale import as_label_tensor
@@ -42,12 +43,6 @@ class TokenProcessor:
     def guided(self) -> bool:
         return self.cfg > 1.0
 
-    def rows(self, labels_B: torch.Tensor, null_class: int) -> torch.Tensor:
-        """Class ids of the model batch: ``[labels; null]`` with CFG, else ``labels``."""
-        if not self.guided:
-            return labels_B
-        return torch.cat((labels_B, torch.full_like(labels_B, null_class)))
-
     def double(self, x: torch.Tensor) -> torch.Tensor:
         """Repeat per-image inputs (tokens, positions, masks) for the unconditional half."""
         return torch.cat((x, x)) if self.guided else x
@@ -68,13 +63,23 @@ def check_pair(model, vq) -> None:
         raise ConfigError(f"tokenizer (V {vq.vocab_size}) does not match the model (V {model.vocab_size})")
 
 
-def prepare(model, vq, labels_B, cfg, temperature, top_k, top_p):
-    """Validated ``(labels [B], processor, model rows)`` shared by all next-token samplers."""
+def as_condition(model, cond):
+    """Class ids (sequence or tensor) -> LongTensor on the model's device; a caption condition is moved there."""
+    device = model.output.weight.device
+    if isinstance(cond, CaptionCondition):
+        return cond.to(device)
+    return as_label_tensor(cond, device)
+
+
+def prepare(model, vq, cond, cfg, temperature, top_k, top_p):
+    """Validated ``(condition, processor, model rows)`` shared by all next-token samplers. The condition is class
+    ids ``[B]`` or a :class:`~var.models.conditioning.CaptionCondition` (text-to-image GPT); samplers only use
+    ``len()`` and ``.device`` of it and hand the rows (with the CFG null half) to ``model.prefill``."""
     check_pair(model, vq)
-    labels_B = as_label_tensor(labels_B, model.output.weight.device)
-    model.check_labels(labels_B)
-    proc = TokenProcessor(labels_B.shape[0], cfg, temperature, top_k, top_p)
-    return labels_B, proc, proc.rows(labels_B, model.null_class)
+    cond = as_condition(model, cond)
+    model.check_condition(cond)
+    proc = TokenProcessor(len(cond), cfg, temperature, top_k, top_p)
+    return cond, proc, model.condition_rows(cond, proc.guided)
 
 
 def finish(model, vq, tokens_BN: torch.Tensor, stats: SamplerStats, t0: float, decode: bool,
@@ -98,7 +103,8 @@ def sample_next_token(model, vq, labels_B, *, cfg: float = 2.0, top_k: int = 0, 
 
     Args:
         model: a :class:`~var.models.gpt.GPT`; vq: its :class:`~var.tokenizers.SingleScaleVQ` (None: no images).
-        labels_B: class ids ``[B]`` in ``[0, num_classes]`` (``num_classes`` = unconditional).
+        labels_B: class ids ``[B]`` in ``[0, num_classes]`` (``num_classes`` = unconditional), or a
+            :class:`~var.models.conditioning.CaptionCondition` for a text-to-image GPT (CFG: its null caption).
         cfg: guidance scale (1 = none); top_k / top_p / temperature: shared logits filtering (0 disables).
         generator: one ``torch.Generator`` or one per sample (then a batch of N equals N single runs).
     Returns:
@@ -106,8 +112,8 @@ def sample_next_token(model, vq, labels_B, *, cfg: float = 2.0, top_k: int = 0, 
     """
     t0 = time.perf_counter()
     labels_B, proc, rows = prepare(model, vq, labels_B, cfg, temperature, top_k, top_p)
-    B, N = labels_B.shape[0], model.seq_len
-    kv_cache = model.new_kv_cache(rows.shape[0])
+    B, N = len(labels_B), model.seq_len
+    kv_cache = model.new_kv_cache(len(rows))
     stats = SamplerStats(peak_kv_cache_bytes=kv_cache.nbytes())
     tokens = torch.empty(B, N, dtype=torch.long, device=labels_B.device)
     logits = model.prefill(rows, kv_cache)
