@@ -6,7 +6,8 @@ the interpreter tests of the CPU tier run on CPU tensors, on a CUDA machine too.
 
 Tiers: tests marked ``gpu`` or ``slow`` (markers registered in pytest.ini) are skipped unless the ``-m``
 expression names the tier (``pytest -m gpu``, ``pytest -m slow``, ``pytest -m "slow or not slow"``); ``gpu``
-tests are also skipped, cleanly, when CUDA is not available.
+tests are also skipped, cleanly, when CUDA is not available, unless ``VAR_GPU_TESTS_ON_CPU=1`` asks for their
+dry run on the CPU (tests/gpu/conftest.py then hands them the CPU as ``device``).
 """
 import os
 
@@ -17,14 +18,15 @@ TIERS = ("gpu", "slow")
 
 
 def pytest_configure(config):
-    compiled = "gpu" in (config.getoption("markexpr") or "") and torch.cuda.is_available()
+    on_cpu = os.environ.get("VAR_GPU_TESTS_ON_CPU") in ("1", "all")
+    compiled = "gpu" in (config.getoption("markexpr") or "") and torch.cuda.is_available() and not on_cpu
     if not compiled:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
     markexpr = config.getoption("markexpr") or ""
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() or os.environ.get("VAR_GPU_TESTS_ON_CPU") in ("1", "all")
     for item in items:
         for tier in TIERS:
             if item.get_closest_marker(tier) is None:
