@@ -14,27 +14,18 @@ import os
 import pytest
 import torch
 
-TIERS = ("gpu", "slow")
+from tiers import gpu_tests_on_cpu, skip_off_tiers
 
 
 def pytest_configure(config):
-    on_cpu = os.environ.get("VAR_GPU_TESTS_ON_CPU") in ("1", "all")
+    on_cpu = gpu_tests_on_cpu()
     compiled = "gpu" in (config.getoption("markexpr") or "") and torch.cuda.is_available() and not on_cpu
     if not compiled:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
-    markexpr = config.getoption("markexpr") or ""
-    cuda = torch.cuda.is_available() or os.environ.get("VAR_GPU_TESTS_ON_CPU") in ("1", "all")
-    for item in items:
-        for tier in TIERS:
-            if item.get_closest_marker(tier) is None:
-                continue
-            if tier not in markexpr:  # the -m expression decides whenever it names the tier
-                item.add_marker(pytest.mark.skip(reason=f"{tier} tier is off by default: run with -m {tier}"))
-            elif tier == "gpu" and not cuda:
-                item.add_marker(pytest.mark.skip(reason="gpu tier needs CUDA (torch.cuda.is_available() is False)"))
+    skip_off_tiers(config, items)
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,9 @@ import os
 import pytest
 import torch
 
-ON_CPU = os.environ.get("VAR_GPU_TESTS_ON_CPU") in ("1", "all")
+from tiers import gpu_tests_on_cpu
+
+ON_CPU = gpu_tests_on_cpu()
 
 
 def pytest_collection_modifyitems(config, items):
