@@ -100,3 +100,30 @@ def test_zipar_full_window_is_next_token_and_steps_follow_the_schedule():
     for bad in (0, 6):
         with pytest.raises(ConfigError):
             sample_zipar(gpt, None, labels, window=bad)
+
+
+def test_gsd_released_rank_window():
+    """The release's cluster: the 6 likelier and the 7 less likely tokens around x in p's order (its slice
+    ``[i - 7, i + 7)`` of the ascending order), before the probability and embedding filters."""
+    from var.samplers.jacobi import GSD_RELEASED_RANKS
+    V = 20
+    p = torch.softmax(-torch.arange(V, dtype=torch.float) * 0.01, -1)[None]  # descending order = index order
+    x = torch.tensor([10])
+    q = torch.nn.functional.one_hot(x, V).float()
+    ratio = GroupedAcceptance(None, prob_gap=1.0).ratio_and_residual(p, q, x)[0]
+    assert GSD_RELEASED_RANKS == (6, 7)
+    assert ratio.item() == pytest.approx(p[0, 4:18].sum().item())  # ranks 4..17 = 10-6 .. 10+7
+    assert GroupedAcceptance(3, prob_gap=1.0).ratio_and_residual(p, q, x)[0].item() == pytest.approx(
+        p[0, 9:12].sum().item())
+
+
+def test_gsd_threshold_calibration_from_the_embedding_table():
+    from var.samplers.jacobi import gsd_embed_threshold
+    embed = torch.randn(200, 8, generator=_gen(0))
+    dist = torch.cdist(embed, embed).pow(2)
+    pairs = dist[~torch.eye(200, dtype=torch.bool)]
+    for fraction in (0.01, 0.05, 0.3):
+        threshold = gsd_embed_threshold(embed, fraction)
+        assert (pairs <= threshold).float().mean().item() == pytest.approx(fraction, abs=0.002)
+    with pytest.raises(ConfigError):
+        gsd_embed_threshold(embed, 1.5)

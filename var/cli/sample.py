@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     ar.add_argument("--coupling", choices=("maximal", "gumbel"), default="maximal", help="MC-SJD draft coupling")
     ar.add_argument("--lantern-k", type=int, default=1000, help="LANTERN latent neighbours")
     ar.add_argument("--lantern-delta", type=float, default=0.1, help="LANTERN moved-mass bound (0 = SJD)")
-    ar.add_argument("--gsd-group", type=int, default=10, help="GSD group size (1 = SJD)")
+    ar.add_argument("--gsd-group", type=int, default=None,
+                    help="GSD rank window +-group//2 (default: the release's 6 likelier / 7 less likely; 1 = SJD)")
     ar.add_argument("--zipar-window", type=int, default=None,
                     help="ZipAR window s (default: half the grid width; the grid width = next-token)")
     out = p.add_argument_group("output and device")

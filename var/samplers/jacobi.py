@@ -31,11 +31,11 @@ Variants:
   draw the residual; ``gumbel``: one fixed Gumbel vector per position, draft = argmax(log p + g)). Each draft's
   marginal is still its recorded ``q``, so the output stays exact while consecutive drafts agree far more often.
 * :func:`sample_lantern` (LANTERN's relaxed acceptance, approximate): the draft ``x`` may absorb the target mass of
-  its latent neighbours (``k`` nearest codebook vectors, cumulative mass <= ``delta``); TV to the exact
-  distribution <= ``delta`` per token; ``delta = 0`` is SJD.
+  its latent neighbours (``k`` nearest codebook vectors, cumulative mass <= ``delta``); drafts are recorded one-hot,
+  which keeps each token within TV ``delta`` of the exact distribution; ``delta = 0`` is SJD.
 * :func:`sample_gsd` (grouped speculative decoding, approximate): accept with ``p(C) / q(C)`` over the dynamic
-  cluster ``C(x)`` of tokens ranked within ``+-group_size // 2`` of ``x`` in ``p`` (filtered by probability gap and
-  embedding distance); ``group_size = 1`` is SJD.
+  cluster ``C(x)`` of tokens ranked near ``x`` in ``p`` (the release's 6 above and 7 below, or
+  ``+-group_size // 2``; filtered by probability gap and embedding distance); ``group_size = 1`` is SJD.
 """
 from __future__ import annotations
 
@@ -69,55 +69,86 @@ class ExactAcceptance:
 
 class LanternAcceptance(ExactAcceptance):
     """LANTERN: the target mass of the longest prefix of ``x``'s ``k`` nearest codes (L2 on ``codes_VD``) whose
-    cumulative mass is <= ``delta`` is moved onto ``x`` before the test (the relaxed target ``p~``)."""
+    cumulative mass is <= ``delta`` is moved onto ``x`` before the test (the relaxed target ``p~``).
+
+    ``residual="released"`` (the release): on rejection, the residual is ``max(0, p - q')`` with ``q'`` = ``q``
+    zeroed on the ``k + 1`` nearest codes of ``x`` when some mass was moved; ``"relaxed"``: ``max(0, p~ - q)``.
+    Drafts are recorded one-hot (``carried_drafts_one_hot``), even those carried over from the previous pass: with
+    a one-hot ``q`` the output of a position is ``p~`` (or the release's rule, which moves the same mass), so its
+    total variation from ``p`` is at most ``delta`` per token. With SJD's carried ``q`` (``one_hot_drafts=False``)
+    no such bound holds (measured: TV 0.36-0.85 at delta 0.1-0.2)."""
 
     exact = False
+    RESIDUALS = ("released", "relaxed")
 
-    def __init__(self, codes_VD: torch.Tensor, k: int = 1000, delta: float = 0.1):
+    def __init__(self, codes_VD: torch.Tensor, k: int = 1000, delta: float = 0.1, *, residual: str = "released",
+                 one_hot_drafts: bool = True):
         if not 0.0 <= delta <= 1.0 or k < 1:
             raise ConfigError(f"LANTERN needs k >= 1 and 0 <= delta <= 1, got k={k}, delta={delta}")
+        if residual not in self.RESIDUALS:
+            raise ConfigError(f"LANTERN residual must be one of {self.RESIDUALS}, got {residual!r}")
         self.codes, self.k, self.delta = codes_VD.float(), min(k, codes_VD.shape[0] - 1), delta
+        self.residual = residual
         self.exact = delta == 0  # then p~ = p and the rule is plain SJD
+        self.carried_drafts_one_hot = one_hot_drafts and not self.exact
 
-    def neighbours(self, x: torch.Tensor) -> torch.Tensor:
-        """The ``k`` nearest other codes of each token of ``x``, nearest first: ``[*x.shape, k]``."""
+    def neighbours(self, x: torch.Tensor, count: int | None = None) -> torch.Tensor:
+        """The ``count`` (default ``k``) nearest other codes of each token of ``x``, nearest first."""
+        count = min(count or self.k, self.codes.shape[0] - 1)
         dist = torch.cdist(self.codes[x.reshape(-1)], self.codes)
         dist.scatter_(1, x.reshape(-1, 1), float("inf"))
-        return dist.topk(self.k, dim=1, largest=False, sorted=True).indices.view(*x.shape, self.k)
+        return dist.topk(count, dim=1, largest=False, sorted=True).indices.view(*x.shape, count)
 
-    def relaxed(self, p, x):
+    def _moved(self, p, x):
+        """``(neighbours, their mass, moved mask)``: the longest nearest-first prefix with cumulative mass <= delta."""
         nbr = self.neighbours(x)
         mass = p.gather(-1, nbr)
-        p_x = p.gather(-1, x[..., None])
-        moved = (mass.cumsum(-1) <= self.delta) & (p_x > 0)  # never revive a token top-k/top-p filtered out
+        moved = (mass.cumsum(-1) <= self.delta) & (p.gather(-1, x[..., None]) > 0)  # never revive a filtered token
+        return nbr, mass, moved
+
+    def relaxed(self, p, x):
+        nbr, mass, moved = self._moved(p, x)
         p_t = p.scatter(-1, nbr, torch.where(moved, torch.zeros_like(mass), mass))
-        gained = p_x + (mass * moved).sum(-1, keepdim=True)
+        gained = p.gather(-1, x[..., None]) + (mass * moved).sum(-1, keepdim=True)
         return p_t.scatter(-1, x[..., None], gained)
 
     def ratio_and_residual(self, p, q, x):
-        return super().ratio_and_residual(self.relaxed(p, x), q, x)
+        ratio, relaxed_residual = super().ratio_and_residual(self.relaxed(p, x), q, x)
+        if self.residual == "relaxed" or self.exact:
+            return ratio, relaxed_residual
+        _, _, moved = self._moved(p, x)
+        zeroed = self.neighbours(x, self.k + 1)  # the release zeroes q on k + 1 neighbours (its slice ``:k + 1``)
+        q_zeroed = torch.where(moved.any(-1, keepdim=True), q.scatter(-1, zeroed, 0.0), q)
+        return ratio, (p - q_zeroed).clamp_min(0)
+
+
+GSD_RELEASED_RANKS = (6, 7)  # the release's slice [i - 7, i + 7) of the ascending order: 6 likelier, 7 less likely
 
 
 class GroupedAcceptance(ExactAcceptance):
-    """GSD: ratio ``p(C(x)) / q(C(x))`` with ``C(x)`` = tokens ranked within ``+-group_size // 2`` of ``x`` in ``p``
-    whose probability differs from ``p(x)`` by less than ``prob_gap`` and (if ``embed_VD`` is given) whose
-    embeddings are within squared L2 ``embed_threshold`` of ``x``'s; the residual is the exact one."""
+    """GSD: ratio ``p(C(x)) / q(C(x))`` over the dynamic cluster ``C(x)``: tokens ranked near ``x`` in ``p`` whose
+    probability differs from ``p(x)`` by less than ``prob_gap`` and (if ``embed_VD`` is given) whose embeddings are
+    within squared L2 ``embed_threshold`` of ``x``'s; the residual is the exact one.
+
+    The rank window is the release's (:data:`GSD_RELEASED_RANKS`: 6 likelier and 7 less likely tokens) when
+    ``group_size`` is None, else ``+-group_size // 2`` (``group_size = 1`` is SJD)."""
 
     exact = False
 
-    def __init__(self, group_size: int = 10, prob_gap: float = 0.15, embed_VD: torch.Tensor | None = None,
+    def __init__(self, group_size: int | None = None, prob_gap: float = 0.15, embed_VD: torch.Tensor | None = None,
                  embed_threshold: float = 0.5):
-        if group_size < 1:
+        if group_size is not None and group_size < 1:
             raise ConfigError(f"GSD group size must be >= 1, got {group_size}")
-        self.half, self.prob_gap, self.threshold = group_size // 2, prob_gap, embed_threshold
+        self.above, self.below = GSD_RELEASED_RANKS if group_size is None else (group_size // 2, group_size // 2)
+        self.prob_gap, self.threshold = prob_gap, embed_threshold
         self.embed = embed_VD.float() if embed_VD is not None else None
-        self.exact = self.half == 0  # C(x) = {x}: plain SJD
+        self.exact = self.above == self.below == 0  # C(x) = {x}: plain SJD
 
     def ratio_and_residual(self, p, q, x):
         V = p.shape[-1]
         order = p.argsort(dim=-1, descending=True, stable=True)
         rank = order.argsort(dim=-1)
-        offsets = torch.arange(-self.half, self.half + 1, device=p.device)
+        offsets = torch.arange(-self.above, self.below + 1, device=p.device)
         cand_rank = rank.gather(-1, x[..., None]) + offsets
         valid = (cand_rank >= 0) & (cand_rank < V)
         cand = order.gather(-1, cand_rank.clamp(0, V - 1))
@@ -125,10 +156,26 @@ class GroupedAcceptance(ExactAcceptance):
         valid &= (p_c - p_x).abs() < self.prob_gap
         if self.embed is not None:
             valid &= (self.embed[cand] - self.embed[x][..., None, :]).pow(2).sum(-1) < self.threshold
-        valid[..., self.half] = True  # x itself
+        valid[..., self.above] = True  # x itself
         ratio = (p_c * valid).sum(-1) / (q.gather(-1, cand) * valid).sum(-1).clamp_min(_TINY)
         ratio = torch.where(p_x[..., 0] > 0, ratio, torch.zeros_like(ratio))  # filtered tokens stay out
         return ratio, (p - q).clamp_min(0)
+
+
+def gsd_embed_threshold(embed_VD: torch.Tensor, pair_fraction: float, *, max_rows: int = 1024) -> float:
+    """An embedding threshold for GSD from the model's own table: the squared L2 distance under which
+    ``pair_fraction`` of the pairs of distinct tokens fall (estimated on ``max_rows`` evenly spaced tokens against
+    all). The release's 0.5 was set on Lumina-mGPT's embeddings; on another model the same number admits a very
+    different share of pairs (4.3% on the bundled GPT)."""
+    if not 0.0 < pair_fraction < 1.0:
+        raise ConfigError(f"pair_fraction must be in (0, 1), got {pair_fraction}")
+    embed = embed_VD.detach().float()
+    vocab = embed.shape[0]
+    rows = torch.linspace(0, vocab - 1, min(max_rows, vocab), device=embed.device).round().long().unique()
+    dist = torch.cdist(embed[rows], embed).pow(2)
+    dist[torch.arange(rows.numel(), device=embed.device), rows] = float("nan")  # a token and itself: not a pair
+    pairs = dist[~dist.isnan()]
+    return float(pairs.kthvalue(max(1, round(pair_fraction * pairs.numel()))).values)
 
 
 # ---- the steps of one pass ---------------------------------------------------------------------------------
@@ -415,26 +462,38 @@ def sample_mcsjd(model, vq, labels_B, *, window: int = 32, coupling: str = "maxi
     return sample_jacobi(model, vq, labels_B, window=window, init=init, coupling=coupling, **kwargs)
 
 
-def _codes(vq, codes_VD):
+LANTERN_CODES = ("raw", "normalised")
+
+
+def _codes(vq, codes_VD, codes: str):
     if codes_VD is not None:
         return codes_VD
     if vq is None:
         raise ConfigError("LANTERN needs the tokenizer (or codes_VD) to find latent neighbours")
-    return vq.quantize.codebook().detach()
+    if codes not in LANTERN_CODES:
+        raise ConfigError(f"LANTERN codes must be one of {LANTERN_CODES}, got {codes!r}")
+    # the release measures distances on the raw embedding table; "normalised" uses the vectors the decoder sees
+    return (vq.quantize.embedding.weight if codes == "raw" else vq.quantize.codebook()).detach()
 
 
 def sample_lantern(model, vq, labels_B, *, k: int = 1000, delta: float = 0.1, window: int = 16,
-                   codes_VD: torch.Tensor | None = None, **kwargs):
-    """SJD with LANTERN's relaxed acceptance (approximate, TV <= ``delta`` per token; ``delta = 0`` is SJD).
-    Neighbours are the ``k`` nearest L2-normalised VQ codes (what the decoder sees)."""
-    rule = LanternAcceptance(_codes(vq, codes_VD).to(model.output.weight.device), k=k, delta=delta)
+                   codes_VD: torch.Tensor | None = None, codes: str = "raw", residual: str = "released",
+                   one_hot_drafts: bool = True, **kwargs):
+    """SJD with LANTERN's relaxed acceptance (approximate; ``delta = 0`` is SJD). With one-hot drafts (default)
+    every token is within total variation ``delta`` of the exact distribution (see :class:`LanternAcceptance`).
+    Neighbours are the ``k`` nearest codes: ``codes="raw"`` (the release: the unnormalised embedding table) or
+    ``"normalised"``."""
+    rule = LanternAcceptance(_codes(vq, codes_VD, codes).to(model.output.weight.device), k=k, delta=delta,
+                             residual=residual, one_hot_drafts=one_hot_drafts)
     return sample_jacobi(model, vq, labels_B, window=window, acceptance=rule, **kwargs)
 
 
-def sample_gsd(model, vq, labels_B, *, group_size: int = 10, prob_gap: float = 0.15,
+def sample_gsd(model, vq, labels_B, *, group_size: int | None = None, prob_gap: float = 0.15,
                embed_threshold: float | None = 0.5, window: int = 16, **kwargs):
-    """SJD with grouped speculative decoding's cluster acceptance (approximate; ``group_size = 1`` is SJD).
-    The embedding filter uses the GPT's input embeddings (``embed_threshold=None`` disables it)."""
+    """SJD with grouped speculative decoding's cluster acceptance (approximate). ``group_size=None`` is the
+    release's rank window (6 likelier, 7 less likely tokens), an int ``+-group_size // 2`` (1 is SJD). The
+    embedding filter uses the GPT's input embeddings (``embed_threshold=None`` disables it; the release's 0.5 was
+    set on Lumina-mGPT: :func:`gsd_embed_threshold` picks one from this model's own embedding statistics)."""
     embed = model.tok_embeddings.weight.detach() if embed_threshold is not None else None
     rule = GroupedAcceptance(group_size, prob_gap, embed, embed_threshold if embed_threshold is not None else 0.0)
     return sample_jacobi(model, vq, labels_B, window=window, acceptance=rule, **kwargs)

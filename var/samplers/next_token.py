@@ -129,7 +129,7 @@ AR_SAMPLERS = ("next_token", "sjd", "mcsjd", "lantern", "gsd", "zipar")
 
 
 def run_ar_sampler(sampler: str, model, vq, labels_B, *, window: int = 16, init: str = "random",
-              coupling: str = "maximal", lantern_k: int = 1000, lantern_delta: float = 0.1, gsd_group: int = 10,
+              coupling: str = "maximal", lantern_k: int = 1000, lantern_delta: float = 0.1, gsd_group: int | None = None,
               zipar_window: int | None = None, **common):
     """Run the next-token-family sampler named ``sampler`` (one of :data:`AR_SAMPLERS`) with its knobs;
     ``common`` holds cfg / top_k / top_p / temperature / generator / decode."""
