@@ -47,3 +47,7 @@ class MissingDependencyError(VarError):
 
 class TextEncoderError(VarError):
     """A text encoder or a prompt-embedding file is missing, unreadable, or not what was asked for."""
+
+
+class AspectRatioError(ConfigError):
+    """An aspect ratio has no scale-schedule template (Infinity covers h/w from 1/3 to 3)."""

@@ -36,11 +36,14 @@ def saved_model_classes() -> dict:
     from var.models.ctf import CTFStage2, CTFStage2Config
     from var.models.gpt import GPT, GPTConfig
     from var.models.gpt_t2i import GPTT2I, GPTT2IConfig
+    from var.models.infinity import Infinity, InfinityConfig
     from var.models.nar import NAR
+    from var.tokenizers.bsq_vae import BSQVAE, BSQVAEConfig
     from var.tokenizers.single_scale_vq import SingleScaleVQ, SingleScaleVQConfig
     return {"VAR": (VAR, VARConfig), "MultiScaleVQVAE": (MultiScaleVQVAE, MultiScaleVQVAEConfig),
             "GPT": (GPT, GPTConfig), "SingleScaleVQ": (SingleScaleVQ, SingleScaleVQConfig),
-            "GPTT2I": (GPTT2I, GPTT2IConfig), "NAR": (NAR, GPTConfig), "CTFStage2": (CTFStage2, CTFStage2Config)}
+            "GPTT2I": (GPTT2I, GPTT2IConfig), "NAR": (NAR, GPTConfig), "CTFStage2": (CTFStage2, CTFStage2Config),
+            "Infinity": (Infinity, InfinityConfig), "BSQVAE": (BSQVAE, BSQVAEConfig)}
 
 
 # ---- reading files ------------------------------------------------------------------------------------------

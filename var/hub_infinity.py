@@ -1,0 +1,176 @@
+"""Loading Infinity's released files: the BSQ VAEs (``infinity_vae_d{16,24,32,64}.pth``, ``infinity_vae_d32reg.pth``)
+and the transformer (``infinity_2b_reg.pth``), strictly, with the configuration inferred from the file.
+
+* The VAE files hold ``{"vae": state_dict, ...}``. The original copies tensors by name and accepts keys with or
+  without the ``.conv.`` / ``.norm.`` segments of its ``Conv`` / ``Normalize`` wrapper modules;
+  :func:`convert_infinity_vae_state_dict` maps both spellings onto this package's plain names, and drops the
+  quantizer's constant ``lfq.mask`` buffers (checked to be the bit weights ``2^(d-1) .. 1``).
+* The transformer file is a flat state dict; :func:`convert_infinity_state_dict` maps ``block_chunks.{c}.module.{i}``
+  onto ``blocks.{c * per_chunk + i}`` and drops the all-zero ``zero_k_bias`` buffers (checked). Unlike the
+  original (``strict=False``), every other key must match: missing/unexpected keys raise
+  :class:`~var.errors.CheckpointMismatchError`.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from var import hub
+from var.errors import CheckpointError, CheckpointMismatchError
+from var.tokenizers.bsq_vae import BSQVAE, BSQVAEConfig
+
+# modules the original wraps: Conv(...).conv, Normalize(...).norm
+_CONV_WRAPPED = ("conv_in", "conv_out", "conv1", "conv2", "nin_shortcut", "conv", "q", "k", "v", "proj_out")
+_NORM_WRAPPED = ("norm1", "norm2", "norm_out", "norm")
+_WRAPPER_RE = re.compile(r"^(?P<parent>.*\.)?(?P<mod>[^.]+)\.(?P<seg>conv|norm)\.(?P<leaf>weight|bias)$")
+
+
+def _strip_wrapper(key: str) -> str:
+    m = _WRAPPER_RE.match(key)
+    if m and ((m["seg"] == "conv" and m["mod"] in _CONV_WRAPPED) or (m["seg"] == "norm" and m["mod"] in _NORM_WRAPPED)):
+        return f"{m['parent'] or ''}{m['mod']}.{m['leaf']}"
+    return key
+
+
+def convert_infinity_vae_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Released Infinity VAE keys -> :class:`~var.tokenizers.bsq_vae.BSQVAE` keys.
+
+    ``encoder.conv_in.conv.weight`` -> ``encoder.conv_in.weight``, ``...norm1.norm.bias`` -> ``...norm1.bias``,
+    ``...downsample.conv.conv.weight`` -> ``...downsample.conv.weight``; keys already without the wrapper segment
+    stay as they are. ``quantizer.lfq.mask`` / ``quantize.lfq.mask`` are dropped after a check.
+    """
+    out = {}
+    for key, value in sd.items():
+        if key.endswith("lfq.mask"):
+            d = value.numel()
+            if not torch.equal(value.flatten().long().cpu(), 2 ** torch.arange(d - 1, -1, -1)):
+                raise CheckpointError(f"{key} is not the BSQ bit-weight buffer 2^(d-1)..1")
+            continue
+        new = _strip_wrapper(key)
+        if new in out:
+            raise CheckpointError(f"{key} and another key both map to {new}")
+        out[new] = value
+    return out
+
+
+def bsq_vae_config_from_state_dict(sd: dict[str, torch.Tensor]) -> BSQVAEConfig:
+    """Bits per token, widths and depth of a converted VAE state dict (GroupNorm groups: 32, or 24 like the
+    original when 32 does not divide every width)."""
+    hub.require_keys(sd, ("encoder.conv_in.weight", "encoder.conv_out.weight", "decoder.conv_in.weight"),
+                     "an Infinity BSQ VAE (is this a transformer's or VAR's file?)")
+    if any(k.startswith("quantize.embedding") or k.startswith("quant_conv") for k in sd):
+        raise CheckpointMismatchError("an Infinity BSQ VAE: this is a VQ-VAE with a codebook (VAR's tokenizer?)")
+    ch = sd["encoder.conv_in.weight"].shape[0]
+    levels = hub.count_indexed(sd, r"encoder\.down\.(\d+)\.")
+    ch_mult = tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels))
+    widths = [ch * m for m in (1,) + ch_mult]
+    groups = next((g for g in (32, 24) if all(w % g == 0 for w in widths)), None)
+    if groups is None:
+        raise CheckpointError(f"widths {widths} fit neither 32 nor 24 GroupNorm groups (the original's only two): "
+                              "save such VAEs with var.hub.save_pretrained (config.json)")
+    return BSQVAEConfig(codebook_dim=sd["encoder.conv_out.weight"].shape[0], ch=ch, ch_mult=ch_mult,
+                        num_res_blocks=hub.count_indexed(sd, r"encoder\.down\.0\.block\.(\d+)\."),
+                        norm_groups=groups)
+
+
+def read_infinity_vae_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The ``"vae"`` entry of a released VAE file (never ``"ema"``, like the original), or a plain state dict."""
+    path = Path(path)
+    if path.suffix in (".pth", ".pt") and path.is_file():
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+        if isinstance(obj, dict) and isinstance(obj.get("vae"), dict):
+            obj = obj["vae"]
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise CheckpointError(f"{path} does not hold a state dict of tensors")
+        return obj
+    return hub.read_state_dict(path)
+
+
+def load_bsq_vae(path: str | os.PathLike, *, device="cpu") -> BSQVAE:
+    """The BSQ VAE from a released ``infinity_vae_d*.pth``, a safetensors file or a saved directory."""
+    path = Path(path)
+    if path.is_dir():
+        vae = hub.expect_type(hub.load_pretrained(path, device=device), BSQVAE, path)
+    else:
+        sd = convert_infinity_vae_state_dict(read_infinity_vae_state_dict(path))
+        vae = hub.load_strict(hub._build_on_meta(BSQVAE, bsq_vae_config_from_state_dict(sd)), sd,
+                              f"Infinity BSQ VAE ({path.name})")
+    return vae.to(device).eval().requires_grad_(False)
+
+
+# ---- the transformer ------------------------------------------------------------------------------------------
+_CHUNK_RE = re.compile(r"^block_chunks\.(\d+)\.module\.(\d+)\.(.*)$")
+_ZERO_BUFFERS = ("zero_k_bias",)
+
+
+def convert_infinity_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """Released Infinity transformer keys -> :class:`~var.models.infinity.Infinity` keys, and the chunk count.
+
+    ``block_chunks.{c}.module.{i}.X`` -> ``blocks.{c * per_chunk + i}.X`` (``blocks.{i}`` files pass through);
+    the constant ``*.zero_k_bias`` buffers are dropped after checking they are zeros, and so are the training-only
+    buffers the original also discards (``lvl_1L``, ``attn_bias_for_masking``, ``Infinity_*``).
+    """
+    chunks = {}
+    for key in sd:
+        if m := _CHUNK_RE.match(key):
+            chunks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    per_chunk = max((max(v) + 1 for v in chunks.values()), default=0)
+    if chunks and any(v != set(range(per_chunk)) for v in chunks.values()):
+        raise CheckpointError("block_chunks hold different numbers of blocks")
+    out = {}
+    for key, value in sd.items():
+        if key.rsplit(".", 1)[-1] in _ZERO_BUFFERS:
+            if not value.is_meta and not bool((value == 0).all()):
+                raise CheckpointError(f"{key} should be all zeros")
+            continue
+        if key in ("lvl_1L", "attn_bias_for_masking", "Infinity_visible_kvlen", "Infinity_invisible_qlen"):
+            continue
+        if m := _CHUNK_RE.match(key):
+            key = f"blocks.{int(m.group(1)) * per_chunk + int(m.group(2))}.{m.group(3)}"
+        out[key] = value
+    return out, max(len(chunks), 1)
+
+
+def infinity_config_from_state_dict(sd: dict[str, torch.Tensor], block_chunks: int = 1):
+    """Depth, width, heads, bits per token and text sizes of a converted Infinity state dict."""
+    from var.models.infinity import InfinityConfig
+
+    hub.require_keys(sd, ("cfg_uncond", "text_proj_for_sos.ca.mat_q", "word_embed.weight", "head.weight",
+                          "blocks.0.sa.scale_mul_1H11"),
+                     "an Infinity transformer (is this the VAE, a text encoder or a VAR file?)")
+    width = sd["pos_start"].shape[-1]
+    text_maxlen, text_channels = sd["cfg_uncond"].shape
+    return InfinityConfig(
+        depth=hub.count_indexed(sd, r"blocks\.(\d+)\."), width=width, num_heads=sd["blocks.0.sa.scale_mul_1H11"].shape[1],
+        mlp_ratio=sd["blocks.0.ffn.fc1.weight"].shape[0] / width, codebook_dim=sd["word_embed.weight"].shape[1],
+        text_channels=text_channels, text_maxlen=text_maxlen, pool_heads=sd["text_proj_for_sos.ca.mat_q"].shape[1],
+        num_levels=sd["lvl_embed.weight"].shape[0], block_chunks=block_chunks)
+
+
+def load_infinity_transformer(path: str | os.PathLike, *, device="cpu"):
+    """Infinity from a released ``infinity_2b_reg.pth``, a safetensors file or a saved directory (strict)."""
+    from var.models.infinity import Infinity
+
+    path = Path(path)
+    if path.is_dir():
+        return hub.expect_type(hub.load_pretrained(path, device=device), Infinity, path).eval()
+    sd, chunks = convert_infinity_state_dict(hub.read_state_dict(path))
+    model = hub.load_strict(hub._build_on_meta(Infinity, infinity_config_from_state_dict(sd, chunks)), sd,
+                            f"Infinity ({path.name})")
+    return model.to(device).eval()
+
+
+def load_infinity(vae_path, model_path, *, device="cpu"):
+    """``(vae, model)`` for sampling: strict loads; the VAE's bits per token must be the model's."""
+    model = load_infinity_transformer(model_path, device=device)
+    vae = load_bsq_vae(vae_path, device=device)
+    if vae.codebook_dim != model.config.codebook_dim:
+        raise CheckpointMismatchError(f"the Infinity model (d = {model.config.codebook_dim} bits per token): the VAE "
+                                      f"has d = {vae.codebook_dim}")
+    return vae, model.requires_grad_(False)
