@@ -29,6 +29,11 @@ from var.kernels.kv_cache import SequenceCursor
 from var.kernels.ragged_attention import gather_prefix, ragged_attention
 
 
+def scale_tokens(pn) -> int:
+    """Tokens of one scale of ``patch_nums``: ``pn * pn`` for a square side, ``h * w`` for an ``(h, w)`` grid."""
+    return pn[0] * pn[1] if isinstance(pn, (tuple, list)) else pn * pn
+
+
 @dataclass
 class Selection:
     """A policy's decision for one layer: ``keep [B, H, P]`` over the candidates, optionally the new accumulated
@@ -58,7 +63,7 @@ class SelectionContext:
     pos_BHP: torch.Tensor           # sequence position of each candidate (-1 where invalid)
     max_prefix: int
     acc_scores_BHP: torch.Tensor | None = None
-    patch_nums: Sequence[int] | None = None
+    patch_nums: Sequence | None = None  # side per scale, or (h, w) for a non-square scale (Infinity)
     v_pre_BHPD: torch.Tensor | None = field(default=None, repr=False)
     v_cur_BHnD: torch.Tensor | None = field(default=None, repr=False)
     _scale_index: int | None = field(default=None, repr=False)
@@ -82,16 +87,17 @@ class SelectionContext:
         if self._scale_index is None and self.patch_nums:
             pos = 0
             for si, pn in enumerate(self.patch_nums):
-                if pos == self.start and pn * pn == self.n_cur:
+                if pos == self.start and scale_tokens(pn) == self.n_cur:
                     self._scale_index = si
-                pos += pn * pn
+                pos += scale_tokens(pn)
         return self._scale_index
 
     @property
     def grid(self) -> int | None:
-        """Side of the current square token map (None when the write is not one VAR scale)."""
+        """Side of the current square token map (None when the write is not one scale or the scale is not square)."""
         si = self.scale_index
-        return None if si is None else self.patch_nums[si]
+        pn = None if si is None else self.patch_nums[si]
+        return None if isinstance(pn, (tuple, list)) else pn
 
     def observation_scores(self, query_idx: torch.Tensor, *, softmax: bool = True) -> torch.Tensor:
         """Sum over the selected current queries of their attention to each candidate: ``[B, H, P]`` fp32.

@@ -227,3 +227,23 @@ class Infinity(nn.Module):
                 lin.weight.div_((2 * depth) ** 0.5)
             block.ada_gss[:, :, 2:].mul_(init_adaln)
             block.ada_gss[:, :, :2].mul_(init_adaln_gamma)
+
+
+class InfinityAtSchedule:
+    """Infinity seen at one scale schedule: the interface the KV-cache policies build caches from
+    (``config.depth / num_heads / width / patch_nums``, ``head``, ``new_kv_cache(batch, dtype=, device=)``).
+
+    ``config.patch_nums`` lists each scale as its side when square, else as ``(h, w)``.
+    """
+
+    def __init__(self, model: Infinity, schedule: ScaleSchedule):
+        from types import SimpleNamespace
+
+        self.model, self.schedule, self.head = model, schedule, model.head
+        cfg = model.config
+        self.config = SimpleNamespace(depth=cfg.depth, num_heads=cfg.num_heads, width=cfg.width,
+                                      patch_nums=tuple(h if h == w else (h, w) for h, w in schedule.scales))
+
+    def new_kv_cache(self, batch_size: int, *, dtype: torch.dtype | None = None, device=None,
+                     k_dtype: torch.dtype | None = None) -> KVCache:
+        return self.model.new_kv_cache(batch_size, self.schedule, dtype=dtype, device=device, k_dtype=k_dtype)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from var.errors import ConfigError
-from var.kernels.compressed_cache import CompressedKVCache, Selection, SelectionContext
+from var.kernels.compressed_cache import CompressedKVCache, Selection, SelectionContext, scale_tokens
 
 
 def check_fraction(name: str, value, *, low_open: bool = True, high: float = 1.0) -> float:
@@ -24,7 +24,8 @@ def check_fraction(name: str, value, *, low_open: bool = True, high: float = 1.0
 
 @dataclass(frozen=True)
 class CacheLayout:
-    """The dimensions of a VAR model that the policies budget against."""
+    """The dimensions of a VAR model that the policies budget against (``patch_nums``: a side per scale, or
+    ``(h, w)`` for Infinity's non-square scales)."""
 
     depth: int
     num_heads: int
@@ -38,16 +39,16 @@ class CacheLayout:
 
     @property
     def seq_len(self) -> int:
-        return sum(pn * pn for pn in self.patch_nums)
+        return sum(scale_tokens(pn) for pn in self.patch_nums)
 
     @property
     def full_carried(self) -> int:
         """Tokens per (layer, head) carried into the last scale by the full cache (the 100% reference)."""
-        return self.seq_len - self.patch_nums[-1] ** 2
+        return self.seq_len - scale_tokens(self.patch_nums[-1])
 
     def cumulative(self, si: int) -> int:
         """Tokens of scales ``0..si``."""
-        return sum(pn * pn for pn in self.patch_nums[:si + 1])
+        return sum(scale_tokens(pn) for pn in self.patch_nums[:si + 1])
 
     def budget_tokens(self, budget: float) -> int:
         """Average kept tokens per (layer, head) for a budget fraction (ScaleKV's definition, >= 1)."""
@@ -55,7 +56,7 @@ class CacheLayout:
 
     def signature(self) -> dict:
         return {"depth": self.depth, "num_heads": self.num_heads, "head_dim": self.head_dim,
-                "patch_nums": list(self.patch_nums)}
+                "patch_nums": [list(pn) if isinstance(pn, tuple) else pn for pn in self.patch_nums]}
 
 
 def rank_keep(priority_BHP: torch.Tensor, cap, valid_BHP: torch.Tensor) -> torch.Tensor:
@@ -184,9 +185,9 @@ class CompressionPolicy:
         """The VAR scale a write of ``n`` tokens at ``start`` is, or None."""
         pos = 0
         for si, pn in enumerate(self.layout.patch_nums):
-            if pos == start and pn * pn == n:
+            if pos == start and scale_tokens(pn) == n:
                 return si
-            pos += pn * pn
+            pos += scale_tokens(pn)
         return None
 
     def select(self, ctx: SelectionContext) -> Selection | None:

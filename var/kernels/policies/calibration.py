@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from var.errors import ConfigError
+from var.kernels.compressed_cache import scale_tokens
 from var.kernels.kv_cache import KVCache
 from var.kernels.policies.base import CacheLayout
 
@@ -110,7 +111,7 @@ class _RecordingCache(KVCache):
         for si, pn in enumerate(self.layout.patch_nums):
             if pos == start:
                 return si
-            pos += pn * pn
+            pos += scale_tokens(pn)
         raise ConfigError(f"calibration expects one VAR scale per forward (got a write at position {start})")
 
 
@@ -124,25 +125,35 @@ class _RecordingPolicy:
                                device=device or param.device)
 
 
-def calibrate(model, tokenizer, labels, *, cfg: float = 1.5, seed: int = 0, topk_frac: float = 0.1,
-              **sampler_kwargs) -> CalibrationProfile:
-    """Sample ``labels`` (a handful of class ids: the "prompts") with the full cache and return the profile."""
-    from var.samplers.next_scale import sample_next_scale  # the sampler imports var.kernels
-
+def record_profile(layout: CacheLayout, run, *, topk_frac: float = 0.1, meta: dict | None = None) -> CalibrationProfile:
+    """The profile of one full-cache sampling run: ``run(policy)`` must sample with ``cache=policy`` (any family
+    whose model the policy's ``new_cache(model, batch)`` accepts: VAR, or Infinity at one schedule)."""
     if not 0 < topk_frac <= 1:
         raise ConfigError(f"topk_frac must be in (0, 1], got {topk_frac!r}")
-    layout = CacheLayout.of(model)
     num_scales = len(layout.patch_nums)
     sums = {"asi": [[0.0] * num_scales for _ in range(layout.depth)],
             "asi_n": [[0] * num_scales for _ in range(layout.depth)],
             "var": [torch.zeros(layout.num_heads, dtype=torch.float64) for _ in range(layout.depth)],
             "var_n": [0] * layout.depth}
-    device = model.head.weight.device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    sample_next_scale(model, tokenizer, labels, cfg=cfg, generator=generator, decode=False,
-                      cache=_RecordingPolicy(layout, topk_frac, sums), **sampler_kwargs)
+    run(_RecordingPolicy(layout, topk_frac, sums))
     asi = [[(s / c if c else None) for s, c in zip(row, cnt)] for row, cnt in zip(sums["asi"], sums["asi_n"])]
     variance = [(v / max(c, 1)).tolist() for v, c in zip(sums["var"], sums["var_n"])]
-    labels_list = labels.tolist() if isinstance(labels, torch.Tensor) else list(labels)
     return CalibrationProfile(model=layout.signature(), asi=asi, head_variance=variance,
-                              meta={"labels": labels_list, "cfg": cfg, "seed": seed, "topk_frac": topk_frac})
+                              meta={**(meta or {}), "topk_frac": topk_frac})
+
+
+def calibrate(model, tokenizer, labels, *, cfg: float = 1.5, seed: int = 0, topk_frac: float = 0.1,
+              **sampler_kwargs) -> CalibrationProfile:
+    """Sample ``labels`` (a handful of class ids: the "prompts") with the full cache and return the profile."""
+    from var.samplers.next_scale import sample_next_scale  # the sampler imports var.kernels
+
+    device = model.head.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    labels_list = labels.tolist() if isinstance(labels, torch.Tensor) else list(labels)
+
+    def run(policy):
+        sample_next_scale(model, tokenizer, labels, cfg=cfg, generator=generator, decode=False, cache=policy,
+                          **sampler_kwargs)
+
+    return record_profile(CacheLayout.of(model), run, topk_frac=topk_frac,
+                          meta={"labels": labels_list, "cfg": cfg, "seed": seed})
