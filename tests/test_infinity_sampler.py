@@ -29,7 +29,7 @@ def test_shapes_and_stats(pair):
     s = out.stats
     assert s.forward_passes == 4 and s.tokens == TINY_SCHEDULE.seq_len and s.wall_time_s > 0
     full_bytes = 2 * 2 * 6 * 4 * TINY_SCHEDULE.seq_len * 16 * 4  # layers * (K,V) * rows * heads * L * D * fp32
-    assert s.peak_kv_cache_bytes == full_bytes and s.extra["kv_live_bytes"] == full_bytes
+    assert s.peak_kv_cache_bytes == full_bytes and s.peak_kv_live_bytes == full_bytes
     unguided = sample_infinity(model, vae, random_text(3), schedule=TINY_SCHEDULE, cfg=1.0, generator=_gen())
     assert unguided.stats.peak_kv_cache_bytes == full_bytes // 2  # no unconditional rows
 
@@ -127,7 +127,7 @@ def test_every_cache_policy_runs_and_full_budget_is_exact(pair):
                    StreamingLLM(0.3)):
         out = sample_infinity(model, vae, text, schedule=TINY_SCHEDULE, cfg=2.0, generator=_gen(7), cache=policy)
         assert out.images.shape == full.images.shape
-        assert out.stats.extra["kv_live_bytes"] < full.stats.extra["kv_live_bytes"], policy
+        assert out.stats.peak_kv_live_bytes < full.stats.peak_kv_live_bytes, policy
 
 
 def test_released_scalekv_budgets_on_the_infinity_layout(tmp_path):

@@ -83,7 +83,7 @@ def sample_infinity(model: Infinity, vae, text, *, schedule: ScaleSchedule | Non
         cache: a cache policy (``FullCache()`` default, ``ScaleKV(...)``, ``HACK(...)``, ...).
     Returns:
         :class:`SampleOutput`: ``images [B, 3, H, W]`` in [0, 1], ``tokens`` = bits per scale ``[B, h, w, d]``,
-        stats (passes, tokens, KV bytes allocated at peak; ``extra["kv_live_bytes"]`` held after the last scale).
+        stats (passes, tokens, peak KV bytes allocated and live, wall time).
     """
     t0 = time.perf_counter()
     device = model.head.weight.device
@@ -126,7 +126,7 @@ def sample_infinity(model: Infinity, vae, text, *, schedule: ScaleSchedule | Non
         mix = (depth + cfg_insertion_layer, cfgs[si]) if guided and cfg_insertion_layer < 0 and cfgs[si] != 1 else None
         h_BlC = model.forward_scale(x_BlC, text_cond, si, schedule, kv_cache, cfg_mix=mix)
         stats.forward_passes += 1
-        stats.peak_kv_cache_bytes = max(stats.peak_kv_cache_bytes, _allocated_bytes(kv_cache))
+        stats.track_kv(kv_cache)
         if guided and cfg_insertion_layer == 0 and cfgs[si] != 1:
             logits = model.logits(h_BlC, text_cond.cond_BD) / taus[si]
             logits = cfgs[si] * logits[:B] + (1 - cfgs[si]) * logits[B:]
@@ -141,18 +141,9 @@ def sample_infinity(model: Infinity, vae, text, *, schedule: ScaleSchedule | Non
             if rows != B:
                 x_BlC = torch.cat((x_BlC, x_BlC))
     stats.tokens = schedule.seq_len
-    stats.extra["kv_live_bytes"] = _live_bytes(kv_cache)
     images = vae.decode_latent(summed).add(1).mul(0.5) if decode else None
     stats.wall_time_s = time.perf_counter() - t0
     return SampleOutput(images=images, tokens=bits_list, stats=stats)
-
-
-def _allocated_bytes(kv_cache) -> int:
-    return kv_cache.peak_nbytes() if hasattr(kv_cache, "peak_nbytes") else kv_cache.nbytes()
-
-
-def _live_bytes(kv_cache) -> int:
-    return kv_cache.kv_nbytes() if hasattr(kv_cache, "kv_nbytes") else kv_cache.used_nbytes()
 
 
 def calibrate_infinity(model: Infinity, vae, text, *, schedule: ScaleSchedule | None = None, cfg=3.0,
