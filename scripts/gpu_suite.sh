@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The prepared GPU suite: the GPU test tier, then benchmarks; each tier fail-fast, one short table printed last.
+#
+#   bash scripts/gpu_suite.sh                 # default: pytest -m gpu (<= 3 min) + quick benchmarks (<= 3 min)
+#   bash scripts/gpu_suite.sh --full          # every benchmark (for a second call when time is left)
+#   bash scripts/gpu_suite.sh --dry-run       # CPU, < 1 min: gpu tests' bodies on the CPU + tiny benchmarks
+#   bash scripts/gpu_suite.sh --original third_party/VAR   # also the original VAR sampler on the same weights
+#
+# Runs on the machine's own torch/triton: installs nothing but this package (pip install --no-deps -e .).
+# Tables: benchmarks/gpu/*.md + .json (dry run: a temporary folder). Code: var/eval/gpu_suite.py.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tier=quick dry=0 original=() out=benchmarks/gpu
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --full) tier=full ;;
+    --dry-run) dry=1 ;;
+    --original) original=(--original "$2"); shift ;;
+    --out) out="$2"; shift ;;
+    *) echo "usage: $0 [--full] [--dry-run] [--original DIR] [--out DIR]" >&2; exit 2 ;;
+  esac
+  shift
+done
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PIP_DISABLE_PIP_VERSION_CHECK=1
+status=()
+finish() {  # the one short table, printed last whatever happened
+  echo
+  echo "| gpu_suite step | result |"
+  echo "|---|---|"
+  for s in "${status[@]}"; do echo "$s"; done
+}
+trap finish EXIT
+step() {  # step NAME CMD...: run, record, stop the suite at the first failure
+  local name="$1"; shift
+  local t0=$SECONDS
+  if "$@"; then status+=("| $name | ok ($((SECONDS - t0)) s) |"); else
+    local rc=$?; status+=("| $name | FAILED rc=$rc ($((SECONDS - t0)) s) |"); exit "$rc"; fi
+}
+if [ "$dry" = 1 ]; then
+  out="$(mktemp -d)"
+  step "python imports var" python -c "import var, var.eval.gpu_suite"
+  step "gpu tests (bodies on the CPU)" env VAR_GPU_TESTS_ON_CPU=1 VAR_KERNELS=torch \
+    python -m pytest -q -x -p no:cacheprovider -m gpu tests/gpu
+  step "benchmarks $tier (tiny, CPU)" python -m var.eval.gpu_suite --tier "$tier" --dry-run --out "$out" "${original[@]}"
+  status+=("| reports | $(ls "$out" | tr '\n' ' ') |")
+  exit 0
+fi
+unset TRITON_INTERPRET  # compiled kernels
+step "install (no deps)" pip install -q --no-deps -e .
+step "environment" python -c "import torch, triton, platform; print('GPU', torch.cuda.get_device_name(0), '| torch', torch.__version__, '| triton', triton.__version__, '| CUDA', torch.version.cuda, '| Python', platform.python_version())"
+step "gpu tests" python -m pytest -q -x -p no:cacheprovider -m gpu tests/gpu
+step "benchmarks $tier" python -m var.eval.gpu_suite --tier "$tier" --out "$out" "${original[@]}"

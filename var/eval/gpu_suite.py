@@ -1,0 +1,403 @@
+"""Benchmarks of the prepared GPU suite (``scripts/gpu_suite.sh``): VAR sampling eager vs compiled (and the original
+VAR sampler on the same weights), the ragged kernel vs SDPA, compressed caches, next-token pass cost, CoDe.
+
+Every benchmark is a function returning rows (dicts); :func:`run_tier` runs a tier's list fail-fast and writes
+``<out>/<name>.md`` + ``.json`` per benchmark, each naming the GPU, torch, triton and CUDA versions, then prints one
+short summary table last. ``--dry-run`` runs the same code on the CPU with the tiny presets and small shapes (no
+compilation), to check the suite's setup without a GPU. Random weights throughout: speeds and memory only.
+
+    python -m var.eval.gpu_suite --tier quick|full [--dry-run] [--original third_party/VAR] [--out benchmarks/gpu]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import sys
+import time
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from var.kernels import HACK, ScaleKV
+from var.kernels.compaction import segment_starts
+from var.kernels.ragged_attention import gather_prefix, ragged_attention
+from var.models import create
+from var.samplers import sample_next_scale
+from var.samplers.collaborative import sample_collaborative
+from var.utils.memory import PeakMemory
+
+PAPER = dict(cfg=1.5, top_k=900, top_p=0.96)  # VAR's sampling settings
+
+
+@dataclass
+class Setup:
+    """Sizes of one run: the GPU's, or the dry run's tiny stand-ins on the CPU."""
+
+    device: torch.device
+    dry: bool
+    var_small: str = "var_d16"
+    var_large: str = "var_d30"
+    tokenizer: str = "msvq_var"
+    gpt_models: tuple = ("gpt_b", "gpt_l")
+    batches: tuple = (1, 16, 64)
+    quick_batches: tuple = (1, 64)
+    big_batches: tuple = (64, 128, 256, 512)
+    repeats: int = 3
+    autocast: torch.dtype | None = torch.bfloat16
+    compile: bool = True
+    original: Path | None = None
+    notes: list = field(default_factory=list)
+
+    @classmethod
+    def for_run(cls, dry: bool, original: Path | None = None) -> "Setup":
+        if not dry:
+            return cls(torch.device("cuda"), False, original=original)
+        return cls(torch.device("cpu"), True, var_small="var_tiny", var_large="var_tiny", tokenizer="msvq_tiny",
+                   gpt_models=("gpt_tiny",), batches=(1, 2), quick_batches=(1, 2), big_batches=(2, 4), repeats=1,
+                   autocast=None, compile=False, original=original)
+
+
+def environment(device: torch.device) -> dict:
+    """GPU (or CPU), torch, triton, CUDA and Python versions."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:  # noqa: BLE001 - reported, not required
+        triton_version = "not importable"
+    gpu = (torch.cuda.get_device_name(device) if device.type == "cuda"
+           else f"none (CPU dry run: {platform.processor() or platform.machine()})")
+    return {"gpu": gpu, "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
+            "python": platform.python_version()}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats: int) -> tuple[float, int]:
+    """(fastest seconds of ``repeats`` calls after one warm-up call, peak extra memory in bytes)."""
+    fn()
+    best = float("inf")
+    with PeakMemory(device) as mem:
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            best = min(best, time.perf_counter() - t0)
+    return best, mem.peak_bytes
+
+
+def _var_pair(setup: Setup, preset: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = create(preset).eval()
+    model.init_weights()
+    return model.to(setup.device), create(setup.tokenizer).eval().to(setup.device)
+
+
+def _autocast(setup: Setup):
+    return torch.autocast(setup.device.type, dtype=setup.autocast or torch.float32, enabled=setup.autocast is not None)
+
+
+def _labels(batch, num_classes, device):
+    return (torch.arange(batch, device=device) * 211) % num_classes
+
+
+# ---- VAR sampling -----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def bench_var_sampling(setup: Setup, presets, batches) -> list[dict]:
+    """Images/s of :func:`sample_next_scale` (paper settings, bf16 autocast, decode included) eager vs compiled
+    (``torch.compile`` of the scale step, one static graph per scale); with ``setup.original`` also the original
+    sampler on the same weights, as a ratio."""
+    rows = []
+    for preset in presets:
+        model, tok = _var_pair(setup, preset)
+        eager_step = model.forward_scale
+        original = load_original(setup.original, model, setup.device) if setup.original else None
+        for batch in batches:
+            labels = _labels(batch, model.config.num_classes, setup.device)
+            modes = ["eager"] + (["compiled"] if setup.compile else [])
+            results = {}
+            for mode in modes:
+                if mode == "compiled":
+                    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+                    model.forward_scale = torch.compile(eager_step, dynamic=False)
+                gen = torch.Generator(setup.device)
+
+                def run():
+                    gen.manual_seed(0)
+                    with _autocast(setup):
+                        return sample_next_scale(model, tok, labels, generator=gen, **PAPER)
+                t0 = time.perf_counter()
+                seconds, peak = timed(run, setup.device, setup.repeats)
+                results[mode] = seconds
+                rows.append(dict(model=preset, sampler=f"ours ({mode})", batch=batch, images_per_s=batch / seconds,
+                                 s_per_batch=seconds, peak_mem_mb=peak / 2 ** 20,
+                                 setup_s=time.perf_counter() - t0 - seconds * setup.repeats))
+                model.forward_scale = eager_step
+            if original is not None:
+                def run_original():
+                    with _autocast(setup):
+                        return original.autoregressive_infer_cfg(B=batch, label_B=labels, g_seed=0, **PAPER)
+                seconds, peak = timed(run_original, setup.device, setup.repeats)
+                best_ours = min(results.values())
+                rows.append(dict(model=preset, sampler="original VAR", batch=batch, images_per_s=batch / seconds,
+                                 s_per_batch=seconds, peak_mem_mb=peak / 2 ** 20,
+                                 ours_speedup=seconds / best_ours))
+        del model, tok
+    return rows
+
+
+def load_original(repo: Path, ours, device: torch.device):
+    """The original FoundationVision/VAR model from a checkout (its ``models`` package, git-ignored in
+    ``third_party/``), built at our model's depth with our weights loaded (identical state-dict keys)."""
+    if importlib.util.find_spec("huggingface_hub") is None:  # only a mixin base of an unused subclass
+        hub_mod = types.ModuleType("huggingface_hub")
+        hub_mod.PyTorchModelHubMixin = type("PyTorchModelHubMixin", (), {})
+        sys.modules["huggingface_hub"] = hub_mod
+    sys.path.insert(0, str(Path(repo).resolve()))
+    if importlib.util.find_spec("dist") is None:
+        dist_mod = types.ModuleType("dist")
+        dist_mod.get_device = lambda: device
+        dist_mod.initialized = lambda: False
+        sys.modules["dist"] = dist_mod
+    import models as orig_models  # noqa: PLC0415  (the checkout's package)
+
+    _, var = orig_models.build_vae_var(device=device, depth=ours.config.depth, shared_aln=ours.config.shared_aln,
+                                      flash_if_available=device.type == "cuda", fused_if_available=device.type == "cuda")
+    var.load_state_dict(ours.state_dict(), strict=True)
+    return var.eval().to(device)
+
+
+# ---- the ragged kernel ------------------------------------------------------------------------------------------
+def _kernel_case(setup: Setup, batch: int, budget: float, heads: int, head_dim: int, prefix: int, n: int, seed=0):
+    g = torch.Generator(setup.device).manual_seed(seed)
+    dt = setup.autocast or torch.float32
+    kept = max(0, round(prefix * budget))
+    lens = torch.full((batch * heads,), kept, dtype=torch.int32, device=setup.device)
+    q, kc, vc = (torch.randn(batch, heads, n, head_dim, generator=g, device=setup.device, dtype=dt) for _ in range(3))
+    kp, vp = (torch.randn(batch * heads * kept, head_dim, generator=g, device=setup.device, dtype=dt)
+              for _ in range(2))
+    return q, kp, vp, segment_starts(lens), lens, kc, vc
+
+
+@torch.no_grad()
+def bench_ragged_kernel(setup: Setup, budgets, batch: int | None = None) -> list[dict]:
+    """VAR-d30's last scale (16x16 queries, 424 earlier tokens, 30 heads of dim 64, CFG rows): the Triton kernel
+    over the kept tokens vs SDPA over the gathered kept tokens vs SDPA over the full cache; latency and peak
+    memory (KV bytes of the cache each one reads)."""
+    import torch.nn.functional as F
+
+    heads, head_dim, prefix, n = (30, 64, 424, 256) if not setup.dry else (2, 16, 20, 9)
+    batch = batch or (2 * 64 if not setup.dry else 4)
+    rows = []
+    full = _kernel_case(setup, batch, 1.0, heads, head_dim, prefix, n)
+    q, kp_full, vp_full, _, _, kc, vc = full
+    k_full = torch.cat((kp_full.view(batch, heads, prefix, head_dim), kc), dim=2)
+    v_full = torch.cat((vp_full.view(batch, heads, prefix, head_dim), vc), dim=2)
+    seconds, peak = timed(lambda: F.scaled_dot_product_attention(q, k_full, v_full), setup.device, setup.repeats)
+    full_kv = (k_full.numel() + v_full.numel()) * k_full.element_size()
+    rows.append(dict(method="SDPA, full cache", budget=1.0, batch=batch, ms=1000 * seconds, peak_mem_mb=peak / 2 ** 20,
+                     kv_mb=full_kv / 2 ** 20, kv_fraction_of_full=1.0))
+    backend = "triton" if not setup.dry or _interpreter() else "torch"
+    for budget in budgets:
+        q, kp, vp, start, lens, kc, vc = _kernel_case(setup, batch, budget, heads, head_dim, prefix, n, seed=1)
+        kv = (kp.numel() + vp.numel() + kc.numel() + vc.numel()) * kp.element_size()
+
+        def gathered():
+            k, v, _ = gather_prefix(kp, vp, start, lens, batch, heads)
+            return F.scaled_dot_product_attention(q, torch.cat((k, kc), 2), torch.cat((v, vc), 2))
+        for method, fn in ((f"ragged kernel ({backend})", lambda: ragged_attention(
+                q, kp, vp, start, lens, kc, vc, scale=head_dim ** -0.5, backend=backend)),
+                ("SDPA, gathered kept tokens", gathered)):
+            seconds, peak = timed(fn, setup.device, setup.repeats)
+            rows.append(dict(method=method, budget=budget, batch=batch, ms=1000 * seconds, peak_mem_mb=peak / 2 ** 20,
+                             kv_mb=kv / 2 ** 20, kv_fraction_of_full=kv / full_kv))
+    return rows
+
+
+def _interpreter() -> bool:
+    from var.kernels._backend import triton_interpreted, triton_module
+    return triton_interpreted() and triton_module() is not None
+
+
+# ---- compressed caches ------------------------------------------------------------------------------------------
+@torch.no_grad()
+def bench_kv_policies(setup: Setup, preset: str, policies, budget: float, batches) -> list[dict]:
+    """Images/s and peak memory of sampling with each cache policy at ``budget`` vs the full cache; a batch that
+    does not fit is reported as such and ends the batch sweep of that policy."""
+    model, tok = _var_pair(setup, preset)
+    rows = []
+    for name, make in [("full cache", lambda: None)] + [(p.__name__, lambda p=p: p(budget=budget)) for p in policies]:
+        for batch in batches:
+            labels = _labels(batch, model.config.num_classes, setup.device)
+            gen = torch.Generator(setup.device)
+            out = {}
+
+            def run():
+                gen.manual_seed(0)
+                with _autocast(setup):
+                    out["o"] = sample_next_scale(model, tok, labels, generator=gen, cache=make(), decode=False,
+                                                 **PAPER)
+            try:
+                seconds, peak = timed(run, setup.device, max(1, setup.repeats - 1))
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                rows.append(dict(model=preset, cache=name, budget=budget, batch=batch, images_per_s=None,
+                                 peak_mem_mb=None, kv_live_mb=None, note="out of memory"))
+                break
+            stats = out["o"].stats
+            rows.append(dict(model=preset, cache=name, budget=1.0 if name == "full cache" else budget, batch=batch,
+                             images_per_s=batch / seconds, peak_mem_mb=peak / 2 ** 20,
+                             kv_live_mb=stats.peak_kv_live_bytes / 2 ** 20,
+                             kv_allocated_mb=stats.peak_kv_cache_bytes / 2 ** 20))
+    return rows
+
+
+# ---- next-token pass cost -----------------------------------------------------------------------------------------
+@torch.no_grad()
+def bench_next_token_pass(setup: Setup, presets, tokens_per_row=(1, 16, 32), batches=(1, 8)) -> list[dict]:
+    """Cost of one decode pass of ``l`` tokens per row after a half-full cache (what SJD trades acceptance against;
+    acceptance rates are meaningless on random weights)."""
+    rows = []
+    for preset in presets:
+        torch.manual_seed(0)
+        gpt = create(preset).eval().to(setup.device)
+        for batch in batches:
+            rows_in = batch * 2  # CFG rows
+            labels = torch.arange(rows_in, device=setup.device) % gpt.config.num_classes
+            for l in sorted({min(t, gpt.seq_len // 2) for t in tokens_per_row}):  # tiny dry-run grids are short
+                cache = gpt.new_kv_cache(rows_in)
+                with _autocast(setup):
+                    gpt.prefill(labels, cache)
+                    half = torch.randint(0, gpt.vocab_size, (rows_in, min(gpt.seq_len // 2, gpt.seq_len - l)),
+                                         device=setup.device)
+                    gpt.decode(half, cache)  # commits the tokens
+                base = cache.length
+                inp = torch.randint(0, gpt.vocab_size, (rows_in, l), device=setup.device)
+
+                def one_pass():
+                    cache.truncate(base)
+                    with _autocast(setup):
+                        gpt.decode(inp, cache)
+                seconds, peak = timed(one_pass, setup.device, setup.repeats)
+                rows.append(dict(model=preset, batch=batch, tokens_per_row=l, ms_per_pass=1000 * seconds,
+                                 ms_per_token=1000 * seconds / l, peak_mem_mb=peak / 2 ** 20))
+        del gpt
+    return rows
+
+
+# ---- CoDe -------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def bench_code(setup: Setup, batch: int, draft_steps: int = 8) -> list[dict]:
+    """CoDe (large drafter for the first ``draft_steps`` scales, small refiner for the rest) vs the large alone."""
+    drafter, tok = _var_pair(setup, setup.var_large)
+    refiner, _ = _var_pair(setup, setup.var_small, seed=1)
+    draft_steps = min(draft_steps, len(tok.patch_nums) - 1)
+    labels = _labels(batch, drafter.config.num_classes, setup.device)
+    rows = []
+    for name, fn in (("large alone", lambda g: sample_next_scale(drafter, tok, labels, generator=g, **PAPER)),
+                     (f"CoDe (large drafts {draft_steps} scales)", lambda g: sample_collaborative(
+                         drafter, refiner, tok, labels, draft_steps=draft_steps, generator=g, **PAPER))):
+        gen = torch.Generator(setup.device)
+
+        def run():
+            gen.manual_seed(0)
+            with _autocast(setup):
+                fn(gen)
+        seconds, peak = timed(run, setup.device, setup.repeats)
+        rows.append(dict(method=name, large=setup.var_large, small=setup.var_small, batch=batch,
+                         images_per_s=batch / seconds, peak_mem_mb=peak / 2 ** 20))
+    return rows
+
+
+# ---- tiers ------------------------------------------------------------------------------------------------------
+def tier_benchmarks(setup: Setup, tier: str) -> list[tuple[str, object]]:
+    """``(name, thunk)`` per benchmark of a tier, in run order."""
+    if tier == "quick":
+        return [
+            ("var_sampling_quick", lambda: bench_var_sampling(setup, [setup.var_small], setup.quick_batches)),
+            ("ragged_kernel_quick", lambda: bench_ragged_kernel(setup, [0.1])),
+            ("kv_policies_quick", lambda: bench_kv_policies(setup, setup.var_small, [ScaleKV], 0.1,
+                                                            setup.quick_batches[-1:])),
+        ]
+    if tier == "full":
+        return [
+            ("var_sampling", lambda: bench_var_sampling(setup, [setup.var_small, setup.var_large], setup.batches)),
+            ("ragged_kernel", lambda: bench_ragged_kernel(setup, [1.0, 0.5, 0.1])),
+            ("kv_policies", lambda: bench_kv_policies(setup, setup.var_large, [ScaleKV, HACK], 0.1,
+                                                      setup.big_batches)),
+            ("next_token_pass", lambda: bench_next_token_pass(setup, setup.gpt_models)),
+            ("code", lambda: bench_code(setup, setup.quick_batches[-1])),
+        ]
+    raise ValueError(f"unknown tier {tier!r} (quick or full)")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+
+    def cell(v):
+        return "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_report(out_dir: Path, name: str, rows: list[dict], env: dict, seconds: float) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    header = (f"# {name}\n\nGPU: {env['gpu']}; torch {env['torch']}; triton {env['triton']}; CUDA {env['cuda']}; "
+              f"Python {env['python']}. Random weights; {seconds:.0f} s.\n\n")
+    (out_dir / f"{name}.md").write_text(header + markdown_table(rows) + "\n")
+    (out_dir / f"{name}.json").write_text(json.dumps({"benchmark": name, "environment": env, "seconds": seconds,
+                                                      "rows": rows}, indent=2, default=str))
+    return out_dir / f"{name}.md"
+
+
+def run_tier(setup: Setup, tier: str, out_dir: Path) -> list[dict]:
+    """Run a tier fail-fast (the first exception stops it, after the summary); returns the summary rows."""
+    env = environment(setup.device)
+    summary, error = [], None
+    for name, thunk in tier_benchmarks(setup, tier):
+        t0 = time.perf_counter()
+        try:
+            rows = thunk()
+        except Exception as err:  # noqa: BLE001 - reported in the summary, then re-raised
+            summary.append(dict(benchmark=name, status=f"FAILED: {type(err).__name__}: {err}"[:160],
+                                seconds=time.perf_counter() - t0))
+            error = err
+            break
+        seconds = time.perf_counter() - t0
+        path = write_report(out_dir, name, rows, env, seconds)
+        summary.append(dict(benchmark=name, status="ok", seconds=seconds, rows=len(rows), report=str(path)))
+    print(f"\n{tier} benchmarks on {env['gpu']} (torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']})")
+    print(markdown_table(summary))
+    if error is not None:
+        raise error
+    return summary
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tier", choices=("quick", "full"), default="quick")
+    p.add_argument("--dry-run", action="store_true", help="tiny presets on the CPU, no compilation")
+    p.add_argument("--original", type=Path, default=None, help="checkout of the original VAR code")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/gpu"))
+    args = p.parse_args(argv)
+    if not args.dry_run and not torch.cuda.is_available():
+        print("error: no CUDA device (use --dry-run on a CPU machine)", file=sys.stderr)
+        return 2
+    if args.original is not None and not (args.original / "models").is_dir():
+        print(f"error: --original {args.original} has no models/ package (a checkout of the original VAR)",
+              file=sys.stderr)
+        return 2
+    run_tier(Setup.for_run(args.dry_run, args.original), args.tier, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
