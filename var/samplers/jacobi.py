@@ -264,11 +264,12 @@ def draft_window(tokens_BN: torch.Tensor, committed_B: torch.Tensor, drafts_BK: 
     return WindowInputs(tokens_BW, positions_BW, sees_prefix | sees_window, prefix_slots_B)
 
 
-def verify(model, proc: TokenProcessor, cache, window: WindowInputs) -> torch.Tensor:
+def verify(model, proc: TokenProcessor, cache, window: WindowInputs, committed_B: torch.Tensor) -> torch.Tensor:
     """Step 2: one forward pass -> the target distribution ``[B, width, V]`` of every window position."""
     logits = model.decode(proc.double(window.tokens_BW), cache, positions=proc.double(window.positions_BW),
                           attn_mask=proc.double(window.mask_BWS)[:, None])
-    return proc.probs(logits, "Jacobi window")
+    token_BW = committed_B[:, None] + torch.arange(logits.shape[1], device=committed_B.device)
+    return proc.probs(logits, "Jacobi window", proc.guided_tokens(token_BW))  # same target as plain decoding
 
 
 def accept(rule: ExactAcceptance, target_BWV: torch.Tensor, drafts_BK: torch.Tensor, draft_q_BKV: torch.Tensor,
@@ -373,14 +374,15 @@ def refill(init: str, tokens_BN: torch.Tensor, committed_B: torch.Tensor, commit
 @torch.no_grad()
 def sample_jacobi(model, vq, labels_B, *, window: int = 16, init: str = "random", coupling: str = "none",
                   acceptance: ExactAcceptance | None = None, cfg: float = 2.0, top_k: int = 0, top_p: float = 0.0,
-                  temperature: float = 1.0, generator: GeneratorArg = None, decode: bool = True):
+                  temperature: float = 1.0, cfg_interval: int = -1, generator: GeneratorArg = None,
+                  decode: bool = True):
     """Speculative Jacobi decoding with a pluggable draft coupling and acceptance rule (see the module doc).
 
     Args:
         window: window length L (inputs per pass = 1 committed token + L - 1 drafts); 1 = plain decoding.
         init: initial drafts, one of :data:`DRAFT_INITS`. coupling: one of :data:`COUPLINGS`.
         acceptance: :class:`ExactAcceptance` (default), :class:`LanternAcceptance` or :class:`GroupedAcceptance`.
-        cfg, top_k, top_p, temperature: as :func:`~var.samplers.next_token.sample_next_token`.
+        cfg, top_k, top_p, temperature, cfg_interval: as :func:`~var.samplers.next_token.sample_next_token`.
         generator: one ``torch.Generator`` or one per sample (each sample draws a fixed number of uniforms per
             pass, so a batch with one generator per sample equals the single runs).
     Returns:
@@ -395,7 +397,7 @@ def sample_jacobi(model, vq, labels_B, *, window: int = 16, init: str = "random"
     if coupling not in COUPLINGS:
         raise ConfigError(f"coupling must be one of {COUPLINGS}, got {coupling!r}")
     rule = acceptance or ExactAcceptance()
-    labels_B, proc, rows = prepare(model, vq, labels_B, cfg, temperature, top_k, top_p)
+    labels_B, proc, rows = prepare(model, vq, labels_B, cfg, temperature, top_k, top_p, cfg_interval)
     device = labels_B.device
     batch, seq_len, vocab, prefix_len = len(labels_B), model.seq_len, model.vocab_size, model.prefix_len
     grid, slots = model.config.grid_size, window - 1
@@ -425,7 +427,7 @@ def sample_jacobi(model, vq, labels_B, *, window: int = 16, init: str = "random"
         uniforms = PassUniforms.draw(batch, window, generator, device)
         window_start = cache.length
         inputs = draft_window(tokens_BN, committed_B, drafts_BK, width, prefix_len, window_start)
-        target_BWV = verify(model, proc, cache, inputs)
+        target_BWV = verify(model, proc, cache, inputs, committed_B)
         stats.forward_passes += 1
         samples_BW = next_samples(coupling, rule, target_BWV, drafts_BK, draft_q_BKV, committed_B, valid_B,
                                   gumbel_BNV, uniforms)

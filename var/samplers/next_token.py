@@ -33,11 +33,22 @@ class TokenProcessor:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 0.0
+    cfg_interval: int = -1  # LlamaGen/NAR: guidance only for the first tokens (-1: everywhere); see guided_tokens
 
     def __post_init__(self):
         check_sampling_args(self.top_k, self.top_p, self.temperature)
         if not self.cfg >= 1.0:
             raise ConfigError(f"cfg must be >= 1 (LlamaGen convention: 1 = no guidance), got {self.cfg}")
+        if isinstance(self.cfg_interval, bool) or not isinstance(self.cfg_interval, int) or self.cfg_interval < -1:
+            raise ConfigError(f"cfg_interval must be an int >= -1 (-1 = guide every token), got {self.cfg_interval!r}")
+
+    def guided_tokens(self, generated_before):
+        """Whether the token(s) drawn after ``generated_before`` tokens are guided (bool or tensor): LlamaGen's
+        rule, guidance while ``generated_before <= cfg_interval + 1`` (its decode step ``i`` follows ``i + 1``
+        tokens and drops guidance when ``i > cfg_interval``); always with ``cfg_interval = -1``."""
+        if self.cfg_interval < 0:
+            return True
+        return generated_before <= self.cfg_interval + 1
 
     @property
     def guided(self) -> bool:
@@ -47,12 +58,19 @@ class TokenProcessor:
         """Repeat per-image inputs (tokens, positions, masks) for the unconditional half."""
         return torch.cat((x, x)) if self.guided else x
 
-    def probs(self, logits_rV: torch.Tensor, where: str = "") -> torch.Tensor:
-        """``[rows, ..., V]`` logits -> ``[B, ..., V]`` fp32 sampling distribution."""
+    def probs(self, logits_rV: torch.Tensor, where: str = "", guided=True) -> torch.Tensor:
+        """``[rows, ..., V]`` logits -> ``[B, ..., V]`` fp32 sampling distribution. ``guided``: bool, or a bool
+        tensor broadcastable to ``[B, ...]`` (per position; unguided positions use the conditional logits, as the
+        releases do past ``cfg_interval``)."""
         check_finite(logits_rV, where or "next-token logits")
         logits = logits_rV.float()
         if self.guided:
-            logits = apply_cfg(logits[: self.batch], logits[self.batch:], self.cfg)
+            weight = self.cfg
+            if isinstance(guided, torch.Tensor):
+                weight = torch.where(guided, self.cfg, 1.0).to(logits.device)[..., None]
+            elif not guided:
+                weight = 1.0
+            logits = apply_cfg(logits[: self.batch], logits[self.batch:], weight)
         return processed_logits(logits, temperature=self.temperature, top_k=self.top_k,
                                 top_p=self.top_p).softmax(dim=-1)
 
@@ -71,14 +89,14 @@ def as_condition(model, cond):
     return as_label_tensor(cond, device)
 
 
-def prepare(model, vq, cond, cfg, temperature, top_k, top_p):
+def prepare(model, vq, cond, cfg, temperature, top_k, top_p, cfg_interval: int = -1):
     """Validated ``(condition, processor, model rows)`` shared by all next-token samplers. The condition is class
     ids ``[B]`` or a :class:`~var.models.conditioning.CaptionCondition` (text-to-image GPT); samplers only use
     ``len()`` and ``.device`` of it and hand the rows (with the CFG null half) to ``model.prefill``."""
     check_pair(model, vq)
     cond = as_condition(model, cond)
     model.check_condition(cond)
-    proc = TokenProcessor(len(cond), cfg, temperature, top_k, top_p)
+    proc = TokenProcessor(len(cond), cfg, temperature, top_k, top_p, cfg_interval)
     return cond, proc, model.condition_rows(cond, proc.guided)
 
 
@@ -98,7 +116,8 @@ def finish(model, vq, tokens_BN: torch.Tensor, stats: SamplerStats, t0: float, d
 
 @torch.no_grad()
 def sample_next_token(model, vq, labels_B, *, cfg: float = 2.0, top_k: int = 0, top_p: float = 0.0,
-                      temperature: float = 1.0, generator: GeneratorArg = None, decode: bool = True) -> SampleOutput:
+                      temperature: float = 1.0, cfg_interval: int = -1, generator: GeneratorArg = None,
+                      decode: bool = True) -> SampleOutput:
     """One forward pass per token over a preallocated KV cache (the reference the other samplers must match).
 
     Args:
@@ -106,12 +125,13 @@ def sample_next_token(model, vq, labels_B, *, cfg: float = 2.0, top_k: int = 0, 
         labels_B: class ids ``[B]`` in ``[0, num_classes]`` (``num_classes`` = unconditional), or a
             :class:`~var.models.conditioning.CaptionCondition` for a text-to-image GPT (CFG: its null caption).
         cfg: guidance scale (1 = none); top_k / top_p / temperature: shared logits filtering (0 disables).
+        cfg_interval: LlamaGen's: guide only while at most ``cfg_interval + 1`` tokens are generated (-1: always).
         generator: one ``torch.Generator`` or one per sample (then a batch of N equals N single runs).
     Returns:
         :class:`SampleOutput`: ``images [B, 3, H, W]`` in [0, 1], ``tokens [B, N]`` (raster order), stats.
     """
     t0 = time.perf_counter()
-    labels_B, proc, rows = prepare(model, vq, labels_B, cfg, temperature, top_k, top_p)
+    labels_B, proc, rows = prepare(model, vq, labels_B, cfg, temperature, top_k, top_p, cfg_interval)
     B, N = len(labels_B), model.seq_len
     kv_cache = model.new_kv_cache(len(rows))
     stats = SamplerStats(peak_kv_cache_bytes=kv_cache.nbytes())
@@ -119,7 +139,7 @@ def sample_next_token(model, vq, labels_B, *, cfg: float = 2.0, top_k: int = 0, 
     logits = model.prefill(rows, kv_cache)
     for i in range(N):
         stats.forward_passes += 1
-        tokens[:, i] = multinomial(proc.probs(logits[:, -1], f"token {i}"), generator)
+        tokens[:, i] = multinomial(proc.probs(logits[:, -1], f"token {i}", proc.guided_tokens(i)), generator)
         if i + 1 < N:
             logits = model.decode(proc.double(tokens[:, i:i + 1]), kv_cache)
     return finish(model, vq, tokens, stats, t0, decode, cache=kv_cache)
