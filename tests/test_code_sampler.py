@@ -240,3 +240,13 @@ def test_paper_preset(models):
     assert out.stats.extra["draft_steps"] == NUM_SCALES
     with pytest.raises(ConfigError, match="preset"):
         code_preset("fast")
+
+
+def test_batch_with_per_sample_generators_equals_single_runs(models):
+    drafter, refiner, tok = models
+    batch = sample_collaborative(drafter, refiner, tok, LABELS, draft_steps=2, generator=gen(20, n=4),
+                                 decode=False, **KNOBS)
+    for b, label in enumerate(LABELS):
+        single = sample_collaborative(drafter, refiner, tok, [label], draft_steps=2,
+                                      generator=[torch.Generator().manual_seed(20 + b)], decode=False, **KNOBS)
+        assert all(torch.equal(t[b], s[0]) for t, s in zip(batch.tokens, single.tokens))
