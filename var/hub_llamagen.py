@@ -23,6 +23,7 @@ from var import hub
 from var.errors import CheckpointError, CheckpointMismatchError
 from var.models.gpt import GPT, GPTConfig
 from var.models.gpt_t2i import GPTT2I, GPTT2IConfig
+from var.models.nar import NAR
 from var.tokenizers.single_scale_vq import SingleScaleVQ, SingleScaleVQConfig
 
 
@@ -112,6 +113,24 @@ def load_llamagen_gpt(path: str | os.PathLike, *, grid_size: int = 16, n_head: i
     config = gpt_config_from_state_dict(sd, grid_size, n_head)
     cls = GPTT2I if isinstance(config, GPTT2IConfig) else GPT
     model = hub.load_strict(hub._build_on_meta(cls, config), sd, f"LlamaGen {cls.__name__} ({path.name})")
+    return model.to(device).eval()
+
+
+NAR_KEY = "medusa_output.weight"
+
+
+def load_nar(path: str | os.PathLike, *, grid_size: int = 24, n_head: int | None = None, device="cpu") -> NAR:
+    """A :class:`~var.models.nar.NAR` from a released NAR checkpoint (``c2i_<size>_384.pt``: LlamaGen's layout
+    plus one extra block ``layers[n_layer]`` and ``medusa_norm`` / ``medusa_output``), a safetensors file or a
+    saved directory. The released models generate at 384 px with the 16x VQ: ``grid_size=24``."""
+    path = Path(path)
+    if path.is_dir():
+        return hub.expect_type(hub.load_pretrained(path, device=device), NAR, path)
+    sd = read_llamagen_state_dict(path)
+    hub.require_keys(sd, (NAR_KEY, "medusa_norm.weight"), "a NAR GPT (a LlamaGen file has no vertical head)")
+    config = gpt_config_from_state_dict(sd, grid_size, n_head)
+    config.n_layer -= 1  # the file's last block belongs to the vertical head
+    model = hub.load_strict(hub._build_on_meta(NAR, config), sd, f"NAR ({path.name})")
     return model.to(device).eval()
 
 
