@@ -51,3 +51,7 @@ class TextEncoderError(VarError):
 
 class AspectRatioError(ConfigError):
     """An aspect ratio has no scale-schedule template (Infinity covers h/w from 1/3 to 3)."""
+
+
+class PromptError(VarError):
+    """A text prompt is empty, too long for the model, or uses words the model does not know."""

@@ -33,6 +33,7 @@ CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
 def saved_model_classes() -> dict:
     """``_class_name`` of a saved directory -> (module class, config dataclass); imported lazily."""
+    from var.models.caption_encoder import CaptionEncoder, CaptionEncoderConfig
     from var.models.ctf import CTFStage2, CTFStage2Config
     from var.models.gpt import GPT, GPTConfig
     from var.models.gpt_t2i import GPTT2I, GPTT2IConfig
@@ -42,7 +43,8 @@ def saved_model_classes() -> dict:
     from var.tokenizers.single_scale_vq import SingleScaleVQ, SingleScaleVQConfig
     return {"VAR": (VAR, VARConfig), "MultiScaleVQVAE": (MultiScaleVQVAE, MultiScaleVQVAEConfig),
             "GPT": (GPT, GPTConfig), "SingleScaleVQ": (SingleScaleVQ, SingleScaleVQConfig),
-            "GPTT2I": (GPTT2I, GPTT2IConfig), "NAR": (NAR, GPTConfig), "CTFStage2": (CTFStage2, CTFStage2Config),
+            "GPTT2I": (GPTT2I, GPTT2IConfig), "CaptionEncoder": (CaptionEncoder, CaptionEncoderConfig),
+            "NAR": (NAR, GPTConfig), "CTFStage2": (CTFStage2, CTFStage2Config),
             "Infinity": (Infinity, InfinityConfig), "BSQVAE": (BSQVAE, BSQVAEConfig)}
 
 

@@ -166,3 +166,25 @@ def bundled_ar_dir() -> Path | None:
     import var.assets
     path = Path(var.assets.__file__).resolve().parent / "ar_bundled"
     return path if (path / "transformer" / "config.json").exists() else None
+
+
+def bundled_t2i_dir() -> Path | None:
+    """``var/assets/t2i_bundled`` (``tokenizer/`` + ``transformer/`` + ``text_encoder/``) if it is installed."""
+    import var.assets
+    path = Path(var.assets.__file__).resolve().parent / "t2i_bundled"
+    return path if (path / "text_encoder" / "config.json").exists() else None
+
+
+def load_t2i_bundle(directory: str | os.PathLike, *, device="cpu"):
+    """``(vq, gpt, text_encoder)`` of a directory written by :mod:`var.train.t2i_bundled` (all strict)."""
+    from var.models.caption_encoder import CaptionEncoder
+    directory = Path(directory)
+    vq, gpt = load_llamagen(directory / "tokenizer", directory / "transformer", device=device)
+    if not isinstance(gpt, GPTT2I):
+        raise CheckpointMismatchError(f"a text-to-image GPT: {directory / 'transformer'} is class-conditional")
+    enc = hub.expect_type(hub.load_pretrained(directory / "text_encoder", device=device), CaptionEncoder,
+                          directory / "text_encoder")
+    if enc.config.dim != gpt.config.caption_dim:
+        raise CheckpointMismatchError(f"the GPT (caption_dim {gpt.config.caption_dim}): the text encoder has "
+                                      f"dim {enc.config.dim}")
+    return vq, gpt, enc.requires_grad_(False)

@@ -7,6 +7,8 @@ Examples::
     var-sample --vae ... --var ... --num-images 16 --out-dir samples/ --device cuda --dtype bf16
     var-sample --family ar --vq vq_ds16_c2i.pt --gpt c2i_B_256.pt --sampler sjd --window 16 --cfg 2.0
     var-sample --family ar --sampler zipar --zipar-window 8     # bundled AR model (or random weights)
+    var-sample --prompt "a pink star" --prompt "a teal square with horizontal stripes"   # bundled text-to-image
+    var-sample --prompts-file prompts.txt --sampler sjd           # one prompt per line
 """
 from __future__ import annotations
 
@@ -38,8 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--vq", help="AR tokenizer: vq_ds16_c2i.pt, .safetensors or saved directory")
     src.add_argument("--gpt", help="AR transformer: c2i_{B,L,XL,XXL,3B}_*.pt, .safetensors or saved directory")
     src.add_argument("--image-size", type=int, default=None, help="AR image size (384 for the *_384 GPTs)")
+    src.add_argument("--text-encoder", help="caption encoder directory for --prompt with --gpt")
     gen = p.add_argument_group("what to sample")
     gen.add_argument("--classes", type=int, nargs="*", help="class ids (default: random classes)")
+    gen.add_argument("--prompt", action="append", default=None,
+                     help="text prompt (repeatable): samples the bundled text-to-image model (--family ar)")
+    gen.add_argument("--prompts-file", help="text prompts, one per line (empty lines are an error)")
+    gen.add_argument("--images-per-prompt", type=int, default=1)
     gen.add_argument("--num-images", type=int, default=16, help="images to sample when --classes is not given")
     gen.add_argument("--cfg", type=float, default=None,
                      help="guidance: VAR strength at the last scale (default 1.5, 0 = none); AR scale (default 2.0, "
@@ -92,6 +99,53 @@ def load_models(args):
     return tok.to(args.device), model.to(args.device), "random-weight var_tiny"
 
 
+def read_prompts(args) -> list[str] | None:
+    """``--prompt`` values then the lines of ``--prompts-file``; None when neither is given."""
+    from var.errors import PromptError
+    if args.prompt is None and not args.prompts_file:
+        return None
+    prompts = [p.strip() for p in args.prompt or []]
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise PromptError(f"prompts file not found: {path}")
+        lines = path.read_text().splitlines()
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                raise PromptError(f"{path}:{n}: empty line (one prompt per line, no blank lines)")
+        if not lines:
+            raise PromptError(f"{path} holds no prompts")
+        prompts += [line.strip() for line in lines]
+    if not all(prompts):
+        raise PromptError("empty prompt: describe the image, e.g. --prompt 'a pink star'")
+    return prompts
+
+
+def load_t2i_models(args):
+    """(vq, gpt, text encoder, description) for prompts: --vq/--gpt/--text-encoder or the bundled t2i model."""
+    from var import hub, hub_llamagen
+    from var.errors import CheckpointError, PromptError
+    from var.models.caption_encoder import CaptionEncoder
+    from var.models.gpt_t2i import GPTT2I
+    if args.vq or args.gpt:
+        if not (args.vq and args.gpt):
+            raise SystemExit("var-sample: give both --vq and --gpt")
+        vq, gpt = hub_llamagen.load_llamagen(args.vq, args.gpt, image_size=args.image_size, device=args.device)
+        if not isinstance(gpt, GPTT2I):
+            raise PromptError(f"--prompt needs a text-to-image GPT: {args.gpt} is class-conditional (use --classes)")
+        if not args.text_encoder:
+            raise PromptError("--prompt with --gpt needs --text-encoder (a saved caption encoder directory)")
+        enc = hub.expect_type(hub.load_pretrained(args.text_encoder, device=args.device), CaptionEncoder,
+                              args.text_encoder)
+        return vq, gpt, enc, f"{args.gpt}"
+    bundled = hub_llamagen.bundled_t2i_dir()
+    if bundled is None:
+        raise CheckpointError("no bundled text-to-image model in var/assets/t2i_bundled (give --vq, --gpt and "
+                              "--text-encoder)")
+    vq, gpt, enc = hub_llamagen.load_t2i_bundle(bundled, device=args.device)
+    return vq, gpt, enc, f"bundled text-to-image model {bundled.name}"
+
+
 def load_ar_models(args):
     """(vq, gpt, description) for ``--family ar``: --vq/--gpt, the bundled AR model, or random tiny presets."""
     from var import hub_llamagen
@@ -137,24 +191,41 @@ def _bundled_var():
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
+    prompts = read_prompts(args)
+    if prompts is not None:
+        if args.family == "var" and args.vae:
+            raise SystemExit("var-sample: --prompt samples a next-token text-to-image model (no --vae/--var)")
+        if args.classes:
+            raise SystemExit("var-sample: give --classes or --prompt, not both")
+        args.family = "ar"
     resolve_family_defaults(args)
     from var.samplers import sample_next_scale
     from var.samplers.next_token import run_ar_sampler
     from var.utils.images import save_image_grid, save_images
 
-    tok, model, desc = load_ar_models(args) if args.family == "ar" else load_models(args)
-    num_classes = model.config.num_classes
-    gen = torch.Generator(device=args.device).manual_seed(args.seed)
-    if args.classes:
-        labels = torch.tensor(args.classes, dtype=torch.long)
+    text_encoder = None
+    if prompts is not None:
+        tok, model, text_encoder, desc = load_t2i_models(args)
+        prompts = [p for p in prompts for _ in range(args.images_per_prompt)]
+        labels = prompts
+        text_encoder.condition(prompts, model.config.caption_len)  # bad prompts fail before any sampling
     else:
-        labels = torch.randint(0, num_classes, (args.num_images,), generator=torch.Generator().manual_seed(args.seed))
-    model.check_labels(labels)
+        tok, model, desc = load_ar_models(args) if args.family == "ar" else load_models(args)
+        num_classes = model.config.num_classes
+        if args.classes:
+            labels = torch.tensor(args.classes, dtype=torch.long)
+        else:
+            labels = torch.randint(0, num_classes, (args.num_images,),
+                                   generator=torch.Generator().manual_seed(args.seed))
+        model.check_condition(labels)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
     autocast = (torch.autocast(torch.device(args.device).type, dtype=DTYPES[args.dtype])
                 if args.dtype != "fp32" else contextlib.nullcontext())
     images, passes = [], 0
     for start in tqdm(range(0, len(labels), args.batch_size), desc=f"sampling {desc}", unit="batch"):
-        batch = labels[start:start + args.batch_size].to(args.device)
+        batch = labels[start:start + args.batch_size]
+        batch = (text_encoder.condition(batch, model.config.caption_len) if text_encoder is not None
+                 else batch.to(args.device))
         with autocast:
             if args.family == "ar":
                 out = run_ar_sampler(args.sampler, model, tok, batch, window=args.window, init=args.init,
@@ -169,8 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         passes += out.stats.forward_passes
     images = torch.cat(images)
     path = save_image_grid(images, args.out, nrow=args.nrow)
-    log.info("wrote %s (%d images, classes %s, %s sampler, %d forward passes)", path, len(images), labels.tolist(),
-             args.sampler, passes)
+    what = f"prompts {labels}" if text_encoder is not None else f"classes {labels.tolist()}"
+    log.info("wrote %s (%d images, %s, %s sampler, %d forward passes)", path, len(images), what, args.sampler,
+             passes)
     if args.out_dir:
         save_images(images, args.out_dir)
         log.info("wrote %d PNGs to %s", len(images), Path(args.out_dir))

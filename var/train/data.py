@@ -184,6 +184,103 @@ class ProceduralShapes(torch.utils.data.Dataset):
 
 
 # ---- folders --------------------------------------------------------------------------------------------------
+# ---- compositional captions (text-to-image) ---------------------------------------------------------------------
+# Colour, shape and texture are drawn independently (unlike SHAPE_CLASSES, where the class fixes all three).
+COLOURS: dict[str, float] = {"red": 0.00, "orange": 0.08, "yellow": 0.16, "green": 0.33, "teal": 0.48,
+                             "blue": 0.62, "purple": 0.78, "pink": 0.91}
+SHAPES: tuple[str, ...] = ("disc", "square", "triangle", "ring", "cross", "diamond", "star")
+TEXTURES: dict[str, str] = {"solid": "", "hstripes": "with horizontal stripes", "vstripes": "with vertical stripes",
+                            "checker": "with checkers"}
+# Colour-shape pairs never rendered for training (any texture): one per colour, every shape at least once. The
+# bundled text-to-image model's accuracy on these prompts, next to the trained pairs, measures composition.
+HELD_OUT_PAIRS: tuple[tuple[str, str], ...] = (
+    ("red", "star"), ("orange", "ring"), ("yellow", "disc"), ("green", "triangle"), ("teal", "cross"),
+    ("blue", "square"), ("purple", "diamond"), ("pink", "ring"))
+
+
+@dataclass(frozen=True)
+class Attributes:
+    """What a compositional caption says: a colour, a shape and a texture (keys of the tables above)."""
+
+    colour: str
+    shape: str
+    texture: str = "solid"
+
+    def __post_init__(self):
+        if self.colour not in COLOURS or self.shape not in SHAPES or self.texture not in TEXTURES:
+            raise ConfigError(f"unknown attributes {self}: colours {list(COLOURS)}, shapes {list(SHAPES)}, "
+                              f"textures {list(TEXTURES)}")
+
+    @property
+    def caption(self) -> str:
+        """e.g. ``a teal square with horizontal stripes`` (``a pink star`` when solid)."""
+        return " ".join(w for w in ("a", self.colour, self.shape, TEXTURES[self.texture]) if w)
+
+    @property
+    def held_out(self) -> bool:
+        return (self.colour, self.shape) in HELD_OUT_PAIRS
+
+    def ids(self) -> tuple[int, int, int]:
+        """``(colour, shape, texture)`` indices into the tables (the attribute classifier's targets)."""
+        return list(COLOURS).index(self.colour), SHAPES.index(self.shape), list(TEXTURES).index(self.texture)
+
+    @classmethod
+    def parse(cls, caption: str) -> "Attributes":
+        """The attributes a caption of this grammar names (colour and shape are required)."""
+        words = caption.lower().split()
+        colours = [w for w in words if w in COLOURS]
+        shapes = [w for w in words if w in SHAPES]
+        textures = [t for t, phrase in TEXTURES.items() if phrase and phrase in " ".join(words)]
+        if len(colours) != 1 or len(shapes) != 1 or len(textures) > 1:
+            raise ConfigError(f"{caption!r} does not name one colour ({', '.join(COLOURS)}) and one shape "
+                              f"({', '.join(SHAPES)})")
+        return cls(colours[0], shapes[0], textures[0] if textures else "solid")
+
+
+def all_attributes(held_out: bool | None = None) -> list[Attributes]:
+    """Every (colour, shape, texture); ``held_out=False``: the trained ones, ``True``: the held-out ones."""
+    out = [Attributes(c, s, t) for c in COLOURS for s in SHAPES for t in TEXTURES]
+    return out if held_out is None else [a for a in out if a.held_out == held_out]
+
+
+def render_attributes(attrs: Attributes, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """One uint8 ``[size, size, 3]`` image of ``attrs`` (same renderer and jitter as :func:`render_shape`)."""
+    return render_shape(ShapeClass(attrs.caption, attrs.shape, COLOURS[attrs.colour], attrs.texture), rng, size)
+
+
+class CompositionalShapes(torch.utils.data.Dataset):
+    """Offline captioned shapes: image ``i`` shows ``attributes(i)``, drawn uniformly from the trained
+    combinations (``held_out=False``, the default), the held-out ones (``True``) or all (``None``, e.g. for the
+    attribute classifier, which must recognise every combination); a pure function of ``(seed, i)``.
+    Items are ``(image [3, S, S] in [-1, 1], caption)``."""
+
+    def __init__(self, num_images: int = 20000, *, image_size: int = 32, seed: int = 0,
+                 held_out: bool | None = False):
+        self.num_images, self.image_size, self.seed = num_images, image_size, seed
+        self.choices = all_attributes(held_out)
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def attributes(self, index: int) -> Attributes:
+        return self.choices[int(np.random.default_rng([self.seed, index, 1]).integers(len(self.choices)))]
+
+    def image_uint8(self, index: int) -> np.ndarray:
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"index {index} out of range for {self.num_images} images")
+        return render_attributes(self.attributes(index), np.random.default_rng([self.seed, index]), self.image_size)
+
+    def __getitem__(self, item):
+        index, _ = _split_item(item)
+        return to_model_range(self.image_uint8(index)), self.attributes(index).caption
+
+    def tensors(self, indices: Sequence[int] | None = None) -> tuple[torch.Tensor, list[Attributes]]:
+        """Images ``[N, 3, S, S]`` in [-1, 1] and their attributes (all images by default)."""
+        indices = range(self.num_images) if indices is None else indices
+        return (torch.stack([to_model_range(self.image_uint8(i)) for i in indices]),
+                [self.attributes(i) for i in indices])
+
+
 class ImageFolderDataset(torch.utils.data.Dataset):
     """ImageNet-style folder: ``root/<class name>/<image>``; class ids follow the sorted folder names.
 

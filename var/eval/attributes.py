@@ -1,0 +1,96 @@
+"""The colour / shape / texture judge of text-to-image samples (separate from the shipped class classifier, whose
+class-accuracy figures stay comparable): a :class:`~var.eval.classifier.ShapeClassifier` whose logits are three
+heads side by side, ``[colours | shapes | textures]`` (:data:`~var.train.data.COLOURS`, ``SHAPES``, ``TEXTURES``).
+
+    clf = train_attribute_classifier(CompositionalShapes(12000, seed=1, held_out=None), steps=800)
+    colour, shape, texture = predict_attributes(clf, images)       # index tensors [B]
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from var.errors import CheckpointError
+from var.eval.classifier import ClassifierConfig, ShapeClassifier, load_classifier, save_classifier
+from var.train.data import COLOURS, SHAPES, TEXTURES, Attributes
+
+log = logging.getLogger(__name__)
+
+HEADS = (len(COLOURS), len(SHAPES), len(TEXTURES))
+
+
+def split_logits(logits_BK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(logits_BK.split(HEADS, dim=-1))
+
+
+def attribute_targets(attrs: list[Attributes]) -> torch.Tensor:
+    """``[B, 3]`` (colour, shape, texture) indices."""
+    return torch.tensor([a.ids() for a in attrs], dtype=torch.long)
+
+
+@torch.no_grad()
+def predict_attributes(model: ShapeClassifier, images_B3HW: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Predicted ``[B, 3]`` (colour, shape, texture) indices of images in [-1, 1]."""
+    model.eval()
+    out = []
+    for i in range(0, len(images_B3HW), batch_size):
+        out.append(torch.stack([h.argmax(-1) for h in split_logits(model(images_B3HW[i:i + batch_size]))], -1))
+    return torch.cat(out)
+
+
+def train_attribute_classifier(dataset, *, steps: int = 800, batch_size: int = 128, lr: float = 2e-3,
+                               weight_decay: float = 0.05, seed: int = 0) -> ShapeClassifier:
+    """Sum of the three heads' cross-entropies on every image of a
+    :class:`~var.train.data.CompositionalShapes`; AdamW, warm-up + cosine; random +-2 px shifts (no flips:
+    they would not change the labels, but keep the judge's input distribution the renderer's)."""
+    images, attrs = dataset.tensors()
+    targets = attribute_targets(attrs)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ShapeClassifier(ClassifierConfig(num_classes=sum(HEADS), image_size=images.shape[-1]))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    model.train()
+    for step in range(steps):
+        idx = torch.randint(0, len(images), (batch_size,), generator=gen)
+        dx, dy = torch.randint(-2, 3, (2,), generator=gen).tolist()
+        x = torch.roll(images[idx], shifts=(dy, dx), dims=(2, 3))
+        heads = split_logits(model(x))
+        loss = sum(F.cross_entropy(h, targets[idx, k]) for k, h in enumerate(heads))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps - 1:
+            log.info("attribute classifier step %d/%d loss %.4f", step, steps, loss.item())
+    return model.eval()
+
+
+def bundled_attribute_classifier_dir() -> Path | None:
+    from var.assets import ASSETS_DIR
+    path = ASSETS_DIR / "attribute_classifier"
+    return path if (path / "config.json").exists() else None
+
+
+def load_attribute_classifier(directory=None, *, device="cpu") -> ShapeClassifier:
+    """The bundled judge (default) or a saved one; checks that its heads match the attribute tables."""
+    directory = directory or bundled_attribute_classifier_dir()
+    if directory is None:
+        raise CheckpointError("no bundled attribute classifier in var/assets/attribute_classifier: train one with "
+                              "`python scripts/eval_t2i_bundled.py --train-classifier`")
+    model = load_classifier(directory, device=device)
+    if model.config.num_classes != sum(HEADS):
+        raise CheckpointError(f"{directory} has {model.config.num_classes} outputs, not the {sum(HEADS)} "
+                              f"attribute logits (colours {HEADS[0]}, shapes {HEADS[1]}, textures {HEADS[2]})")
+    return model
+
+
+__all__ = ["HEADS", "split_logits", "attribute_targets", "predict_attributes", "train_attribute_classifier",
+           "load_attribute_classifier", "save_classifier"]
