@@ -111,3 +111,17 @@ def test_attribute_classifier_heads():
     assert [h.shape[1] for h in heads] == list(HEADS)
     pred = predict_attributes(clf, images)
     assert pred.shape == (8, 3) and (pred[:, 0] < len(COLOURS)).all() and (pred[:, 1] < len(SHAPES)).all()
+
+
+def test_var_sample_prompt_with_a_t5_text_encoder(tmp_path):
+    """The released-model path: a LlamaGen-style GPTT2I with T5 features (a tiny random offline T5 here)."""
+    pytest.importorskip("transformers")
+    from t2i_helpers import save_tiny_t5
+    t5 = save_tiny_t5(tmp_path / "t5", d_model=16)
+    hub.save_pretrained(create("gpt_tiny_t2i"), tmp_path / "gpt")
+    hub.save_pretrained(create("vq_tiny"), tmp_path / "vq")
+    base = ["--vq", str(tmp_path / "vq"), "--gpt", str(tmp_path / "gpt"), "--text-encoder", str(t5),
+            "--out", str(tmp_path / "g.png")]
+    assert sample_main(base + ["--prompt", "a red fox in the snow", "--sampler", "mcsjd"]) == 0
+    with pytest.warns(UserWarning, match="truncated to 8"):
+        assert sample_main(base + ["--prompt", "a big red fox in the snow on the sea"]) == 0

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--vq", help="AR tokenizer: vq_ds16_c2i.pt, .safetensors or saved directory")
     src.add_argument("--gpt", help="AR transformer: c2i_{B,L,XL,XXL,3B}_*.pt, .safetensors or saved directory")
     src.add_argument("--image-size", type=int, default=None, help="AR image size (384 for the *_384 GPTs)")
-    src.add_argument("--text-encoder", help="caption encoder directory for --prompt with --gpt")
+    src.add_argument("--text-encoder", help="for --prompt with --gpt: google/flan-t5-xl (or a local T5 directory) "
+                                            "for LlamaGen T2I, or a saved caption encoder directory")
     gen = p.add_argument_group("what to sample")
     gen.add_argument("--classes", type=int, nargs="*", help="class ids (default: random classes)")
     gen.add_argument("--prompt", action="append", default=None,
@@ -125,7 +126,7 @@ def load_t2i_models(args):
     """(vq, gpt, text encoder, description) for prompts: --vq/--gpt/--text-encoder or the bundled t2i model."""
     from var import hub, hub_llamagen
     from var.errors import CheckpointError, PromptError
-    from var.models.caption_encoder import CaptionEncoder
+    from var.models.caption_encoder import CaptionEncoder, T5Captions
     from var.models.gpt_t2i import GPTT2I
     if args.vq or args.gpt:
         if not (args.vq and args.gpt):
@@ -134,9 +135,16 @@ def load_t2i_models(args):
         if not isinstance(gpt, GPTT2I):
             raise PromptError(f"--prompt needs a text-to-image GPT: {args.gpt} is class-conditional (use --classes)")
         if not args.text_encoder:
-            raise PromptError("--prompt with --gpt needs --text-encoder (a saved caption encoder directory)")
-        enc = hub.expect_type(hub.load_pretrained(args.text_encoder, device=args.device), CaptionEncoder,
-                              args.text_encoder)
+            raise PromptError("--prompt with --gpt needs --text-encoder (google/flan-t5-xl for LlamaGen's T2I "
+                              "models, or a saved caption encoder directory)")
+        if (Path(args.text_encoder) / "config.json").is_file() and "_class_name" in (
+                Path(args.text_encoder) / "config.json").read_text():
+            enc = hub.expect_type(hub.load_pretrained(args.text_encoder, device=args.device), CaptionEncoder,
+                                  args.text_encoder)
+        else:  # a T5 encoder (hub name or transformers directory), as the released models use
+            from var.models.text_encoder import TextEncoder
+            enc = T5Captions(TextEncoder.from_pretrained(args.text_encoder, device=args.device,
+                                                         max_length=gpt.config.caption_len))
         return vq, gpt, enc, f"{args.gpt}"
     bundled = hub_llamagen.bundled_t2i_dir()
     if bundled is None:

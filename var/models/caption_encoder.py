@@ -97,3 +97,22 @@ class CaptionEncoder(nn.Module):
 
     def config_dict(self) -> dict:
         return asdict(self.config)
+
+
+class T5Captions:
+    """Prompts -> :class:`CaptionCondition` through a T5 :class:`~var.models.text_encoder.TextEncoder` (the
+    released LlamaGen T2I models): prompts longer than ``caption_len`` T5 tokens keep their first ones, as LlamaGen
+    truncates, with a warning."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+
+    def condition(self, prompts: Sequence[str], caption_len: int) -> CaptionCondition:
+        if not prompts or any(not p.strip() for p in prompts):
+            raise PromptError("empty prompt: describe the image")
+        for p in prompts:
+            n = len(self.encoder.tokenizer(p)["input_ids"])
+            if n > caption_len:
+                warnings.warn(f"prompt {p[:40]!r}... has {n} T5 tokens: truncated to {caption_len}", stacklevel=2)
+        self.encoder.max_length = caption_len
+        return CaptionCondition.from_prompt_embeddings(self.encoder.encode(list(prompts)), caption_len)
