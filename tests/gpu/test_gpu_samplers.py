@@ -1,4 +1,4 @@
-"""GPU tier: models, every sampler and every cache policy end to end on CUDA with a CUDA generator
+"""GPU tier: models, every sampler (Infinity too) and every cache policy end to end on CUDA with a CUDA generator
 (``pytest -m gpu``); ScaleKV/HACK decide the same on CUDA as on the CPU."""
 import dataclasses
 
@@ -141,6 +141,19 @@ def test_nar_ctf_and_code_end_to_end(device, gen):
     out = sample_collaborative(drafter, refiner, tok, [0, 3, 9], draft_steps=2, generator=gen(3))
     _check(out, tok.vocab_size)
     assert out.stats.extra["refiner_passes"] > 0
+
+
+@torch.no_grad()
+def test_infinity_end_to_end(device, gen):
+    from infinity_helpers import TINY_SCHEDULE, random_text, tiny_infinity, tiny_vae
+    from var.samplers.infinity import sample_infinity
+
+    vae, model = tiny_vae().to(device), tiny_infinity().to(device)
+    runs = [sample_infinity(model, vae, random_text(3), schedule=TINY_SCHEDULE, cfg=2.0, tau=0.7, generator=gen(4),
+                            cache=StreamingLLM(budget=0.5)) for _ in range(2)]
+    assert _same(*runs) and runs[0].images.device.type == device.type
+    assert torch.isfinite(runs[0].images).all() and 0 <= runs[0].images.min() and runs[0].images.max() <= 1
+    assert runs[0].stats.forward_passes == len(TINY_SCHEDULE.scales) and runs[0].stats.peak_kv_live_bytes > 0
 
 
 @pytest.fixture(scope="module")
