@@ -9,6 +9,8 @@ Examples::
     var-sample --family ar --sampler zipar --zipar-window 8     # bundled AR model (or random weights)
     var-sample --prompt "a pink star" --prompt "a teal square with horizontal stripes"   # bundled text-to-image
     var-sample --prompts-file prompts.txt --sampler sjd           # one prompt per line
+    var-sample --family infinity --vae infinity_vae_d32reg.pth --model infinity_2b_reg.pth \
+        --text-encoder google/flan-t5-xl --prompt "a red fox in the snow" --cfg 3 --tau 0.5
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from var.cli import command_line
+from var.cli.infinity import add_infinity_arguments
 
 log = logging.getLogger("var.cli.sample")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -35,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--var", help="VAR checkpoint: var_d16.pth ... var_d36.pth, .safetensors or saved directory")
     src.add_argument("--random-init", action="store_true",
                      help="random weights of the tiny presets (msvq_tiny + var_tiny): a smoke test, not images")
-    src.add_argument("--family", choices=("var", "ar"), default="var",
-                     help="var: next-scale VAR; ar: next-token GPT (LlamaGen) with --sampler")
+    src.add_argument("--family", choices=("var", "ar", "infinity"), default="var",
+                     help="var: next-scale VAR; ar: next-token GPT (LlamaGen) with --sampler; infinity: "
+                          "text-to-image Infinity (--vae, --model, --text-encoder, --prompt)")
     src.add_argument("--vq", help="AR tokenizer: vq_ds16_c2i.pt, .safetensors or saved directory")
     src.add_argument("--gpt", help="AR transformer: c2i_{B,L,XL,XXL,3B}_*.pt, .safetensors or saved directory")
     src.add_argument("--image-size", type=int, default=None, help="AR image size (384 for the *_384 GPTs)")
@@ -72,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="GSD rank window +-group//2 (default: the release's 6 likelier / 7 less likely; 1 = SJD)")
     ar.add_argument("--zipar-window", type=int, default=None,
                     help="ZipAR window s (default: half the grid width; the grid width = next-token)")
+    add_infinity_arguments(p)
     out = p.add_argument_group("output and device")
     out.add_argument("--out", default="samples.png", help="grid PNG path")
     out.add_argument("--out-dir", help="also write each image as a PNG into this folder")
@@ -199,6 +204,8 @@ def _bundled_var():
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
+    if args.family == "infinity":
+        return sample_infinity_main(args)
     prompts = read_prompts(args)
     if prompts is not None:
         if args.family == "var" and args.vae:
@@ -251,6 +258,52 @@ def main(argv: list[str] | None = None) -> int:
     what = f"prompts {labels}" if text_encoder is not None else f"classes {labels.tolist()}"
     log.info("wrote %s (%d images, %s, %s sampler, %d forward passes)", path, len(images), what, args.sampler,
              passes)
+    if args.out_dir:
+        save_images(images, args.out_dir)
+        log.info("wrote %d PNGs to %s", len(images), Path(args.out_dir))
+    return 0
+
+
+def sample_infinity_main(args) -> int:
+    """``--family infinity``: encode the prompts, sample in batches, write the grid (and PNGs)."""
+    from var.cli.infinity import (INFINITY_DEFAULTS, check_text_encoder, load_infinity_models, load_text_source,
+                                  negative_prompts)
+    from var.errors import ConfigError
+    from var.samplers.infinity import sample_infinity
+    from var.tokenizers.scale_schedules import dynamic_schedule
+    from var.utils.images import save_image_grid, save_images
+
+    if args.sampler not in (None, "infinity"):
+        raise SystemExit(f"var-sample: --sampler {args.sampler} is not an Infinity sampler")
+    for name, value in INFINITY_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    prompts = read_prompts(args)
+    if prompts is None:
+        raise ConfigError("--family infinity needs --prompt or --prompts-file")
+    prompts = [p for p in prompts for _ in range(args.images_per_prompt)]
+    negatives = negative_prompts(args, len(prompts))
+    schedule = dynamic_schedule(args.h_div_w, args.pixels)  # named error for an aspect ratio with no template
+    encode = load_text_source(args, args.device)
+    vae, model, desc = load_infinity_models(args)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    autocast = (torch.autocast(torch.device(args.device).type, dtype=DTYPES[args.dtype])
+                if args.dtype != "fp32" else contextlib.nullcontext())
+    images, passes = [], 0
+    for start in tqdm(range(0, len(prompts), args.batch_size), desc=f"sampling {desc}", unit="batch"):
+        emb = encode(prompts[start:start + args.batch_size])
+        check_text_encoder(model, emb)
+        neg = encode(negatives[start:start + args.batch_size]) if negatives else None
+        with autocast:
+            out = sample_infinity(model, vae, emb, schedule=schedule, cfg=args.cfg, tau=args.tau, top_k=args.top_k,
+                                  top_p=args.top_p, gumbel=args.gumbel, cfg_insertion_layer=args.cfg_insertion_layer,
+                                  negative=neg, generator=gen)
+        images.append(out.images.float().cpu())
+        passes += out.stats.forward_passes
+    images = torch.cat(images)
+    path = save_image_grid(images, args.out, nrow=args.nrow)
+    log.info("wrote %s (%d images of %dx%d px, %d forward passes)", path, len(images), images.shape[-2],
+             images.shape[-1], passes)
     if args.out_dir:
         save_images(images, args.out_dir)
         log.info("wrote %d PNGs to %s", len(images), Path(args.out_dir))

@@ -1,0 +1,58 @@
+"""var-sample --family infinity on tiny saved models and an offline tiny T5; bad input gives named errors."""
+import pytest
+import torch
+
+from infinity_helpers import tiny_infinity, tiny_vae
+from var import hub
+from var.cli.sample import cli, main
+from var.errors import AspectRatioError, CheckpointMismatchError, ConfigError, TextEncoderError
+
+pytest.importorskip("transformers")
+from t2i_helpers import save_tiny_t5  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    d = tmp_path_factory.mktemp("inf")
+    hub.save_pretrained(tiny_vae(), d / "vae")
+    hub.save_pretrained(tiny_infinity(), d / "model")  # 16-d text features, like the tiny T5
+    save_tiny_t5(d / "t5")
+    hub.save_pretrained(hub.create("var_tiny"), d / "var_model")
+    return d
+
+
+def _args(d, *extra):
+    return ["--family", "infinity", "--vae", str(d / "vae"), "--model", str(d / "model"), "--text-encoder",
+            str(d / "t5"), "--pixels", "0.06M", "--device", "cpu", *extra]
+
+
+def test_writes_images_for_prompts_and_a_prompts_file(saved, tmp_path):
+    (tmp_path / "p.txt").write_text("a red fox\na blue square on the sea\n")
+    rc = main(_args(saved, "--prompt", "a cat", "--prompts-file", str(tmp_path / "p.txt"), "--out",
+                    str(tmp_path / "grid.png"), "--out-dir", str(tmp_path / "png"), "--batch-size", "2",
+                    "--cfg", "2", "--tau", "0.5", "--embedding-cache", str(tmp_path / "cache")))
+    assert rc == 0 and (tmp_path / "grid.png").is_file()
+    pngs = sorted((tmp_path / "png").glob("*.png"))
+    assert len(pngs) == 3
+    from PIL import Image
+    assert Image.open(pngs[0]).size == (64, 64)  # '0.06M' 1:1 = 16 x 16 tokens, tiny VAE stride 4
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 3
+
+
+def test_bad_input_is_named(saved, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="negative prompts"):
+        main(_args(saved, "--prompt", "a", "--prompt", "b", "--prompt", "c", "--negative-prompt", "x",
+                   "--negative-prompt", "y"))
+    with pytest.raises(AspectRatioError):
+        main(_args(saved, "--prompt", "a cat", "--h-div-w", "7"))
+    with pytest.raises(TextEncoderError, match="needs --text-encoder"):
+        main(["--family", "infinity", "--vae", str(saved / "vae"), "--model", str(saved / "model"),
+              "--prompt", "a cat"])
+    with pytest.raises(ConfigError, match="--prompt"):
+        main(_args(saved))
+    with pytest.raises(CheckpointMismatchError):  # a VAR transformer given as the Infinity model
+        main(_args(saved, "--prompt", "a cat").__add__(["--model", str(saved / "var_model")]))
+    with pytest.raises(CheckpointMismatchError):  # the Infinity model given as a VAR transformer
+        main(["--vae", str(saved / "vae"), "--var", str(saved / "model"), "--device", "cpu"])
+    assert cli(_args(saved)) == 2
+    assert "error:" in capsys.readouterr().err
