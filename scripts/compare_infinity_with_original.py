@@ -231,7 +231,15 @@ def main(argv=None):
                                                             args.batch)
     orig, ours = build_transformers(orig_inf, orig_vae, args.seed)
     text = text_inputs(args.batch, 128, args.seed)
-    report = {"vae": report_vae, "teacher_forced": compare_teacher_forced(orig, ours, ours_vae, bits, schedule,
+    import subprocess  # noqa: PLC0415
+    from var.utils.machine import cpu_model  # noqa: PLC0415
+    commit = subprocess.run(["git", "-C", str(args.original_repo), "rev-parse", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    report = {"machine": f"{cpu_model()}, CPU, fp32, torch {torch.__version__}", "original_commit": commit,
+              "sizes": {"vae": f"base width 128, ch_mult 1,1,1 (stride 4), d = {args.bits} bits",
+                        "transformer": "2 blocks (2 chunks), width 128, 2 heads, 128-d text, 2 prompts",
+                        "schedule": "'0.06M' 1:1 (7 scales, 521 tokens; 64 x 64 px with the stride-4 VAE)"},
+              "vae": report_vae, "teacher_forced": compare_teacher_forced(orig, ours, ours_vae, bits, schedule,
                                                                           text, args.batch)}
     emulate_bf16_cross_attention(True)
     report["teacher_forced_bf16_cross_attention"] = compare_teacher_forced(orig, ours, ours_vae, bits, schedule,
