@@ -418,11 +418,12 @@ def sample_jacobi(model, vq, labels_B, *, window: int = 16, init: str = "random"
                                device=device), torch.zeros_like(committed_B), grid, vocab, first.fresh_BL[:, :slots],
                                gumbel_BNV)
     draft_q_BKV = F.one_hot(drafts_BK, vocab).float()
-    accepted_means, histogram = [], torch.zeros(window + 1, dtype=torch.long)
+    # per-pass statistics stay on the device and are read once at the end (no host sync for bookkeeping)
+    accepted_means, histogram = [], torch.zeros(window + 2, dtype=torch.long, device=device)
 
-    while bool((committed_B < seq_len).any()):
-        remaining_B = seq_len - committed_B
-        width = int(min(window, int(remaining_B.max())))
+    remaining_B = seq_len - committed_B
+    while (longest := int(remaining_B.max())) > 0:  # one read-back per pass: loop test and window width
+        width = min(window, longest)
         valid_B = remaining_B.clamp(max=width)  # positions a row still needs (0 for finished rows)
         uniforms = PassUniforms.draw(batch, window, generator, device)
         window_start = cache.length
@@ -434,18 +435,19 @@ def sample_jacobi(model, vq, labels_B, *, window: int = 16, init: str = "random"
         verdict = accept(rule, target_BWV, drafts_BK, draft_q_BKV, valid_B, samples_BW, uniforms)
         commit(tokens_BN, committed_B, verdict, cache, inputs, window_start, proc)
 
-        active = valid_B > 0
-        accepted_means.append(verdict.commit_count_B[active].float().mean().item())
-        histogram += torch.bincount(verdict.commit_count_B[active].cpu(), minlength=window + 1)[: window + 1]
+        active = valid_B > 0  # finished rows are counted in the extra bin window + 1, dropped at the end
+        accepted_means.append((verdict.commit_count_B * active).sum() / active.sum())
+        histogram += torch.bincount(torch.where(active, verdict.commit_count_B, window + 1), minlength=window + 2)
         committed_B = committed_B + verdict.commit_count_B
+        remaining_B = seq_len - committed_B
         if slots:
             drafts_BK, draft_q_BKV = refill(init, tokens_BN, committed_B, verdict.commit_count_B, samples_BW,
                                             target_BWV, slots, grid, uniforms, gumbel_BNV,
                                             rule.carried_drafts_one_hot)
 
-    stats.extra.update(iterations=len(accepted_means),
-                       mean_accepted_per_iteration=sum(accepted_means) / max(len(accepted_means), 1),
-                       accepted_histogram=histogram.tolist(), window=window, init=init, coupling=coupling,
+    means = torch.stack(accepted_means).tolist() if accepted_means else []
+    stats.extra.update(iterations=len(means), mean_accepted_per_iteration=sum(means) / max(len(means), 1),
+                       accepted_histogram=histogram[:window + 1].tolist(), window=window, init=init, coupling=coupling,
                        acceptance=type(rule).__name__)
     return finish(model, vq, tokens_BN[:, :seq_len], stats, t0, decode, cache=cache)
 
