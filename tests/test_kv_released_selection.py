@@ -143,3 +143,44 @@ def test_default_drafter_count_follows_the_released_budgets():
     from var.kernels.policies.scalekv import default_drafters_per_scale
     assert default_drafters_per_scale(40) == 3 and default_drafters_per_scale(32) == 2  # 8B and 2B files
     assert default_drafters_per_scale(16) == 1 and default_drafters_per_scale(30) == 2
+
+
+# ---- PyramidKV -----------------------------------------------------------------------------------------------
+def test_pyramidkv_layer_budgets_and_selection_follow_the_release():
+    """PyramidKVCluster (Zefan-Cai/PyramidKV, pyramidkv_utils.py): C = 15, w = 4, beta = 20 over 4 layers and 66
+    keys: min = 11 // 20 = 0, max = 22 (capped at 66 - 4 = 62: no), step = 22 // 3 = 7 -> 26, 19, 12, 5 tokens plus
+    the window; each layer then selects as SnapKV with its own cap."""
+    from var.kernels.policies import PyramidKV
+    policy = PyramidKV(0.5, window=4, backend="torch")
+    policy.prepare(CacheLayout(depth=4, num_heads=1, head_dim=4, patch_nums=PATCH_NUMS))
+    assert policy.budget_per_head == 15
+    assert [policy.layer_cap(layer, P) for layer in range(4)] == [26, 19, 12, 5]
+    assert policy.layer_cap(0, 20) == 15  # fewer than 2 (C - w) keys: plain SnapKV
+    window = torch.arange(P - 4, P)
+    compared = 0
+    for seed in range(20):
+        scores = fixed_scores(seed, window)
+        for layer in range(4):
+            cap = policy.layer_cap(layer, P)
+            expected = released_snapkv(scores, 4, cap)
+            if expected is None:
+                continue
+            ctx = context(scores)
+            ctx.layer = layer
+            assert set(policy.select(ctx).keep_BHP[0, 0].nonzero().flatten().tolist()) == expected
+            compared += 1
+    assert compared >= 20
+
+
+def test_pyramidkv_runs_in_the_sampler():
+    from var.kernels.policies import PyramidKV
+    from var.models import create
+    from var.samplers.next_scale import sample_next_scale
+    torch.manual_seed(0)
+    model, tok = create("var_tiny", num_heads=2).eval(), create("msvq_tiny").eval()
+    policy = PyramidKV(0.5, window=4, backend="torch")
+    out = sample_next_scale(model, tok, [1, 2], cfg=1.5, top_k=0, top_p=0.0, cache=policy, decode=False,
+                            generator=torch.Generator().manual_seed(0))
+    full = sample_next_scale(model, tok, [1, 2], cfg=1.5, top_k=0, top_p=0.0, decode=False,
+                             generator=torch.Generator().manual_seed(0))
+    assert len(out.tokens) == len(full.tokens) and out.stats.peak_kv_cache_bytes < full.stats.peak_kv_cache_bytes

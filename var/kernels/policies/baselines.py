@@ -53,17 +53,50 @@ class SnapKV(CompressionPolicy):
         if pooling not in ("max", "avg"):
             raise ConfigError(f"pooling must be 'max' or 'avg', got {pooling!r}")
 
+    def layer_cap(self, layer: int, key_len: int) -> int:
+        """Tokens layer ``layer`` keeps (window included): the uniform budget."""
+        return self.budget_per_head
+
     def select(self, ctx: SelectionContext) -> Selection | None:
-        if ctx.max_prefix + ctx.n_cur <= self.budget_per_head:
+        key_len = ctx.max_prefix + ctx.n_cur
+        if key_len <= self.budget_per_head:
             return None
+        cap = self.layer_cap(ctx.layer, key_len)
         idx = torch.arange(max(0, ctx.n_cur - max(1, self.window)), ctx.n_cur, device=ctx.q_BHnD.device)
-        scores = pool_outside_window(ctx.observation_scores(idx), ctx, idx, self.budget_per_head, self.kernel,
-                                     self.pooling, include_pad=True)
-        priority = window_priority(scores, ctx, idx, self.budget_per_head)
-        return Selection(rank_keep(priority, self.budget_per_head, ctx.valid_BHP))
+        scores = pool_outside_window(ctx.observation_scores(idx), ctx, idx, cap, self.kernel, self.pooling,
+                                     include_pad=True)
+        priority = window_priority(scores, ctx, idx, cap)
+        return Selection(rank_keep(priority, cap, ctx.valid_BHP))
 
     def __repr__(self) -> str:
-        return f"SnapKV(budget={self.budget}, window={self.window}, kernel={self.kernel}, pooling={self.pooling!r})"
+        return (f"{type(self).__name__}(budget={self.budget}, window={self.window}, kernel={self.kernel}, "
+                f"pooling={self.pooling!r})")
+
+
+class PyramidKV(SnapKV):
+    """SnapKV's selection with a pyramid of per-layer budgets, large in shallow layers (Cai et al., 2024; the
+    fourth baseline of ScaleKV's Table 1). With ``C`` the budget and ``w`` the window: ``min = (C - w) // beta``,
+    ``max = 2 (C - w) - min`` (capped at ``key_len - w``, ``min`` re-balanced), layer ``l`` keeps
+    ``max - l * ((max - min) // (L - 1))`` tokens plus the window; below ``key_len = 2 (C - w)`` every layer keeps
+    ``C`` (plain SnapKV), as the release's ``PyramidKVCluster``."""
+
+    def __init__(self, budget: float, *, beta: int = 20, **kw):
+        super().__init__(budget, **kw)
+        self.beta = max(1, _positive_int("beta", beta))
+
+    def layer_cap(self, layer: int, key_len: int) -> int:
+        budget, window, depth = self.budget_per_head, self.window, self.layout.depth
+        if budget <= window or key_len < 2 * (budget - window) or depth < 2:
+            return budget
+        low = (budget - window) // self.beta
+        high = 2 * (budget - window) - low
+        if high >= key_len - window:
+            high = key_len - window
+            low = 2 * (budget - window) - high
+        return window + high - layer * ((high - low) // (depth - 1))
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", beta={self.beta})"
 
 
 class H2O(CompressionPolicy):
