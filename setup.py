@@ -19,6 +19,7 @@ setup(
     ],
     extras_require={
         "triton": ["triton"],
+        "hub": ["huggingface_hub"],  # downloads released checkpoints by name (var.hub.download)
         "eval": ["torch-fidelity", "scipy"],
         "t2i": ["transformers>=4.40", "tokenizers", "sentencepiece"],  # text encoder of Infinity / LlamaGen T2I
         "dev": ["pytest", "scipy", "triton==3.9.0", "mkdocs>=1.6", "mkdocstrings[python]>=0.28", "transformers>=4.40",

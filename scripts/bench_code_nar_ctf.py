@@ -218,7 +218,6 @@ def _train(name, loss_fn, params, steps, batch, data, seed, lr):
 def bench_quality(args) -> dict:
     """Train AR, NAR and CTF (tiny, same width) over a trained single-scale tokenizer of the shapes dataset, sample
     with each, and score the samples with the bundled shapes classifier (fraction classified as their label)."""
-    import var.hub_llamagen  # noqa: F401  (lets load_pretrained rebuild SingleScaleVQ)
     from var.eval.classifier import load_classifier
     from var.hub import load_pretrained, save_pretrained
     from var.models.ctf import CTFStage2, CTFStage2Config, stage1_loss, stage2_loss

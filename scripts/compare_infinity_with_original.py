@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from var import hub  # noqa: E402
-from var import hub_infinity  # noqa: E402
+from var.hub import infinity as hub_infinity  # noqa: E402
 from var.models.infinity import Infinity  # noqa: E402
 from var.tokenizers.bsq_vae import BSQVAE  # noqa: E402
 from var.tokenizers.scale_schedules import dynamic_schedule  # noqa: E402

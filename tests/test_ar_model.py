@@ -6,7 +6,7 @@ import torch
 
 from var import hub
 from var.errors import CheckpointMismatchError, ClassIdError, ConfigError, ImageSizeError
-from var.hub_llamagen import gpt_config_from_state_dict, read_llamagen_state_dict, vq_config_from_state_dict
+from var.hub.llamagen import gpt_config_from_state_dict, read_llamagen_state_dict, vq_config_from_state_dict
 from var.models import GPT, create
 from var.models.gpt import rope_2d_table
 from var.samplers.next_token import sample_next_token
@@ -104,7 +104,7 @@ def test_released_gpt_b_keys_load_strictly():
     sd = _meta(gpt_b_spec())
     config = gpt_config_from_state_dict(sd)
     assert (config.n_layer, config.n_head, config.dim, config.ffn_hidden) == (12, 12, 768, 2048)
-    model = hub.load_strict(hub._build_on_meta(GPT, config), sd, "GPT-B")
+    model = hub.load_strict(hub.build_on_meta(GPT, config), sd, "GPT-B")
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(111e6, rel=0.01)
 
 
@@ -112,7 +112,7 @@ def test_released_vq_keys_load_strictly():
     sd = _meta(vq_ds16_spec())
     config = vq_config_from_state_dict(sd)
     assert config.ch_mult == (1, 1, 2, 2, 4) and config.codebook_size == 16384
-    vq = hub.load_strict(hub._build_on_meta(SingleScaleVQ, config), sd, "vq_ds16")
+    vq = hub.load_strict(hub.build_on_meta(SingleScaleVQ, config), sd, "vq_ds16")
     assert vq.downsample == 16 and sum(p.numel() for p in vq.parameters()) == pytest.approx(72e6, rel=0.01)
 
 
@@ -122,7 +122,7 @@ def test_wrong_file_is_named():
         vq_config_from_state_dict(sd)
     del sd["layers.3.ffn_norm.weight"]
     with pytest.raises(CheckpointMismatchError, match="layers.3.ffn_norm.weight"):
-        hub.load_strict(hub._build_on_meta(GPT, gpt_config_from_state_dict(sd)), sd, "GPT-B")
+        hub.load_strict(hub.build_on_meta(GPT, gpt_config_from_state_dict(sd)), sd, "GPT-B")
 
 
 def test_llamagen_pickles_and_directories_load(tmp_path):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from infinity_helpers import TINY_SCHEDULE, spec_state_dict, tiny_vae
-from var import hub_infinity
+from var.hub import infinity as hub_infinity
 from var.errors import AspectRatioError, CheckpointError, CheckpointMismatchError, ConfigError, ImageSizeError
 from var.tokenizers.bsq_vae import BSQVAE, bits_to_codes, quantize_bits
 from var.tokenizers.scale_schedules import TEMPLATES, ScaleSchedule, dynamic_schedule, nearest_template
@@ -95,7 +95,7 @@ def test_released_vae_keys_load_strictly(name, d):
     assert (config.codebook_dim, config.ch, config.ch_mult, config.num_res_blocks) == (d, 128, (1, 2, 4, 4, 4), 2)
     with torch.device("meta"):
         model = BSQVAE(config)
-    hub_infinity.hub.load_strict(model, sd, name)
+    hub_infinity.load_strict(model, sd, name)
     # the same file without the wrapper segments (the original's load_cnn accepts both spellings)
     plain = {k.replace(".conv.weight", ".weight").replace(".conv.bias", ".bias").replace(".norm.weight", ".weight")
              .replace(".norm.bias", ".bias"): v for k, v in released.items() if "lfq" not in k}

@@ -52,7 +52,7 @@ def test_metrics_cli_saved_reference_statistics(tmp_path, capsys):
 
 
 def test_sample_cli_next_token_uses_the_bundled_ar_model_with_llamagen_defaults(tmp_path):
-    from var.hub_llamagen import bundled_ar_dir
+    from var.assets import bundled_ar_dir
     if bundled_ar_dir() is None:
         pytest.skip("no bundled AR model installed")
     out = tmp_path / "ar"

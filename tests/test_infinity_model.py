@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from infinity_helpers import TINY_SCHEDULE, random_text, spec_state_dict, tiny_infinity, tiny_vae
-from var import hub_infinity
+from var.hub import infinity as hub_infinity
 from var.errors import CheckpointMismatchError, ConfigError
 from var.models.infinity import Infinity
 from var.models.infinity_layers import rope_angles
@@ -104,13 +104,13 @@ def test_released_transformer_keys_load_strictly(name, expect):
         2048, 512, 15, 4 * config.width)
     with torch.device("meta"):
         model = Infinity(config)
-    hub_infinity.hub.load_strict(model, sd, name)
+    hub_infinity.load_strict(model, sd, name)
     extra = dict(sd, **{"blocks.0.sa.extra": torch.empty(1, device="meta")})
     with pytest.raises(CheckpointMismatchError, match="unexpected keys"):
-        hub_infinity.hub.load_strict(model, extra, name)
+        hub_infinity.load_strict(model, extra, name)
     del extra["blocks.0.sa.extra"], extra["head.bias"]
     with pytest.raises(CheckpointMismatchError, match="missing keys"):
-        hub_infinity.hub.load_strict(model, extra, name)
+        hub_infinity.load_strict(model, extra, name)
 
 
 def test_wrong_files_are_named(tmp_path):
@@ -128,8 +128,8 @@ def test_wrong_files_are_named(tmp_path):
 
 def test_save_pretrained_round_trip(tmp_path):
     model, vae = tiny_infinity(), tiny_vae()
-    hub_infinity.hub.save_pretrained(model, tmp_path / "m")
-    hub_infinity.hub.save_pretrained(vae, tmp_path / "v")
+    hub.save_pretrained(model, tmp_path / "m")
+    hub.save_pretrained(vae, tmp_path / "v")
     vae2, model2 = hub_infinity.load_infinity(tmp_path / "v", tmp_path / "m")
     assert all(torch.equal(a, b) for a, b in zip(model2.state_dict().values(), model.state_dict().values()))
     assert all(torch.equal(a, b) for a, b in zip(vae2.state_dict().values(), vae.state_dict().values()))

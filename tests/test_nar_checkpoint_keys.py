@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from var.errors import CheckpointError, CheckpointMismatchError
-from var.hub_llamagen import load_nar
+from var.hub import load_nar
 from var.models.nar import NAR
 
 

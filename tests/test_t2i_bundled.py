@@ -9,7 +9,7 @@ from var import hub
 from var.cli.sample import main as sample_main
 from var.errors import PromptError
 from var.eval.attributes import HEADS, predict_attributes, split_logits, train_attribute_classifier
-from var.hub_llamagen import load_t2i_bundle
+from var.hub import load_t2i_bundle
 from var.models import create
 from var.models.caption_encoder import CaptionEncoder, CaptionEncoderConfig
 from var.samplers.next_token import AR_SAMPLERS, run_ar_sampler

@@ -11,7 +11,7 @@ import torch
 
 from var import hub
 from var.errors import CheckpointMismatchError, ClassIdError, ConfigError
-from var.hub_llamagen import gpt_config_from_state_dict, load_llamagen_gpt, vq_config_from_state_dict
+from var.hub.llamagen import gpt_config_from_state_dict, load_llamagen_gpt, vq_config_from_state_dict
 from var.models import create
 from var.models.conditioning import CaptionCondition
 from var.models.gpt_t2i import GPTT2I, GPTT2IConfig
@@ -61,7 +61,7 @@ def test_released_t2i_xl_keys_load_strictly(grid):
     assert (config.dim, config.n_layer, config.n_head, config.vocab_size, config.caption_dim, config.caption_len,
             config.ffn_hidden) == (1280, 36, 20, 16384, 2048, 120, 3584)
     hub.load_strict(meta("gpt_xl_t2i", grid_size=grid), sd, "t2i XL")
-    hub.load_strict(hub._build_on_meta(GPTT2I, config), sd, "t2i XL (inferred)")
+    hub.load_strict(hub.build_on_meta(GPTT2I, config), sd, "t2i XL (inferred)")
 
 
 def test_released_vq_ds16_t2i_keys_load_strictly():

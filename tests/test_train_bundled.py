@@ -32,7 +32,8 @@ def test_bundled_var_samples_deterministically():
 
 
 def test_bundled_ar_samples_deterministically():
-    from var.hub_llamagen import bundled_ar_dir, load_llamagen
+    from var.assets import bundled_ar_dir
+    from var.hub import load_llamagen
     from var.samplers.next_token import sample_next_token
     d = _skip_unless(bundled_ar_dir())
     vq, gpt = load_llamagen(d / "tokenizer", d / "transformer")

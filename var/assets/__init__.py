@@ -10,3 +10,15 @@ def bundled_var_dir() -> Path | None:
     """Directory with ``tokenizer/`` and ``transformer/`` of the bundled VAR model, if it is installed."""
     path = ASSETS_DIR / "var_bundled"
     return path if (path / "transformer" / "config.json").exists() else None
+
+
+def bundled_ar_dir() -> Path | None:
+    """Directory with ``tokenizer/`` and ``transformer/`` of the bundled next-token (LlamaGen-style) model, if any."""
+    path = ASSETS_DIR / "ar_bundled"
+    return path if (path / "transformer" / "config.json").exists() else None
+
+
+def bundled_t2i_dir() -> Path | None:
+    """Directory with ``tokenizer/``, ``transformer/`` and ``text_encoder/`` of the bundled text-to-image model."""
+    path = ASSETS_DIR / "t2i_bundled"
+    return path if (path / "text_encoder" / "config.json").exists() else None

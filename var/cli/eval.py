@@ -120,7 +120,7 @@ def _load_family(args, entry):
         return {"model": model, "vq": tok, "tok": tok}, str(args.gpt)
     if _is_next_token(entry):
         from var.cli.sample import load_ar_models
-        from var.hub_llamagen import bundled_ar_dir
+        from var.assets import bundled_ar_dir
         if not args.random_init and bundled_ar_dir() is None:
             raise ConfigError(f"sampler {entry.name} samples a next-token model and no bundled AR model is "
                               f"installed: give --vq and --gpt (or --random-init for a smoke test)")

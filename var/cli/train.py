@@ -254,7 +254,7 @@ def build_var_job(m: VARModelConfig, data: DataConfig, seed: int):
 
 
 def build_ar_job(m: ARModelConfig, data: DataConfig, seed: int):
-    from var.hub_llamagen import load_llamagen_vq
+    from var.hub import load_llamagen_vq
     from var.models.gpt import GPT, GPTConfig
     from var.train.objectives import ARObjective
     if not m.tokenizer:

@@ -156,7 +156,7 @@ def _bundled_var() -> Setup | None:
 def _bundled_ar() -> Setup | None:
     from var import hub
     try:
-        from var.hub_llamagen import bundled_ar_dir
+        from var.assets import bundled_ar_dir
     except ImportError:
         return None
     path = bundled_ar_dir()

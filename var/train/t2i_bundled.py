@@ -90,7 +90,8 @@ def build(vocab_size: int, grid_size: int, *, dim: int = 128, n_layer: int = 4, 
 
 
 def train(args) -> T2IBundle:
-    from var.hub_llamagen import bundled_ar_dir, load_llamagen_vq
+    from var.assets import bundled_ar_dir
+    from var.hub import load_llamagen_vq
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vq = load_llamagen_vq(args.tokenizer or bundled_ar_dir() / "tokenizer")

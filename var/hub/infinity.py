@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from var import hub
 from var.errors import CheckpointError, CheckpointMismatchError
+from var.hub.io import (build_on_meta, count_indexed, expect_type, load_pretrained, load_strict, read_state_dict,
+                        require_keys)
 from var.tokenizers.bsq_vae import BSQVAE, BSQVAEConfig
 
 # modules the original wraps: Conv(...).conv, Normalize(...).norm
@@ -59,12 +60,12 @@ def convert_infinity_vae_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, to
 def bsq_vae_config_from_state_dict(sd: dict[str, torch.Tensor]) -> BSQVAEConfig:
     """Bits per token, widths and depth of a converted VAE state dict (GroupNorm groups: 32, or 24 like the
     original when 32 does not divide every width)."""
-    hub.require_keys(sd, ("encoder.conv_in.weight", "encoder.conv_out.weight", "decoder.conv_in.weight"),
+    require_keys(sd, ("encoder.conv_in.weight", "encoder.conv_out.weight", "decoder.conv_in.weight"),
                      "an Infinity BSQ VAE (is this a transformer's or VAR's file?)")
     if any(k.startswith("quantize.embedding") or k.startswith("quant_conv") for k in sd):
         raise CheckpointMismatchError("an Infinity BSQ VAE: this is a VQ-VAE with a codebook (VAR's tokenizer?)")
     ch = sd["encoder.conv_in.weight"].shape[0]
-    levels = hub.count_indexed(sd, r"encoder\.down\.(\d+)\.")
+    levels = count_indexed(sd, r"encoder\.down\.(\d+)\.")
     ch_mult = tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels))
     widths = [ch * m for m in (1,) + ch_mult]
     groups = next((g for g in (32, 24) if all(w % g == 0 for w in widths)), None)
@@ -72,35 +73,24 @@ def bsq_vae_config_from_state_dict(sd: dict[str, torch.Tensor]) -> BSQVAEConfig:
         raise CheckpointError(f"widths {widths} fit neither 32 nor 24 GroupNorm groups (the original's only two): "
                               "save such VAEs with var.hub.save_pretrained (config.json)")
     return BSQVAEConfig(codebook_dim=sd["encoder.conv_out.weight"].shape[0], ch=ch, ch_mult=ch_mult,
-                        num_res_blocks=hub.count_indexed(sd, r"encoder\.down\.0\.block\.(\d+)\."),
+                        num_res_blocks=count_indexed(sd, r"encoder\.down\.0\.block\.(\d+)\."),
                         norm_groups=groups)
 
 
 def read_infinity_vae_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The ``"vae"`` entry of a released VAE file (never ``"ema"``, like the original), or a plain state dict."""
-    path = Path(path)
-    if path.suffix in (".pth", ".pt") and path.is_file():
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
-        if isinstance(obj, dict) and isinstance(obj.get("vae"), dict):
-            obj = obj["vae"]
-        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            raise CheckpointError(f"{path} does not hold a state dict of tensors")
-        return obj
-    return hub.read_state_dict(path)
+    return read_state_dict(path, key="vae")
 
 
 def load_bsq_vae(path: str | os.PathLike, *, device="cpu") -> BSQVAE:
     """The BSQ VAE from a released ``infinity_vae_d*.pth``, a safetensors file or a saved directory."""
     path = Path(path)
     if path.is_dir():
-        vae = hub.expect_type(hub.load_pretrained(path, device=device), BSQVAE, path)
+        vae = expect_type(load_pretrained(path, device=device), BSQVAE, path)
     else:
         sd = convert_infinity_vae_state_dict(read_infinity_vae_state_dict(path))
-        vae = hub.load_strict(hub._build_on_meta(BSQVAE, bsq_vae_config_from_state_dict(sd)), sd,
-                              f"Infinity BSQ VAE ({path.name})")
+        vae = load_strict(build_on_meta(BSQVAE, bsq_vae_config_from_state_dict(sd)), sd,
+                          f"Infinity BSQ VAE ({path.name})")
     return vae.to(device).eval().requires_grad_(False)
 
 
@@ -141,13 +131,13 @@ def infinity_config_from_state_dict(sd: dict[str, torch.Tensor], block_chunks: i
     """Depth, width, heads, bits per token and text sizes of a converted Infinity state dict."""
     from var.models.infinity import InfinityConfig
 
-    hub.require_keys(sd, ("cfg_uncond", "text_proj_for_sos.ca.mat_q", "word_embed.weight", "head.weight",
+    require_keys(sd, ("cfg_uncond", "text_proj_for_sos.ca.mat_q", "word_embed.weight", "head.weight",
                           "blocks.0.sa.scale_mul_1H11"),
                      "an Infinity transformer (is this the VAE, a text encoder or a VAR file?)")
     width = sd["pos_start"].shape[-1]
     text_maxlen, text_channels = sd["cfg_uncond"].shape
     return InfinityConfig(
-        depth=hub.count_indexed(sd, r"blocks\.(\d+)\."), width=width, num_heads=sd["blocks.0.sa.scale_mul_1H11"].shape[1],
+        depth=count_indexed(sd, r"blocks\.(\d+)\."), width=width, num_heads=sd["blocks.0.sa.scale_mul_1H11"].shape[1],
         mlp_ratio=sd["blocks.0.ffn.fc1.weight"].shape[0] / width, codebook_dim=sd["word_embed.weight"].shape[1],
         text_channels=text_channels, text_maxlen=text_maxlen, pool_heads=sd["text_proj_for_sos.ca.mat_q"].shape[1],
         num_levels=sd["lvl_embed.weight"].shape[0], block_chunks=block_chunks)
@@ -159,10 +149,10 @@ def load_infinity_transformer(path: str | os.PathLike, *, device="cpu"):
 
     path = Path(path)
     if path.is_dir():
-        return hub.expect_type(hub.load_pretrained(path, device=device), Infinity, path).eval()
-    sd, chunks = convert_infinity_state_dict(hub.read_state_dict(path))
-    model = hub.load_strict(hub._build_on_meta(Infinity, infinity_config_from_state_dict(sd, chunks)), sd,
-                            f"Infinity ({path.name})")
+        return expect_type(load_pretrained(path, device=device), Infinity, path).eval()
+    sd, chunks = convert_infinity_state_dict(read_state_dict(path))
+    model = load_strict(build_on_meta(Infinity, infinity_config_from_state_dict(sd, chunks)), sd,
+                        f"Infinity ({path.name})")
     return model.to(device).eval()
 
 

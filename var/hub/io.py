@@ -1,0 +1,156 @@
+"""Checkpoint I/O shared by every model family: reading state dicts, strict loading, our own saved format.
+
+* :func:`read_state_dict` is the only reader of weight files (``.safetensors``, saved directories, ``.pth``/``.pt``
+  pickles). Pickles are read with ``torch.load(weights_only=True)``; ``argparse.Namespace`` (LlamaGen pickles its
+  training arguments next to the weights) is the one class on the allow-list.
+* Training files wrap the weights: the first entry of :data:`UNWRAP_ORDER` present is used, for every family.
+* :func:`load_strict` requires identical keys and shapes and names what differs.
+* :func:`save_pretrained` / :func:`load_pretrained`: ``config.json`` + ``model.safetensors``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from var.errors import CheckpointError, CheckpointMismatchError
+
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+
+# Why EMA first: the averaged weights are the ones a training run keeps for sampling (var-train saves them as the
+# final model); pass ``key="model"`` to get the raw weights of a file that holds both. "model" is DDP's wrapper
+# (VAR, LlamaGen), "module" DeepSpeed's, "state_dict" Lightning's.
+UNWRAP_ORDER = ("ema", "model", "module", "state_dict")
+
+
+def saved_model_classes() -> dict:
+    """``_class_name`` of a saved directory -> (module class, config dataclass); imported lazily."""
+    from var.models.ctf import CTFStage2, CTFStage2Config
+    from var.models.gpt import GPT, GPTConfig
+    from var.models.caption_encoder import CaptionEncoder, CaptionEncoderConfig
+    from var.models.gpt_t2i import GPTT2I, GPTT2IConfig
+    from var.models.infinity import Infinity, InfinityConfig
+    from var.tokenizers.bsq_vae import BSQVAE, BSQVAEConfig
+    from var.models.nar import NAR
+    from var.models.var_model import VAR, VARConfig
+    from var.tokenizers.multiscale_vqvae import MultiScaleVQVAE, MultiScaleVQVAEConfig
+    from var.tokenizers.single_scale_vq import SingleScaleVQ, SingleScaleVQConfig
+    return {"VAR": (VAR, VARConfig), "MultiScaleVQVAE": (MultiScaleVQVAE, MultiScaleVQVAEConfig),
+            "GPT": (GPT, GPTConfig), "SingleScaleVQ": (SingleScaleVQ, SingleScaleVQConfig),
+            "GPTT2I": (GPTT2I, GPTT2IConfig), "CaptionEncoder": (CaptionEncoder, CaptionEncoderConfig),
+            "NAR": (NAR, GPTConfig), "CTFStage2": (CTFStage2, CTFStage2Config),
+            "Infinity": (Infinity, InfinityConfig), "BSQVAE": (BSQVAE, BSQVAEConfig)}
+
+
+# ---- reading files ------------------------------------------------------------------------------------------
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def read_state_dict(path: str | os.PathLike, key: str | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file, a :func:`save_pretrained` directory or a ``.pth``/``.pt`` pickle.
+
+    A training wrapper (``{"model": sd, "ema": sd, "args": ..., ...}``) is unwrapped: ``key`` picks an entry
+    explicitly, else the first of :data:`UNWRAP_ORDER` (EMA weights before raw ones) that holds a dict. A plain
+    state dict is returned as it is, whatever ``key``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_NAME
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt, not a checkpoint, or pickles a class outside the allow-list
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    if key is not None and not _is_state_dict(obj):
+        if not isinstance(obj, dict) or key not in obj:
+            entries = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            raise CheckpointError(f"{path} has no entry {key!r} (it holds {entries})")
+        obj = obj[key]
+    elif isinstance(obj, dict) and not _is_state_dict(obj):
+        obj = next((obj[k] for k in UNWRAP_ORDER if isinstance(obj.get(k), dict)), obj)
+    if not _is_state_dict(obj):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return obj
+
+
+# ---- strict loading -----------------------------------------------------------------------------------------
+def load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> nn.Module:
+    """Load ``state_dict`` into ``module`` requiring identical keys and shapes (else a named error)."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatchError(what, missing, unexpected, mismatched)
+    on_meta = any(t.is_meta for t in own.values())
+    module.load_state_dict(state_dict, strict=True, assign=on_meta)
+    return module
+
+
+def build_on_meta(cls, config):
+    """``cls(config)`` without allocating or initialising weights (a strict load assigns them)."""
+    with torch.device("meta"):
+        return cls(config)
+
+
+def expect_type(module: nn.Module, cls: type, path) -> nn.Module:
+    """``module`` if it is a ``cls``, else a :class:`CheckpointMismatchError` naming what ``path`` holds."""
+    if not isinstance(module, cls):
+        raise CheckpointMismatchError(f"a {cls.__name__}: {path} holds a {type(module).__name__}")
+    return module
+
+
+# ---- config inference helpers -------------------------------------------------------------------------------
+def require_keys(sd: dict[str, torch.Tensor], keys, what: str) -> None:
+    """Raise :class:`CheckpointMismatchError` naming the ``keys`` absent from ``sd`` (a file of another model)."""
+    absent = [k for k in keys if k not in sd]
+    if absent:
+        raise CheckpointMismatchError(what, missing=absent)
+
+
+def count_indexed(sd: dict[str, torch.Tensor], pattern: str) -> int:
+    """1 + the largest index the regex ``pattern`` captures in the keys (number of blocks, levels, ...)."""
+    return 1 + max(int(m.group(1)) for k in sd if (m := re.match(pattern, k)))
+
+
+# ---- our own format -----------------------------------------------------------------------------------------
+def save_pretrained(module: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write ``config.json`` (class name + config) and ``model.safetensors`` (atomic rename)."""
+    from safetensors.torch import save_file
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"_class_name": type(module).__name__, "config": module.config_dict()}
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    tmp = directory / (WEIGHTS_NAME + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, directory / WEIGHTS_NAME)
+    return directory
+
+
+def load_pretrained(directory: str | os.PathLike, *, device="cpu") -> nn.Module:
+    """Rebuild a module written by :func:`save_pretrained` and load its weights strictly."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_NAME
+    if not config_path.exists():
+        raise CheckpointError(f"{directory} is not a saved model directory (no {CONFIG_NAME})")
+    meta = json.loads(config_path.read_text())
+    classes = saved_model_classes()
+    if meta.get("_class_name") not in classes:
+        raise CheckpointError(f"{config_path}: unknown model class {meta.get('_class_name')!r}")
+    cls, config_cls = classes[meta["_class_name"]]
+    module = build_on_meta(cls, config_cls(**meta["config"]))
+    load_strict(module, read_state_dict(directory), f"{cls.__name__} saved in {directory}")
+    return module.to(device).eval()
