@@ -30,11 +30,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from var.kernels import (H2O, HACK, CalibrationProfile, ScaleKV, SnapKV, StreamingLLM, bundled_profile,  # noqa: E402
-                         calibrate)
+from var.kernels import H2O, HACK, CalibrationProfile, ScaleKV, SnapKV, StreamingLLM, bundled_profile  # noqa: E402
 from var.kernels.kv_cache import FullCache  # noqa: E402
 from var.kernels.policies.base import CacheLayout  # noqa: E402
 from var.models import VAR, VARConfig  # noqa: E402
+from var.samplers.calibration import calibrate  # noqa: E402
 from var.samplers.next_scale import sample_next_scale  # noqa: E402
 from var.tokenizers.multiscale_vqvae import MultiScaleVQVAE, MultiScaleVQVAEConfig  # noqa: E402
 

@@ -7,7 +7,9 @@ import torch
 from var.errors import ConfigError
 from var.models import create
 from var.models import nar_ctf_presets  # noqa: F401  (registers the ctf_* presets)
-from var.models.ctf import cluster_members, constrain_logits, kmeans_codebook, stage1_loss, stage2_loss
+from var.models.ctf import cluster_members, kmeans_codebook
+from var.samplers.logits import constrain_logits
+from var.train.objectives_nar_ctf import stage1_loss, stage2_loss
 from var.samplers.coarse_to_fine import sample_coarse_to_fine
 from var.samplers.logits import apply_cfg
 

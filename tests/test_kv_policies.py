@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from var.errors import ConfigError
-from var.kernels import H2O, HACK, CalibrationProfile, CompressedKVCache, ScaleKV, SnapKV, StreamingLLM, calibrate
+from var.kernels import H2O, HACK, CalibrationProfile, CompressedKVCache, ScaleKV, SnapKV, StreamingLLM
 from var.kernels.compressed_cache import SelectionContext
 from var.kernels.policies.base import CacheLayout, grid_window
 from var.kernels.policies.scalekv import allocate, classify_drafters
 from var.models import create
+from var.samplers.calibration import calibrate
 from var.samplers.next_scale import sample_next_scale
 
 POLICIES = {"scalekv": ScaleKV, "hack": HACK, "snapkv": SnapKV, "h2o": H2O, "streamingllm": StreamingLLM}

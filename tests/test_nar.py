@@ -6,7 +6,8 @@ from var.errors import ConfigError
 from var.models import create
 from var.models import nar_ctf_presets  # noqa: F401  (registers nar_tiny)
 from var.models.gpt import GPT, GPTConfig
-from var.models.nar import NAR, grid_distance, mix_training_logits, nar_loss, proximity_mask
+from var.models.nar import NAR, grid_distance, mix_training_logits, proximity_mask
+from var.train.objectives_nar_ctf import nar_loss
 from var.samplers.logits import apply_cfg
 from var.samplers.neighbor_nar import diagonal_rows, sample_nar
 

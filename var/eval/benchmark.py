@@ -338,7 +338,7 @@ def _policy_factories(policies: dict, setup: Setup, budgets, device, only=None) 
             import inspect
             if "profile" in inspect.signature(pol.cls).parameters:
                 if profile is None:
-                    from var.kernels.policies import calibrate
+                    from var.samplers.calibration import calibrate
                     labels = torch.arange(min(4, setup.num_classes), device=device)
                     profile = calibrate(setup.components["model"], setup.components["tok"], labels, seed=1234)
                 extra["profile"] = profile

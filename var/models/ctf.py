@@ -3,9 +3,9 @@
 * Offline, :func:`kmeans_codebook` groups a tokenizer's codebook vectors into ``K`` clusters; ``cluster_of[v]`` is
   the coarse label of code ``v``.
 * Stage 1 is an unchanged :class:`~var.models.gpt.GPT` whose vocabulary is the K coarse labels
-  (:func:`stage1_loss`: next-token CE on ``cluster_of[tokens]``).
+  (:func:`var.train.objectives_nar_ctf.stage1_loss`: next-token CE on ``cluster_of[tokens]``).
 * Stage 2 (:class:`CTFStage2`) reads the class and the whole coarse sequence with **bidirectional** attention and
-  predicts every fine code in one pass (:func:`stage2_loss`). It stores the clustering (``cluster_of`` buffer,
+  predicts every fine code in one pass (:func:`~var.train.objectives_nar_ctf.stage2_loss`). It stores the clustering (``cluster_of`` buffer,
   installed with :meth:`CTFStage2.set_clusters`), so a stage-2 checkpoint always travels with its coarse map.
 
 Choices where the paper is silent (documented in the README, CTF section): stage 2 is a LlamaGen-style
@@ -78,11 +78,6 @@ def cluster_members(cluster_of_V: torch.Tensor, num_clusters: int) -> torch.Tens
     return F.one_hot(cluster_of_V, num_clusters).T.bool()
 
 
-def constrain_logits(logits_BNV: torch.Tensor, coarse_BN: torch.Tensor, members_KV: torch.Tensor) -> torch.Tensor:
-    """Set the logits of codes outside each position's coarse cluster to -inf (new tensor)."""
-    return logits_BNV.masked_fill(~members_KV[coarse_BN], float("-inf"))
-
-
 # ---- stage 2 -----------------------------------------------------------------------------------------------------
 @dataclass
 class CTFStage2Config(GPTConfig):
@@ -128,22 +123,3 @@ class CTFStage2(ClassPrefixTransformer):
         L = x.shape[1]
         full = torch.ones(L, L, dtype=torch.bool, device=x.device)
         return self.blocks_and_head(x, torch.arange(L, device=x.device), None, full)[:, self.prefix_len:]
-
-
-# ---- losses -------------------------------------------------------------------------------------------------------
-def stage1_loss(stage1, labels_B: torch.Tensor, fine_BN: torch.Tensor, cluster_of_V: torch.Tensor) -> torch.Tensor:
-    """Next-token CE of the stage-1 GPT on the coarse labels of ground-truth codes (labels used as given)."""
-    coarse_BN = cluster_of_V[fine_BN.reshape(fine_BN.shape[0], -1)]
-    return F.cross_entropy(stage1(labels_B, coarse_BN).flatten(0, 1), coarse_BN.flatten())
-
-
-def stage2_loss(stage2: CTFStage2, labels_B: torch.Tensor, fine_BN: torch.Tensor, *,
-                constrained: bool = False) -> torch.Tensor:
-    """Per-position CE of the fine codes given their coarse labels under ``stage2.cluster_of`` (``constrained``:
-    softmax over the codes of the position's cluster only)."""
-    fine_BN = fine_BN.reshape(fine_BN.shape[0], -1)
-    coarse_BN = stage2.cluster_of[fine_BN]
-    logits = stage2(labels_B, coarse_BN)
-    if constrained:
-        logits = constrain_logits(logits, coarse_BN, stage2.members())
-    return F.cross_entropy(logits.flatten(0, 1), fine_BN.flatten())

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from var.errors import ConfigError
 from var.kernels.kv_cache import KVCache
@@ -124,10 +123,3 @@ def mix_training_logits(right_BLV: torch.Tensor, down_BLV: torch.Tensor, grid_si
     left = right_BLV[:, t] * has_left[None, :, None]
     up = down_BLV[:, up_idx] * has_up[None, :, None]
     return (left + up) / (has_left + has_up)[None, :, None]
-
-
-def nar_loss(model: NAR, labels_B: torch.Tensor, idx_BL: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the mixed logits against every grid token (labels used as given)."""
-    idx_BL = idx_BL.reshape(idx_BL.shape[0], -1)
-    logits = model(labels_B, idx_BL)
-    return F.cross_entropy(logits.flatten(0, 1), idx_BL.flatten())

@@ -15,8 +15,8 @@ import torch
 
 from var.errors import ConfigError
 from var.kernels.kv_cache import FullCache
-from var.models.ctf import constrain_logits
-from var.samplers.logits import GeneratorArg, apply_cfg, check_finite, multinomial, processed_logits
+from var.samplers.logits import (GeneratorArg, apply_cfg, check_finite, constrain_logits, multinomial,
+                                 processed_logits)
 from var.samplers.next_token import TokenProcessor, finish, prepare
 from var.samplers.stats import SampleOutput, SamplerStats
 

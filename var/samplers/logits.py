@@ -146,3 +146,8 @@ def gumbel_softmax(logits: torch.Tensor, tau: float, generator: GeneratorArg = N
         exponential = torch.stack([torch.empty_like(logits[b], dtype=torch.float32).exponential_(generator=g)
                                    for b, g in enumerate(gens)])
     return F.softmax((logits.float() - exponential.log()) / tau, dim=-1)
+
+
+def constrain_logits(logits_BNV: torch.Tensor, coarse_BN: torch.Tensor, members_KV: torch.Tensor) -> torch.Tensor:
+    """Set the logits of codes outside each position's coarse cluster to -inf (new tensor; CTF's stage 2)."""
+    return logits_BNV.masked_fill(~members_KV[coarse_BN], float("-inf"))

@@ -1,4 +1,7 @@
-"""Offline calibration shared by ScaleKV and HACK: one full-cache sampling run that records attention statistics.
+"""Offline calibration shared by ScaleKV and HACK: what one full-cache sampling run records (attention statistics).
+
+:func:`record_profile` takes the sampling run as a callable, so kernels never import samplers; the VAR workflow is
+:func:`var.samplers.calibrate` (Infinity's: :func:`var.samplers.infinity.calibrate_infinity`).
 
 For every layer ``l`` and scale ``k >= 1`` it records ScaleKV's Attention Selectivity Index::
 
@@ -84,6 +87,8 @@ def bundled_profile() -> CalibrationProfile:
 class _RecordingCache(KVCache):
     """A full cache that also accumulates the calibration statistics from the softmax of each attention."""
 
+    supports_block_prefill = False  # the statistics are per VAR scale: one write must be one scale
+
     def __init__(self, layout: CacheLayout, batch_size: int, topk_frac: float, sums: dict, **kw):
         super().__init__(layout.depth, batch_size, layout.num_heads, layout.seq_len, layout.head_dim, **kw)
         self.layout, self.topk_frac, self.sums = layout, topk_frac, sums
@@ -140,20 +145,3 @@ def record_profile(layout: CacheLayout, run, *, topk_frac: float = 0.1, meta: di
     variance = [(v / max(c, 1)).tolist() for v, c in zip(sums["var"], sums["var_n"])]
     return CalibrationProfile(model=layout.signature(), asi=asi, head_variance=variance,
                               meta={**(meta or {}), "topk_frac": topk_frac})
-
-
-def calibrate(model, tokenizer, labels, *, cfg: float = 1.5, seed: int = 0, topk_frac: float = 0.1,
-              **sampler_kwargs) -> CalibrationProfile:
-    """Sample ``labels`` (a handful of class ids: the "prompts") with the full cache and return the profile."""
-    from var.samplers.next_scale import sample_next_scale  # the sampler imports var.kernels
-
-    device = model.head.weight.device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    labels_list = labels.tolist() if isinstance(labels, torch.Tensor) else list(labels)
-
-    def run(policy):
-        sample_next_scale(model, tokenizer, labels, cfg=cfg, generator=generator, decode=False, cache=policy,
-                          **sampler_kwargs)
-
-    return record_profile(CacheLayout.of(model), run, topk_frac=topk_frac,
-                          meta={"labels": labels_list, "cfg": cfg, "seed": seed})
