@@ -11,7 +11,6 @@ setup(
     package_data={"var": ["assets/*", "assets/**/*"]},
     install_requires=[
         "torch>=2.1",
-        "einops",
         "numpy",
         "pillow",
         "safetensors",

@@ -125,6 +125,18 @@ def test_weight_decay_only_on_matrices():
     assert all("bias" not in n for n in decay)
 
 
+def test_no_decay_keywords_name_existing_parameters():
+    """Every keyword of the no-decay list matches a parameter of some registered model (built on meta)."""
+    from var.models import list_models
+    from var.train.trainer import NO_DECAY_KEYWORDS
+    names = set()
+    with torch.device("meta"):
+        for model_name in list_models():
+            names |= {n for n, _ in create(model_name).named_parameters()}
+    unused = [k for k in NO_DECAY_KEYWORDS if not any(k in n for n in names)]
+    assert not unused, f"no-decay keywords matching no parameter: {unused}"
+
+
 def test_precision_and_config_errors(tmp_path):
     assert not _trainer(tmp_path / "a", precision="bf16").scaler.is_enabled()
     assert _trainer(tmp_path / "b", precision="fp16").scaler.is_enabled()

@@ -37,9 +37,9 @@ from var.train.objectives import Objective
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# parameters never decayed besides vectors/biases: learned positions, levels, start tokens, gains (VAR's list)
-NO_DECAY_KEYWORDS = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start",
-                     "start_pos", "lvl_embed", "gamma", "beta", "ada_gss", "scale_mul")
+# matrices never decayed (vectors and biases never are): VAR's learned positions, start tokens, level embedding,
+# shared AdaLN gains and attention scales; each names a parameter of a registered model (tested)
+NO_DECAY_KEYWORDS = ("pos_1LC", "pos_start", "lvl_embed", "ada_gss", "scale_mul")
 
 
 @dataclass
@@ -163,6 +163,11 @@ class LRSchedule:
 
 class EMA:
     """Exponential moving average of a model's floating-point parameters (fp32 shadow copies)."""
+
+    # Not torch.optim.swa_utils.AveragedModel: its first update copies the weights instead of averaging from the
+    # initial ones, its state dict ("module.*", "n_averaged") cannot read the {"decay", "shadow"} checkpoints
+    # already written, and it deep-copies the (possibly FSDP-sharded) module in the model's dtype; resumes of
+    # existing runs would then not reproduce them bit for bit.
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
