@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from var import hub
-from var.errors import CheckpointError
+from var.errors import CheckpointError, MissingDependencyError
 from var.models import create
 
 
@@ -67,7 +67,7 @@ def test_released_names_download_through_huggingface_hub(tmp_path, monkeypatch):
 def test_missing_huggingface_hub_is_a_named_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import raises ImportError
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(CheckpointError, match=r"var-toolkit\[hub\]"):
+    with pytest.raises(MissingDependencyError, match=r"var-toolkit\[hub\]"):
         hub.load_var_transformer("var_d16.pth")
     with pytest.raises(CheckpointError, match="checkpoint not found"):  # not a released name: no download tried
         hub.load_llamagen_gpt("my_gpt.pt")

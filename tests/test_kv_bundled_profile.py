@@ -28,7 +28,7 @@ def _ctx():
 @pytest.mark.parametrize("policy_cls", [SnapKV, ScaleKV])
 def test_cap_not_above_window_keeps_top_scores_not_window_positions(policy_cls):
     policy = policy_cls(budget=0.1, window=4, kernel=1, backend="torch")  # cap 2 <= window 4
-    policy.prepare(CacheLayout(depth=1, num_heads=1, head_dim=4, patch_nums=PATCH_NUMS))
+    policy = policy.bind(CacheLayout(depth=1, num_heads=1, head_dim=4, patch_nums=PATCH_NUMS))
     assert policy.budget_per_head == 2
     keep = policy.select(_ctx()).keep_BHP[0, 0]
     # reference: the two largest softmax scores of the window's queries (keys 12 and 7), no forced window
@@ -38,7 +38,7 @@ def test_cap_not_above_window_keeps_top_scores_not_window_positions(policy_cls):
 @pytest.mark.parametrize("policy_cls", [SnapKV, ScaleKV])
 def test_cap_above_window_still_forces_the_window(policy_cls):
     policy = policy_cls(budget=0.3, window=4, kernel=1, backend="torch")  # cap 6 > window 4
-    policy.prepare(CacheLayout(depth=1, num_heads=1, head_dim=4, patch_nums=PATCH_NUMS))
+    policy = policy.bind(CacheLayout(depth=1, num_heads=1, head_dim=4, patch_nums=PATCH_NUMS))
     assert policy.budget_per_head == 6
     keep = policy.select(_ctx()).keep_BHP[0, 0]
     assert keep.nonzero().flatten().tolist() == [7, 12, 21, 22, 23, 24]
@@ -88,7 +88,7 @@ def test_bundled_profile_matches_the_bundled_model_and_scalekv_differs_from_snap
                               generator=torch.Generator().manual_seed(0), cache=rec)
         kept[name] = [(rec.cache.seg_len[l].tolist(), rec.cache.pos_pool[l].tolist()) for l in range(4)]
     scalekv = ScaleKV(budget=0.1, profile=profile)
-    scalekv.prepare(CacheLayout.of(model))
+    scalekv = scalekv.bind(CacheLayout.of(model))
     carried = scalekv.caps[len(scalekv.layout.patch_nums) - 2]
     assert len(set(carried)) > 1  # drafter and refiner budgets into the last scale
     assert [lens for lens, _ in kept["scalekv"]] == [[c] * 16 for c in carried]  # 2 images x CFG x 4 heads

@@ -26,8 +26,13 @@ def _run(cache, inputs, layers=2):
 class RandomKeep:
     """A test policy: keep a random subset per head (at least one token) after every scale."""
 
+    tracks_scores = False
+
     def __init__(self, seed=0):
         self.g = torch.Generator().manual_seed(seed)
+
+    def wants_selection(self, layer, start, n, max_key_len):
+        return True
 
     def select(self, ctx):
         keep = torch.rand(ctx.valid_BHP.shape, generator=self.g) < 0.6

@@ -66,7 +66,7 @@ def test_compression_changes_outputs_and_bounds_the_cache(models, profile):
     out = _sample(models, policy)
     assert any(not torch.equal(a, b) for a, b in zip(full.tokens, out.tokens))
     layout = CacheLayout.of(model)
-    assert policy.budget_per_head == max(1, round(0.1 * layout.full_carried))
+    assert cache.policy.budget_per_head == max(1, round(0.1 * layout.full_carried))
 
 
 @pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.5, 50, float("nan"), True, "0.1", None])
@@ -98,7 +98,7 @@ def _cache_after(models, policy, scales=3, cache=None):
 def test_streamingllm_keeps_sinks_and_most_recent(models):
     policy = StreamingLLM(budget=0.5, sinks=2, backend="torch")
     cache = _cache_after(models, policy)
-    B = policy.budget_per_head  # 7 of 14
+    B = cache.policy.budget_per_head  # 7 of 14 (the cache holds the policy bound to the model)
     for layer in range(2):
         assert cache.seg_len[layer].tolist() == [B] * 8
         first = cache.pos_pool[layer][:B].tolist()
@@ -109,7 +109,7 @@ def test_snapkv_and_h2o_respect_budget_and_window(models):
     for policy in (SnapKV(budget=0.5, window=4, backend="torch"), H2O(budget=0.5, backend="torch")):
         cache = _cache_after(models, policy)
         for layer in range(2):
-            assert int(cache.seg_len[layer].max()) <= policy.budget_per_head
+            assert int(cache.seg_len[layer].max()) <= cache.policy.budget_per_head
         if isinstance(policy, SnapKV):  # the last 4 tokens of scale 2 (positions 10..13) are always kept
             pos = cache.pos_pool[0].view(8, -1)
             assert all({10, 11, 12, 13} <= set(row.tolist()) for row in pos)
@@ -130,8 +130,9 @@ def test_scalekv_profile_classification_and_allocation(models, profile):
     assert sum(caps[2]) <= 2 * 7 and max(caps[2]) > min(caps[2])
     policy = ScaleKV(budget=0.5, profile=profile, drafters_per_scale=1, window=4, backend="torch")
     cache = _cache_after(models, policy)
-    d = next(iter(policy.drafters[3]))
-    assert int(cache.seg_len[d].max()) == policy.caps[2][d] > int(cache.seg_len[1 - d].max())
+    bound = cache.policy
+    d = next(iter(bound.drafters[3]))
+    assert int(cache.seg_len[d].max()) == bound.caps[2][d] > int(cache.seg_len[1 - d].max())
 
 
 def test_grid_window_centres_and_fallback():
@@ -150,7 +151,7 @@ def test_grid_window_centres_and_fallback():
 
 def test_hack_asymmetric_budgets_and_structural_rule(models, profile):
     policy = HACK(budget=0.5, profile=profile, contextual_fraction=0.5, contextual_share=0.25, backend="torch")
-    policy.prepare(CacheLayout.of(models[0]))
+    policy = policy.bind(CacheLayout.of(models[0]))
     assert policy.contextual.sum() == 2
     var = torch.tensor(profile.head_variance)
     assert torch.equal(policy.contextual, var <= var.flatten().sort().values[1])
@@ -173,7 +174,7 @@ def test_hack_asymmetric_budgets_and_structural_rule(models, profile):
 def test_hack_structural_fills_middle_by_score():
     """Structural head: first two scales, then the current scale, then the best-scoring middle token."""
     policy = HACK(budget=0.5, backend="torch")  # no profile: every head structural, B_S = B
-    policy.prepare(CacheLayout(depth=1, num_heads=1, head_dim=4, patch_nums=(1, 2, 4, 2)))
+    policy = policy.bind(CacheLayout(depth=1, num_heads=1, head_dim=4, patch_nums=(1, 2, 4, 2)))
     assert policy.budget_structural == policy.budget_per_head == 10
     k = torch.zeros(1, 1, 25, 4)
     k[0, 0, 12] = torch.tensor([5.0, 0, 0, 0])   # a middle token every query attends to
@@ -217,10 +218,13 @@ def test_triton_backend_inside_the_model_matches_torch(models, profile):
 
 
 class _AlwaysSelect:
-    """Forwards to a policy but has no ``wants_selection``: the cache then asks ``select`` at every scale."""
+    """Forwards to a bound policy but skips its cheap pre-check: the cache then asks ``select`` at every scale."""
 
     def __init__(self, policy):
         self.policy, self.tracks_scores = policy, policy.tracks_scores
+
+    def wants_selection(self, layer, start, n, max_key_len):
+        return True
 
     def select(self, ctx):
         return self.policy.select(ctx)
@@ -232,7 +236,8 @@ def test_cheap_precheck_agrees_with_select(models, profile, name):
     policy = POLICIES[name](budget=0.5, backend="torch", **kwargs)
     fast = _cache_after(models, policy)
     slow = _cache_after(models, None, cache=CompressedKVCache(
-        2, 4, 2, 32, capacity=30, policy=_AlwaysSelect(policy), patch_nums=(1, 2, 3, 4), backend="torch"))
+        2, 4, 2, 32, capacity=30, policy=_AlwaysSelect(policy.bind(CacheLayout.of(models[0]))),
+        patch_nums=(1, 2, 3, 4), backend="torch"))
     for layer in range(2):
         assert torch.equal(fast.pos_pool[layer], slow.pos_pool[layer])
         assert torch.equal(fast.k_pool[layer], slow.k_pool[layer])
@@ -274,3 +279,20 @@ def test_cfg_halves_select_their_own_tokens(models, profile):
     cache = _cache_after(models, SnapKV(budget=0.25, window=2, backend="torch"))
     pos = cache.pos_pool[0].view(4, 2, -1)        # [rows (2 cond + 2 uncond), heads, kept]
     assert not torch.equal(pos[:2], pos[2:])
+
+
+@pytest.mark.parametrize("name", ["scalekv", "hack", "snapkv"])
+def test_new_cache_leaves_the_policy_unchanged(models, name):
+    """One policy object for two models of different sizes (CoDe's drafter and refiner): each cache gets a copy
+    bound to its own model; the object itself keeps no per-model state. (No profile: a profile fits one model.)"""
+    policy = POLICIES[name](budget=0.5, backend="torch")
+    before = dict(vars(policy))
+    small = policy.new_cache(models[0], 4)
+    wide = create("var_tiny", depth=3)
+    big = policy.new_cache(wide, 2)
+    assert vars(policy) == before and policy.layout is None
+    assert small.policy.layout == CacheLayout.of(models[0]) and big.policy.layout == CacheLayout.of(wide)
+    assert small.policy is not big.policy and small.policy.budget_per_head == policy.bind(
+        CacheLayout.of(models[0])).budget_per_head
+    with pytest.raises(ConfigError, match="not bound"):
+        policy.scale_index(0, 1)

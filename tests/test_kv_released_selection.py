@@ -64,7 +64,7 @@ def released_scalekv(scores, window_P, cap, kernel=5):
 
 def test_snapkv_pools_only_the_non_window_part_as_released():
     policy = SnapKV(0.5, window=4, backend="torch")
-    policy.prepare(LAYOUT)
+    policy = policy.bind(LAYOUT)
     cap = policy.budget_per_head  # 15 of 30
     window = torch.arange(P - 4, P)
     compared = differs = 0
@@ -83,7 +83,7 @@ def test_snapkv_pools_only_the_non_window_part_as_released():
 
 def test_scalekv_masks_the_window_before_pooling_as_released():
     policy = ScaleKV(0.5, window=4, backend="torch")  # no profile: uniform caps (what this rule is about)
-    policy.prepare(LAYOUT)
+    policy = policy.bind(LAYOUT)
     cap = policy.budget_per_head
     window = PREFIX + grid_window(context(torch.zeros(P)), 4)
     compared = differs = 0

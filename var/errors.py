@@ -55,3 +55,7 @@ class AspectRatioError(ConfigError):
 
 class PromptError(VarError):
     """A text prompt is empty, too long for the model, or uses words the model does not know."""
+
+
+class UnsupportedCacheError(ConfigError):
+    """A sampler was given a KV cache it cannot work with (e.g. SJD needs the dense cache's K/V buffers)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from var.errors import CheckpointError
+from var.errors import CheckpointError, MissingDependencyError
 
 
 def resolve_checkpoint(path_or_name: str | os.PathLike, released: dict[str, str],
@@ -27,7 +27,7 @@ def download_released(repo_id: str, filename: str, cache_dir: str | None = None)
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as e:
-        raise CheckpointError(f"{filename} is not a local file and downloading released checkpoints needs "
+        raise MissingDependencyError(f"{filename} is not a local file and downloading released checkpoints needs "
                               "huggingface_hub: pip install 'var-toolkit[hub]' (or pass a local path)") from e
     try:
         return Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir))

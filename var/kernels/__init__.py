@@ -2,9 +2,10 @@
 from var.kernels.compressed_cache import CompressedKVCache
 from var.kernels.kv_cache import FullCache, KVCache
 from var.kernels.policies import H2O, HACK, CalibrationProfile, ScaleKV, SnapKV, StreamingLLM, bundled_profile
+from var.kernels.protocols import AttentionCache, CachePolicy, DenseCache, SelectionPolicy
 from var.kernels.ragged_attention import ragged_attention, ragged_attention_reference
 
-__all__ = ["CalibrationProfile", "CompressedKVCache", "FullCache", "H2O", "HACK", "KVCache", "ScaleKV", "SnapKV",
+__all__ = ["AttentionCache", "CachePolicy", "DenseCache", "SelectionPolicy", "CalibrationProfile", "CompressedKVCache", "FullCache", "H2O", "HACK", "KVCache", "ScaleKV", "SnapKV",
            "StreamingLLM", "bundled_profile", "ragged_attention", "ragged_attention_reference"]
 
 

@@ -26,6 +26,7 @@ import torch
 from var.errors import ConfigError
 from var.kernels.compaction import gather_rows, kept_rows, segment_starts
 from var.kernels.kv_cache import SequenceCursor
+from var.kernels.protocols import SelectionPolicy
 from var.kernels.ragged_attention import gather_prefix, ragged_attention
 
 
@@ -44,6 +45,19 @@ class Selection:
     scores_BHP: torch.Tensor | None = None
     k_BHPD: torch.Tensor | None = None
     v_BHPD: torch.Tensor | None = None
+
+
+@dataclass
+class NewTokens:
+    """The ``n`` tokens a forward pass wrote at sequence positions ``[start, start + n)``: K/V ``[B, H, n, D]``."""
+
+    k_BHnD: torch.Tensor
+    v_BHnD: torch.Tensor
+    start: int
+
+    @property
+    def n(self) -> int:
+        return self.k_BHnD.shape[2]
 
 
 @dataclass
@@ -113,7 +127,10 @@ class SelectionContext:
 
 
 class CompressedKVCache(SequenceCursor):
-    """Ragged per-head KV cache driven by a compression policy (None = keep everything)."""
+    """Ragged per-head KV cache driven by a compression policy (a :class:`~var.kernels.protocols.SelectionPolicy`;
+    None = keep everything)."""
+
+    supports_block_prefill = False  # a policy selects per VAR scale: one write must be one scale
 
     def __init__(self, num_layers: int, batch_size: int, num_heads: int, head_dim: int, *, capacity: int,
                  policy=None, patch_nums: Sequence[int] | None = None, dtype: torch.dtype = torch.float32,
@@ -124,13 +141,16 @@ class CompressedKVCache(SequenceCursor):
                               f"heads {num_heads}, head_dim {head_dim}, capacity {capacity}")
         self.num_layers, self.batch_size, self.num_heads, self.head_dim = num_layers, batch_size, num_heads, head_dim
         self.capacity = capacity
+        if policy is not None and not isinstance(policy, SelectionPolicy):
+            raise ConfigError(f"policy {type(policy).__name__} lacks the SelectionPolicy interface "
+                              "(tracks_scores, wants_selection, select)")
         self.policy = policy
         self.patch_nums = tuple(patch_nums) if patch_nums else None
         self.k_dtype, self.v_dtype = k_dtype or dtype, dtype
         self.device = torch.device(device)
         self.backend = backend
         self.keep_last_scale = keep_last_scale
-        self.tracks_scores = bool(getattr(policy, "tracks_scores", False))
+        self.tracks_scores = policy is not None and bool(policy.tracks_scores)
         self.reset()
 
     # ---- state ------------------------------------------------------------------------------------------------
@@ -218,7 +238,7 @@ class CompressedKVCache(SequenceCursor):
             pos, valid = self._padded_prefix_meta(layer)
             keep = valid & (pos < length)
             if bool(keep.sum() != valid.sum()):
-                self._compact(layer, Selection(keep), pos.shape[-1], None, None, None, None)
+                self._compact(layer, Selection(keep), pos.shape[-1])  # no new tokens: only drops
         self.length = length
         self._stored_until = self.capacity
 
@@ -265,8 +285,7 @@ class CompressedKVCache(SequenceCursor):
         selection = None
         if self.policy is not None:
             max_key_len = (uniform if uniform is not None else int(self.seg_len[layer].max())) + n
-            wants = getattr(self.policy, "wants_selection", None)
-            if wants is None or wants(layer, start, n, max_key_len):
+            if self.policy.wants_selection(layer, start, n, max_key_len):
                 selection = self.policy.select(self._context(layer, q, k_new, v_new, start, scale))
         if selection is None and uniform is not None and not self.tracks_scores:
             # keep everything and the layout stays rectangular: concatenate per head
@@ -286,18 +305,19 @@ class CompressedKVCache(SequenceCursor):
             selection = Selection(torch.ones(B, H, max_prefix + n, dtype=torch.bool, device=self.device))
         else:
             self.selections += 1
-        self._compact(layer, selection, max_prefix, k_new, v_new, start, n)
+        self._compact(layer, selection, max_prefix, NewTokens(k_new, v_new, start))
 
-    def _compact(self, layer, selection: Selection, max_prefix, k_new, v_new, start, n) -> None:
+    def _compact(self, layer, selection: Selection, max_prefix: int, new: NewTokens | None = None) -> None:
+        """Rebuild ``layer``'s pools from the kept candidates: its padded prefix (``max_prefix`` per head) followed
+        by the ``new`` tokens of this pass (None when only dropping tokens, as :meth:`truncate` does)."""
         keep_BHP, scores_BHP = selection.keep_BHP, selection.scores_BHP
-        B, H = self.batch_size, self.num_heads
+        B, H, D = self.batch_size, self.num_heads, self.head_dim
         T = self.k_pool[layer].shape[0]
         rows, new_len, cand = kept_rows(keep_BHP, self.seg_start[layer], self.seg_len[layer], max_prefix, T)
-        D = self.head_dim
-        n = n or 0
-        k_cur = k_new if k_new is not None else self.k_pool[layer].new_empty(B, H, 0, D)
-        v_cur = v_new if v_new is not None else self.v_pool[layer].new_empty(B, H, 0, D)
-        pos_cur = torch.arange(start or 0, (start or 0) + n, dtype=torch.int32, device=self.device).expand(B, H, n)
+        if new is None:  # zero new tokens, so gather_rows reads the prefix only
+            new = NewTokens(self.k_pool[layer].new_empty(B, H, 0, D), self.v_pool[layer].new_empty(B, H, 0, D), 0)
+        n, k_cur, v_cur = new.n, new.k_BHnD, new.v_BHnD
+        pos_cur = torch.arange(new.start, new.start + n, dtype=torch.int32, device=self.device).expand(B, H, n)
         bh = None
         if any(t is not None for t in (selection.k_BHPD, selection.v_BHPD, scores_BHP)):
             bh = torch.repeat_interleave(torch.arange(B * H, device=self.device), new_len.long())

@@ -42,7 +42,10 @@ class SequenceCursor:
 
 
 class KVCache(SequenceCursor):
-    """Preallocated dense K/V buffers shared by all layers' write pointer ``length``."""
+    """Preallocated dense K/V buffers shared by all layers' write pointer ``length``
+    (a :class:`~var.kernels.protocols.DenseCache`)."""
+
+    supports_block_prefill = True  # attends densely over whatever one pass writes, under the caller's mask
 
     def __init__(self, num_layers: int, batch_size: int, num_heads: int, capacity: int, head_dim: int, *,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",

@@ -182,9 +182,9 @@ def _prefill_mode(prefill: str, kv_cache) -> str:
         raise ConfigError(f"prefill must be one of {PREFILL_MODES}, got {prefill!r}")
     if prefill != "auto":
         return prefill
-    # One masked pass needs a cache that attends densely over what it was given; caches that select tokens per
-    # scale (ScaleKV, HACK) may declare ``supports_block_prefill = True`` once they handle a multi-scale write.
-    return "one_pass" if getattr(kv_cache, "supports_block_prefill", type(kv_cache) is KVCache) else "per_scale"
+    # One masked pass needs a cache that attends densely over what it was given (AttentionCache protocol); caches
+    # that select tokens per scale (ScaleKV, HACK) say supports_block_prefill = False.
+    return "one_pass" if kv_cache.supports_block_prefill else "per_scale"
 
 
 def _drafter_cache(policy, drafter, rows: int, num_tokens: int, device):

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from var.errors import ConfigError
+from var.kernels.protocols import require_dense_cache
 from var.samplers.logits import GeneratorArg, rand_like_per_sample, sample_from_uniform
 from var.samplers.next_token import TokenProcessor, finish, prepare
 from var.samplers.stats import SamplerStats
@@ -401,7 +402,7 @@ def sample_jacobi(model, vq, labels_B, *, window: int = 16, init: str = "random"
     device = labels_B.device
     batch, seq_len, vocab, prefix_len = len(labels_B), model.seq_len, model.vocab_size, model.prefix_len
     grid, slots = model.config.grid_size, window - 1
-    cache = model.new_kv_cache(len(rows), capacity=prefix_len + seq_len + window)
+    cache = require_dense_cache(model.new_kv_cache(len(rows), capacity=prefix_len + seq_len + window), "SJD")
     stats = SamplerStats(peak_kv_cache_bytes=cache.nbytes())
     gumbel_BNV = None
     if coupling == "gumbel":

@@ -1,6 +1,7 @@
 """Shared pieces of the compression policies: budget checks, the model layout, ranking and windows."""
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -149,9 +150,11 @@ def current_index_mask(ctx: SelectionContext, idx_cur: torch.Tensor) -> torch.Te
 
 
 class CompressionPolicy:
-    """Base class: holds the budget and dtypes, builds the cache, and is asked which tokens to keep.
+    """Base class: holds the budget and dtypes, builds caches, and is asked which tokens to keep.
 
-    Subclasses implement :meth:`prepare` (per-model set-up, called by :meth:`new_cache`) and :meth:`select`.
+    A policy object has no hidden per-model state: :meth:`new_cache` binds a copy of it to the model's layout
+    (:meth:`bind`) and gives that copy to the cache, so one object serves models of any size (CoDe's drafter and
+    refiner) at once. Subclasses implement :meth:`prepare` (set-up of a bound copy) and :meth:`select`.
     """
 
     tracks_scores = False
@@ -160,21 +163,26 @@ class CompressionPolicy:
                  dtype: torch.dtype | None = None):
         self.budget = check_fraction(f"{type(self).__name__} budget", budget)
         self.backend, self.k_dtype, self.dtype = backend, k_dtype, dtype
-        self.layout: CacheLayout | None = None
+        self.layout: CacheLayout | None = None  # set on bound copies only
         self.budget_per_head = 0
 
+    def bind(self, layout: CacheLayout) -> "CompressionPolicy":
+        """A copy of this policy set up for ``layout`` (this object is left unchanged)."""
+        bound = copy.copy(self)
+        bound.prepare(layout)
+        return bound
+
     def prepare(self, layout: CacheLayout) -> None:
+        """Per-layout set-up of a bound copy (called by :meth:`bind`; extended by subclasses)."""
         self.layout = layout
         self.budget_per_head = layout.budget_tokens(self.budget)
 
     def new_cache(self, model, batch_size: int, *, dtype: torch.dtype | None = None, device=None):
-        layout = CacheLayout.of(model)
-        if layout != self.layout:
-            self.prepare(layout)
-        param = model.head.weight
+        bound = self.bind(CacheLayout.of(model))
+        layout, param = bound.layout, model.head.weight
         dtype = self.dtype or dtype or param.dtype
         return CompressedKVCache(layout.depth, batch_size, layout.num_heads, layout.head_dim,
-                                 capacity=layout.seq_len, policy=self, patch_nums=layout.patch_nums, dtype=dtype,
+                                 capacity=layout.seq_len, policy=bound, patch_nums=layout.patch_nums, dtype=dtype,
                                  k_dtype=self.k_dtype, device=device or param.device, backend=self.backend)
 
     def wants_selection(self, layer: int, start: int, n: int, max_key_len: int) -> bool:
@@ -183,6 +191,8 @@ class CompressionPolicy:
 
     def scale_index(self, start: int, n: int) -> int | None:
         """The VAR scale a write of ``n`` tokens at ``start`` is, or None."""
+        if self.layout is None:
+            raise ConfigError(f"{type(self).__name__} is not bound to a model: use policy.bind(layout) or new_cache")
         pos = 0
         for si, pn in enumerate(self.layout.patch_nums):
             if pos == start and scale_tokens(pn) == n:
