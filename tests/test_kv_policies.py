@@ -265,6 +265,7 @@ def test_hack_merge_in_the_sampler(models, profile):
     policy = HACK(budget=0.5, profile=profile, merge=True, backend="torch")
     plain = _cache_after(models, HACK(budget=0.5, profile=profile, backend="torch"))
     merged = _cache_after(models, policy)  # scale 2 is the last stored one for 4 scales
+    policy = merged.policy  # bound to the model: holds the head classification
     for layer in range(2):
         assert torch.equal(plain.pos_pool[layer], merged.pos_pool[layer])
         changed = (plain.k_pool[layer] != merged.k_pool[layer]).any(-1)
