@@ -147,7 +147,7 @@ def test_released_scalekv_budgets_on_the_infinity_layout(tmp_path):
     layout = CacheLayout.of(InfinityAtSchedule(model, dynamic_schedule(1.0, "1M")))
     assert (layout.depth, layout.num_heads, layout.head_dim, layout.seq_len) == (32, 16, 128, 10521)
     policy = ScaleKV(0.1, released_budgets=tmp_path / "2b.json")
-    policy.prepare(layout)
+    policy = policy.bind(layout)
     assert policy.caps[7][0] == policy.caps[7][23] == 920 and policy.caps[7][5] == 632
     assert policy.caps[8][23] == 1490 and policy.caps[3] == [57] * 32
     assert all(sum(policy.caps[si]) / 32 == pytest.approx(650, abs=1) for si in range(7, 11))

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from helpers import random_indices, tiny_var_pair
-from var.kernels import H2O, HACK, CompressedKVCache, ScaleKV, SnapKV, StreamingLLM, calibrate
+from var.kernels import H2O, HACK, CompressedKVCache, ScaleKV, SnapKV, StreamingLLM
+from var.samplers.calibration import calibrate
 from var.models import create
 from var.models import nar_ctf_presets  # noqa: F401  (registers nar_tiny and the ctf_* presets)
 from var.models.ctf import kmeans_codebook
@@ -188,6 +189,9 @@ class _Recorder:
     def __init__(self, policy):
         self.policy, self.tracks_scores, self.contexts = policy, policy.tracks_scores, []
 
+    def wants_selection(self, layer, start, n, max_key_len):
+        return self.policy.wants_selection(layer, start, n, max_key_len)
+
     def select(self, ctx):
         self.contexts.append(dataclasses.replace(ctx, **{f.name: getattr(ctx, f.name).clone()
                                                          for f in dataclasses.fields(ctx)
@@ -207,7 +211,8 @@ def test_scalekv_and_hack_select_the_same_on_cuda_as_on_cpu(device, var_and_prof
     model, tok, profile = var_and_profile
     model, tok = model.cpu(), tok.cpu()
     policy = POLICIES[name](budget=0.3, profile=profile, backend="torch")
-    cache = policy.new_cache(model, 3)  # binds the policy to the model's layout
+    cache = policy.new_cache(model, 3)
+    policy = cache.policy  # the copy bound to the model's layout
     recorder = cache.policy = _Recorder(policy)
     c = model.config
     cond = model.class_condition(torch.tensor([1, 2, 10]))
