@@ -128,13 +128,13 @@ def test_released_budget_file_gives_650_tokens_at_10_percent(tmp_path):
     path.write_text(json.dumps(released_file(32, {0}, {12: (4100, 420), 13: (6385, 465)})))
     layout = CacheLayout(depth=32, num_heads=2, head_dim=4, patch_nums=INFINITY_1024)
     policy = ScaleKV(0.1, released_budgets=path, backend="torch")
-    policy.prepare(layout)
+    policy = policy.bind(layout)
     assert sum(policy.caps[11]) / 32 == 650 and layout.budget_tokens(0.1) == 642
     assert policy.caps[11][0] == 6385 and policy.caps[10][0] == 4100 and policy.caps[10][1] == 420
     assert policy.caps[9] == [layout.cumulative(9)] * 32  # no entry: not compressed
     assert policy.drafters[12] == {0} and policy.drafters[11] == {0}
     with pytest.raises(Exception, match="32 layers"):
-        policy.prepare(CacheLayout(depth=40, num_heads=2, head_dim=4, patch_nums=INFINITY_1024))
+        policy.bind(CacheLayout(depth=40, num_heads=2, head_dim=4, patch_nums=INFINITY_1024))
     with pytest.raises(Exception, match="Scale"):
         ReleasedBudgets.parse({"layers": {}})
 
@@ -152,7 +152,7 @@ def test_pyramidkv_layer_budgets_and_selection_follow_the_release():
     the window; each layer then selects as SnapKV with its own cap."""
     from var.kernels.policies import PyramidKV
     policy = PyramidKV(0.5, window=4, backend="torch")
-    policy.prepare(CacheLayout(depth=4, num_heads=1, head_dim=4, patch_nums=PATCH_NUMS))
+    policy = policy.bind(CacheLayout(depth=4, num_heads=1, head_dim=4, patch_nums=PATCH_NUMS))
     assert policy.budget_per_head == 15
     assert [policy.layer_cap(layer, P) for layer in range(4)] == [26, 19, 12, 5]
     assert policy.layer_cap(0, 20) == 15  # fewer than 2 (C - w) keys: plain SnapKV

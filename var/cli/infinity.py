@@ -62,7 +62,7 @@ def load_text_source(args, device):
 
 def load_infinity_models(args):
     """``(vae, model, description)`` from ``--vae`` / ``--model`` (strict loads)."""
-    from var.hub_infinity import load_infinity
+    from var.hub import load_infinity
 
     if not (args.vae and args.model):
         raise ConfigError("--family infinity needs --vae (infinity_vae_d*.pth) and --model (infinity_*.pth)")
