@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from infinity_helpers import TINY_SCHEDULE, random_text, spec_state_dict, tiny_infinity, tiny_vae
+from var import hub
 from var.hub import infinity as hub_infinity
 from var.errors import CheckpointMismatchError, ConfigError
 from var.models.infinity import Infinity
