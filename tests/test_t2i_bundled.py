@@ -125,3 +125,11 @@ def test_var_sample_prompt_with_a_t5_text_encoder(tmp_path):
     assert sample_main(base + ["--prompt", "a red fox in the snow", "--sampler", "mcsjd"]) == 0
     with pytest.warns(UserWarning, match="truncated to 8"):
         assert sample_main(base + ["--prompt", "a big red fox in the snow on the sea"]) == 0
+
+
+def test_installed_bundle_answers_a_prompt_with_no_other_argument(tmp_path, monkeypatch):
+    from var.assets import bundled_t2i_dir
+    assert bundled_t2i_dir() is not None, "var/assets/t2i_bundled is part of the package"
+    monkeypatch.chdir(tmp_path)
+    assert sample_main(["--prompt", "a pink star"]) == 0
+    assert (tmp_path / "samples.png").exists()

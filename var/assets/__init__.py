@@ -19,6 +19,7 @@ def bundled_ar_dir() -> Path | None:
 
 
 def bundled_t2i_dir() -> Path | None:
-    """Directory with ``tokenizer/``, ``transformer/`` and ``text_encoder/`` of the bundled text-to-image model."""
+    """Directory with ``transformer/`` and ``text_encoder/`` of the bundled text-to-image model (its tokenizer is
+    ``ar_bundled``'s), if it is installed."""
     path = ASSETS_DIR / "t2i_bundled"
     return path if (path / "text_encoder" / "config.json").exists() else None

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from var.errors import CheckpointMismatchError
+from var.errors import CheckpointError, CheckpointMismatchError
 from var.hub.download import resolve_checkpoint
 from var.hub.io import (build_on_meta, count_indexed, expect_type, load_pretrained, load_strict, read_state_dict,
                         require_keys)
@@ -154,10 +154,17 @@ def load_llamagen(vq_path, gpt_path, *, image_size: int | None = None, n_head: i
 
 
 def load_t2i_bundle(directory: str | os.PathLike, *, device="cpu"):
-    """``(vq, gpt, text_encoder)`` of a directory written by :mod:`var.train.t2i_bundled` (all strict)."""
+    """``(vq, gpt, text_encoder)`` of a directory written by :mod:`var.train.t2i_bundled` (all strict). Without a
+    ``tokenizer/`` the bundled AR model's is used (the installed t2i bundle shares it instead of a 3 MB copy)."""
+    from var.assets import bundled_ar_dir
     from var.models.caption_encoder import CaptionEncoder
     directory = Path(directory)
-    vq, gpt = load_llamagen(directory / "tokenizer", directory / "transformer", device=device)
+    tokenizer = directory / "tokenizer"
+    if not tokenizer.exists():
+        if bundled_ar_dir() is None:
+            raise CheckpointError(f"{directory} has no tokenizer/ and the bundled AR tokenizer is not installed")
+        tokenizer = bundled_ar_dir() / "tokenizer"
+    vq, gpt = load_llamagen(tokenizer, directory / "transformer", device=device)
     if not isinstance(gpt, GPTT2I):
         raise CheckpointMismatchError(f"a text-to-image GPT: {directory / 'transformer'} is class-conditional")
     enc = expect_type(load_pretrained(directory / "text_encoder", device=device), CaptionEncoder,

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from var.errors import ConfigError
 from var.kernels.kv_cache import KVCache
@@ -147,7 +146,7 @@ class GPTT2I(GPT):
                            attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """:meth:`GPT.forward_embeddings`, with the caption padding of the cache rows hidden from the new queries."""
         pad = kv_cache.prefix_mask if kv_cache is not None else None
-        if pad is not None and not bool(pad.all()):
+        if pad is not None:
             n, l = kv_cache.length, x_BlC.shape[1]
             if attn_mask is None:  # GPT's default: each new token sees the cache and the new tokens up to itself
                 attn_mask = prefix_attention_mask(pad[:, :0], l, n + l, n)
@@ -196,5 +195,6 @@ class GPTT2I(GPT):
         mask = prefix_attention_mask(cond.mask_BT, T, T, 0)
         logits = super().forward_embeddings(self.caption_embed(cond), torch.arange(T, device=cond.device),
                                             kv_cache, mask)
-        kv_cache.prefix_mask = cond.mask_BT.clone()
+        # recorded only when some slot is padding, so unpadded captions decode with the plain masks
+        kv_cache.prefix_mask = None if bool(cond.mask_BT.all()) else cond.mask_BT.clone()
         return logits[:, -1:]
