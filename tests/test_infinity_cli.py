@@ -56,3 +56,21 @@ def test_bad_input_is_named(saved, tmp_path, capsys):
         main(["--vae", str(saved / "vae"), "--var", str(saved / "model"), "--device", "cpu"])
     assert cli(_args(saved)) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_var_eval_sample_infinity_with_a_prompts_file(saved, tmp_path):
+    import numpy as np
+
+    from var.cli.eval import main as eval_main
+
+    (tmp_path / "p.txt").write_text("a red fox\na blue square on the sea\n")
+    rc = eval_main(["sample", "--sampler", "infinity", "--vae", str(saved / "vae"), "--model", str(saved / "model"),
+                    "--text-encoder", str(saved / "t5"), "--prompts-file", str(tmp_path / "p.txt"), "--per-class",
+                    "1", "--shard-size", "2", "--out", str(tmp_path / "eval"), "--device", "cpu",
+                    "--sampler-arg", "pixels='0.06M'"])
+    assert rc == 0
+    assert len(list((tmp_path / "eval" / "images").glob("*.png"))) == 2
+    assert np.load(tmp_path / "eval" / "images.npz")["arr_0"].shape == (2, 64, 64, 3)
+    with pytest.raises(SystemExit, match="prompts-file"):
+        eval_main(["sample", "--sampler", "infinity", "--vae", str(saved / "vae"), "--model", str(saved / "model"),
+                   "--out", str(tmp_path / "e2"), "--device", "cpu"])

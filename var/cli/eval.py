@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--vq", help="single-scale VQ checkpoint (next-token family)")
     m.add_argument("--gpt", help="next-token GPT checkpoint (next-token family)")
     m.add_argument("--random-init", action="store_true", help="random-weight tiny presets (smoke tests)")
+    m.add_argument("--model", help="Infinity transformer (--sampler infinity; --vae is then its BSQ VAE)")
+    m.add_argument("--text-encoder", help="T5 encoder for --sampler infinity (google/flan-t5-xl or a local dir)")
+    m.add_argument("--prompts-file", help="--sampler infinity: one prompt per line; image i uses prompt i %% P")
     g = s.add_argument_group("sampler")
     g.add_argument("--sampler", default="next_scale", help="a sampler of var.samplers (sample_<name>)")
     g.add_argument("--cfg", type=float, default=None, help="default 1.5 (VAR family), 2.0 (next-token family)")
@@ -178,6 +181,8 @@ def run_sample(args) -> int:
         if args.cache not in policies:
             raise ConfigError(f"unknown cache policy {args.cache!r}; available: {', '.join(sorted(policies))}")
         cache = policies[args.cache].make(args.budget)
+    if entry.name == "infinity":
+        return _run_sample_infinity(args, entry, cache, env)
     components, desc = _load_family(args, entry)
     _fill_family_defaults(args, entry)
     settings = {"model": desc, "sampler": entry.name, "cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p,
@@ -203,6 +208,48 @@ def run_sample(args) -> int:
     if env.rank == 0:
         log.info("rank 0: sampled %d shards, skipped %d finished ones; %s", summary["sampled"], summary["skipped"],
                  f"npz: {summary['npz']}" if "npz" in summary else "no npz")
+    return 0
+
+
+def _run_sample_infinity(args, entry, cache, env) -> int:
+    """``--sampler infinity``: the prompts of ``--prompts-file`` play the classes (image i uses prompt i % P)."""
+    from var.cli.infinity import INFINITY_DEFAULTS, check_text_encoder, load_infinity_models, load_text_source
+    from var.eval.distributed import SamplingPlan, generate_samples
+
+    if not args.prompts_file or not Path(args.prompts_file).is_file():
+        raise ConfigError("--sampler infinity needs --prompts-file (one prompt per line)")
+    prompts = [line.strip() for line in Path(args.prompts_file).read_text(encoding="utf-8").splitlines()]
+    if not prompts or not all(prompts):
+        raise ConfigError(f"{args.prompts_file}: one non-empty prompt per line")
+    for name, value in INFINITY_DEFAULTS.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    args.embedding_cache = None
+    encode = load_text_source(args, args.device)
+    vae, model, desc = load_infinity_models(args)
+    knobs = {"cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p, **_parse_kv(args.sampler_arg)}
+    if args.temperature != 1.0:
+        knobs["tau"] = args.temperature
+    embeddings = encode(prompts)
+    check_text_encoder(model, embeddings)
+    autocast = (torch.autocast(torch.device(args.device).type, dtype=DTYPES[args.dtype]) if args.dtype != "fp32"
+                else contextlib.nullcontext())
+
+    def fn(labels_B, generator):
+        with autocast:
+            out = entry.fn(model, vae, embeddings.select(labels_B.tolist()), generator=generator, cache=cache,
+                           **knobs)
+        return out.images.float().cpu(), out.stats.as_dict()
+
+    num_images = args.num_images or args.per_class * len(prompts)
+    plan = SamplingPlan(num_images, len(prompts), args.shard_size, args.seed)
+    record = {"model": desc, "sampler": entry.name, **knobs, "prompts": prompts,
+              "cache": repr(cache) if cache is not None else "full", "dtype": args.dtype}
+    try:
+        summary = generate_samples(fn, args.out, plan, record, env=env, device=args.device, pack=not args.no_pack)
+    finally:
+        env.close()
+    log.info("sampled %d shards of Infinity images (%s)", summary["sampled"], desc)
     return 0
 
 
