@@ -5,6 +5,7 @@ import torch
 from infinity_helpers import tiny_infinity, tiny_vae
 from var import hub
 from var.cli.sample import cli, main
+from var.models import create
 from var.errors import AspectRatioError, CheckpointMismatchError, ConfigError, TextEncoderError
 
 pytest.importorskip("transformers")
@@ -17,7 +18,7 @@ def saved(tmp_path_factory):
     hub.save_pretrained(tiny_vae(), d / "vae")
     hub.save_pretrained(tiny_infinity(), d / "model")  # 16-d text features, like the tiny T5
     save_tiny_t5(d / "t5")
-    hub.save_pretrained(hub.create("var_tiny"), d / "var_model")
+    hub.save_pretrained(create("var_tiny"), d / "var_model")
     return d
 
 
