@@ -5,8 +5,9 @@ import torch
 from var.errors import ConfigError
 from var.kernels.kv_cache import FullCache, KVCache
 from var.models import create
-from var.samplers.collaborative import (DraftHandoff, ScaleSchedule, _refiner_prefill, code_preset,
-                                        paper_temperatures, sample_collaborative, scale_logits)
+from var.samplers.collaborative import (DraftHandoff, _refiner_prefill, code_preset, paper_temperatures,
+                                        sample_collaborative)
+from var.samplers.next_scale import ScaleSampling
 from var.samplers.logits import top_k_top_p_filter
 from var.samplers.next_scale import sample_next_scale
 
@@ -115,7 +116,7 @@ def test_per_scale_schedule(models):
 def test_schedule_validation(models):
     drafter, refiner, tok = models
     assert paper_temperatures(10) == [1.1] * 7 + [1.0] * 3
-    sched = ScaleSchedule.build(4, cfg=3.0, top_k=0, top_p=0.0, temperature=1.0)
+    sched = ScaleSampling.build(4, cfg=3.0, top_k=0, top_p=0.0, temperature=1.0)
     assert sched.cfg == [0.0, 1.0, 2.0, 3.0] and sched.guided
     with pytest.raises(ConfigError, match="temperature has 3 entries"):
         sample_collaborative(drafter, refiner, tok, LABELS, draft_steps=2, temperature=[1.0] * 3)
@@ -216,19 +217,18 @@ def test_temperature_order_follows_the_code_release():
     """CoDe's release filters the raw logits (top-k, top-p), then divides by the temperature; VAR/LlamaGen divide
     first. With top-p 0.96 and temperature 1.1 the nuclei differ; both orders are reachable by name."""
     logits = torch.linspace(6.0, -6.0, 400)[None, None] + torch.randn(1, 1, 400, generator=gen(3)) * 0.1
-    release = ScaleSchedule.build(1, cfg=0.0, top_k=0, top_p=0.96, temperature=1.1)
-    assert release.temperature_order == "after_filter"
+    release = ScaleSampling.build(1, cfg=0.0, top_k=0, top_p=0.96, temperature=1.1, temperature_order="after_filter")
     expected = (top_k_top_p_filter(logits, 0, 0.96) / 1.1).softmax(-1)  # written out, not through the processor
-    torch.testing.assert_close(scale_logits(logits, 0, release).softmax(-1), expected)
-    var_order = ScaleSchedule.build(1, cfg=0.0, top_k=0, top_p=0.96, temperature=1.1,
-                                    temperature_order="before_filter")
-    torch.testing.assert_close(scale_logits(logits, 0, var_order).softmax(-1),
+    torch.testing.assert_close(release.logits(logits, 0).softmax(-1), expected)
+    var_order = ScaleSampling.build(1, cfg=0.0, top_k=0, top_p=0.96, temperature=1.1)  # VAR's order by default
+    assert var_order.temperature_order == "before_filter"
+    torch.testing.assert_close(var_order.logits(logits, 0).softmax(-1),
                                top_k_top_p_filter(logits / 1.1, 0, 0.96).softmax(-1))
     kept_release = int((expected > 0).sum())
-    kept_var = int((scale_logits(logits, 0, var_order) > float("-inf")).sum())
+    kept_var = int((var_order.logits(logits, 0) > float("-inf")).sum())
     assert kept_release < kept_var  # a hotter temperature first widens the nucleus
     with pytest.raises(ConfigError, match="temperature_order"):
-        ScaleSchedule.build(1, cfg=0.0, top_k=0, top_p=0.9, temperature=1.0, temperature_order="late")
+        ScaleSampling.build(1, cfg=0.0, top_k=0, top_p=0.9, temperature=1.0, temperature_order="late")
 
 
 def test_paper_preset(models):

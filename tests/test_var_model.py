@@ -3,18 +3,20 @@ import pytest
 import torch
 
 from helpers import random_indices, tiny_var_pair
+from var.samplers.next_scale import ScaleSampling, sample_scale, scale_input
 
 
 def cached_logits(model, tok, labels, idx):
-    """Scale-by-scale logits with the KV cache, feeding the ground-truth tokens (what the sampler computes)."""
+    """Scale-by-scale logits with the KV cache, feeding the ground-truth tokens through the sampler's scale step."""
     cond = model.class_condition(labels)
     cache = model.new_kv_cache(len(labels))
+    sampling = ScaleSampling.build(len(tok.patch_nums), cfg=0.0, top_k=0, top_p=0.0, temperature=1.0)
     x, f_hat, out = model.first_scale_input(cond), torch.zeros(len(labels), tok.embed_dim, 4, 4), []
     for si in range(len(tok.patch_nums)):
         out.append(model.forward_scale(x, cond, cache))
-        f_hat, nxt = tok.next_scale_input(si, f_hat, tok.embed(idx[si]).float())
+        _, f_hat, nxt = sample_scale(out[-1], si, tok, f_hat, sampling, forced_Bhw=idx[si])
         if si + 1 < len(tok.patch_nums):
-            x = model.scale_input(si + 1, nxt.flatten(2).transpose(1, 2))
+            x = scale_input(model, si + 1, nxt, guided=False)
     return torch.cat(out, dim=1)
 
 

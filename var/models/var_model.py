@@ -16,6 +16,7 @@ from var.models.conditioning import check_class_labels
 from var.kernels.kv_cache import KVCache
 from var.models.var_layers import AdaLNBeforeHead, AdaLNSelfAttn
 from var.tokenizers.multiscale_vqvae import VAR_PATCH_NUMS_256
+from var.utils.scales import ScaleSchedule
 
 
 @dataclass
@@ -46,8 +47,12 @@ class VARConfig:
             raise ConfigError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
 
     @property
+    def schedule(self) -> ScaleSchedule:
+        return ScaleSchedule(self.patch_nums)
+
+    @property
     def seq_len(self) -> int:
-        return sum(pn * pn for pn in self.patch_nums)
+        return self.schedule.seq_len
 
 
 class VAR(nn.Module):
@@ -59,16 +64,13 @@ class VAR(nn.Module):
         self.config = config
         C, L = config.width, config.seq_len
         init_std = (1 / C / 3) ** 0.5
-        self.begin_ends = []
-        start = 0
-        for pn in config.patch_nums:
-            self.begin_ends.append((start, start + pn * pn))
-            start += pn * pn
+        self.schedule = config.schedule
+        self.begin_ends = self.schedule.begin_ends  # (begin, end) token range of each scale
 
         self.pos_start = nn.Parameter(torch.empty(1, 1, C))
         self.pos_1LC = nn.Parameter(torch.empty(1, L, C))
-        levels = torch.cat([torch.full((pn * pn,), si) for si, pn in enumerate(config.patch_nums)])
-        self.register_buffer("lvl_1L", levels.view(1, L).long())
+        levels = self.schedule.levels()
+        self.register_buffer("lvl_1L", levels.view(1, L))
         causal = torch.where(levels[:, None] >= levels[None, :], 0.0, -torch.inf)
         self.register_buffer("attn_bias_for_masking", causal.view(1, 1, L, L).contiguous())
         self.word_embed = nn.Linear(config.latent_channels, C)

@@ -18,20 +18,18 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Sequence, Union
 
 import torch
 
 from var.errors import ConfigError
 from var.kernels.kv_cache import FullCache, KVCache
-from var.samplers.logits import (GeneratorArg, apply_cfg, check_finite, check_sampling_args, gumbel_softmax,
-                                 multinomial, processed_logits, TEMPERATURE_ORDERS)
-from var.samplers.next_scale import as_label_tensor
+from var.samplers.logits import GeneratorArg
+from var.samplers.next_scale import (PerScale, ScaleSampling, as_label_tensor, class_conditions, sample_scale,
+                                     scale_input)
 from var.samplers.stats import SampleOutput, SamplerStats
 
 logger = logging.getLogger(__name__)
 
-PerScale = Union[float, int, Sequence[float], Sequence[int]]
 PREFILL_MODES = ("auto", "one_pass", "per_scale")
 
 
@@ -51,51 +49,6 @@ def code_preset(name: str = "paper", num_scales: int = 10) -> dict:
         raise ConfigError(f"unknown CoDe preset {name!r}; choose one of {CODE_PRESETS}")
     return dict(draft_steps=min(8, num_scales), cfg=1.5, top_k=600, top_p=0.96,
                 temperature=paper_temperatures(num_scales), temperature_order="after_filter", more_smooth=False)
-
-
-@dataclass
-class ScaleSchedule:
-    """Per-scale sampling knobs (lists of length ``num_scales``); ``cfg[si]`` is the guidance ``t`` at scale si,
-    applied as ``(1 + t) * cond - t * uncond``."""
-
-    temperature: list
-    top_k: list
-    top_p: list
-    cfg: list
-    temperature_order: str = "after_filter"  # the CoDe release filters the raw logits, then divides
-
-    @property
-    def guided(self) -> bool:
-        return any(t > 0 for t in self.cfg)
-
-    @classmethod
-    def build(cls, num_scales: int, *, cfg: PerScale, top_k: PerScale, top_p: PerScale,
-              temperature: PerScale, temperature_order: str = "after_filter") -> "ScaleSchedule":
-        """Scalars are broadcast (a scalar ``cfg`` is VAR's ramp ``cfg * si / (SN - 1)``); sequences must have
-        one entry per scale. ``temperature_order``: see :func:`~var.samplers.logits.processed_logits`."""
-        if temperature_order not in TEMPERATURE_ORDERS:
-            raise ConfigError(f"temperature_order must be one of {TEMPERATURE_ORDERS}, got {temperature_order!r}")
-        def per_scale(value, name):
-            if isinstance(value, (int, float)):
-                return [value] * num_scales
-            values = list(value)
-            if len(values) != num_scales:
-                raise ConfigError(f"{name} has {len(values)} entries, the models have {num_scales} scales")
-            return values
-
-        if isinstance(cfg, (int, float)):
-            if not cfg >= 0:
-                raise ConfigError(f"cfg must be >= 0 (VAR convention: 0 = no guidance), got {cfg}")
-            cfg_t = [cfg * (si / (num_scales - 1) if num_scales > 1 else 1.0) for si in range(num_scales)]
-        else:
-            cfg_t = per_scale(cfg, "cfg")
-            if any(not t >= 0 for t in cfg_t):
-                raise ConfigError(f"per-scale cfg values must be >= 0, got {cfg_t}")
-        sched = cls(per_scale(temperature, "temperature"), per_scale(top_k, "top_k"), per_scale(top_p, "top_p"),
-                    [float(t) for t in cfg_t], temperature_order)
-        for k, p, t in zip(sched.top_k, sched.top_p, sched.temperature):
-            check_sampling_args(k, p, t)
-        return sched
 
 
 @dataclass
@@ -137,46 +90,6 @@ def check_pair(drafter, refiner, tok) -> None:
                           f"({drafter.config.num_classes} vs {refiner.config.num_classes})")
 
 
-def _conditions(model, labels_B: torch.Tensor, guided: bool) -> torch.Tensor:
-    cond_BD = model.class_condition(labels_B)
-    if guided:
-        cond_BD = torch.cat((cond_BD, model.class_condition(torch.full_like(labels_B, model.null_class))))
-    return cond_BD
-
-
-def _embed_input(model, si: int, latent_BlCv: torch.Tensor, guided: bool) -> torch.Tensor:
-    x_BlC = model.scale_input(si, latent_BlCv)
-    return torch.cat((x_BlC, x_BlC)) if guided else x_BlC
-
-
-def scale_logits(guided_logits: torch.Tensor, si: int, sched: ScaleSchedule) -> torch.Tensor:
-    """The logits whose softmax is scale ``si``'s sampling distribution (temperature and filters in the schedule's
-    order)."""
-    return processed_logits(guided_logits, temperature=sched.temperature[si], top_k=sched.top_k[si],
-                            top_p=sched.top_p[si], temperature_order=sched.temperature_order)
-
-
-def _sample_scale(logits, si, B, sched: ScaleSchedule, tok, f_hat, generator, more_smooth):
-    """Guide, filter and draw scale ``si``; returns ``(idx [B, pn, pn], f_hat, next input [B, l, Cvae])``."""
-    pn, num_scales = tok.patch_nums[si], len(tok.patch_nums)
-    check_finite(logits, f"scale {si} (pn={pn})")
-    if sched.guided:
-        logits = apply_cfg(logits[:B], logits[B:], 1 + sched.cfg[si])
-    logits = scale_logits(logits, si, sched)
-    idx_Bl = multinomial(logits.softmax(dim=-1), generator)
-    if more_smooth:
-        ratio = si / (num_scales - 1) if num_scales > 1 else 1.0
-        tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
-        if sched.temperature_order == "after_filter":  # the release smooths the filtered, untempered logits
-            logits = logits * sched.temperature[si]
-        h_BlC = gumbel_softmax(logits * (1 + ratio), tau, generator) @ tok.quantize.embedding.weight.float()
-    else:
-        h_BlC = tok.quantize.embedding.weight[idx_Bl]
-    h_BChw = h_BlC.transpose(1, 2).reshape(B, -1, pn, pn).float()
-    f_hat, next_BChw = tok.next_scale_input(si, f_hat, h_BChw)
-    return idx_Bl.view(B, pn, pn), f_hat, next_BChw.flatten(2).transpose(1, 2)
-
-
 def _prefill_mode(prefill: str, kv_cache) -> str:
     if prefill not in PREFILL_MODES:
         raise ConfigError(f"prefill must be one of {PREFILL_MODES}, got {prefill!r}")
@@ -197,7 +110,7 @@ def _drafter_cache(policy, drafter, rows: int, num_tokens: int, device):
                    dtype=drafter.head.weight.dtype, device=device)
 
 
-def draft(drafter, tok, labels_B, draft_steps: int, sched: ScaleSchedule, *, generator: GeneratorArg = None,
+def draft(drafter, tok, labels_B, draft_steps: int, sched: ScaleSampling, *, generator: GeneratorArg = None,
           cache=None, more_smooth: bool = False, stats: SamplerStats | None = None) -> DraftHandoff:
     """Sample scales ``0 .. draft_steps - 1`` with the drafter's own cache; return the latent hand-over."""
     device = drafter.head.weight.device
@@ -206,8 +119,9 @@ def draft(drafter, tok, labels_B, draft_steps: int, sched: ScaleSchedule, *, gen
     out = DraftHandoff(torch.zeros(B, tok.embed_dim, n, n, device=device))
     if draft_steps == 0:
         return out
-    cond_BD = _conditions(drafter, labels_B, guided)
-    kv_cache = _drafter_cache(cache, drafter, cond_BD.shape[0], drafter.begin_ends[draft_steps - 1][1], device)
+    cond_BD = class_conditions(drafter, labels_B, guided)
+    kv_cache = _drafter_cache(cache, drafter, cond_BD.shape[0], drafter.schedule.tokens_through(draft_steps - 1),
+                              device)
     x_BlC = drafter.first_scale_input(cond_BD)
     for si in range(draft_steps):
         logits = drafter.forward_scale(x_BlC, cond_BD, kv_cache)
@@ -215,13 +129,13 @@ def draft(drafter, tok, labels_B, draft_steps: int, sched: ScaleSchedule, *, gen
             stats.forward_passes += 1
             stats.extra["drafter_peak_kv_cache_bytes"] = max(stats.extra.get("drafter_peak_kv_cache_bytes", 0),
                                                              kv_cache.nbytes())
-        idx, out.f_hat_BChw, next_BlCv = _sample_scale(logits, si, B, sched, tok, out.f_hat_BChw, generator,
-                                                       more_smooth)
+        idx, out.f_hat_BChw, next_BlCv = sample_scale(logits, si, tok, out.f_hat_BChw, sched,
+                                                      generator=generator, more_smooth=more_smooth)
         out.tokens.append(idx)
         if si + 1 < len(tok.patch_nums):
             out.inputs_BlCv.append(next_BlCv)
         if si + 1 < draft_steps:
-            x_BlC = _embed_input(drafter, si + 1, next_BlCv, guided)
+            x_BlC = scale_input(drafter, si + 1, next_BlCv, guided)
     return out
 
 
@@ -229,7 +143,7 @@ def _refiner_prefill(refiner, cond_BD, handoff: DraftHandoff, kv_cache, mode: st
     """Fill the refiner's cache with scales ``0 .. N`` (N = drafted scales) -> logits of scale N and passes used."""
     N = len(handoff.inputs_BlCv)
     xs = [refiner.first_scale_input(cond_BD)]
-    xs += [_embed_input(refiner, si, lat, guided) for si, lat in enumerate(handoff.inputs_BlCv, start=1)]
+    xs += [scale_input(refiner, si, lat, guided) for si, lat in enumerate(handoff.inputs_BlCv, start=1)]
     if mode == "per_scale" or N == 0:
         for x_BlC in xs:
             logits = refiner.forward_scale(x_BlC, cond_BD, kv_cache)
@@ -241,7 +155,7 @@ def _refiner_prefill(refiner, cond_BD, handoff: DraftHandoff, kv_cache, mode: st
     return refiner.logits(h_BLC[:, -xs[-1].shape[1]:], cond_BD), 1
 
 
-def refine(refiner, tok, labels_B, handoff: DraftHandoff, sched: ScaleSchedule, *, generator: GeneratorArg = None,
+def refine(refiner, tok, labels_B, handoff: DraftHandoff, sched: ScaleSampling, *, generator: GeneratorArg = None,
            cache=None, prefill: str = "auto", more_smooth: bool = False,
            stats: SamplerStats | None = None) -> DraftHandoff:
     """Sample the remaining scales with the refiner, starting from the drafter's hand-over; returns the final
@@ -249,7 +163,7 @@ def refine(refiner, tok, labels_B, handoff: DraftHandoff, sched: ScaleSchedule, 
     device = refiner.head.weight.device
     B, guided, num_scales = labels_B.shape[0], sched.guided, len(tok.patch_nums)
     start = len(handoff.tokens)
-    cond_BD = _conditions(refiner, labels_B, guided)
+    cond_BD = class_conditions(refiner, labels_B, guided)
     kv_cache = (cache or FullCache()).new_cache(refiner, cond_BD.shape[0], device=device)
     mode = _prefill_mode(prefill, kv_cache)
     f_hat, tokens = handoff.f_hat_BChw, list(handoff.tokens)
@@ -258,15 +172,15 @@ def refine(refiner, tok, labels_B, handoff: DraftHandoff, sched: ScaleSchedule, 
         if stats is not None:
             stats.extra["refiner_peak_kv_cache_bytes"] = max(stats.extra.get("refiner_peak_kv_cache_bytes", 0),
                                                              kv_cache.nbytes())
-        idx, f_hat, next_BlCv = _sample_scale(logits, si, B, sched, tok, f_hat, generator, more_smooth)
+        idx, f_hat, next_BlCv = sample_scale(logits, si, tok, f_hat, sched, generator=generator,
+                                             more_smooth=more_smooth)
         tokens.append(idx)
         if si + 1 < num_scales:
-            logits = refiner.forward_scale(_embed_input(refiner, si + 1, next_BlCv, guided), cond_BD, kv_cache)
+            logits = refiner.forward_scale(scale_input(refiner, si + 1, next_BlCv, guided), cond_BD, kv_cache)
             passes += 1
     if stats is not None:
         stats.forward_passes += passes
-        stats.extra.update(prefill=mode, refiner_passes=passes, prefill_tokens=sum(
-            pn * pn for pn in tok.patch_nums[:start + 1]))
+        stats.extra.update(prefill=mode, refiner_passes=passes, prefill_tokens=tok.schedule.tokens_through(start))
     return DraftHandoff(f_hat, [], tokens)
 
 
@@ -303,7 +217,7 @@ def sample_collaborative(drafter, refiner, tok, labels_B, *, draft_steps: int, c
     num_scales = len(tok.patch_nums)
     if not (isinstance(draft_steps, int) and 0 <= draft_steps <= num_scales):
         raise ConfigError(f"draft_steps must be an int in [0, {num_scales}], got {draft_steps!r}")
-    sched = ScaleSchedule.build(num_scales, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature,
+    sched = ScaleSampling.build(num_scales, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature,
                                 temperature_order=temperature_order)
     stats = SamplerStats(extra={"draft_steps": draft_steps, "drafter_passes": draft_steps})
 

@@ -478,7 +478,7 @@ def _codes(vq, codes_VD, codes: str):
     if codes not in LANTERN_CODES:
         raise ConfigError(f"LANTERN codes must be one of {LANTERN_CODES}, got {codes!r}")
     # the release measures distances on the raw embedding table; "normalised" uses the vectors the decoder sees
-    return (vq.quantize.embedding.weight if codes == "raw" else vq.quantize.codebook()).detach()
+    return vq.codebook(raw=codes == "raw").detach()
 
 
 def sample_lantern(model, vq, labels_B, *, k: int = 1000, delta: float = 0.1, window: int = 16,

@@ -7,14 +7,18 @@ last). So ``cfg = 0`` is conditional-only sampling (and skips the unconditional 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Sequence, Union
 
 import torch
 
 from var.errors import ConfigError
 from var.kernels.kv_cache import FullCache
-from var.samplers.logits import (GeneratorArg, apply_cfg, check_finite, check_sampling_args, gumbel_softmax,
-                                 multinomial, processed_logits)
+from var.samplers.logits import (TEMPERATURE_ORDERS, GeneratorArg, apply_cfg, check_finite, check_sampling_args,
+                                 gumbel_softmax, multinomial, processed_logits)
 from var.samplers.stats import SampleOutput, SamplerStats
+
+PerScale = Union[float, int, Sequence[float], Sequence[int]]
 
 
 def as_label_tensor(labels, device) -> torch.Tensor:
@@ -22,6 +26,103 @@ def as_label_tensor(labels, device) -> torch.Tensor:
     if isinstance(labels, torch.Tensor):
         return labels.to(device=device)
     return torch.as_tensor(list(labels), dtype=torch.long, device=device)
+
+
+@dataclass
+class ScaleSampling:
+    """Per-scale sampling knobs (lists of length ``num_scales``); ``cfg[si]`` is the guidance ``t`` at scale si,
+    applied as ``(1 + t) * cond - t * uncond``."""
+
+    temperature: list
+    top_k: list
+    top_p: list
+    cfg: list
+    temperature_order: str = "before_filter"  # VAR divides by the temperature, then filters (CoDe: after_filter)
+
+    @property
+    def guided(self) -> bool:
+        return any(t > 0 for t in self.cfg)
+
+    @classmethod
+    def build(cls, num_scales: int, *, cfg: PerScale, top_k: PerScale, top_p: PerScale,
+              temperature: PerScale, temperature_order: str = "before_filter") -> "ScaleSampling":
+        """Scalars are broadcast (a scalar ``cfg`` is VAR's ramp ``cfg * si / (SN - 1)``); sequences must have
+        one entry per scale. ``temperature_order``: see :func:`~var.samplers.logits.processed_logits`."""
+        if temperature_order not in TEMPERATURE_ORDERS:
+            raise ConfigError(f"temperature_order must be one of {TEMPERATURE_ORDERS}, got {temperature_order!r}")
+
+        def per_scale(value, name):
+            if isinstance(value, (int, float)):
+                return [value] * num_scales
+            values = list(value)
+            if len(values) != num_scales:
+                raise ConfigError(f"{name} has {len(values)} entries, the models have {num_scales} scales")
+            return values
+
+        if isinstance(cfg, (int, float)):
+            if not cfg >= 0:
+                raise ConfigError(f"cfg must be >= 0 (VAR convention: 0 = no guidance), got {cfg}")
+            cfg_t = [cfg * (si / (num_scales - 1) if num_scales > 1 else 1.0) for si in range(num_scales)]
+        else:
+            cfg_t = per_scale(cfg, "cfg")
+            if any(not t >= 0 for t in cfg_t):
+                raise ConfigError(f"per-scale cfg values must be >= 0, got {cfg_t}")
+        sampling = cls(per_scale(temperature, "temperature"), per_scale(top_k, "top_k"), per_scale(top_p, "top_p"),
+                       [float(t) for t in cfg_t], temperature_order)
+        for k, p, t in zip(sampling.top_k, sampling.top_p, sampling.temperature):
+            check_sampling_args(k, p, t)
+        return sampling
+
+    def logits(self, guided_logits: torch.Tensor, si: int) -> torch.Tensor:
+        """The logits whose softmax is scale ``si``'s sampling distribution (temperature and filters in order)."""
+        return processed_logits(guided_logits, temperature=self.temperature[si], top_k=self.top_k[si],
+                                top_p=self.top_p[si], temperature_order=self.temperature_order)
+
+
+def class_conditions(model, labels_B: torch.Tensor, guided: bool) -> torch.Tensor:
+    """Class embeddings of the model batch: ``[labels; null]`` with guidance, else ``labels``."""
+    cond_BD = model.class_condition(labels_B)
+    if guided:
+        cond_BD = torch.cat((cond_BD, model.class_condition(torch.full_like(labels_B, model.null_class))))
+    return cond_BD
+
+
+def scale_input(model, si: int, latent_BlCv: torch.Tensor, guided: bool) -> torch.Tensor:
+    """The model input of scale ``si`` from the tokenizer's next-scale latent, repeated for the null-class rows."""
+    x_BlC = model.scale_input(si, latent_BlCv)
+    return torch.cat((x_BlC, x_BlC)) if guided else x_BlC
+
+
+def sample_scale(logits_rlV: torch.Tensor, si: int, tokenizer, f_hat_BChw: torch.Tensor, sampling: ScaleSampling,
+                 *, generator: GeneratorArg = None, more_smooth: bool = False, forced_Bhw: torch.Tensor | None = None):
+    """One VAR scale step after the forward pass: guide, filter and draw scale ``si`` from its logits
+    ``[rows, pn*pn, V]``, add its codes to ``f_hat`` and return ``(idx [B, pn, pn], f_hat, next latent
+    [B, pn'*pn', Cvae])`` (the next scale's tokenizer input; ``f_hat`` itself after the last scale).
+
+    ``forced_Bhw`` (teacher forcing) takes these tokens instead of a draw. Shapes depend only on the scale, so the
+    step is the same program for every batch (``torch.compile`` friendly).
+    """
+    pn, num_scales = tokenizer.patch_nums[si], len(tokenizer.patch_nums)
+    B = f_hat_BChw.shape[0]
+    if forced_Bhw is not None:
+        h_BChw = tokenizer.embed(forced_Bhw).float().contiguous()
+        f_hat_BChw, next_BChw = tokenizer.next_scale_input(si, f_hat_BChw, h_BChw)
+        return forced_Bhw.reshape(B, pn, pn), f_hat_BChw, next_BChw.flatten(2).transpose(1, 2)
+    check_finite(logits_rlV, f"scale {si} (pn={pn})")
+    logits = apply_cfg(logits_rlV[:B], logits_rlV[B:], 1 + sampling.cfg[si]) if sampling.guided else logits_rlV
+    logits = sampling.logits(logits, si)
+    idx_Bl = multinomial(logits.softmax(dim=-1), generator)
+    if more_smooth:  # VAR's visualisation trick: a Gumbel-softmax mixture of codes instead of the drawn code
+        ratio = si / (num_scales - 1) if num_scales > 1 else 1.0
+        tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
+        if sampling.temperature_order == "after_filter":  # the CoDe release smooths the untempered logits
+            logits = logits * sampling.temperature[si]
+        h_BChw = tokenizer.embed_soft(gumbel_softmax(logits * (1 + ratio), tau, generator))
+    else:
+        # contiguous: the resampling kernels of next_scale_input then read the codes in the usual memory order
+        h_BChw = tokenizer.embed(idx_Bl).float().contiguous()
+    f_hat_BChw, next_BChw = tokenizer.next_scale_input(si, f_hat_BChw, h_BChw)
+    return idx_Bl.view(B, pn, pn), f_hat_BChw, next_BChw.flatten(2).transpose(1, 2)
 
 
 @torch.no_grad()
@@ -46,49 +147,30 @@ def sample_next_scale(model, tok, labels_B, *, cfg: float = 1.5, top_k: int = 90
     device = model.head.weight.device
     labels_B = as_label_tensor(labels_B, device)
     model.check_labels(labels_B)
-    check_sampling_args(top_k, top_p, temperature)
-    if not cfg >= 0:
-        raise ConfigError(f"cfg must be >= 0 (VAR convention: 0 = no guidance), got {cfg}")
     if tuple(tok.patch_nums) != tuple(cfg_model.patch_nums) or tok.vocab_size != cfg_model.vocab_size:
         raise ConfigError(f"tokenizer (patch_nums {tok.patch_nums}, V {tok.vocab_size}) does not match the model "
                           f"(patch_nums {cfg_model.patch_nums}, V {cfg_model.vocab_size})")
 
-    B, guided = labels_B.shape[0], cfg > 0
-    patch_nums, num_scales = cfg_model.patch_nums, len(cfg_model.patch_nums)
-    cond_BD = model.class_condition(labels_B)
-    if guided:
-        null = torch.full_like(labels_B, model.null_class)
-        cond_BD = torch.cat((cond_BD, model.class_condition(null)))
-    rows = cond_BD.shape[0]
-    kv_cache = (cache or FullCache()).new_cache(model, rows, device=device)
+    B = labels_B.shape[0]
+    sampling = ScaleSampling.build(len(cfg_model.patch_nums), cfg=cfg, top_k=top_k, top_p=top_p,
+                                   temperature=temperature)
+    cond_BD = class_conditions(model, labels_B, sampling.guided)
+    kv_cache = (cache or FullCache()).new_cache(model, cond_BD.shape[0], device=device)
     stats = SamplerStats()
 
+    n = cfg_model.patch_nums[-1]
     x_BlC = model.first_scale_input(cond_BD)
-    f_hat = torch.zeros(B, tok.embed_dim, patch_nums[-1], patch_nums[-1], device=device)
-    codebook = tok.quantize.embedding.weight
+    f_hat = torch.zeros(B, tok.embed_dim, n, n, device=device)
     tokens = []
-    for si, pn in enumerate(patch_nums):
-        ratio = si / (num_scales - 1) if num_scales > 1 else 1.0
+    for si in range(len(cfg_model.patch_nums)):
         logits = model.forward_scale(x_BlC, cond_BD, kv_cache)  # [rows, pn*pn, V]
         stats.forward_passes += 1
         stats.track_kv(kv_cache)
-        check_finite(logits, f"scale {si} (pn={pn})")
-        if guided:
-            logits = apply_cfg(logits[:B], logits[B:], 1 + cfg * ratio)
-        logits = processed_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-        idx_Bl = multinomial(logits.softmax(dim=-1), generator)
-        tokens.append(idx_Bl.view(B, pn, pn))
-        if more_smooth:
-            tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
-            h_BlC = gumbel_softmax(logits * (1 + ratio), tau, generator) @ codebook.float()
-        else:
-            h_BlC = codebook[idx_Bl]
-        h_BChw = h_BlC.transpose(1, 2).reshape(B, -1, pn, pn).float()
-        f_hat, next_BChw = tok.next_scale_input(si, f_hat, h_BChw)
-        if si + 1 < num_scales:
-            x_BlC = model.scale_input(si + 1, next_BChw.flatten(2).transpose(1, 2))
-            if guided:
-                x_BlC = torch.cat((x_BlC, x_BlC))
+        idx_Bhw, f_hat, next_BlCv = sample_scale(logits, si, tok, f_hat, sampling, generator=generator,
+                                                 more_smooth=more_smooth)
+        tokens.append(idx_Bhw)
+        if si + 1 < len(cfg_model.patch_nums):
+            x_BlC = scale_input(model, si + 1, next_BlCv, sampling.guided)
     stats.tokens = cfg_model.seq_len
     images = tok.latent_to_image(f_hat).add(1).mul(0.5) if decode else None
     stats.wall_time_s = time.perf_counter() - t0

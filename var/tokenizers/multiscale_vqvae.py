@@ -11,6 +11,7 @@ from var.errors import ConfigError, ImageSizeError
 from var.tokenizers.base import VQTokenizerBase
 from var.tokenizers.multiscale_quantizer import MultiScaleQuantizer
 from var.tokenizers.vae_modules import Decoder, Encoder
+from var.utils.scales import ScaleSchedule
 
 VAR_PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 VAR_PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
@@ -78,6 +79,11 @@ class MultiScaleVQVAE(VQTokenizerBase):
         return self.config.patch_nums
 
     @property
+    def schedule(self) -> ScaleSchedule:
+        """Token layout of the scales (ranges, levels, scale lookup)."""
+        return ScaleSchedule(self.config.patch_nums)
+
+    @property
     def vocab_size(self) -> int:
         return self.config.vocab_size
 
@@ -107,8 +113,16 @@ class MultiScaleVQVAE(VQTokenizerBase):
         return self.latent_to_image(self.quantize.indices_to_fhat(indices))
 
     def embed(self, idx_Bhw: torch.Tensor) -> torch.Tensor:
-        """Codes ``[B, Cvae, pn, pn]`` of an index map."""
+        """Codes ``[B, Cvae, pn, pn]`` of an index map (``[B, pn, pn]`` or ``[B, pn*pn]``)."""
         return self.quantize.embed_indices(idx_Bhw)
+
+    def embed_soft(self, weights_BlV: torch.Tensor) -> torch.Tensor:
+        """Codebook mixture ``weights @ codebook`` (fp32) of a square map: ``[B, pn*pn, V]`` -> ``[B, Cvae, pn, pn]``
+        (VAR's ``more_smooth`` sampling feeds Gumbel-softmax weights instead of one code per token)."""
+        B, l, _ = weights_BlV.shape
+        pn = round(l ** 0.5)
+        h_BlC = weights_BlV @ self.quantize.embedding.weight.float()
+        return h_BlC.transpose(1, 2).reshape(B, -1, pn, pn)
 
     def next_scale_input(self, si: int, f_hat_BChw: torch.Tensor, h_BChw: torch.Tensor):
         """``(f_hat + phi(up(h)), f_hat area-resized to scale si + 1)``; see :class:`MultiScaleQuantizer`."""

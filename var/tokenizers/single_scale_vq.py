@@ -251,6 +251,11 @@ class SingleScaleVQ(VQTokenizerBase):
             raise ConfigError(f"a single-scale tokenizer decodes one index map, got {len(indices)}")
         return self.latent_to_image(self.embed(indices[0]).to(self.post_quant_conv.weight.dtype))
 
+    def codebook(self, raw: bool = False) -> torch.Tensor:
+        """The code vectors ``[V, Cq]`` the indices stand for (unit norm when the codebook is l2-normalised);
+        ``raw``: the embedding table as stored, before that normalisation."""
+        return self.quantize.embedding.weight if raw else self.quantize.codebook()
+
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         """Codes ``[B, Cq, h, w]`` of ``[B, h, w]`` or square ``[B, h*w]`` indices."""
         if idx.ndim == 2:

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from var.errors import CheckpointError, ConfigError
+from var.utils.scales import ScaleSchedule
 
 log = logging.getLogger(__name__)
 
@@ -325,17 +326,13 @@ class VQObjective(Objective):
 # ---- (b) VAR -----------------------------------------------------------------------------------------------------
 def scale_loss_weights(patch_nums: Sequence[int]) -> torch.Tensor:
     """The original VAR token weighting: uniform ``1 / L`` over all ``L`` tokens of all scales ``[1, L]``."""
-    L = sum(pn * pn for pn in patch_nums)
+    L = ScaleSchedule(patch_nums).seq_len
     return torch.full((1, L), 1.0 / L)
 
 
 def split_scales(gt_BL: torch.Tensor, patch_nums: Sequence[int]) -> list[torch.Tensor]:
     """Concatenated tokens ``[B, L]`` -> one ``[B, pn, pn]`` map per scale."""
-    out, start = [], 0
-    for pn in patch_nums:
-        out.append(gt_BL[:, start:start + pn * pn].reshape(-1, pn, pn))
-        start += pn * pn
-    return out
+    return ScaleSchedule(patch_nums).split(gt_BL)
 
 
 class VARObjective(Objective):

@@ -41,7 +41,7 @@ def linear_decay(step: int, total_steps: int) -> float:
 def _num_tokens(model, num_scales: int) -> int:
     if not 0 < num_scales <= len(model.config.patch_nums):
         raise ConfigError(f"num_scales must be in [1, {len(model.config.patch_nums)}], got {num_scales}")
-    return model.begin_ends[num_scales - 1][1]
+    return model.schedule.tokens_through(num_scales - 1)
 
 
 def prefix_logits(model, batch: dict, num_scales: int) -> torch.Tensor:
