@@ -162,12 +162,12 @@ def bench_nar_ctf(size, device, repeats, gen_seed) -> list[dict]:
         return model.to(device).eval()
 
     gpt = randomized(GPT(GPTConfig(**c)))
-    out, sec, peak = timed(lambda: sample_next_token(gpt, None, labels, cfg=2.0, generator=gen(), decode=False),
+    out, sec, peak = timed(lambda: sample_next_token(gpt, None, labels, cfg_scale=2.0, generator=gen(), decode=False),
                            repeats, device)
     rows.append(row("AR next-token (plain GPT)", out, sec, B, peak, param_bytes(gpt), gpt_nll(gpt, labels, out.tokens)))
 
     nar = randomized(NAR(GPTConfig(**c)))
-    out, sec, peak = timed(lambda: sample_nar(nar, None, labels, cfg=2.0, generator=gen(), decode=False),
+    out, sec, peak = timed(lambda: sample_nar(nar, None, labels, cfg_scale=2.0, generator=gen(), decode=False),
                            repeats, device)
     with torch.no_grad():
         proxy = F.cross_entropy(nar(labels, out.tokens).float().flatten(0, 1), out.tokens.flatten()).item()
@@ -180,7 +180,7 @@ def bench_nar_ctf(size, device, repeats, gen_seed) -> list[dict]:
     t0 = time.perf_counter()
     stage2.set_clusters(kmeans_codebook(codebook, K, iters=20).to(device))
     kmeans_s = time.perf_counter() - t0
-    out, sec, peak = timed(lambda: sample_coarse_to_fine(stage1, stage2, None, labels, cfg=2.0, generator=gen(),
+    out, sec, peak = timed(lambda: sample_coarse_to_fine(stage1, stage2, None, labels, cfg_scale=2.0, generator=gen(),
                                                          decode=False), repeats, device)
     coarse = out.coarse
     with torch.no_grad():
@@ -263,9 +263,9 @@ def bench_quality(args) -> dict:
     n = args.samples
     sample_labels = torch.arange(n) % 10
     samplers = {
-        "AR next-token": lambda g: sample_next_token(ar, vq, sample_labels, cfg=args.quality_cfg, generator=g),
-        "NAR": lambda g: sample_nar(nar, vq, sample_labels, cfg=args.quality_cfg, generator=g),
-        "CTF (constrained)": lambda g: sample_coarse_to_fine(stage1, stage2, vq, sample_labels, cfg=args.quality_cfg,
+        "AR next-token": lambda g: sample_next_token(ar, vq, sample_labels, cfg_scale=args.quality_cfg, generator=g),
+        "NAR": lambda g: sample_nar(nar, vq, sample_labels, cfg_scale=args.quality_cfg, generator=g),
+        "CTF (constrained)": lambda g: sample_coarse_to_fine(stage1, stage2, vq, sample_labels, cfg_scale=args.quality_cfg,
                                                              temperature=1.0, stage2_temperature=1.0, generator=g),
     }
     rows = []

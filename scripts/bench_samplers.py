@@ -132,7 +132,7 @@ def run_setting(gpt, vq, labels, sampler, knobs, args):
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            out = run_ar_sampler(sampler, gpt, vq, batch, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+            out = run_ar_sampler(sampler, gpt, vq, batch, cfg_scale=args.cfg, top_k=args.top_k, top_p=args.top_p,
                                  temperature=args.temperature, generator=gen, decode=vq is not None, **knobs)
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(args.seed)
     labels = torch.randint(0, gpt.config.num_classes, (args.num_images,), generator=g).to(args.device)
     results, base = {}, None
-    run_ar_sampler("next_token", gpt, vq, labels[:args.batch_size], cfg=args.cfg, decode=vq is not None)  # warm-up
+    run_ar_sampler("next_token", gpt, vq, labels[:args.batch_size], cfg_scale=args.cfg, decode=vq is not None)  # warm-up
     for label, sampler, knobs in SETTINGS:
         if args.only and not any(label.startswith(o) for o in args.only):
             continue

@@ -31,13 +31,13 @@ def model():
     return gpt.eval()
 
 
-def exact_distribution(model, label, cfg, temperature, top_k, top_p):
+def exact_distribution(model, label, cfg_scale, temperature, top_k, top_p):
     """``{sequence: probability}`` by teacher forcing all V^N sequences."""
     seqs = torch.tensor(list(itertools.product(range(V), repeat=GRID * GRID)))
     with torch.no_grad():
         cond = model(torch.full((len(seqs),), label), seqs)
         uncond = model(torch.full((len(seqs),), model.null_class), seqs)
-    logits = (uncond + cfg * (cond - uncond)) / temperature
+    logits = (uncond + cfg_scale * (cond - uncond)) / temperature
     if top_k:
         kth = logits.sort(dim=-1, descending=True).values[..., top_k - 1:top_k]
         logits = logits.masked_fill(logits < kth, -math.inf)
@@ -72,7 +72,7 @@ def chi_square_pvalue(tokens, exact):
     return chisquare(observed, [e * scale for e in expected]).pvalue
 
 
-SETTINGS = dict(cfg=2.0, temperature=1.3, top_k=3, top_p=0.0)
+SETTINGS = dict(cfg_scale=2.0, temperature=1.3, top_k=3, top_p=0.0)
 
 
 @pytest.mark.parametrize("name, sampler, kwargs", [
@@ -93,7 +93,7 @@ def test_sampler_matches_exact_distribution(model, name, sampler, kwargs):
 
 
 def test_top_p_and_no_guidance_exact(model):
-    settings = dict(cfg=1.0, temperature=1.3, top_k=0, top_p=0.9)
+    settings = dict(cfg_scale=1.0, temperature=1.3, top_k=0, top_p=0.9)
     exact = exact_distribution(model, 2, **settings)
     out = sample_mcsjd(model, None, torch.full((NUM_SAMPLES,), 2), generator=torch.Generator().manual_seed(5),
                        window=4, coupling="maximal", **settings)
@@ -118,10 +118,11 @@ def test_greedy_sjd_equals_greedy_next_token():
     torch.nn.init.normal_(gpt.output.weight, std=0.5)
     gpt.eval()
     labels = torch.tensor([0, 3, 7, 10])
-    ref = sample_next_token(gpt, None, labels, cfg=3.0, top_k=1, generator=torch.Generator().manual_seed(0))
+    ref = sample_next_token(gpt, None, labels, cfg_scale=3.0, top_k=1, generator=torch.Generator().manual_seed(0))
     for kwargs in (dict(window=16), dict(window=5, init="repeat_horizon"), dict(window=8, coupling="maximal"),
                    dict(window=7, coupling="gumbel", init="repeat_vertical")):
-        out = sample_sjd(gpt, None, labels, cfg=3.0, top_k=1, generator=torch.Generator().manual_seed(1), **kwargs)
+        out = sample_sjd(gpt, None, labels, cfg_scale=3.0, top_k=1, generator=torch.Generator().manual_seed(1),
+                         **kwargs)
         assert torch.equal(out.tokens, ref.tokens), kwargs
         assert out.stats.tokens == 36 and out.stats.forward_passes <= 36
 

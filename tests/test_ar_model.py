@@ -219,11 +219,35 @@ def test_vq_contract_and_training_pass():
 def test_next_token_sampler_shapes_and_per_sample_generators():
     model, vq = tiny_gpt(), create("vq_tiny").eval()
     gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
-    out = sample_next_token(model, vq, [1, 2], cfg=3.0, top_k=20, generator=gens)
+    out = sample_next_token(model, vq, [1, 2], cfg_scale=3.0, top_k=20, generator=gens)
     assert out.tokens.shape == (2, 16) and out.images.shape == (2, 3, 16, 16)
     assert 0 <= out.images.min() and out.images.max() <= 1
     assert out.stats.forward_passes == 16 and out.stats.tokens_per_pass == 1.0
-    single = sample_next_token(model, None, [2], cfg=3.0, top_k=20, generator=[torch.Generator().manual_seed(6)])
+    single = sample_next_token(model, None, [2], cfg_scale=3.0, top_k=20, generator=[torch.Generator().manual_seed(6)])
     assert torch.equal(single.tokens[0], out.tokens[1])
-    with pytest.raises(ConfigError):
-        sample_next_token(model, vq, [1], cfg=0.5)
+    with pytest.raises(ConfigError, match="cfg_scale"):
+        sample_next_token(model, vq, [1], cfg_scale=0.5)
+
+
+@pytest.mark.parametrize("name", ["next_token", "sjd", "mcsjd", "lantern", "gsd", "zipar", "nar", "coarse_to_fine"])
+def test_next_token_samplers_take_cfg_scale_and_still_accept_cfg_with_a_warning(name):
+    import warnings
+
+    import var.samplers as samplers
+    if name == "nar":
+        models = (create("nar_tiny").eval(),)
+    elif name == "coarse_to_fine":
+        models = (create("ctf_stage1_tiny").eval(), create("ctf_stage2_tiny").eval())
+    else:
+        models = (tiny_gpt(),)
+    fn = getattr(samplers, f"sample_{name}")
+    tokenizer = create("vq_tiny").eval() if name == "lantern" else None  # LANTERN's neighbours come from the codes
+    new = fn(*models, tokenizer, [1, 2], cfg_scale=3.0, top_k=5, generator=torch.Generator().manual_seed(0),
+             decode=False)
+    with pytest.warns(DeprecationWarning, match="cfg_scale"):
+        old = fn(*models, tokenizer, [1, 2], cfg=3.0, top_k=5, generator=torch.Generator().manual_seed(0),
+                 decode=False)
+    assert torch.equal(new.tokens, old.tokens)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new name itself never warns
+        fn(*models, tokenizer, [1], cfg_scale=1.0, generator=torch.Generator().manual_seed(0), decode=False)

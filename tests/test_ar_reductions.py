@@ -19,7 +19,7 @@ def pair():
     return gpt.eval(), create("vq_tiny").eval()
 
 
-KNOBS = dict(cfg=2.0, top_k=20, top_p=0.95, temperature=1.1)
+KNOBS = dict(cfg_scale=2.0, top_k=20, top_p=0.95, temperature=1.1)
 
 
 def _gen(seed):

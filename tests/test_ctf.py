@@ -81,8 +81,8 @@ def test_constrained_sampling_stays_in_cluster(models):
     free = sample_coarse_to_fine(stage1, stage2, None, labels, constrained=False,
                                  generator=torch.Generator().manual_seed(0))
     assert not torch.equal(cluster_of[free.tokens], free.coarse)  # the constraint did something
-    guided = sample_coarse_to_fine(stage1, stage2, create("vq_tiny").eval(), labels, stage2_cfg=3.0, stage2_top_k=5,
-                                   generator=torch.Generator().manual_seed(1))
+    guided = sample_coarse_to_fine(stage1, stage2, create("vq_tiny").eval(), labels, stage2_cfg_scale=3.0,
+                                   stage2_top_k=5, generator=torch.Generator().manual_seed(1))
     assert torch.equal(cluster_of[guided.tokens], guided.coarse)
     assert guided.images.shape == (6, 3, 16, 16) and torch.isfinite(guided.images).all()
 
@@ -90,7 +90,7 @@ def test_constrained_sampling_stays_in_cluster(models):
 def test_stage1_greedy_matches_teacher_forcing(models):
     stage1, stage2, cluster_of = models
     labels = torch.tensor([4, 5])
-    out = sample_coarse_to_fine(stage1, stage2, None, labels, cfg=2.5, top_k=1)
+    out = sample_coarse_to_fine(stage1, stage2, None, labels, cfg_scale=2.5, top_k=1)
     coarse = out.coarse
     with torch.no_grad():
         logits = apply_cfg(stage1(labels, coarse), stage1(torch.full_like(labels, 10), coarse), 2.5)

@@ -37,7 +37,7 @@ def tiny_sample_fn():
     torch.manual_seed(0)
     tok, model = create("msvq_tiny").eval(), create("var_tiny").eval()
     settings = dict(cfg=1.5, top_k=900, top_p=0.96, temperature=1.0, more_smooth=False)
-    return make_sample_fn(discover_samplers()["next_scale"], {"model": model, "tok": tok}, settings)
+    return make_sample_fn(discover_samplers()["next_scale"], {"model": model, "tokenizer": tok}, settings)
 
 
 def shard_records(out_dir):

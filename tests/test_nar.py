@@ -97,22 +97,23 @@ def test_sampler_does_2n_minus_1_passes(model, monkeypatch):
         return original(self, x, positions, kv_cache, attn_mask)
 
     monkeypatch.setattr(NAR, "forward_heads", counting)
-    out = sample_nar(model, create("vq_tiny").eval(), [0, 3, 10], cfg=2.0, top_k=10, generator=torch.Generator().manual_seed(0))
+    out = sample_nar(model, create("vq_tiny").eval(), [0, 3, 10], cfg_scale=2.0, top_k=10,
+                     generator=torch.Generator().manual_seed(0))
     assert len(calls) == 2 * N_SIDE - 1 == out.stats.forward_passes
     assert calls == [1, 1, 2, 3, 4, 3, 2]                      # class token, then diagonals 0 .. 2n-3
     assert out.tokens.shape == (3, 16) and out.stats.tokens == 16 and out.images.shape == (3, 3, 16, 16)
     assert [len(diagonal_rows(d, 4)) for d in range(7)] == [1, 2, 3, 4, 3, 2, 1]
 
 
-@pytest.mark.parametrize("cfg", [1.0, 3.0])
-def test_greedy_sampler_matches_teacher_forcing(model, cfg):
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_greedy_sampler_matches_teacher_forcing(model, cfg_scale):
     """Every greedily sampled token is the argmax of the training-time mixed logits of the final grid."""
     labels = torch.tensor([2, 5, 9])
-    out = sample_nar(model, None, labels, cfg=cfg, top_k=1)
+    out = sample_nar(model, None, labels, cfg_scale=cfg_scale, top_k=1)
     with torch.no_grad():
         logits = model(labels, out.tokens)
-        if cfg != 1.0:
-            logits = apply_cfg(logits, model(torch.full_like(labels, 10), out.tokens), cfg)
+        if cfg_scale != 1.0:
+            logits = apply_cfg(logits, model(torch.full_like(labels, 10), out.tokens), cfg_scale)
     assert torch.equal(logits.argmax(-1), out.tokens)
 
 
@@ -122,7 +123,7 @@ def test_per_sample_generators_and_errors(model):
     single = sample_nar(model, None, [4], generator=[gens()[1]])
     assert torch.equal(batch.tokens[1:], single.tokens)
     with pytest.raises(ConfigError):
-        sample_nar(model, None, [3], cfg=0.5)
+        sample_nar(model, None, [3], cfg_scale=0.5)
     with pytest.raises(ConfigError, match="forward_heads"):
         model.prefill(torch.tensor([0]), model.new_kv_cache(1))
     with pytest.raises(ConfigError, match="mask"):

@@ -72,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--prompts-file", help="--sampler infinity: one prompt per line; image i uses prompt i %% P")
     g = s.add_argument_group("sampler")
     g.add_argument("--sampler", default="next_scale", help="a sampler of var.samplers (sample_<name>)")
-    g.add_argument("--cfg", type=float, default=None, help="default 1.5 (VAR family), 2.0 (next-token family)")
+    g.add_argument("--cfg", type=float, default=None,
+                   help="VAR guidance (default 1.5, 0 = none); for next-token samplers a deprecated alias of --cfg-scale")
+    g.add_argument("--cfg-scale", type=float, default=None,
+                   help="next-token (LlamaGen) guidance scale (default 2.0, 1 = none)")
     g.add_argument("--top-k", type=int, default=None, help="default 900 (VAR family), 0 = off (next-token family)")
     g.add_argument("--top-p", type=float, default=None, help="default 0.96 (VAR family), 0 = off (next-token)")
     g.add_argument("--temperature", type=float, default=1.0)
@@ -120,7 +123,7 @@ def _load_family(args, entry):
         if loader is None:
             raise ConfigError("this installation has no next-token model loader (var.hub.load_llamagen)")
         tok, model = loader(args.vq, args.gpt, device=args.device)
-        return {"model": model, "vq": tok, "tok": tok}, str(args.gpt)
+        return {"model": model, "tokenizer": tok}, str(args.gpt)
     if _is_next_token(entry):
         from var.cli.sample import load_ar_models
         from var.assets import bundled_ar_dir
@@ -128,24 +131,32 @@ def _load_family(args, entry):
             raise ConfigError(f"sampler {entry.name} samples a next-token model and no bundled AR model is "
                               f"installed: give --vq and --gpt (or --random-init for a smoke test)")
         vq, gpt, desc = load_ar_models(args)  # the bundled AR model, or random tiny presets with --random-init
-        return {"model": gpt, "vq": vq, "tok": vq}, desc
+        return {"model": gpt, "tokenizer": vq}, desc
     from var.cli.sample import load_models
     tok, model, desc = load_models(args)
     if entry.needs_pair:
         if not args.refiner:
             raise ConfigError(f"sampler {entry.name} needs a second model: --refiner")
         refiner = hub.load_var_transformer(args.refiner, device=args.device)
-        return {"drafter": model, "refiner": refiner, "tok": tok}, f"{desc} + refiner {args.refiner}"
-    return {"model": model, "tok": tok}, desc
+        return {"drafter": model, "refiner": refiner, "tokenizer": tok}, f"{desc} + refiner {args.refiner}"
+    return {"model": model, "tokenizer": tok}, desc
 
 
 def _is_next_token(entry) -> bool:
-    return "vq" in entry.required_components()
+    return "cfg_scale" in entry.params
 
 
 def _fill_family_defaults(args, entry) -> None:
     """--cfg / --top-k / --top-p not given: var-sample's defaults of the sampler's model family."""
     from var.cli.sample import FAMILY_DEFAULTS
+    if _is_next_token(entry):
+        if args.cfg is not None:
+            if args.cfg_scale is not None:
+                raise ConfigError("give --cfg-scale only (--cfg is its deprecated alias for next-token samplers)")
+            log.warning("--cfg with a next-token sampler is deprecated: use --cfg-scale")
+            args.cfg_scale, args.cfg = args.cfg, None
+    elif args.cfg_scale is not None:
+        raise ConfigError(f"--cfg-scale is the next-token guidance; {entry.name} takes --cfg")
     for name, value in FAMILY_DEFAULTS["ar" if _is_next_token(entry) else "var"].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -185,7 +196,8 @@ def run_sample(args) -> int:
         return _run_sample_infinity(args, entry, cache, env)
     components, desc = _load_family(args, entry)
     _fill_family_defaults(args, entry)
-    settings = {"model": desc, "sampler": entry.name, "cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p,
+    guidance = {"cfg_scale": args.cfg_scale} if _is_next_token(entry) else {"cfg": args.cfg}
+    settings = {"model": desc, "sampler": entry.name, **guidance, "top_k": args.top_k, "top_p": args.top_p,
                 "temperature": args.temperature, "more_smooth": args.more_smooth, **_parse_kv(args.sampler_arg)}
     missing = entry.missing_components(components, settings)
     if missing:

@@ -5,7 +5,7 @@ Examples::
     var-sample                                    # bundled model (or a random-weight demo config), grid PNG
     var-sample --vae vae_ch160v4096z32.pth --var var_d16.pth --classes 207 360 387 --cfg 1.5 --out grid.png
     var-sample --vae ... --var ... --num-images 16 --out-dir samples/ --device cuda --dtype bf16
-    var-sample --family ar --vq vq_ds16_c2i.pt --gpt c2i_B_256.pt --sampler sjd --window 16 --cfg 2.0
+    var-sample --family ar --vq vq_ds16_c2i.pt --gpt c2i_B_256.pt --sampler sjd --window 16 --cfg-scale 2.0
     var-sample --family ar --sampler zipar --zipar-window 8     # bundled AR model (or random weights)
     var-sample --prompt "a pink star" --prompt "a teal square with horizontal stripes"   # bundled text-to-image
     var-sample --prompts-file prompts.txt --sampler sjd           # one prompt per line
@@ -54,8 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--images-per-prompt", type=int, default=1)
     gen.add_argument("--num-images", type=int, default=16, help="images to sample when --classes is not given")
     gen.add_argument("--cfg", type=float, default=None,
-                     help="guidance: VAR strength at the last scale (default 1.5, 0 = none); AR scale (default 2.0, "
-                          "1 = none)")
+                     help="VAR guidance strength at the last scale (default 1.5, 0 = none); with --family ar a "
+                          "deprecated alias of --cfg-scale")
+    gen.add_argument("--cfg-scale", type=float, default=None,
+                     help="next-token (LlamaGen) guidance scale: uncond + s * (cond - uncond) (default 2.0, 1 = none)")
     gen.add_argument("--top-k", type=int, default=None, help="default 900 (var), 0 = off (ar)")
     gen.add_argument("--top-p", type=float, default=None, help="default 0.96 (var), 0 = off (ar)")
     gen.add_argument("--temperature", type=float, default=1.0)
@@ -180,7 +182,7 @@ def load_ar_models(args):
 
 
 # the samplers' defaults per model family: VAR's FID settings and LlamaGen's (also used by var-eval sample)
-FAMILY_DEFAULTS = {"var": dict(cfg=1.5, top_k=900, top_p=0.96), "ar": dict(cfg=2.0, top_k=0, top_p=0.0)}
+FAMILY_DEFAULTS = {"var": dict(cfg=1.5, top_k=900, top_p=0.96), "ar": dict(cfg_scale=2.0, top_k=0, top_p=0.0)}
 
 
 def resolve_family_defaults(args) -> None:
@@ -188,10 +190,17 @@ def resolve_family_defaults(args) -> None:
     if args.family == "var":
         if args.sampler not in (None, "next_scale"):
             raise SystemExit(f"var-sample: --sampler {args.sampler} needs --family ar")
+        if args.cfg_scale is not None:
+            raise SystemExit("var-sample: --cfg-scale is the next-token guidance (--family ar); VAR takes --cfg")
         defaults = dict(sampler="next_scale", **FAMILY_DEFAULTS["var"])
     else:
         if args.sampler == "next_scale":
             raise SystemExit("var-sample: next_scale is the VAR sampler (use --family var)")
+        if args.cfg is not None:
+            if args.cfg_scale is not None:
+                raise SystemExit("var-sample: give --cfg-scale only (--cfg is its deprecated alias for --family ar)")
+            log.warning("var-sample: --cfg with --family ar is deprecated: use --cfg-scale")
+            args.cfg_scale, args.cfg = args.cfg, None
         defaults = dict(sampler="next_token", **FAMILY_DEFAULTS["ar"])
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -248,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                 out = run_ar_sampler(args.sampler, model, tok, batch, window=args.window, init=args.init,
                                      coupling=args.coupling, lantern_k=args.lantern_k,
                                      lantern_delta=args.lantern_delta, gsd_group=args.gsd_group,
-                                     zipar_window=args.zipar_window, cfg=args.cfg, top_k=args.top_k,
+                                     zipar_window=args.zipar_window, cfg_scale=args.cfg_scale, top_k=args.top_k,
                                      top_p=args.top_p, temperature=args.temperature, generator=gen)
             else:
                 out = sample_next_scale(model, tok, batch, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,

@@ -214,14 +214,14 @@ def build_tokenizer_job(command: str, m, data: DataConfig, seed: int):
     from var.train.objectives import VQObjective
     if command == "tokenizer-ms":
         from var.tokenizers.multiscale_vqvae import MultiScaleVQVAE, MultiScaleVQVAEConfig
-        cfg = MultiScaleVQVAEConfig(vocab_size=m.vocab_size, z_channels=m.z_channels, ch=m.ch, ch_mult=m.ch_mult,
-                                    num_res_blocks=m.num_res_blocks, norm_groups=m.norm_groups,
-                                    using_sa=m.using_sa, using_mid_sa=m.using_mid_sa, beta=m.beta,
-                                    patch_nums=m.patch_nums)
-        if cfg.image_size != data.image_size:
-            raise ConfigError(f"patch_nums[-1] x downsample = {cfg.image_size} must equal --image-size "
+        config = MultiScaleVQVAEConfig(vocab_size=m.vocab_size, z_channels=m.z_channels, ch=m.ch, ch_mult=m.ch_mult,
+                                       num_res_blocks=m.num_res_blocks, norm_groups=m.norm_groups,
+                                       using_sa=m.using_sa, using_mid_sa=m.using_mid_sa, beta=m.beta,
+                                       patch_nums=m.patch_nums)
+        if config.image_size != data.image_size:
+            raise ConfigError(f"patch_nums[-1] x downsample = {config.image_size} must equal --image-size "
                               f"{data.image_size}")
-        model = MultiScaleVQVAE(cfg)
+        model = MultiScaleVQVAE(config)
     else:
         from var.tokenizers.single_scale_vq import SingleScaleVQ, SingleScaleVQConfig
         model = SingleScaleVQ(SingleScaleVQConfig(

@@ -1,7 +1,7 @@
 """One speed / memory / quality table over model families, samplers and KV-cache policies.
 
-A *setup* is a model family with its components (``{"model": var, "tok": msvq}``, ``{"model": gpt, "vq": vq}``,
-``{"drafter", "refiner", "tok"}``...) and a reference sampler (the exact, plain one of that family). Every
+A *setup* is a model family with its components (``{"model": var, "tokenizer": msvq}``, ``{"model": gpt, "tokenizer": vq}``,
+``{"drafter", "refiner", "tokenizer"}``...) and a reference sampler (the exact, plain one of that family). Every
 discovered sampler (:mod:`var.eval.discovery`) runs on the first setup that provides its arguments; samplers of
 the VAR family also run with every discovered cache policy at each budget. Per row:
 
@@ -61,7 +61,7 @@ class Setup:
 
 
 VAR_SETTINGS = {"cfg": 1.5, "top_k": 900, "top_p": 0.96, "temperature": 1.0}
-AR_SETTINGS = {"cfg": 2.0, "cfg_scale": 2.0, "top_k": 0, "top_p": 0.0, "temperature": 1.0}
+AR_SETTINGS = {"cfg_scale": 2.0, "top_k": 0, "top_p": 0.0, "temperature": 1.0}
 
 
 def _num_classes(model) -> int:
@@ -93,7 +93,7 @@ def build_setups(device="cpu", *, models: tuple[str, ...] = (), seed: int = 0) -
     def var_tiny():
         torch.manual_seed(seed)
         tok, model = create("msvq_tiny").eval(), create("var_tiny").eval()
-        return Setup("var_tiny (random)", {"model": model, "tok": tok}, "next_scale", False, dict(VAR_SETTINGS),
+        return Setup("var_tiny (random)", {"model": model, "tokenizer": tok}, "next_scale", False, dict(VAR_SETTINGS),
                      _num_classes(model))
 
     def var_pair():
@@ -101,7 +101,7 @@ def build_setups(device="cpu", *, models: tuple[str, ...] = (), seed: int = 0) -
         tok, drafter = create("msvq_tiny").eval(), create("var_tiny").eval()
         refiner = create("var_tiny", depth=1, width=32, num_heads=2).eval()
         steps = max(1, len(drafter.config.patch_nums) - 2)
-        return Setup("var_tiny drafter + d1 refiner (random)", {"drafter": drafter, "refiner": refiner, "tok": tok,
+        return Setup("var_tiny drafter + d1 refiner (random)", {"drafter": drafter, "refiner": refiner, "tokenizer": tok,
                                                                 "model": drafter},
                      "next_scale", False, {**VAR_SETTINGS, "draft_steps": steps}, _num_classes(drafter), kind="pair")
 
@@ -109,19 +109,19 @@ def build_setups(device="cpu", *, models: tuple[str, ...] = (), seed: int = 0) -
         torch.manual_seed(seed)
         vq, gpt = create("vq_tiny").eval(), create("gpt_tiny").eval()
         half_row = max(1, int(getattr(gpt.config, "grid_size", 2)) // 2)  # ZipAR's window must fit the grid width
-        return Setup("gpt_tiny (random)", {"model": gpt, "vq": vq, "tok": vq}, "next_token", False,
+        return Setup("gpt_tiny (random)", {"model": gpt, "tokenizer": vq}, "next_token", False,
                      dict(AR_SETTINGS), _num_classes(gpt), kind="ar", per_sampler={"zipar": {"window": half_row}})
 
     def nar_tiny():
         torch.manual_seed(seed)
         vq, nar = create("vq_tiny").eval(), create("nar_tiny").eval()
-        return Setup("nar_tiny (random)", {"model": nar, "vq": vq, "tok": vq}, "nar", False, dict(AR_SETTINGS),
+        return Setup("nar_tiny (random)", {"model": nar, "tokenizer": vq}, "nar", False, dict(AR_SETTINGS),
                      _num_classes(nar), kind="nar")
 
     def ctf_tiny():
         torch.manual_seed(seed)
         vq, s1, s2 = create("vq_tiny").eval(), create("ctf_stage1_tiny").eval(), create("ctf_stage2_tiny").eval()
-        return Setup("ctf_tiny (random)", {"stage1": s1, "stage2": s2, "vq": vq, "tok": vq}, "coarse_to_fine",
+        return Setup("ctf_tiny (random)", {"stage1": s1, "stage2": s2, "tokenizer": vq}, "coarse_to_fine",
                      False, dict(AR_SETTINGS), _num_classes(s1), kind="ctf")
 
     for name, fn in (("var_tiny", var_tiny), ("var pair", var_pair), ("gpt_tiny", gpt_tiny),
@@ -134,7 +134,7 @@ def build_setups(device="cpu", *, models: tuple[str, ...] = (), seed: int = 0) -
             torch.manual_seed(seed)
             model = create(preset).eval()
             tok = create("msvq_var", patch_nums=tuple(model.config.patch_nums)).eval()
-            return Setup(f"{preset} (random)", {"model": model, "tok": tok}, "next_scale", False, dict(VAR_SETTINGS),
+            return Setup(f"{preset} (random)", {"model": model, "tokenizer": tok}, "next_scale", False, dict(VAR_SETTINGS),
                          _num_classes(model))
         s = _try(preset, big)
         if s is not None:
@@ -149,7 +149,7 @@ def _bundled_var() -> Setup | None:
     if path is None:
         return None
     tok, model = hub.load_var(path / "tokenizer", path / "transformer")
-    return Setup(f"bundled VAR ({path.name})", {"model": model.eval(), "tok": tok.eval()}, "next_scale", True,
+    return Setup(f"bundled VAR ({path.name})", {"model": model.eval(), "tokenizer": tok.eval()}, "next_scale", True,
                  dict(VAR_SETTINGS), _num_classes(model))
 
 
@@ -164,7 +164,7 @@ def _bundled_ar() -> Setup | None:
         return None
     vq, gpt = hub.load_pretrained(path / "tokenizer"), hub.load_pretrained(path / "transformer")
     half_row = max(1, int(getattr(gpt.config, "grid_size", 2)) // 2)
-    return Setup(f"bundled AR ({path.name})", {"model": gpt.eval(), "vq": vq.eval(), "tok": vq.eval()}, "next_token",
+    return Setup(f"bundled AR ({path.name})", {"model": gpt.eval(), "tokenizer": vq.eval()}, "next_token",
                  True, dict(AR_SETTINGS), _num_classes(gpt), kind="ar", per_sampler={"zipar": {"window": half_row}})
 
 
@@ -340,7 +340,7 @@ def _policy_factories(policies: dict, setup: Setup, budgets, device, only=None) 
                 if profile is None:
                     from var.samplers.calibration import calibrate
                     labels = torch.arange(min(4, setup.num_classes), device=device)
-                    profile = calibrate(setup.components["model"], setup.components["tok"], labels, seed=1234)
+                    profile = calibrate(setup.components["model"], setup.components["tokenizer"], labels, seed=1234)
                 extra["profile"] = profile
             for budget in budgets:
                 pol.make(budget, **extra)  # validate once

@@ -52,8 +52,8 @@ def gpt_3b(**overrides) -> GPT:
 @register_model
 def gpt_tiny(**overrides) -> GPT:
     """2 layers, width 64, 4 heads, 4x4 tokens over a 64-code vocabulary, 10 classes (tests, CPU training)."""
-    cfg = dict(dim=64, n_layer=2, n_head=4, multiple_of=32, num_classes=10, vocab_size=64, grid_size=4)
-    return GPT(GPTConfig(**{**cfg, **overrides}))
+    defaults = dict(dim=64, n_layer=2, n_head=4, multiple_of=32, num_classes=10, vocab_size=64, grid_size=4)
+    return GPT(GPTConfig(**{**defaults, **overrides}))
 
 
 @register_model
@@ -92,6 +92,6 @@ def vq_ds8(**overrides) -> SingleScaleVQ:
 @register_model
 def vq_tiny(**overrides) -> SingleScaleVQ:
     """A 16 px single-scale tokenizer (ch 16, downsample 4, 64 codes of dim 8) -> 4x4 tokens, for tests."""
-    cfg = dict(codebook_size=64, codebook_embed_dim=8, z_channels=16, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1,
-               norm_groups=8, usage_window=1024, image_size=16)
-    return SingleScaleVQ(SingleScaleVQConfig(**{**cfg, **overrides}))
+    defaults = dict(codebook_size=64, codebook_embed_dim=8, z_channels=16, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1,
+                    norm_groups=8, usage_window=1024, image_size=16)
+    return SingleScaleVQ(SingleScaleVQConfig(**{**defaults, **overrides}))

@@ -58,6 +58,6 @@ def msvq_var(**overrides) -> MultiScaleVQVAE:
 @register_model
 def msvq_tiny(**overrides) -> MultiScaleVQVAE:
     """A 16 px multi-scale tokenizer (ch 16, downsample 4, V 64, Cvae 8, scales 1-2-3-4) for tests."""
-    cfg = dict(vocab_size=64, z_channels=8, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8,
-               patch_nums=TINY_PATCH_NUMS)
-    return MultiScaleVQVAE(MultiScaleVQVAEConfig(**{**cfg, **overrides}))
+    defaults = dict(vocab_size=64, z_channels=8, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8,
+                    patch_nums=TINY_PATCH_NUMS)
+    return MultiScaleVQVAE(MultiScaleVQVAEConfig(**{**defaults, **overrides}))

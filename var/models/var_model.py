@@ -161,8 +161,8 @@ class VAR(nn.Module):
                      k_dtype: torch.dtype | None = None) -> KVCache:
         """A full preallocated cache for ``batch_size`` rows (2x the images with CFG) and all scales."""
         param = self.head.weight
-        cfg = self.config
-        return KVCache(cfg.depth, batch_size, cfg.num_heads, cfg.seq_len, cfg.width // cfg.num_heads,
+        config = self.config
+        return KVCache(config.depth, batch_size, config.num_heads, config.seq_len, config.width // config.num_heads,
                        dtype=dtype or param.dtype, device=device or param.device, k_dtype=k_dtype)
 
     def config_dict(self) -> dict:

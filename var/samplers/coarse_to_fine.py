@@ -17,7 +17,7 @@ from var.errors import ConfigError
 from var.kernels.kv_cache import FullCache
 from var.samplers.logits import (GeneratorArg, apply_cfg, check_finite, constrain_logits, multinomial,
                                  processed_logits)
-from var.samplers.next_token import TokenProcessor, finish, prepare
+from var.samplers.next_token import TokenProcessor, finish, legacy_cfg_scale, prepare
 from var.samplers.stats import SampleOutput, SamplerStats
 
 
@@ -29,13 +29,13 @@ class CTFSampleOutput(SampleOutput):
     coarse: torch.Tensor | None = None
 
 
-def _check_pair(stage1, stage2, vq) -> None:
+def _check_pair(stage1, stage2, tokenizer) -> None:
     c1, c2 = stage1.config, stage2.config
     if c1.vocab_size != c2.num_coarse or c1.grid_size != c2.grid_size or c1.num_classes != c2.num_classes:
         raise ConfigError(f"stage 1 (K={c1.vocab_size}, grid {c1.grid_size}, {c1.num_classes} classes) and stage 2 "
                           f"(K={c2.num_coarse}, grid {c2.grid_size}, {c2.num_classes} classes) do not match")
-    if vq is not None and vq.vocab_size != c2.vocab_size:
-        raise ConfigError(f"tokenizer (V {vq.vocab_size}) does not match stage 2 (V {c2.vocab_size})")
+    if tokenizer is not None and tokenizer.vocab_size != c2.vocab_size:
+        raise ConfigError(f"tokenizer (V {tokenizer.vocab_size}) does not match stage 2 (V {c2.vocab_size})")
 
 
 def draw_coarse_labels(stage1, labels_B, proc: TokenProcessor, *, generator: GeneratorArg = None, cache=None,
@@ -67,7 +67,7 @@ def draw_fine(stage2, labels_B, coarse_BN, proc: TokenProcessor, *, constrained:
     check_finite(logits, "stage 2")
     if proc.guided:
         B = labels_B.shape[0]
-        logits = apply_cfg(logits[:B], logits[B:], proc.cfg)
+        logits = apply_cfg(logits[:B], logits[B:], proc.cfg_scale)
     if constrained:
         logits = constrain_logits(logits, coarse_BN, stage2.members())
     probs = processed_logits(logits, temperature=proc.temperature, top_k=proc.top_k, top_p=proc.top_p).softmax(-1)
@@ -75,16 +75,18 @@ def draw_fine(stage2, labels_B, coarse_BN, proc: TokenProcessor, *, constrained:
 
 
 @torch.no_grad()
-def sample_coarse_to_fine(stage1, stage2, vq, labels_B, *, cfg: float = 2.0, top_k: int = 0, top_p: float = 0.0,
-                          temperature: float = 1.1, stage2_cfg: float = 1.0, stage2_top_k: int = 0,
-                          stage2_temperature: float = 1.1, constrained: bool = True,
-                          generator: GeneratorArg = None, cache=None, decode: bool = True) -> CTFSampleOutput:
+def sample_coarse_to_fine(stage1, stage2, tokenizer, labels_B, *, cfg_scale: float = 2.0, top_k: int = 0,
+                          top_p: float = 0.0, temperature: float = 1.1, stage2_cfg_scale: float = 1.0,
+                          stage2_top_k: int = 0, stage2_temperature: float = 1.1, constrained: bool = True,
+                          generator: GeneratorArg = None, cache=None, decode: bool = True, cfg: float | None = None,
+                          stage2_cfg: float | None = None) -> CTFSampleOutput:
     """Sample ``len(labels_B)`` token grids with CTF (defaults: the paper's tau1 = tau2 = 1.1, no stage-2 top-k).
 
     Args:
         stage1: GPT over the K coarse labels; stage2: :class:`~var.models.ctf.CTFStage2` (holds ``cluster_of``).
-        vq: the single-scale tokenizer of the fine codes (None: no images).
-        cfg / stage2_cfg: LlamaGen guidance per stage (1 = none); top_k / top_p / temperature: stage 1.
+        tokenizer: the single-scale tokenizer of the fine codes (None: no images).
+        cfg_scale / stage2_cfg_scale: LlamaGen guidance per stage (1 = none; ``cfg`` / ``stage2_cfg`` are their
+            deprecated names); top_k / top_p / temperature: stage 1.
         stage2_top_k / stage2_temperature: stage 2 (no top-p, as in the paper).
         constrained: restrict each fine code to its coarse cluster.
         cache: cache policy for stage 1 (stage 2 has no cache).
@@ -93,12 +95,13 @@ def sample_coarse_to_fine(stage1, stage2, vq, labels_B, *, cfg: float = 2.0, top
         ``stats.forward_passes == grid^2 + 1``.
     """
     t0 = time.perf_counter()
-    _check_pair(stage1, stage2, vq)
-    labels_B, proc1, _ = prepare(stage1, None, labels_B, cfg, temperature, top_k, top_p)
-    proc2 = TokenProcessor(labels_B.shape[0], stage2_cfg, stage2_temperature, stage2_top_k, 0.0)
+    _check_pair(stage1, stage2, tokenizer)
+    labels_B, proc1, _ = prepare(stage1, None, labels_B, cfg_scale, temperature, top_k, top_p, cfg=cfg)
+    proc2 = TokenProcessor(labels_B.shape[0], legacy_cfg_scale(stage2_cfg_scale, stage2_cfg), stage2_temperature,
+                           stage2_top_k, 0.0)
     stats = SamplerStats()
     coarse = draw_coarse_labels(stage1, labels_B, proc1, generator=generator, cache=cache, stats=stats)
     fine = draw_fine(stage2, labels_B, coarse, proc2, constrained=constrained, generator=generator)
     stats.forward_passes += 1
-    out = finish(stage1, vq, fine, stats, t0, decode)
+    out = finish(stage1, tokenizer, fine, stats, t0, decode)
     return CTFSampleOutput(images=out.images, tokens=out.tokens, stats=out.stats, coarse=coarse)

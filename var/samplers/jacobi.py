@@ -373,17 +373,18 @@ def refill(init: str, tokens_BN: torch.Tensor, committed_B: torch.Tensor, commit
 
 # ---- the engine ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def sample_jacobi(model, vq, labels_B, *, window: int = 16, init: str = "random", coupling: str = "none",
-                  acceptance: ExactAcceptance | None = None, cfg: float = 2.0, top_k: int = 0, top_p: float = 0.0,
-                  temperature: float = 1.0, cfg_interval: int = -1, generator: GeneratorArg = None,
-                  decode: bool = True):
+def sample_jacobi(model, tokenizer, labels_B, *, window: int = 16, init: str = "random", coupling: str = "none",
+                  acceptance: ExactAcceptance | None = None, cfg_scale: float = 2.0, top_k: int = 0,
+                  top_p: float = 0.0, temperature: float = 1.0, cfg_interval: int = -1,
+                  generator: GeneratorArg = None, decode: bool = True, cfg: float | None = None):
     """Speculative Jacobi decoding with a pluggable draft coupling and acceptance rule (see the module doc).
 
     Args:
         window: window length L (inputs per pass = 1 committed token + L - 1 drafts); 1 = plain decoding.
         init: initial drafts, one of :data:`DRAFT_INITS`. coupling: one of :data:`COUPLINGS`.
         acceptance: :class:`ExactAcceptance` (default), :class:`LanternAcceptance` or :class:`GroupedAcceptance`.
-        cfg, top_k, top_p, temperature, cfg_interval: as :func:`~var.samplers.next_token.sample_next_token`.
+        cfg_scale (``cfg``: deprecated), top_k, top_p, temperature, cfg_interval: as
+            :func:`~var.samplers.next_token.sample_next_token`.
         generator: one ``torch.Generator`` or one per sample (each sample draws a fixed number of uniforms per
             pass, so a batch with one generator per sample equals the single runs).
     Returns:
@@ -398,7 +399,8 @@ def sample_jacobi(model, vq, labels_B, *, window: int = 16, init: str = "random"
     if coupling not in COUPLINGS:
         raise ConfigError(f"coupling must be one of {COUPLINGS}, got {coupling!r}")
     rule = acceptance or ExactAcceptance()
-    labels_B, proc, rows = prepare(model, vq, labels_B, cfg, temperature, top_k, top_p, cfg_interval)
+    labels_B, proc, rows = prepare(model, tokenizer, labels_B, cfg_scale, temperature, top_k, top_p, cfg_interval,
+                                   cfg=cfg)
     device = labels_B.device
     batch, seq_len, vocab, prefix_len = len(labels_B), model.seq_len, model.vocab_size, model.prefix_len
     grid, slots = model.config.grid_size, window - 1
@@ -450,21 +452,21 @@ def sample_jacobi(model, vq, labels_B, *, window: int = 16, init: str = "random"
     stats.extra.update(iterations=len(means), mean_accepted_per_iteration=sum(means) / max(len(means), 1),
                        accepted_histogram=histogram[:window + 1].tolist(), window=window, init=init, coupling=coupling,
                        acceptance=type(rule).__name__)
-    return finish(model, vq, tokens_BN[:, :seq_len], stats, t0, decode, cache=cache)
+    return finish(model, tokenizer, tokens_BN[:, :seq_len], stats, t0, decode, cache=cache)
 
 
 # ---- public samplers ----------------------------------------------------------------------------------------
-def sample_sjd(model, vq, labels_B, *, window: int = 16, init: str = "random", **kwargs):
+def sample_sjd(model, tokenizer, labels_B, *, window: int = 16, init: str = "random", **kwargs):
     """SJD (exact): same output distribution as :func:`~var.samplers.next_token.sample_next_token`."""
-    return sample_jacobi(model, vq, labels_B, window=window, init=init, **kwargs)
+    return sample_jacobi(model, tokenizer, labels_B, window=window, init=init, **kwargs)
 
 
-def sample_mcsjd(model, vq, labels_B, *, window: int = 32, coupling: str = "maximal", init: str = "random",
+def sample_mcsjd(model, tokenizer, labels_B, *, window: int = 32, coupling: str = "maximal", init: str = "random",
                  **kwargs):
     """MC-SJD / speculative coupled decoding (exact): drafts drawn from a ``maximal`` or ``gumbel`` coupling."""
     if coupling == "none":
         raise ConfigError("MC-SJD needs coupling='maximal' or 'gumbel' (use sample_sjd for independent drafts)")
-    return sample_jacobi(model, vq, labels_B, window=window, init=init, coupling=coupling, **kwargs)
+    return sample_jacobi(model, tokenizer, labels_B, window=window, init=init, coupling=coupling, **kwargs)
 
 
 LANTERN_CODES = ("raw", "normalised")
@@ -481,19 +483,19 @@ def _codes(vq, codes_VD, codes: str):
     return vq.codebook(raw=codes == "raw").detach()
 
 
-def sample_lantern(model, vq, labels_B, *, k: int = 1000, delta: float = 0.1, window: int = 16,
+def sample_lantern(model, tokenizer, labels_B, *, k: int = 1000, delta: float = 0.1, window: int = 16,
                    codes_VD: torch.Tensor | None = None, codes: str = "raw", residual: str = "released",
                    one_hot_drafts: bool = True, **kwargs):
     """SJD with LANTERN's relaxed acceptance (approximate; ``delta = 0`` is SJD). With one-hot drafts (default)
     every token is within total variation ``delta`` of the exact distribution (see :class:`LanternAcceptance`).
     Neighbours are the ``k`` nearest codes: ``codes="raw"`` (the release: the unnormalised embedding table) or
     ``"normalised"``."""
-    rule = LanternAcceptance(_codes(vq, codes_VD, codes).to(model.output.weight.device), k=k, delta=delta,
+    rule = LanternAcceptance(_codes(tokenizer, codes_VD, codes).to(model.output.weight.device), k=k, delta=delta,
                              residual=residual, one_hot_drafts=one_hot_drafts)
-    return sample_jacobi(model, vq, labels_B, window=window, acceptance=rule, **kwargs)
+    return sample_jacobi(model, tokenizer, labels_B, window=window, acceptance=rule, **kwargs)
 
 
-def sample_gsd(model, vq, labels_B, *, group_size: int | None = None, prob_gap: float = 0.15,
+def sample_gsd(model, tokenizer, labels_B, *, group_size: int | None = None, prob_gap: float = 0.15,
                embed_threshold: float | None = 0.5, window: int = 16, **kwargs):
     """SJD with grouped speculative decoding's cluster acceptance (approximate). ``group_size=None`` is the
     release's rank window (6 likelier, 7 less likely tokens), an int ``+-group_size // 2`` (1 is SJD). The
@@ -501,4 +503,4 @@ def sample_gsd(model, vq, labels_B, *, group_size: int | None = None, prob_gap: 
     set on Lumina-mGPT: :func:`gsd_embed_threshold` picks one from this model's own embedding statistics)."""
     embed = model.tok_embeddings.weight.detach() if embed_threshold is not None else None
     rule = GroupedAcceptance(group_size, prob_gap, embed, embed_threshold if embed_threshold is not None else 0.0)
-    return sample_jacobi(model, vq, labels_B, window=window, acceptance=rule, **kwargs)
+    return sample_jacobi(model, tokenizer, labels_B, window=window, acceptance=rule, **kwargs)

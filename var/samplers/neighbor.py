@@ -115,9 +115,9 @@ def _sample_released(model, proc, rows, cache, tokens, window, generator, stats)
 
 
 @torch.no_grad()
-def sample_zipar(model, vq, labels_B, *, window: int | None = None, schedule: str = "eager", cfg: float = 2.0,
-                 top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0, generator: GeneratorArg = None,
-                 decode: bool = True):
+def sample_zipar(model, tokenizer, labels_B, *, window: int | None = None, schedule: str = "eager",
+                 cfg_scale: float = 2.0, top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0,
+                 generator: GeneratorArg = None, decode: bool = True, cfg: float | None = None):
     """Row-parallel decoding with a fixed window ``s`` (1 <= s <= grid width; default half the grid width, e.g. 8
     for LlamaGen's 16 x 16 grid; s = width is plain next-token decoding); see the module doc.
 
@@ -128,7 +128,7 @@ def sample_zipar(model, vq, labels_B, *, window: int | None = None, schedule: st
     if schedule not in ZIPAR_SCHEDULES:
         raise ConfigError(f"ZipAR schedule must be one of {ZIPAR_SCHEDULES}, got {schedule!r}")
     t0 = time.perf_counter()
-    labels_B, proc, rows = prepare(model, vq, labels_B, cfg, temperature, top_k, top_p)
+    labels_B, proc, rows = prepare(model, tokenizer, labels_B, cfg_scale, temperature, top_k, top_p, cfg=cfg)
     H = W = model.config.grid_size
     if window is None:
         window = min(8, W) if schedule == "released" else max(1, W // 2)
@@ -142,7 +142,7 @@ def sample_zipar(model, vq, labels_B, *, window: int | None = None, schedule: st
         stats.forward_passes = 1
         _sample_released(model, proc, rows, cache, tokens, window, generator, stats)
         stats.extra.update(window=window, schedule=schedule)
-        return finish(model, vq, tokens, stats, t0, decode, cache=cache)
+        return finish(model, tokenizer, tokens, stats, t0, decode, cache=cache)
 
     tokens[:, 0] = multinomial(proc.probs(model.prefill(rows, cache)[:, -1], "token 0"), generator)
     stats.forward_passes = 1
@@ -197,4 +197,4 @@ def sample_zipar(model, vq, labels_B, *, window: int | None = None, schedule: st
             col[r] += 1
 
     stats.extra.update(window=window, schedule=schedule, ideal_steps=W + (H - 1) * window)
-    return finish(model, vq, tokens, stats, t0, decode, cache=cache)
+    return finish(model, tokenizer, tokens, stats, t0, decode, cache=cache)

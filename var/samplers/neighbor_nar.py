@@ -39,15 +39,16 @@ def _mixed_targets(right, down, d: int, n: int):
 
 
 @torch.no_grad()
-def sample_nar(model, vq, labels_B, *, cfg: float = 2.0, top_k: int = 0, top_p: float = 0.0,
+def sample_nar(model, tokenizer, labels_B, *, cfg_scale: float = 2.0, top_k: int = 0, top_p: float = 0.0,
                temperature: float = 1.0, cfg_interval: int = -1, generator: GeneratorArg = None, cache=None,
-               decode: bool = True) -> SampleOutput:
+               decode: bool = True, cfg: float | None = None) -> SampleOutput:
     """Sample ``len(labels_B)`` token grids with a :class:`~var.models.nar.NAR` model.
 
     Args:
-        model: a :class:`~var.models.nar.NAR`; vq: its single-scale tokenizer (None: no images).
+        model: a :class:`~var.models.nar.NAR`; tokenizer: its single-scale tokenizer (None: no images).
         labels_B: class ids ``[B]`` in ``[0, num_classes]`` (``num_classes`` = unconditional).
-        cfg: LlamaGen guidance scale (1 = none; then the unconditional half is skipped); the paper uses 2.0.
+        cfg_scale: LlamaGen guidance scale (1 = none; then the unconditional half is skipped); the paper uses
+            2.0. ``cfg`` is its deprecated name.
         top_k, top_p, temperature: the shared logits filtering, per position (0 disables top-k / top-p).
         cfg_interval: the NAR release's rule: a diagonal is guided while at most ``cfg_interval`` tokens were
             generated before it (-1: always).
@@ -57,7 +58,8 @@ def sample_nar(model, vq, labels_B, *, cfg: float = 2.0, top_k: int = 0, top_p: 
         :class:`SampleOutput` with ``tokens [B, n*n]`` in raster order; ``stats.forward_passes == 2n - 1``.
     """
     t0 = time.perf_counter()
-    labels_B, proc, rows_labels = prepare(model, vq, labels_B, cfg, temperature, top_k, top_p, cfg_interval)
+    labels_B, proc, rows_labels = prepare(model, tokenizer, labels_B, cfg_scale, temperature, top_k, top_p,
+                                          cfg_interval, cfg=cfg)
     device, n, B = labels_B.device, model.config.grid_size, labels_B.shape[0]
     kv_cache = (cache or FullCache()).new_cache(model, rows_labels.shape[0], device=device)
     stats = SamplerStats()
@@ -79,4 +81,4 @@ def sample_nar(model, vq, labels_B, *, cfg: float = 2.0, top_k: int = 0, top_p: 
         guided = cfg_interval < 0 or generated <= cfg_interval  # NAR's count (LlamaGen's allows one more token)
         probs = proc.probs(_mixed_targets(right, down, d, n), f"diagonal {d}", guided)
         grid[:, tgt, d - tgt] = multinomial(probs, generator)
-    return finish(model, vq, grid.flatten(1), stats, t0, decode)
+    return finish(model, tokenizer, grid.flatten(1), stats, t0, decode)

@@ -1,13 +1,15 @@
 """Plain next-token sampling for class-conditional GPTs (LlamaGen's ``generate``), and the pieces that the
 parallel samplers (:mod:`var.samplers.jacobi`, :mod:`var.samplers.neighbor`) share with it.
 
-CFG follows LlamaGen: the batch is ``[cond; uncond]`` (null class = ``num_classes``) and the guided logits are
-``cfg * cond - (cfg - 1) * uncond``; ``cfg = 1`` is conditional-only and skips the unconditional half. Then
+CFG follows LlamaGen and keeps its name, ``cfg_scale``: the batch is ``[cond; uncond]`` (null class =
+``num_classes``) and the guided logits are ``uncond + cfg_scale * (cond - uncond)``; ``cfg_scale = 1`` is
+conditional-only and skips the unconditional half (``cfg=`` still works, with a DeprecationWarning). Then
 temperature, top-k and top-p (all from :mod:`var.samplers.logits`, the one shared processor).
 """
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +31,7 @@ class TokenProcessor:
     """
 
     batch: int
-    cfg: float = 1.0
+    cfg_scale: float = 1.0
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 0.0
@@ -37,8 +39,8 @@ class TokenProcessor:
 
     def __post_init__(self):
         check_sampling_args(self.top_k, self.top_p, self.temperature)
-        if not self.cfg >= 1.0:
-            raise ConfigError(f"cfg must be >= 1 (LlamaGen convention: 1 = no guidance), got {self.cfg}")
+        if not self.cfg_scale >= 1.0:
+            raise ConfigError(f"cfg_scale must be >= 1 (LlamaGen convention: 1 = no guidance), got {self.cfg_scale}")
         if isinstance(self.cfg_interval, bool) or not isinstance(self.cfg_interval, int) or self.cfg_interval < -1:
             raise ConfigError(f"cfg_interval must be an int >= -1 (-1 = guide every token), got {self.cfg_interval!r}")
 
@@ -52,7 +54,7 @@ class TokenProcessor:
 
     @property
     def guided(self) -> bool:
-        return self.cfg > 1.0
+        return self.cfg_scale > 1.0
 
     def double(self, x: torch.Tensor) -> torch.Tensor:
         """Repeat per-image inputs (tokens, positions, masks) for the unconditional half."""
@@ -65,9 +67,9 @@ class TokenProcessor:
         check_finite(logits_rV, where or "next-token logits")
         logits = logits_rV.float()
         if self.guided:
-            weight = self.cfg
+            weight = self.cfg_scale
             if isinstance(guided, torch.Tensor):
-                weight = torch.where(guided, self.cfg, 1.0).to(logits.device)[..., None]
+                weight = torch.where(guided, self.cfg_scale, 1.0).to(logits.device)[..., None]
             elif not guided:
                 weight = 1.0
             logits = apply_cfg(logits[: self.batch], logits[self.batch:], weight)
@@ -75,10 +77,19 @@ class TokenProcessor:
                                 top_p=self.top_p).softmax(dim=-1)
 
 
-def check_pair(model, vq) -> None:
+def check_pair(model, tokenizer) -> None:
     """Raise :class:`ConfigError` if the tokenizer's codebook does not match the model's vocabulary."""
-    if vq is not None and vq.vocab_size != model.vocab_size:
-        raise ConfigError(f"tokenizer (V {vq.vocab_size}) does not match the model (V {model.vocab_size})")
+    if tokenizer is not None and tokenizer.vocab_size != model.vocab_size:
+        raise ConfigError(f"tokenizer (V {tokenizer.vocab_size}) does not match the model (V {model.vocab_size})")
+
+
+def legacy_cfg_scale(cfg_scale: float, cfg: float | None) -> float:
+    """``cfg_scale``, or the deprecated ``cfg=`` keyword of the next-token samplers when it was given."""
+    if cfg is None:
+        return cfg_scale
+    warnings.warn("next-token samplers take cfg_scale= (LlamaGen's guidance scale, 1 = none); cfg= is deprecated",
+                  DeprecationWarning, stacklevel=4)
+    return cfg
 
 
 def as_condition(model, cond):
@@ -89,49 +100,54 @@ def as_condition(model, cond):
     return as_label_tensor(cond, device)
 
 
-def prepare(model, vq, cond, cfg, temperature, top_k, top_p, cfg_interval: int = -1):
+def prepare(model, tokenizer, cond, cfg_scale, temperature, top_k, top_p, cfg_interval: int = -1, *,
+            cfg: float | None = None):
     """Validated ``(condition, processor, model rows)`` shared by all next-token samplers. The condition is class
     ids ``[B]`` or a :class:`~var.models.conditioning.CaptionCondition` (text-to-image GPT); samplers only use
-    ``len()`` and ``.device`` of it and hand the rows (with the CFG null half) to ``model.prefill``."""
-    check_pair(model, vq)
+    ``len()`` and ``.device`` of it and hand the rows (with the CFG null half) to ``model.prefill``. ``cfg`` is the
+    deprecated name of ``cfg_scale``."""
+    check_pair(model, tokenizer)
     cond = as_condition(model, cond)
     model.check_condition(cond)
-    proc = TokenProcessor(len(cond), cfg, temperature, top_k, top_p, cfg_interval)
+    proc = TokenProcessor(len(cond), legacy_cfg_scale(cfg_scale, cfg), temperature, top_k, top_p, cfg_interval)
     return cond, proc, model.condition_rows(cond, proc.guided)
 
 
-def finish(model, vq, tokens_BN: torch.Tensor, stats: SamplerStats, t0: float, decode: bool,
+def finish(model, tokenizer, tokens_BN: torch.Tensor, stats: SamplerStats, t0: float, decode: bool,
            cache=None) -> SampleOutput:
     """Decode ``[B, N]`` tokens (images in [0, 1]), fold in ``cache``'s byte peaks and stamp the wall time."""
     stats.tokens = model.seq_len
     if cache is not None:
         stats.track_kv(cache)
     images = None
-    if decode and vq is not None:
+    if decode and tokenizer is not None:
         g = model.config.grid_size
-        images = vq.decode([tokens_BN.view(-1, g, g)]).float().add(1).mul(0.5)
+        images = tokenizer.decode([tokens_BN.view(-1, g, g)]).float().add(1).mul(0.5)
     stats.wall_time_s = time.perf_counter() - t0
     return SampleOutput(images=images, tokens=tokens_BN, stats=stats)
 
 
 @torch.no_grad()
-def sample_next_token(model, vq, labels_B, *, cfg: float = 2.0, top_k: int = 0, top_p: float = 0.0,
+def sample_next_token(model, tokenizer, labels_B, *, cfg_scale: float = 2.0, top_k: int = 0, top_p: float = 0.0,
                       temperature: float = 1.0, cfg_interval: int = -1, generator: GeneratorArg = None,
-                      decode: bool = True) -> SampleOutput:
+                      decode: bool = True, cfg: float | None = None) -> SampleOutput:
     """One forward pass per token over a preallocated KV cache (the reference the other samplers must match).
 
     Args:
-        model: a :class:`~var.models.gpt.GPT`; vq: its :class:`~var.tokenizers.SingleScaleVQ` (None: no images).
+        model: a :class:`~var.models.gpt.GPT`; tokenizer: its :class:`~var.tokenizers.SingleScaleVQ` (None: no
+            images).
         labels_B: class ids ``[B]`` in ``[0, num_classes]`` (``num_classes`` = unconditional), or a
             :class:`~var.models.conditioning.CaptionCondition` for a text-to-image GPT (CFG: its null caption).
-        cfg: guidance scale (1 = none); top_k / top_p / temperature: shared logits filtering (0 disables).
+        cfg_scale: LlamaGen guidance scale (1 = none; ``cfg`` is its deprecated name).
+        top_k / top_p / temperature: shared logits filtering (0 disables).
         cfg_interval: LlamaGen's: guide only while at most ``cfg_interval + 1`` tokens are generated (-1: always).
         generator: one ``torch.Generator`` or one per sample (then a batch of N equals N single runs).
     Returns:
         :class:`SampleOutput`: ``images [B, 3, H, W]`` in [0, 1], ``tokens [B, N]`` (raster order), stats.
     """
     t0 = time.perf_counter()
-    labels_B, proc, rows = prepare(model, vq, labels_B, cfg, temperature, top_k, top_p, cfg_interval)
+    labels_B, proc, rows = prepare(model, tokenizer, labels_B, cfg_scale, temperature, top_k, top_p, cfg_interval,
+                                   cfg=cfg)
     B, N = len(labels_B), model.seq_len
     kv_cache = model.new_kv_cache(len(rows))
     stats = SamplerStats(peak_kv_cache_bytes=kv_cache.nbytes())
@@ -142,7 +158,7 @@ def sample_next_token(model, vq, labels_B, *, cfg: float = 2.0, top_k: int = 0, 
         tokens[:, i] = multinomial(proc.probs(logits[:, -1], f"token {i}", proc.guided_tokens(i)), generator)
         if i + 1 < N:
             logits = model.decode(proc.double(tokens[:, i:i + 1]), kv_cache)
-    return finish(model, vq, tokens, stats, t0, decode, cache=kv_cache)
+    return finish(model, tokenizer, tokens, stats, t0, decode, cache=kv_cache)
 
 
 AR_SAMPLERS = ("next_token", "sjd", "mcsjd", "lantern", "gsd", "zipar")
@@ -152,7 +168,7 @@ def run_ar_sampler(sampler: str, model, vq, labels_B, *, window: int = 16, init:
               coupling: str = "maximal", lantern_k: int = 1000, lantern_delta: float = 0.1, gsd_group: int | None = None,
               zipar_window: int | None = None, **common):
     """Run the next-token-family sampler named ``sampler`` (one of :data:`AR_SAMPLERS`) with its knobs;
-    ``common`` holds cfg / top_k / top_p / temperature / generator / decode."""
+    ``common`` holds cfg_scale / top_k / top_p / temperature / generator / decode."""
     from var.samplers import jacobi, neighbor
     if sampler == "next_token":
         return sample_next_token(model, vq, labels_B, **common)

@@ -467,7 +467,7 @@ class Trainer:
 
     def train_step(self, batches) -> dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns this rank's mean metrics."""
-        cfg = self.config
+        config = self.config
         self.wrapped.train()
         sums: dict[str, float] = {}
         for micro, batch in enumerate(batches):
@@ -475,9 +475,9 @@ class Trainer:
             sync = contextlib.nullcontext()
             if not last and hasattr(self.wrapped, "no_sync"):
                 sync = self.wrapped.no_sync()
-            elif not last and cfg.fsdp and hasattr(self.wrapped, "set_requires_gradient_sync"):
+            elif not last and config.fsdp and hasattr(self.wrapped, "set_requires_gradient_sync"):
                 self.wrapped.set_requires_gradient_sync(False)
-            if last and cfg.fsdp and hasattr(self.wrapped, "set_requires_gradient_sync"):
+            if last and config.fsdp and hasattr(self.wrapped, "set_requires_gradient_sync"):
                 self.wrapped.set_requires_gradient_sync(True)
             with sync:
                 with self._autocast():
@@ -490,7 +490,7 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v / len(batches)
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.clip_grad if config.clip_grad > 0 else float("inf"))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -504,22 +504,22 @@ class Trainer:
 
     def fit(self) -> nn.Module:
         """Train to ``config.steps`` (resuming first when asked); returns the bare model."""
-        cfg = self.config
+        config = self.config
         if not self.maybe_resume():
-            seed_rank(cfg.seed, self.env.rank)
-            self.objective.reseed(cfg.seed * 1000 + self.env.rank + 7919)
+            seed_rank(config.seed, self.env.rank)
+            self.objective.reseed(config.seed * 1000 + self.env.rank + 7919)
         if self.env.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+            (self.out_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
         from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.env.is_main),
+        bar = tqdm(total=config.steps, initial=self.step, disable=not (config.progress and self.env.is_main),
                    desc=f"train {type(self.model).__name__}", unit="step", dynamic_ncols=True)
         it = self._loader()
         window: dict[str, float] = {}
         count, t0 = 0, time.time()
-        while self.step < cfg.steps:
+        while self.step < config.steps:
             batches = []
-            for _ in range(cfg.grad_accum):
+            for _ in range(config.grad_accum):
                 batches.append(next(it))
                 self.sampler.advance()
             metrics = self.train_step(batches)
@@ -527,14 +527,14 @@ class Trainer:
                 window[k] = window.get(k, 0.0) + v
             count += 1
             bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            if self.step % config.log_every == 0 or self.step == config.steps:
                 row = self._reduce_metrics(window, count)
                 row = {"step": self.step, "lr": self.scheduler.get_last_lr()[0],
                        "sec_per_step": (time.time() - t0) / count, **row}
                 bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "acc", "psnr", "grad_norm")})
                 self.metrics.log(row)
                 window, count, t0 = {}, 0, time.time()
-            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+            if self.step % config.ckpt_every == 0 or self.step == config.steps:
                 self.save()
         bar.close()
         self.metrics.close()

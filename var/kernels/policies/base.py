@@ -35,8 +35,8 @@ class CacheLayout:
 
     @classmethod
     def of(cls, model) -> "CacheLayout":
-        cfg = model.config
-        return cls(cfg.depth, cfg.num_heads, cfg.width // cfg.num_heads, tuple(cfg.patch_nums))
+        config = model.config
+        return cls(config.depth, config.num_heads, config.width // config.num_heads, tuple(config.patch_nums))
 
     @property
     def seq_len(self) -> int:
