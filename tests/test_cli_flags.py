@@ -1,0 +1,49 @@
+"""Issue 13: a command-line flag that the chosen sampler (or command) does not use is an error naming the flag,
+never silently ignored."""
+import pytest
+
+from var.cli.eval import main as eval_main
+from var.cli.sample import main as sample_main
+from var.errors import ConfigError
+
+REFUSED = (ConfigError, SystemExit)
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--window", "4"], "--window"),  # a Jacobi window on the VAR sampler
+    (["--coupling", "gumbel"], "--coupling"),
+    (["--zipar-window", "2"], "--zipar-window"),
+])
+def test_var_sample_refuses_next_token_flags_on_the_var_sampler(tmp_path, extra, flag):
+    with pytest.raises(REFUSED, match=flag):
+        sample_main(["--random-init", "--classes", "1", "--out", str(tmp_path / "g.png"), *extra])
+
+
+@pytest.mark.parametrize("sampler, extra, flag", [
+    ("next_token", ["--more-smooth"], "--more-smooth"),  # VAR's smoothing on a GPT
+    ("sjd", ["--coupling", "gumbel"], "--coupling"),  # MC-SJD's coupling on SJD
+    ("next_token", ["--window", "4"], "--window"),
+    ("zipar", ["--lantern-k", "8"], "--lantern-k"),
+])
+def test_var_sample_refuses_flags_the_next_token_sampler_does_not_take(tmp_path, sampler, extra, flag):
+    with pytest.raises(REFUSED, match=flag):
+        sample_main(["--family", "ar", "--random-init", "--sampler", sampler, "--classes", "1",
+                     "--out", str(tmp_path / "g.png"), *extra])
+
+
+def test_var_sample_refuses_num_images_with_classes(tmp_path):
+    with pytest.raises(REFUSED, match="--num-images"):
+        sample_main(["--random-init", "--classes", "1", "2", "--num-images", "5", "--out", str(tmp_path / "g.png")])
+
+
+def test_var_eval_refuses_a_budget_without_a_cache_policy(tmp_path):
+    with pytest.raises(REFUSED, match="budget"):
+        eval_main(["sample", "--random-init", "--out", str(tmp_path / "x"), "--num-images", "2", "--budget", "0.1",
+                   "--device", "cpu"])
+    assert not (tmp_path / "x" / "images").exists()  # refused before anything was written
+
+
+def test_var_eval_refuses_a_setting_the_sampler_does_not_take(tmp_path):
+    with pytest.raises(REFUSED, match="window"):
+        eval_main(["sample", "--random-init", "--out", str(tmp_path / "x"), "--num-images", "2", "--window", "4",
+                   "--device", "cpu"])
