@@ -27,7 +27,7 @@ from var.assets import bundled_ar_dir
 from var.hub import load_llamagen
 from var.models import create
 from var.samplers.logits import processed_logits
-from var.samplers.next_token import run_ar_sampler
+from var.samplers.registry import get_sampler
 
 log = logging.getLogger("bench_samplers")
 
@@ -39,13 +39,13 @@ SETTINGS = [
     ("mcsjd max L=16", "mcsjd", dict(window=16, coupling="maximal")),
     ("mcsjd max L=32", "mcsjd", dict(window=32, coupling="maximal")),
     ("mcsjd gumbel L=32", "mcsjd", dict(window=32, coupling="gumbel")),
-    ("lantern d=0.05", "lantern", dict(window=16, lantern_delta=0.05)),
-    ("lantern d=0.1", "lantern", dict(window=16, lantern_delta=0.1)),
-    ("lantern d=0.2", "lantern", dict(window=16, lantern_delta=0.2)),
-    ("gsd G=3", "gsd", dict(window=16, gsd_group=3)),
-    ("gsd G=10", "gsd", dict(window=16, gsd_group=10)),
-    ("zipar s=W/2", "zipar", dict(zipar_window="half")),
-    ("zipar s=W/4", "zipar", dict(zipar_window="quarter")),
+    ("lantern d=0.05", "lantern", dict(window=16, delta=0.05)),
+    ("lantern d=0.1", "lantern", dict(window=16, delta=0.1)),
+    ("lantern d=0.2", "lantern", dict(window=16, delta=0.2)),
+    ("gsd G=3", "gsd", dict(window=16, group_size=3)),
+    ("gsd G=10", "gsd", dict(window=16, group_size=10)),
+    ("zipar s=W/2", "zipar", dict(window="half")),
+    ("zipar s=W/4", "zipar", dict(window="quarter")),
 ]
 
 
@@ -116,10 +116,10 @@ def classifier_accuracy(images, labels, num_classes: int):
 def run_setting(gpt, vq, labels, sampler, knobs, args):
     knobs = dict(knobs)
     width = gpt.config.grid_size
-    if knobs.get("zipar_window") in ("half", "quarter"):
-        knobs["zipar_window"] = max(1, width // (2 if knobs["zipar_window"] == "half" else 4))
-    if "lantern_delta" in knobs:
-        knobs["lantern_k"] = min(1000, gpt.vocab_size - 1)
+    if knobs.get("window") in ("half", "quarter"):
+        knobs["window"] = max(1, width // (2 if knobs["window"] == "half" else 4))
+    if "delta" in knobs:
+        knobs["k"] = min(1000, gpt.vocab_size - 1)
     if vq is None and sampler == "lantern":
         return None
     passes, tokens, elapsed, nll, images, accepted = 0, [], 0.0, [], [], []
@@ -132,8 +132,9 @@ def run_setting(gpt, vq, labels, sampler, knobs, args):
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            out = run_ar_sampler(sampler, gpt, vq, batch, cfg_scale=args.cfg, top_k=args.top_k, top_p=args.top_p,
-                                 temperature=args.temperature, generator=gen, decode=vq is not None, **knobs)
+            out = get_sampler(sampler)({"model": gpt, "tokenizer": vq}, batch, cfg_scale=args.cfg, top_k=args.top_k,
+                                       top_p=args.top_p, temperature=args.temperature, generator=gen,
+                                       decode=vq is not None, **knobs)
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             best = min(best, time.perf_counter() - t0)
@@ -172,7 +173,8 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(args.seed)
     labels = torch.randint(0, gpt.config.num_classes, (args.num_images,), generator=g).to(args.device)
     results, base = {}, None
-    run_ar_sampler("next_token", gpt, vq, labels[:args.batch_size], cfg_scale=args.cfg, decode=vq is not None)  # warm-up
+    get_sampler("next_token")({"model": gpt, "tokenizer": vq}, labels[:args.batch_size], cfg_scale=args.cfg,
+                              decode=vq is not None)  # warm-up
     for label, sampler, knobs in SETTINGS:
         if args.only and not any(label.startswith(o) for o in args.only):
             continue

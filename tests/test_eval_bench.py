@@ -1,20 +1,18 @@
-"""var-bench on tiny random-weight models: the table's invariants, the report files, defensive discovery."""
+"""var-bench on tiny random-weight models: the table's invariants, the report files, registry-driven rows."""
 import json
 
 import numpy as np
 import pytest
-import torch
 
 from var.errors import ConfigError
-from var.eval import discovery
-from var.eval.benchmark import run_benchmark
+from var.eval.benchmark import assign, build_setups, run_benchmark
 from var.eval.report import write_report
+from var.samplers.registry import SAMPLERS
 
 
 @pytest.fixture(scope="module")
 def report():
-    policies = discovery.discover_cache_policies()
-    cheap = tuple(p for p in ("StreamingLLM",) if p in policies)
+    cheap = ("StreamingLLM",)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VAR_KERNELS", "torch")  # the PyTorch reference kernels (the Triton interpreter is slow)
         rep = run_benchmark(num_images=8, batch=4, repeats=1, timed_runs=1, budgets=(1.0, 0.25), seed=0,
@@ -51,37 +49,27 @@ def test_report_files_name_the_machine(report, tmp_path):
         assert img.width > 100 and img.height > 100
 
 
-def test_probe_learns_settings_a_kwargs_sampler_rejects():
-    def inner(model, tok, labels_B, *, generator=None, cfg=1.0):
-        return (model, tok, labels_B.tolist(), cfg)
+def test_every_registered_sampler_runs_on_the_setups_whose_models_it_drives():
+    setups = build_setups(seed=0)
+    pairs, skipped = assign(setups)
+    placed = {}
+    for spec, setup in pairs:
+        placed.setdefault(spec.name, set()).add(setup.name)
+    assert not skipped and set(placed) == set(SAMPLERS)
+    assert "gpt_tiny (random)" in placed["sjd"] and "nar_tiny (random)" not in placed["sjd"]  # a NAR is no GPT here
+    assert placed["nar"] >= {"nar_tiny (random)"} and placed["collaborative"] >= {"var_tiny drafter + d1 refiner "
+                                                                                   "(random)"}
+    assert all(setup.reference in SAMPLERS for setup in setups)
+    _, skipped = assign([s for s in setups if s.name != "ctf_tiny (random)"], only={"coarse_to_fine"})
+    assert skipped == [{"sampler": "coarse_to_fine", "reason": "no setup with the models it drives "
+                                                                "(stage1, stage2, tokenizer)"}]
 
-    def sample_wrapped(model, tok, labels_B, **kwargs):
-        return inner(model, tok, labels_B, **kwargs)
 
-    entry = discovery.SamplerEntry("wrapped", __name__, sample_wrapped, ("model", "tok", "labels_B", "kwargs"))
-    comps = {"model": "M", "tok": "T"}
-    out = discovery.probe_sampler(entry, comps, torch.tensor([3]), cfg=2.0, cfg_scale=2.0, window=16)
-    assert out == ("M", "T", [3], 2.0) and entry.rejected == {"cfg_scale", "window"}
-    assert discovery.call_sampler(entry, comps, torch.tensor([1]), generator=None, cfg=3.0, window=4)[-1] == 3.0
-    with pytest.raises(ConfigError):
-        discovery.call_sampler(entry, {"model": "M"}, torch.tensor([1]), generator=None)  # no tokenizer
-
-
-def test_discovery_skips_broken_modules(monkeypatch):
-    import importlib
-    real = importlib.import_module
-
-    def flaky(name, *a, **k):
-        if name == "var.samplers.next_token":
-            raise SyntaxError("half-written file")
-        return real(name, *a, **k)
-
-    monkeypatch.setattr(discovery.importlib, "import_module", flaky)
-    found = discovery.discover_samplers()
-    assert "next_scale" in found and "next_token" not in found
-    policies = discovery.discover_cache_policies()
-    assert "FullCache" in policies
-    assert not any(e.cls.__name__ == "CompressionPolicy" for e in policies.values())  # interfaces are not rows
+def test_unknown_sampler_or_policy_is_an_error():
+    with pytest.raises(ConfigError, match="nope"):
+        run_benchmark(samplers=("nope",), num_images=1)
+    with pytest.raises(ConfigError, match="Nope"):
+        run_benchmark(policies=("Nope",), num_images=1)
 
 
 def test_plot_without_matplotlib_falls_back_to_pil(report, tmp_path, monkeypatch):

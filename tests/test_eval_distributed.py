@@ -32,12 +32,11 @@ def like_subprocess():
 def tiny_sample_fn():
     """The same random-weight var_tiny/msvq_tiny that `var-eval sample --random-init --seed 0` builds."""
     from var.cli.eval import make_sample_fn
-    from var.eval.discovery import discover_samplers
     from var.models import create
+    from var.samplers.registry import SAMPLERS
     torch.manual_seed(0)
     tok, model = create("msvq_tiny").eval(), create("var_tiny").eval()
-    settings = dict(cfg=1.5, top_k=900, top_p=0.96, temperature=1.0, more_smooth=False)
-    return make_sample_fn(discover_samplers()["next_scale"], {"model": model, "tokenizer": tok}, settings)
+    return make_sample_fn(SAMPLERS["next_scale"], {"model": model, "tokenizer": tok}, {})
 
 
 def shard_records(out_dir):

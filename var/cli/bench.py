@@ -7,7 +7,7 @@ Examples::
     var-bench --samplers next_scale --policies ScaleKV HACK --budgets 0.5 0.1
 
 Writes ``benchmarks/<tag>.md``, ``.json`` and ``.png`` (speed vs quality) with the machine named in each; the
-samplers and cache policies are discovered at run time (whatever this installation provides).
+samplers and cache policies are those of the registry (``var.samplers.registry``), each with its own defaults.
 """
 from __future__ import annotations
 
@@ -26,19 +26,25 @@ log = logging.getLogger("var.cli.bench")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="var-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    from var.samplers.registry import SAMPLERS, cache_policies
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--num-images", type=int, default=64, help="images per row (speed and quality)")
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=int, default=16, help="images per sampler call in the timed runs")
     p.add_argument("--repeats", type=int, default=3, help="batch-1 calls (latency = the fastest)")
     p.add_argument("--timed-runs", type=int, default=2, help="timed batch runs per row (images/s = the fastest)")
     p.add_argument("--budgets", type=float, nargs="*", default=[0.5, 0.25, 0.1], help="cache-policy budgets")
     p.add_argument("--models", nargs="*", default=[], help="extra random-weight VAR presets (e.g. var_d16)")
     p.add_argument("--families", nargs="*", default=[], help="only setups whose name contains one of these")
-    p.add_argument("--samplers", nargs="*", default=[], help="only these samplers (default: all discovered)")
-    p.add_argument("--policies", nargs="*", default=[], help="only these cache policies (default: all)")
-    p.add_argument("--extractor", choices=("auto", "classifier", "random-conv"), default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default="benchmarks")
+    p.add_argument("--samplers", nargs="*", default=[], choices=list(SAMPLERS), metavar="SAMPLER",
+                   help=f"only these samplers of the registry ({', '.join(SAMPLERS)}); none given: all, each with "
+                        f"its own defaults, on every setup whose models it drives")
+    compress = [n for n in cache_policies() if n != "FullCache"]
+    p.add_argument("--policies", nargs="*", default=[], choices=compress, metavar="POLICY",
+                   help=f"only these compression policies ({', '.join(compress)}); none given: all")
+    p.add_argument("--extractor", choices=("auto", "classifier", "random-conv"), default="auto",
+                   help="offline feature extractor of the fd/kid columns")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled batches")
+    p.add_argument("--out-dir", default="benchmarks", help="folder of the .md/.json/.png report")
     p.add_argument("--tag", default=None, help="file name stem (default: samplers_<device kind>)")
     p.add_argument("--merge", nargs="*", default=[], metavar="JSON",
                    help="earlier reports (same machine and settings) whose rows join this table")

@@ -5,17 +5,20 @@ Examples::
     var-sample                                    # bundled model (or a random-weight demo config), grid PNG
     var-sample --vae vae_ch160v4096z32.pth --var var_d16.pth --classes 207 360 387 --cfg 1.5 --out grid.png
     var-sample --vae ... --var ... --num-images 16 --out-dir samples/ --device cuda --dtype bf16
-    var-sample --family ar --vq vq_ds16_c2i.pt --gpt c2i_B_256.pt --sampler sjd --window 16 --cfg-scale 2.0
-    var-sample --family ar --sampler zipar --zipar-window 8     # bundled AR model (or random weights)
+    var-sample --vq vq_ds16_c2i.pt --gpt c2i_B_256.pt --sampler sjd --window 16 --cfg-scale 2.0
+    var-sample --sampler zipar --zipar-window 8     # bundled AR model (--random-init: random weights)
+    var-sample --sampler nar --random-init          # every registered sampler; see --sampler below
     var-sample --prompt "a pink star" --prompt "a teal square with horizontal stripes"   # bundled text-to-image
     var-sample --prompts-file prompts.txt --sampler sjd           # one prompt per line
     var-sample --family infinity --vae infinity_vae_d32reg.pth --model infinity_2b_reg.pth \
         --text-encoder google/flan-t5-xl --prompt "a red fox in the snow" --cfg 3 --tau 0.5
+
+The samplers, their settings and defaults come from one registry (var.samplers.registry): a setting the chosen
+sampler does not take is an error, never ignored.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -25,86 +28,48 @@ from tqdm.auto import tqdm
 
 from var.cli import command_line
 from var.cli.infinity import add_infinity_arguments
+from var.cli.sampling import (CLI_FAMILIES, DTYPES, add_model_arguments, add_sampler_arguments, autocast,
+                              load_ar_models, load_sampler_models, load_var_models, num_classes_of, resolve_sampler,
+                              sampler_settings)
+from var.errors import ConfigError
 
 log = logging.getLogger("var.cli.sample")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+__all__ = ["build_parser", "main", "load_ar_models", "load_var_models"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="var-sample", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    src = p.add_argument_group("model (default: the bundled model, else a random-weight demo config)")
-    src.add_argument("--vae", help="tokenizer checkpoint: vae_ch160v4096z32.pth, .safetensors or saved directory")
-    src.add_argument("--var", help="VAR checkpoint: var_d16.pth ... var_d36.pth, .safetensors or saved directory")
-    src.add_argument("--random-init", action="store_true",
-                     help="random weights of the tiny presets (msvq_tiny + var_tiny): a smoke test, not images")
-    src.add_argument("--family", choices=("var", "ar", "infinity"), default="var",
-                     help="var: next-scale VAR; ar: next-token GPT (LlamaGen) with --sampler; infinity: "
-                          "text-to-image Infinity (--vae, --model, --text-encoder, --prompt)")
-    src.add_argument("--vq", help="AR tokenizer: vq_ds16_c2i.pt, .safetensors or saved directory")
-    src.add_argument("--gpt", help="AR transformer: c2i_{B,L,XL,XXL,3B}_*.pt, .safetensors or saved directory")
-    src.add_argument("--image-size", type=int, default=None, help="AR image size (384 for the *_384 GPTs)")
-    src.add_argument("--text-encoder", help="for --prompt with --gpt: google/flan-t5-xl (or a local T5 directory) "
-                                            "for LlamaGen T2I, or a saved caption encoder directory")
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(p, "models (default: the bundled model of the sampler's family; --random-init: tiny random "
+                           "presets)")
+    p.add_argument("--family", choices=(*CLI_FAMILIES, "infinity"), default=None,
+                   help="var: next-scale VAR (default sampler next_scale); ar: next-token GPT (default sampler "
+                        "next_token); infinity: text-to-image Infinity (--vae, --model, --text-encoder, --prompt). "
+                        "Default: the --sampler's family, else var")
+    p.add_argument("--text-encoder", help="for --prompt with --gpt: google/flan-t5-xl (or a local T5 directory) "
+                                          "for LlamaGen T2I, or a saved caption encoder directory")
+    add_sampler_arguments(p, sampler_default_help="default: next_scale, or next_token with --family ar")
     gen = p.add_argument_group("what to sample")
-    gen.add_argument("--classes", type=int, nargs="*", help="class ids (default: random classes)")
+    gen.add_argument("--classes", type=int, nargs="*", help="class ids (default: --num-images random classes)")
     gen.add_argument("--prompt", action="append", default=None,
                      help="text prompt (repeatable): samples the bundled text-to-image model (--family ar)")
     gen.add_argument("--prompts-file", help="text prompts, one per line (empty lines are an error)")
-    gen.add_argument("--images-per-prompt", type=int, default=1)
-    gen.add_argument("--num-images", type=int, default=16, help="images to sample when --classes is not given")
-    gen.add_argument("--cfg", type=float, default=None,
-                     help="VAR guidance strength at the last scale (default 1.5, 0 = none); with --family ar a "
-                          "deprecated alias of --cfg-scale")
-    gen.add_argument("--cfg-scale", type=float, default=None,
-                     help="next-token (LlamaGen) guidance scale: uncond + s * (cond - uncond) (default 2.0, 1 = none)")
-    gen.add_argument("--top-k", type=int, default=None, help="default 900 (var), 0 = off (ar)")
-    gen.add_argument("--top-p", type=float, default=None, help="default 0.96 (var), 0 = off (ar)")
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--more-smooth", action="store_true", help="VAR's Gumbel smoothing (visualisation only)")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--batch-size", type=int, default=8)
-    ar = p.add_argument_group("next-token samplers (--family ar)")
-    ar.add_argument("--sampler", choices=("next_scale", "next_token", "sjd", "mcsjd", "lantern", "gsd", "zipar"),
-                    default=None, help="default next_scale (var) / next_token (ar); sjd, mcsjd are exact, lantern, "
-                                       "gsd, zipar approximate")
-    ar.add_argument("--window", type=int, default=16, help="Jacobi window (sjd, mcsjd, lantern, gsd)")
-    ar.add_argument("--init", choices=("random", "repeat_horizon", "repeat_vertical"), default="random",
-                    help="initial drafts of the Jacobi samplers")
-    ar.add_argument("--coupling", choices=("maximal", "gumbel"), default="maximal", help="MC-SJD draft coupling")
-    ar.add_argument("--lantern-k", type=int, default=1000, help="LANTERN latent neighbours")
-    ar.add_argument("--lantern-delta", type=float, default=0.1, help="LANTERN moved-mass bound (0 = SJD)")
-    ar.add_argument("--gsd-group", type=int, default=None,
-                    help="GSD rank window +-group//2 (default: the release's 6 likelier / 7 less likely; 1 = SJD)")
-    ar.add_argument("--zipar-window", type=int, default=None,
-                    help="ZipAR window s (default: half the grid width; the grid width = next-token)")
-    add_infinity_arguments(p)
+    gen.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt (default 1)")
+    gen.add_argument("--num-images", type=int, default=None,
+                     help="random classes to sample when --classes is not given (default 16)")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the class draw and of the sampler (default 0)")
+    gen.add_argument("--batch-size", type=int, default=8, help="images per sampler call (default 8)")
     out = p.add_argument_group("output and device")
-    out.add_argument("--out", default="samples.png", help="grid PNG path")
-    out.add_argument("--out-dir", help="also write each image as a PNG into this folder")
-    out.add_argument("--nrow", type=int, default=None, help="images per grid row")
-    out.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    out.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="autocast dtype of the transformer")
+    out.add_argument("--out", default="samples.png", help="grid PNG path (default samples.png)")
+    out.add_argument("--out-dir", help="also write each image as a PNG into this folder (default: none)")
+    out.add_argument("--nrow", type=int, default=None, help="images per grid row (default: about the square root)")
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    out.add_argument("--device", default=default_device, help=f"torch device (default {default_device})")
+    out.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                     help="autocast dtype of the transformer (default fp32)")
+    add_infinity_arguments(p)
     return p
-
-
-def load_models(args):
-    """(tokenizer, model, description) from the arguments."""
-    from var import hub
-    from var.models import create
-    if args.vae or args.var:
-        if not (args.vae and args.var):
-            raise SystemExit("var-sample: give both --vae and --var")
-        tok, model = hub.load_var(args.vae, args.var, device=args.device)
-        return tok, model, f"{args.var}"
-    bundled = _bundled_var()
-    if bundled is not None and not args.random_init:
-        tok, model = hub.load_var(bundled / "tokenizer", bundled / "transformer", device=args.device)
-        return tok, model, f"bundled model {bundled.name}"
-    log.warning("no bundled model found: sampling from RANDOM weights (var_tiny); images are noise")
-    torch.manual_seed(args.seed)
-    tok, model = create("msvq_tiny").eval(), create("var_tiny").eval()
-    return tok.to(args.device), model.to(args.device), "random-weight var_tiny"
 
 
 def read_prompts(args) -> list[str] | None:
@@ -131,15 +96,14 @@ def read_prompts(args) -> list[str] | None:
 
 def load_t2i_models(args):
     """(vq, gpt, text encoder, description) for prompts: --vq/--gpt/--text-encoder or the bundled t2i model."""
-    from var import hub
-    from var.assets import bundled_t2i_dir
+    from var import hub, hub_llamagen
     from var.errors import CheckpointError, PromptError
     from var.models.caption_encoder import CaptionEncoder, T5Captions
     from var.models.gpt_t2i import GPTT2I
     if args.vq or args.gpt:
         if not (args.vq and args.gpt):
             raise SystemExit("var-sample: give both --vq and --gpt")
-        vq, gpt = hub.load_llamagen(args.vq, args.gpt, image_size=args.image_size, device=args.device)
+        vq, gpt = hub_llamagen.load_llamagen(args.vq, args.gpt, image_size=args.image_size, device=args.device)
         if not isinstance(gpt, GPTT2I):
             raise PromptError(f"--prompt needs a text-to-image GPT: {args.gpt} is class-conditional (use --classes)")
         if not args.text_encoder:
@@ -154,121 +118,67 @@ def load_t2i_models(args):
             enc = T5Captions(TextEncoder.from_pretrained(args.text_encoder, device=args.device,
                                                          max_length=gpt.config.caption_len))
         return vq, gpt, enc, f"{args.gpt}"
-    bundled = bundled_t2i_dir()
+    bundled = hub_llamagen.bundled_t2i_dir()
     if bundled is None:
         raise CheckpointError("no bundled text-to-image model in var/assets/t2i_bundled (give --vq, --gpt and "
                               "--text-encoder)")
-    vq, gpt, enc = hub.load_t2i_bundle(bundled, device=args.device)
+    vq, gpt, enc = hub_llamagen.load_t2i_bundle(bundled, device=args.device)
     return vq, gpt, enc, f"bundled text-to-image model {bundled.name}"
 
 
-def load_ar_models(args):
-    """(vq, gpt, description) for ``--family ar``: --vq/--gpt, the bundled AR model, or random tiny presets."""
-    from var import hub
-    from var.assets import bundled_ar_dir
-    from var.models import create
-    if args.vq or args.gpt:
-        if not (args.vq and args.gpt):
-            raise SystemExit("var-sample: give both --vq and --gpt")
-        vq, gpt = hub.load_llamagen(args.vq, args.gpt, image_size=args.image_size, device=args.device)
-        return vq, gpt, f"{args.gpt}"
-    bundled = bundled_ar_dir()
-    if bundled is not None and not args.random_init:
-        vq, gpt = hub.load_llamagen(bundled / "tokenizer", bundled / "transformer", device=args.device)
-        return vq, gpt, f"bundled AR model {bundled.name}"
-    log.warning("no bundled AR model found: sampling from RANDOM weights (gpt_tiny); images are noise")
-    torch.manual_seed(args.seed)
-    return create("vq_tiny").eval().to(args.device), create("gpt_tiny").eval().to(args.device), "random-weight gpt_tiny"
-
-
-# the samplers' defaults per model family: VAR's FID settings and LlamaGen's (also used by var-eval sample)
-FAMILY_DEFAULTS = {"var": dict(cfg=1.5, top_k=900, top_p=0.96), "ar": dict(cfg_scale=2.0, top_k=0, top_p=0.0)}
-
-
-def resolve_family_defaults(args) -> None:
-    """Fill the per-family defaults of --sampler / --cfg / --top-k / --top-p."""
-    if args.family == "var":
-        if args.sampler not in (None, "next_scale"):
-            raise SystemExit(f"var-sample: --sampler {args.sampler} needs --family ar")
-        if args.cfg_scale is not None:
-            raise SystemExit("var-sample: --cfg-scale is the next-token guidance (--family ar); VAR takes --cfg")
-        defaults = dict(sampler="next_scale", **FAMILY_DEFAULTS["var"])
-    else:
-        if args.sampler == "next_scale":
-            raise SystemExit("var-sample: next_scale is the VAR sampler (use --family var)")
-        if args.cfg is not None:
-            if args.cfg_scale is not None:
-                raise SystemExit("var-sample: give --cfg-scale only (--cfg is its deprecated alias for --family ar)")
-            log.warning("var-sample: --cfg with --family ar is deprecated: use --cfg-scale")
-            args.cfg_scale, args.cfg = args.cfg, None
-        defaults = dict(sampler="next_token", **FAMILY_DEFAULTS["ar"])
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-
-
-def _bundled_var():
-    from var.assets import bundled_var_dir
-    return bundled_var_dir()
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
+    from var.utils.images import save_image_grid, save_images
+
     if args.family == "infinity":
         return sample_infinity_main(args)
     prompts = read_prompts(args)
     if prompts is not None:
-        if args.family == "var" and args.vae:
-            raise SystemExit("var-sample: --prompt samples a next-token text-to-image model (no --vae/--var)")
         if args.classes:
-            raise SystemExit("var-sample: give --classes or --prompt, not both")
+            raise ConfigError("give --classes or --prompt, not both")
+        if args.family == "var" or args.vae or args.var:
+            raise ConfigError("--prompt samples a next-token text-to-image model (--family ar, no --vae/--var)")
         args.family = "ar"
-    resolve_family_defaults(args)
-    from var.samplers import sample_next_scale
-    from var.samplers.next_token import run_ar_sampler
-    from var.utils.images import save_image_grid, save_images
-
+    spec = resolve_sampler(args.sampler, CLI_FAMILIES.get(args.family))
+    settings = sampler_settings(spec, args)
+    if args.classes and args.num_images is not None:
+        raise ConfigError("--num-images is for random classes: give --classes or --num-images, not both")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     text_encoder = None
     if prompts is not None:
         tok, model, text_encoder, desc = load_t2i_models(args)
-        prompts = [p for p in prompts for _ in range(args.images_per_prompt)]
-        labels = prompts
-        text_encoder.condition(prompts, model.config.caption_len)  # bad prompts fail before any sampling
+        models = {"model": model, "tokenizer": tok}
+        spec.check_models(models)
+        labels = [p for p in prompts for _ in range(args.images_per_prompt)]
+        text_encoder.condition(labels, model.config.caption_len)  # bad prompts fail before any sampling
     else:
-        tok, model, desc = load_ar_models(args) if args.family == "ar" else load_models(args)
-        num_classes = model.config.num_classes
+        models, desc = load_sampler_models(spec, args)
+        if models.get("tokenizer") is None:
+            raise ConfigError("give --vq: the tokenizer that decodes the sampled tokens")
         if args.classes:
             labels = torch.tensor(args.classes, dtype=torch.long)
         else:
-            labels = torch.randint(0, num_classes, (args.num_images,),
+            labels = torch.randint(0, num_classes_of(models), (args.num_images or 16,),
                                    generator=torch.Generator().manual_seed(args.seed))
-        model.check_condition(labels)
+        next(iter(models.values())).check_condition(labels)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
-    autocast = (torch.autocast(torch.device(args.device).type, dtype=DTYPES[args.dtype])
-                if args.dtype != "fp32" else contextlib.nullcontext())
     images, passes = [], 0
     for start in tqdm(range(0, len(labels), args.batch_size), desc=f"sampling {desc}", unit="batch"):
         batch = labels[start:start + args.batch_size]
         batch = (text_encoder.condition(batch, model.config.caption_len) if text_encoder is not None
                  else batch.to(args.device))
-        with autocast:
-            if args.family == "ar":
-                out = run_ar_sampler(args.sampler, model, tok, batch, window=args.window, init=args.init,
-                                     coupling=args.coupling, lantern_k=args.lantern_k,
-                                     lantern_delta=args.lantern_delta, gsd_group=args.gsd_group,
-                                     zipar_window=args.zipar_window, cfg_scale=args.cfg_scale, top_k=args.top_k,
-                                     top_p=args.top_p, temperature=args.temperature, generator=gen)
-            else:
-                out = sample_next_scale(model, tok, batch, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
-                                        temperature=args.temperature, more_smooth=args.more_smooth, generator=gen)
+        with autocast(args.device, args.dtype):
+            out = spec(models, batch, generator=gen, **settings)
         images.append(out.images.float().cpu())
         passes += out.stats.forward_passes
     images = torch.cat(images)
     path = save_image_grid(images, args.out, nrow=args.nrow)
     what = f"prompts {labels}" if text_encoder is not None else f"classes {labels.tolist()}"
-    log.info("wrote %s (%d images, %s, %s sampler, %d forward passes)", path, len(images), what, args.sampler,
-             passes)
+    log.info("wrote %s (%d images, %s, %s sampler, %d forward passes)", path, len(images), what, spec.name, passes)
     if args.out_dir:
         save_images(images, args.out_dir)
         log.info("wrote %d PNGs to %s", len(images), Path(args.out_dir))
@@ -284,8 +194,13 @@ def sample_infinity_main(args) -> int:
     from var.tokenizers.scale_schedules import dynamic_schedule
     from var.utils.images import save_image_grid, save_images
 
-    if args.sampler not in (None, "infinity"):
-        raise SystemExit(f"var-sample: --sampler {args.sampler} is not an Infinity sampler")
+    if args.sampler is not None:
+        raise ConfigError(f"--sampler {args.sampler} is not an Infinity sampler")
+    for name in ("cfg", "top_k", "top_p"):  # the shared setting flags (absent unless given)
+        setattr(args, name, getattr(args, f"knob_{name}", None))
+    other = sorted(k for k in vars(args) if k.startswith("knob_") and k[5:] not in ("cfg", "top_k", "top_p"))
+    if other:
+        raise ConfigError(f"--{other[0][5:].replace('_', '-')} is not a setting of Infinity")
     for name, value in INFINITY_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -298,14 +213,12 @@ def sample_infinity_main(args) -> int:
     encode = load_text_source(args, args.device)
     vae, model, desc = load_infinity_models(args)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
-    autocast = (torch.autocast(torch.device(args.device).type, dtype=DTYPES[args.dtype])
-                if args.dtype != "fp32" else contextlib.nullcontext())
     images, passes = [], 0
     for start in tqdm(range(0, len(prompts), args.batch_size), desc=f"sampling {desc}", unit="batch"):
         emb = encode(prompts[start:start + args.batch_size])
         check_text_encoder(model, emb)
         neg = encode(negatives[start:start + args.batch_size]) if negatives else None
-        with autocast:
+        with autocast(args.device, args.dtype):
             out = sample_infinity(model, vae, emb, schedule=schedule, cfg=args.cfg, tau=args.tau, top_k=args.top_k,
                                   top_p=args.top_p, gumbel=args.gumbel, cfg_insertion_layer=args.cfg_insertion_layer,
                                   negative=neg, generator=gen)

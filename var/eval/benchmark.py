@@ -1,9 +1,10 @@
 """One speed / memory / quality table over model families, samplers and KV-cache policies.
 
-A *setup* is a model family with its components (``{"model": var, "tokenizer": msvq}``, ``{"model": gpt, "tokenizer": vq}``,
+A *setup* is a set of models by role (``{"model": var, "tokenizer": msvq}``, ``{"model": gpt, "tokenizer": vq}``,
 ``{"drafter", "refiner", "tokenizer"}``...) and a reference sampler (the exact, plain one of that family). Every
-discovered sampler (:mod:`var.eval.discovery`) runs on the first setup that provides its arguments; samplers of
-the VAR family also run with every discovered cache policy at each budget. Per row:
+sampler of the registry (:mod:`var.samplers.registry`) runs, with its own defaults, on every setup whose models
+it can drive; the reference sampler of a VAR setup also runs with every compression policy of the registry at
+each budget. Per row:
 
 * ``passes``: forward passes per sampler call (each image of the batch takes them all: the sequential steps);
 * ``images_per_s`` at batch ``batch`` (best of ``timed_runs``); ``latency_s``: fastest of ``repeats`` batch-1
@@ -32,6 +33,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from var.errors import ConfigError
+from var.samplers.registry import SAMPLERS, cache_policies, make_cache_policy
 from var.utils.machine import load_average, machine_description as describe_machine
 
 log = logging.getLogger(__name__)
@@ -39,106 +42,68 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Setup:
-    """A model family ready to sample: its components, reference sampler and default settings."""
+    """Models by role, ready to sample, with the reference sampler of their family."""
 
     name: str
-    components: dict
+    models: dict
     reference: str
     trained: bool
-    settings: dict
     num_classes: int
-    kind: str = "var"  # "var" setups also run the cache policies
-    per_sampler: dict = field(default_factory=dict)  # sampler name -> settings that override ``settings``
+    compress: bool = False  # the reference sampler also runs with every compression policy
+    per_sampler: dict = field(default_factory=dict)  # sampler name -> settings it needs here (CoDe's draft_steps)
 
     def settings_for(self, sampler: str) -> dict:
-        return {**self.settings, **self.per_sampler.get(sampler, {})}
+        return dict(self.per_sampler.get(sampler, {}))
+
+    def fits(self, spec) -> bool:
+        """True when ``spec`` drives exactly these models."""
+        try:
+            spec.check_models(self.models)
+        except ConfigError:
+            return False
+        return True
 
     def to(self, device) -> "Setup":
-        for v in self.components.values():
+        for v in self.models.values():
             if isinstance(v, torch.nn.Module):
                 v.to(device)
         return self
-
-
-VAR_SETTINGS = {"cfg": 1.5, "top_k": 900, "top_p": 0.96, "temperature": 1.0}
-AR_SETTINGS = {"cfg_scale": 2.0, "top_k": 0, "top_p": 0.0, "temperature": 1.0}
 
 
 def _num_classes(model) -> int:
     return int(model.config.num_classes)
 
 
-def _try(what: str, fn):
-    try:
-        return fn()
-    except Exception as e:  # one family failing to build must not stop the others
-        log.warning("setup %s unavailable: %s: %s", what, type(e).__name__, e)
-        return None
-
-
 def build_setups(device="cpu", *, models: tuple[str, ...] = (), seed: int = 0) -> list[Setup]:
-    """The bundled VAR model when installed, random-weight tiny presets of every family, and any extra
+    """The bundled VAR and AR models when installed, random-weight tiny presets of every family, and any extra
     random-weight VAR presets named in ``models`` (e.g. ``var_d16`` on a GPU, for memory and speed)."""
     from var.models import create
-    try:
-        import var.models.nar_ctf_presets  # noqa: F401  (registers nar_* / ctf_*)
-    except ImportError:
-        pass
-    setups = []
-    for what, loader in (("bundled VAR", _bundled_var), ("bundled AR", _bundled_ar)):
-        bundled = _try(what, loader)
-        if bundled is not None:
-            setups.append(bundled)
+    setups = [s for s in (_bundled_var(), _bundled_ar()) if s is not None]
 
-    def var_tiny():
+    def seeded(*presets, **overrides):
         torch.manual_seed(seed)
-        tok, model = create("msvq_tiny").eval(), create("var_tiny").eval()
-        return Setup("var_tiny (random)", {"model": model, "tokenizer": tok}, "next_scale", False, dict(VAR_SETTINGS),
-                     _num_classes(model))
+        return [create(p, **overrides).eval() for p in presets]
 
-    def var_pair():
-        torch.manual_seed(seed)
-        tok, drafter = create("msvq_tiny").eval(), create("var_tiny").eval()
-        refiner = create("var_tiny", depth=1, width=32, num_heads=2).eval()
-        steps = max(1, len(drafter.config.patch_nums) - 2)
-        return Setup("var_tiny drafter + d1 refiner (random)", {"drafter": drafter, "refiner": refiner, "tokenizer": tok,
-                                                                "model": drafter},
-                     "next_scale", False, {**VAR_SETTINGS, "draft_steps": steps}, _num_classes(drafter), kind="pair")
+    def tiny(name: str, reference: str, compress: bool = False, **presets) -> Setup:
+        """A random-weight setup: role -> preset name (``tokenizer="vq_tiny", model="gpt_tiny"``)."""
+        models = dict(zip(presets, seeded(*presets.values())))
+        num_classes = next(_num_classes(m) for role, m in models.items() if role != "tokenizer")
+        return Setup(name, models, reference, False, num_classes, compress)
 
-    def gpt_tiny():
-        torch.manual_seed(seed)
-        vq, gpt = create("vq_tiny").eval(), create("gpt_tiny").eval()
-        half_row = max(1, int(getattr(gpt.config, "grid_size", 2)) // 2)  # ZipAR's window must fit the grid width
-        return Setup("gpt_tiny (random)", {"model": gpt, "tokenizer": vq}, "next_token", False,
-                     dict(AR_SETTINGS), _num_classes(gpt), kind="ar", per_sampler={"zipar": {"window": half_row}})
-
-    def nar_tiny():
-        torch.manual_seed(seed)
-        vq, nar = create("vq_tiny").eval(), create("nar_tiny").eval()
-        return Setup("nar_tiny (random)", {"model": nar, "tokenizer": vq}, "nar", False, dict(AR_SETTINGS),
-                     _num_classes(nar), kind="nar")
-
-    def ctf_tiny():
-        torch.manual_seed(seed)
-        vq, s1, s2 = create("vq_tiny").eval(), create("ctf_stage1_tiny").eval(), create("ctf_stage2_tiny").eval()
-        return Setup("ctf_tiny (random)", {"stage1": s1, "stage2": s2, "tokenizer": vq}, "coarse_to_fine",
-                     False, dict(AR_SETTINGS), _num_classes(s1), kind="ctf")
-
-    for name, fn in (("var_tiny", var_tiny), ("var pair", var_pair), ("gpt_tiny", gpt_tiny),
-                     ("nar_tiny", nar_tiny), ("ctf_tiny", ctf_tiny)):
-        s = _try(name, fn)
-        if s is not None:
-            setups.append(s)
+    setups.append(tiny("var_tiny (random)", "next_scale", True, tokenizer="msvq_tiny", model="var_tiny"))
+    pair = tiny("var_tiny drafter + d1 refiner (random)", "next_scale", tokenizer="msvq_tiny", drafter="var_tiny")
+    pair.models["refiner"] = create("var_tiny", depth=1, width=32, num_heads=2).eval()  # drawn after the drafter
+    pair.per_sampler["collaborative"] = {"draft_steps": max(1, len(pair.models["drafter"].config.patch_nums) - 2)}
+    setups.append(pair)
+    setups.append(tiny("gpt_tiny (random)", "next_token", tokenizer="vq_tiny", model="gpt_tiny"))
+    setups.append(tiny("nar_tiny (random)", "nar", tokenizer="vq_tiny", model="nar_tiny"))
+    setups.append(tiny("ctf_tiny (random)", "coarse_to_fine", tokenizer="vq_tiny", stage1="ctf_stage1_tiny",
+                       stage2="ctf_stage2_tiny"))
     for preset in models:
-        def big(preset=preset):
-            torch.manual_seed(seed)
-            model = create(preset).eval()
-            tok = create("msvq_var", patch_nums=tuple(model.config.patch_nums)).eval()
-            return Setup(f"{preset} (random)", {"model": model, "tokenizer": tok}, "next_scale", False, dict(VAR_SETTINGS),
-                         _num_classes(model))
-        s = _try(preset, big)
-        if s is not None:
-            setups.append(s)
+        model, = seeded(preset)
+        tok = create("msvq_var", patch_nums=tuple(model.config.patch_nums)).eval()
+        setups.append(Setup(f"{preset} (random)", {"model": model, "tokenizer": tok}, "next_scale", False,
+                            _num_classes(model), compress=True))
     return [s.to(device) for s in setups]
 
 
@@ -150,22 +115,18 @@ def _bundled_var() -> Setup | None:
         return None
     tok, model = hub.load_var(path / "tokenizer", path / "transformer")
     return Setup(f"bundled VAR ({path.name})", {"model": model.eval(), "tokenizer": tok.eval()}, "next_scale", True,
-                 dict(VAR_SETTINGS), _num_classes(model))
+                 _num_classes(model), compress=True)
 
 
 def _bundled_ar() -> Setup | None:
     from var import hub
-    try:
-        from var.assets import bundled_ar_dir
-    except ImportError:
-        return None
+    from var.hub_llamagen import bundled_ar_dir
     path = bundled_ar_dir()
     if path is None:
         return None
     vq, gpt = hub.load_pretrained(path / "tokenizer"), hub.load_pretrained(path / "transformer")
-    half_row = max(1, int(getattr(gpt.config, "grid_size", 2)) // 2)
-    return Setup(f"bundled AR ({path.name})", {"model": gpt.eval(), "tokenizer": vq.eval()}, "next_token",
-                 True, dict(AR_SETTINGS), _num_classes(gpt), kind="ar", per_sampler={"zipar": {"window": half_row}})
+    return Setup(f"bundled AR ({path.name})", {"model": gpt.eval(), "tokenizer": vq.eval()}, "next_token", True,
+                 _num_classes(gpt))
 
 
 # ---- measurement ------------------------------------------------------------------------------------------------
@@ -212,10 +173,9 @@ class RunResult:
     extra: dict = field(default_factory=dict)
 
 
-def run_batches(entry, setup: Setup, *, labels: torch.Tensor, batch: int, seed: int, cache_factory=None,
+def run_batches(spec, setup: Setup, *, labels: torch.Tensor, batch: int, seed: int, cache_factory=None,
                 device="cpu") -> RunResult:
     """Sample ``labels`` in batches with one generator seeded ``seed``; timed, with peak memory."""
-    from var.eval.discovery import call_sampler
     gen = torch.Generator(device=device).manual_seed(seed)
     images, tokens, passes, cache_bytes = [], [], 0, 0
     _sync(device)
@@ -223,8 +183,8 @@ def run_batches(entry, setup: Setup, *, labels: torch.Tensor, batch: int, seed: 
     t0 = time.perf_counter()
     for start in range(0, len(labels), batch):
         cache = cache_factory() if cache_factory else None
-        out = call_sampler(entry, setup.components, labels[start:start + batch].to(device), generator=gen,
-                           cache=cache, **setup.settings_for(entry.name))
+        out = spec(setup.models, labels[start:start + batch].to(device), generator=gen, cache=cache,
+                   **setup.settings_for(spec.name))
         images.append(out.images.float().cpu())
         tokens.append(_flat_tokens(out.tokens) if out.tokens is not None else None)
         passes = max(passes, out.stats.forward_passes)
@@ -235,10 +195,9 @@ def run_batches(entry, setup: Setup, *, labels: torch.Tensor, batch: int, seed: 
     return RunResult(torch.cat(images), toks, passes, cache_bytes, seconds, _peak(device))
 
 
-def batch1_latency(entry, setup: Setup, *, repeats: int, seed: int, cache_factory=None, device="cpu") -> float:
+def batch1_latency(spec, setup: Setup, *, repeats: int, seed: int, cache_factory=None, device="cpu") -> float:
     """Fastest wall time of ``repeats`` single-image calls after one warm-up call (best-of: robust to other
     processes sharing the machine)."""
-    from var.eval.discovery import call_sampler
     times = []
     for r in range(repeats + 1):
         gen = torch.Generator(device=device).manual_seed(seed + r)
@@ -246,7 +205,7 @@ def batch1_latency(entry, setup: Setup, *, repeats: int, seed: int, cache_factor
         cache = cache_factory() if cache_factory else None
         _sync(device)
         t0 = time.perf_counter()
-        call_sampler(entry, setup.components, label, generator=gen, cache=cache, **setup.settings_for(entry.name))
+        spec(setup.models, label, generator=gen, cache=cache, **setup.settings_for(spec.name))
         _sync(device)
         if r > 0:
             times.append(time.perf_counter() - t0)
@@ -268,86 +227,52 @@ def nan_to_none(x):
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
 
-def reference_images(setup: Setup, entry_ref, *, labels, batch, seed, device, size: int) -> tuple[np.ndarray, str]:
+def reference_images(setup: Setup, ref_spec, *, labels, batch, seed, device, size: int) -> tuple[np.ndarray, str]:
     """Real offline-dataset images for a trained model, else the reference sampler's images with another seed."""
     if setup.trained:
-        try:
-            from var.train.data import ProceduralShapes
-            data = ProceduralShapes(len(labels), image_size=size, seed=1)
-            return np.stack([data.image_uint8(i) for i in range(len(labels))]), "offline dataset (ProceduralShapes seed 1)"
-        except ImportError:
-            pass
-    run = run_batches(entry_ref, setup, labels=labels, batch=batch, seed=seed + 10_000, device=device)
+        from var.train.data import ProceduralShapes
+        data = ProceduralShapes(len(labels), image_size=size, seed=1)
+        return np.stack([data.image_uint8(i) for i in range(len(labels))]), "offline dataset (ProceduralShapes seed 1)"
+    run = run_batches(ref_spec, setup, labels=labels, batch=batch, seed=seed + 10_000, device=device)
     from var.utils.images import to_uint8_hwc
     return to_uint8_hwc(run.images), f"{setup.reference} sampler, seed {seed + 10_000}"
 
 
 # ---- the table --------------------------------------------------------------------------------------------------
-# which setup kinds a known sampler runs on; unknown (newly added) samplers try the kinds in UNKNOWN_ORDER
-KNOWN_KINDS = {"next_scale": ("var",), "collaborative": ("pair",), "next_token": ("ar",), "nar": ("nar",),
-               "coarse_to_fine": ("ctf",)}
-UNKNOWN_ORDER = ("ar", "var", "nar", "ctf", "pair")
-
-
-def _trial(entry, setup: Setup, device) -> str | None:
-    """None when ``entry`` samples one image on ``setup``, else the reason it cannot."""
-    from var.eval.discovery import probe_sampler
-    settings = setup.settings_for(entry.name)
-    missing = entry.missing_components(setup.components, settings)
-    if missing:
-        return f"needs {missing}"
-    try:
-        probe_sampler(entry, setup.components, torch.tensor([0], device=device), device=device, **settings)
-    except Exception as e:
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-    return None
-
-
-def _assign(samplers: dict, setups: list[Setup], device, only=None) -> tuple[list[tuple], list[dict]]:
-    """(sampler entry, setup) pairs to run, and the samplers skipped with their reasons."""
+def assign(setups: list[Setup], only=None) -> tuple[list[tuple], list[dict]]:
+    """(sampler spec, setup) for every registered sampler and every setup whose models it drives, and the
+    samplers that fit none (with the reason)."""
     pairs, skipped = [], []
-    for name, entry in samplers.items():
+    for name, spec in SAMPLERS.items():
         if only and name not in only:
             continue
-        kinds = KNOWN_KINDS.get(name, UNKNOWN_ORDER)
-        reasons, placed = [], False
-        for kind in kinds:
-            for setup in (s for s in setups if s.kind == kind):
-                reason = _trial(entry, setup, device)
-                if reason is None:
-                    pairs.append((entry, setup))
-                    placed = True
-                else:
-                    reasons.append(f"{setup.name}: {reason}")
-            if placed and name not in KNOWN_KINDS:
-                break  # a new sampler runs on the first family it fits
-        if not placed:
-            skipped.append({"sampler": name, "reason": "; ".join(reasons) or "no setup of its family was built"})
+        fitting = [s for s in setups if s.fits(spec)]
+        pairs += [(spec, s) for s in fitting]
+        if not fitting:
+            skipped.append({"sampler": name, "reason": f"no setup with the models it drives "
+                                                       f"({', '.join(spec.model_roles)})"})
     return pairs, skipped
 
 
-def _policy_factories(policies: dict, setup: Setup, budgets, device, only=None) -> tuple[list[tuple], list[dict]]:
-    """(policy name, budget, factory) for every discovered compression policy and budget on a VAR setup."""
-    out, skipped = [], []
-    profile = None
-    for name, pol in policies.items():
+def _policy_factories(setup: Setup, budgets, device, only=None) -> list[tuple]:
+    """(policy name, budget, factory) for every compression policy of the registry and budget on a VAR setup;
+    ScaleKV and HACK get a calibration profile of the setup's model."""
+    out, profile = [], None
+    for name, cls in cache_policies().items():
         if name == "FullCache" or (only and name not in only):
             continue
         extra = {}
-        try:
-            import inspect
-            if "profile" in inspect.signature(pol.cls).parameters:
-                if profile is None:
-                    from var.samplers.calibration import calibrate
-                    labels = torch.arange(min(4, setup.num_classes), device=device)
-                    profile = calibrate(setup.components["model"], setup.components["tokenizer"], labels, seed=1234)
-                extra["profile"] = profile
-            for budget in budgets:
-                pol.make(budget, **extra)  # validate once
-                out.append((name, budget, lambda pol=pol, budget=budget, extra=extra: pol.make(budget, **extra)))
-        except Exception as e:
-            skipped.append({"sampler": f"next_scale + {name}", "reason": f"{type(e).__name__}: {e}"})
-    return out, skipped
+        if name in ("ScaleKV", "HACK"):
+            if profile is None:
+                from var.kernels.policies import calibrate
+                labels = torch.arange(min(4, setup.num_classes), device=device)
+                profile = calibrate(setup.models["model"], setup.models["tokenizer"], labels, seed=1234)
+            extra["profile"] = profile
+        for budget in budgets:
+            make_cache_policy(name, budget, **extra)  # a bad budget fails here, before any timing
+            out.append((name, budget, lambda name=name, budget=budget, extra=extra:
+                        make_cache_policy(name, budget, **extra)))
+    return out
 
 
 def run_benchmark(*, device="cpu", num_images: int = 64, batch: int = 16, repeats: int = 3,
@@ -355,65 +280,65 @@ def run_benchmark(*, device="cpu", num_images: int = 64, batch: int = 16, repeat
                   samplers: tuple[str, ...] = (), policies: tuple[str, ...] = (), timed_runs: int = 2,
                   families: tuple[str, ...] = ()) -> dict:
     """Measure every (setup, sampler[, cache policy, budget]) row; returns the report dict (see module doc)."""
-    from var.eval.discovery import discover_cache_policies, discover_samplers
     from var.eval.features import extract_features, load_offline_extractor
     from var.eval.metrics import frechet_distance_features, kernel_distance
     from var.utils.images import to_uint8_hwc
 
-    found_samplers, found_policies = discover_samplers(), discover_cache_policies()
+    unknown = sorted(set(samplers) - set(SAMPLERS)) + sorted(set(policies) - set(cache_policies()))
+    if unknown:
+        raise ConfigError(f"unknown samplers or cache policies {unknown}; samplers: {', '.join(SAMPLERS)}; "
+                          f"policies: {', '.join(cache_policies())}")
     setups = build_setups(device, models=models, seed=seed)
     if families:
         setups = [s for s in setups if any(f in s.name for f in families)]
     ext = load_offline_extractor(extractor, device=device)
-    pairs, skipped = _assign(found_samplers, setups, device, only=set(samplers) or None)
+    pairs, skipped = assign(setups, only=set(samplers) or None)
     rows, references = [], {}
     ref_cache: dict[str, tuple] = {}
 
     def setup_reference(setup: Setup):
         if setup.name not in ref_cache:
             labels = torch.arange(num_images) % setup.num_classes
-            ref_entry = found_samplers[setup.reference]
-            ref_run = run_batches(ref_entry, setup, labels=labels, batch=batch, seed=seed, device=device)
+            ref_spec = SAMPLERS[setup.reference]
+            ref_run = run_batches(ref_spec, setup, labels=labels, batch=batch, seed=seed, device=device)
             size = ref_run.images.shape[-1]
-            ref_imgs, desc = reference_images(setup, ref_entry, labels=labels, batch=batch, seed=seed,
+            ref_imgs, desc = reference_images(setup, ref_spec, labels=labels, batch=batch, seed=seed,
                                               device=device, size=size)
             references[setup.name] = desc
             ref_cache[setup.name] = (labels, ref_run.tokens, extract_features(ext, ref_imgs))
         return ref_cache[setup.name]
 
-    def measure(entry, setup: Setup, cache_name="full", budget=None, factory=None):
+    def measure(spec, setup: Setup, cache_name="full", budget=None, factory=None):
         labels, ref_tokens, ref_feats = setup_reference(setup)
-        log.info("bench: %s | %s | %s %s", setup.name, entry.name, cache_name, budget if budget is not None else "")
-        latency = batch1_latency(entry, setup, repeats=repeats, seed=seed, cache_factory=factory, device=device)
-        runs = [run_batches(entry, setup, labels=labels, batch=batch, seed=seed, cache_factory=factory, device=device)
+        log.info("bench: %s | %s | %s %s", setup.name, spec.name, cache_name, budget if budget is not None else "")
+        latency = batch1_latency(spec, setup, repeats=repeats, seed=seed, cache_factory=factory, device=device)
+        runs = [run_batches(spec, setup, labels=labels, batch=batch, seed=seed, cache_factory=factory, device=device)
                 for _ in range(max(1, timed_runs))]
         run = min(runs, key=lambda r: r.seconds)  # same seed: same images; best-of time
         run.peak_mem = max((r.peak_mem or 0) for r in runs) or None
         feats = extract_features(ext, to_uint8_hwc(run.images))
-        rows.append({"family": setup.name, "sampler": entry.name, "cache": cache_name, "budget": budget,
+        rows.append({"family": setup.name, "sampler": spec.name, "cache": cache_name, "budget": budget,
                      "passes": run.passes, "images_per_s": len(labels) / run.seconds, "latency_s": latency,
                      "peak_mem_bytes": run.peak_mem, "cache_bytes": run.cache_bytes,
                      "fd": frechet_distance_features(feats, ref_feats),
                      "kid": kernel_distance(feats, ref_feats, num_subsets=50, subset_size=min(len(feats), 1000))[0],
                      "token_agreement": agreement(run.tokens, ref_tokens),
-                     "is_reference": entry.name == setup.reference and cache_name == "full"})
+                     "is_reference": spec.name == setup.reference and cache_name == "full"})
 
-    for entry, setup in pairs:
-        try:
-            measure(entry, setup)
+    def attempt(what: str, *args):
+        try:  # a row that fails is reported in the table's "skipped" list with its error, not dropped silently
+            measure(*args)
+            return True
         except Exception as e:
-            skipped.append({"sampler": f"{entry.name} on {setup.name}", "reason": f"{type(e).__name__}: {e}"})
+            skipped.append({"sampler": what, "reason": f"{type(e).__name__}: {e}"})
+            return False
+
+    for spec, setup in pairs:
+        if not attempt(f"{spec.name} on {setup.name}", spec, setup):
             continue
-        if setup.kind == "var" and entry.name == setup.reference and entry.accepts("cache"):
-            factories, pol_skipped = _policy_factories(found_policies, setup, budgets, device,
-                                                       only=set(policies) or None)
-            skipped += pol_skipped
-            for name, budget, factory in factories:
-                try:
-                    measure(entry, setup, name, budget, factory)
-                except Exception as e:
-                    skipped.append({"sampler": f"{entry.name} + {name}({budget}) on {setup.name}",
-                                    "reason": f"{type(e).__name__}: {e}"})
+        if setup.compress and spec.name == setup.reference and spec.takes_cache:
+            for name, budget, factory in _policy_factories(setup, budgets, device, only=set(policies) or None):
+                attempt(f"{spec.name} + {name}({budget}) on {setup.name}", spec, setup, name, budget, factory)
     order = {s.name: i for i, s in enumerate(setups)}
     rows.sort(key=lambda r: (order.get(r["family"], 99), not r["is_reference"], r["sampler"], r["cache"] != "full",
                              r["cache"], -(r["budget"] or 0)))
@@ -423,6 +348,7 @@ def run_benchmark(*, device="cpu", num_images: int = 64, batch: int = 16, repeat
             "settings": {"num_images": num_images, "batch": batch, "repeats": repeats, "timed_runs": timed_runs,
                          "budgets": list(budgets),
                          "seed": seed,
-                         "setups": {s.name: {**s.settings, "per_sampler": s.per_sampler} for s in setups}},
+                         "sampler_settings": {spec.name: {**spec.defaults(), **setup.settings_for(spec.name)}
+                                              for spec, setup in pairs}},
             "evaluator": f"offline:{ext.name}", "references": references, "rows": rows, "skipped": skipped,
-            "samplers_found": sorted(found_samplers), "policies_found": sorted(found_policies)}
+            "samplers": list(SAMPLERS), "policies": list(cache_policies())}

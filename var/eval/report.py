@@ -50,10 +50,11 @@ def to_markdown(report: dict) -> str:
               "is the same sampler with another seed):", ""]
     lines += [f"- {fam}: {desc}" for fam, desc in report["references"].items()]
     if report["skipped"]:
-        lines += ["", "Not benchmarked (discovered but not runnable here):", ""]
+        lines += ["", "Not benchmarked (registered, but no setup here has its models, or the run failed):", ""]
         lines += [f"- `{x['sampler']}`: {x['reason']}" for x in report["skipped"]]
-    lines += ["", f"Samplers found: {', '.join(report['samplers_found'])}. "
-                  f"Cache policies found: {', '.join(report['policies_found'])}.", ""]
+    samplers = report.get("samplers", report.get("samplers_found", []))  # older reports: the discovered names
+    policies = report.get("policies", report.get("policies_found", []))
+    lines += ["", f"Registered samplers: {', '.join(samplers)}. Cache policies: {', '.join(policies)}.", ""]
     return "\n".join(lines)
 
 
@@ -161,8 +162,10 @@ def merge_reports(reports: list[dict]) -> dict:
               "references": {k: v for rep in reports for k, v in rep["references"].items()},
               "date": max(rep["date"] for rep in reports),
               "load": "; ".join(rep.get("load", "") for rep in reports)}
-    merged["settings"] = {**first["settings"],
-                          "setups": {k: v for rep in reports for k, v in rep["settings"]["setups"].items()}}
+    merged["settings"] = dict(first["settings"])
+    for key in ("sampler_settings", "setups"):  # setups: reports written before the sampler registry
+        if any(key in rep["settings"] for rep in reports):
+            merged["settings"][key] = {k: v for rep in reports for k, v in rep["settings"].get(key, {}).items()}
     seen, unique = set(), []
     for x in merged["skipped"]:  # a sampler skipped in one run may have run in the other
         if x["sampler"] not in seen and not any(r["sampler"] == x["sampler"] for r in merged["rows"]):

@@ -12,7 +12,9 @@ import time
 
 import torch
 
+from var.errors import ConfigError
 from var.kernels.kv_cache import FullCache
+from var.models.nar import NAR
 from var.samplers.logits import GeneratorArg, multinomial
 from var.samplers.next_token import finish, prepare
 from var.samplers.stats import SampleOutput, SamplerStats
@@ -58,6 +60,8 @@ def sample_nar(model, tokenizer, labels_B, *, cfg_scale: float = 2.0, top_k: int
         :class:`SampleOutput` with ``tokens [B, n*n]`` in raster order; ``stats.forward_passes == 2n - 1``.
     """
     t0 = time.perf_counter()
+    if not isinstance(getattr(model, "_orig_mod", model), NAR):  # a plain GPT has no vertical head to sample from
+        raise ConfigError(f"sampler nar drives a NAR as model, got {type(model).__name__}")
     labels_B, proc, rows_labels = prepare(model, tokenizer, labels_B, cfg_scale, temperature, top_k, top_p,
                                           cfg_interval, cfg=cfg)
     device, n, B = labels_B.device, model.config.grid_size, labels_B.shape[0]

@@ -160,27 +160,3 @@ def sample_next_token(model, tokenizer, labels_B, *, cfg_scale: float = 2.0, top
             logits = model.decode(proc.double(tokens[:, i:i + 1]), kv_cache)
     return finish(model, tokenizer, tokens, stats, t0, decode, cache=kv_cache)
 
-
-AR_SAMPLERS = ("next_token", "sjd", "mcsjd", "lantern", "gsd", "zipar")
-
-
-def run_ar_sampler(sampler: str, model, vq, labels_B, *, window: int = 16, init: str = "random",
-              coupling: str = "maximal", lantern_k: int = 1000, lantern_delta: float = 0.1, gsd_group: int | None = None,
-              zipar_window: int | None = None, **common):
-    """Run the next-token-family sampler named ``sampler`` (one of :data:`AR_SAMPLERS`) with its knobs;
-    ``common`` holds cfg_scale / top_k / top_p / temperature / generator / decode."""
-    from var.samplers import jacobi, neighbor
-    if sampler == "next_token":
-        return sample_next_token(model, vq, labels_B, **common)
-    if sampler == "sjd":
-        return jacobi.sample_sjd(model, vq, labels_B, window=window, init=init, **common)
-    if sampler == "mcsjd":
-        return jacobi.sample_mcsjd(model, vq, labels_B, window=window, init=init, coupling=coupling, **common)
-    if sampler == "lantern":
-        return jacobi.sample_lantern(model, vq, labels_B, k=lantern_k, delta=lantern_delta, window=window,
-                                     init=init, **common)
-    if sampler == "gsd":
-        return jacobi.sample_gsd(model, vq, labels_B, group_size=gsd_group, window=window, init=init, **common)
-    if sampler == "zipar":
-        return neighbor.sample_zipar(model, vq, labels_B, window=zipar_window, **common)
-    raise ConfigError(f"unknown next-token sampler {sampler!r}; choose one of {AR_SAMPLERS}")
