@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ref-count", type=int, default=None, help="images of the 'procedural' reference (default: N)")
     q.add_argument("--limit", type=int, default=None, help="use only the first LIMIT samples")
     q.add_argument("--json", help="also write the results to this JSON file")
-    q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    q.add_argument("--device", default=default_device, help="torch device of the feature extractor")
     return p
 
 

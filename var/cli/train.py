@@ -130,20 +130,105 @@ MODEL_CONFIGS = {"tokenizer-ms": MSTokenizerModelConfig, "tokenizer-ss": SSToken
 
 
 # ---- dataclass <-> argparse -----------------------------------------------------------------------------------
+# --help text of every config field (a test checks that none is missing); choices are enforced by argparse
+FIELD_HELP = {
+    # data
+    "data": "'shapes' (the offline procedural dataset) or an ImageNet-style folder of class sub-folders",
+    "image_size": "training image size in pixels",
+    "num_images": "shapes only: dataset size",
+    "data_seed": "shapes only: the dataset is a pure function of this seed",
+    "num_classes": "shapes only: number of classes (folders: the number of sub-folders)",
+    "hflip": "random horizontal flips",
+    "pretokenize": "var/ar on un-augmented data: encode every image once before training",
+    # tokenizer objective
+    "recon": "reconstruction loss",
+    "recon_weight": "weight of the reconstruction loss",
+    "vq_weight": "weight of the codebook + commitment loss",
+    "perceptual_weight": "weight of the LPIPS-style perceptual loss (0 = off; needs --perceptual-path)",
+    "perceptual_path": "local VGG-16 weights for the perceptual loss (never downloaded)",
+    "gan_weight": "weight of the patch-GAN loss (0 = off)",
+    "gan_start": "step at which the GAN loss starts",
+    "codebook_init": "data: codes drawn from the first batch's quantizer inputs; model: the model's own init",
+    "restart_dead_every": "re-draw codes unused for this many steps (0 = never)",
+    # tokenizer architectures
+    "vocab_size": "codebook size V",
+    "codebook_size": "codebook size V",
+    "codebook_embed_dim": "code dimension",
+    "codebook_l2_norm": "L2-normalise codes and inputs before the nearest-code search (LlamaGen)",
+    "z_channels": "latent channels of the encoder output",
+    "ch": "base channel count of the encoder/decoder",
+    "ch_mult": "channel multiplier per resolution level (the downsample factor is 2^(levels - 1))",
+    "num_res_blocks": "residual blocks per level",
+    "norm_groups": "GroupNorm groups",
+    "using_sa": "self-attention in the encoder/decoder blocks of the lowest resolution",
+    "using_mid_sa": "self-attention in the middle block",
+    "beta": "commitment loss weight inside the quantizer",
+    "commit_loss_beta": "commitment loss weight inside the quantizer",
+    "patch_nums": "token-grid side of each scale; the last times the downsample factor must equal --image-size",
+    # transformers
+    "tokenizer": "saved tokenizer directory (required): sets the vocabulary, latent size and scales",
+    "depth": "transformer blocks",
+    "width": "embedding width",
+    "num_heads": "attention heads",
+    "mlp_ratio": "MLP hidden width / width",
+    "drop_path_rate": "stochastic depth rate (largest at the last block)",
+    "cond_drop_rate": "class dropout for classifier-free guidance",
+    "label_smoothing": "label smoothing of the token cross-entropy",
+    "init_adaln": "VAR init: scale of the AdaLN modulation weights",
+    "init_adaln_gamma": "VAR init: scale of the AdaLN gamma weights",
+    "init_head": "VAR init: scale of the output head",
+    "dim": "embedding width",
+    "n_layer": "transformer blocks",
+    "n_head": "attention heads",
+    "multiple_of": "the MLP hidden width is rounded up to a multiple of this",
+    "token_dropout_p": "dropout on the token embeddings",
+    "resid_dropout_p": "dropout on the residual branches",
+    "ffn_dropout_p": "dropout inside the MLP",
+    "class_dropout_p": "class dropout for classifier-free guidance",
+    # optimisation and bookkeeping (TrainConfig)
+    "out_dir": "run folder: checkpoints, metrics (CSV, JSONL, TensorBoard), train_config.json",
+    "steps": "optimizer steps",
+    "batch_size": "images per rank and micro-step (global batch = batch-size x grad-accum x ranks)",
+    "grad_accum": "micro-steps per optimizer step",
+    "lr": "peak learning rate",
+    "warmup_steps": "linear warm-up steps",
+    "warmup_start_ratio": "warm-up starts at this fraction of --lr (VAR: 0.005)",
+    "schedule": "learning-rate schedule after the warm-up",
+    "end_lr_ratio": "final learning rate = end-lr-ratio x lr",
+    "weight_decay": "AdamW weight decay (not on norms, biases, embeddings)",
+    "betas": "AdamW betas",
+    "clip_grad": "max global gradient norm (0 = no clipping; the norm is still logged)",
+    "precision": "training precision (fp16 uses a GradScaler)",
+    "ema_decay": "EMA decay of the weights (0 = no EMA)",
+    "ckpt_every": "steps between checkpoints",
+    "keep_checkpoints": "checkpoints kept (older ones are deleted)",
+    "log_every": "steps between metric rows",
+    "seed": "seed of the weights, the data order and the objective's randomness",
+    "resume": "'' (start fresh), 'auto' (newest valid checkpoint in --out-dir) or a checkpoint path",
+    "fsdp": "shard parameters with FSDP (under torchrun)",
+    "find_unused_parameters": "DDP: some parameters get no gradient",
+    "device": "auto: cuda:LOCAL_RANK when CUDA is available, else cpu",
+    "num_workers": "DataLoader worker processes",
+    "progress": "show a progress bar",
+}
+FIELD_CHOICES = {"recon": ("l1", "l2"), "codebook_init": ("data", "model"),
+                 "schedule": ("cosine", "linear", "constant"), "precision": ("fp32", "bf16", "fp16")}
+
+
 def _add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str) -> None:
     group = parser.add_argument_group(title)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text = f"{FIELD_HELP[f.name]} (default {default!r})"
         if isinstance(default, bool):
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                               help=f"(default {default})")
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif isinstance(default, tuple):
             elem = type(default[0]) if default else str
-            group.add_argument(flag, dest=f.name, type=elem, nargs="+", default=None, help=f"(default {default})")
+            group.add_argument(flag, dest=f.name, type=elem, nargs="+", default=None, help=text)
         else:
             group.add_argument(flag, dest=f.name, type=type(default) if default is not None else str, default=None,
-                               help=f"(default {default!r})")
+                               choices=FIELD_CHOICES.get(f.name), help=text)
 
 
 def _build(cls, args: argparse.Namespace, file_section: dict):
@@ -168,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=model_cls.__doc__.split("\n")[0])
         sp.add_argument("--config", help="JSON file with data/model/train sections (flags override it)")
         sp.add_argument("--export-dir", help="also write the final model(s) here (save_pretrained layout)")
-        sp.add_argument("--log-level", default="INFO")
+        sp.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="logging level (default INFO)")
         _add_dataclass_args(sp, DataConfig, "data")
         _add_dataclass_args(sp, model_cls, "model and objective")
         _add_dataclass_args(sp, TrainConfig, "optimisation and bookkeeping")
