@@ -38,7 +38,7 @@ SAMPLERS = {
 def test_batch_with_per_sample_generators_equals_single_runs(pair, name):
     gpt, vq = pair
     sampler, kwargs = SAMPLERS[name]
-    knobs = dict(cfg=2.0, temperature=1.2, top_k=0, top_p=0.0, decode=False, **kwargs)
+    knobs = dict(cfg_scale=2.0, temperature=1.2, top_k=0, top_p=0.0, decode=False, **kwargs)
     batch = sampler(gpt, vq, LABELS, generator=[torch.Generator().manual_seed(s) for s in SEEDS], **knobs)
     for b, (seed, label) in enumerate(zip(SEEDS, LABELS)):
         single = sampler(gpt, vq, [label], generator=[torch.Generator().manual_seed(seed)], **knobs)

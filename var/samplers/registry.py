@@ -25,6 +25,7 @@ from var.models.nar import NAR
 from var.models.var_model import VAR
 from var.samplers.coarse_to_fine import sample_coarse_to_fine
 from var.samplers.collaborative import PREFILL_MODES, sample_collaborative
+from var.samplers.logits import TEMPERATURE_ORDERS
 from var.samplers.jacobi import DRAFT_INITS, sample_gsd, sample_jacobi, sample_lantern, sample_mcsjd, sample_sjd
 from var.samplers.neighbor import sample_zipar
 from var.samplers.neighbor_nar import sample_nar
@@ -272,6 +273,8 @@ _SPECS = (
                 (Knob("draft_steps", int, "CoDe: scales sampled by the drafter; the refiner does the rest",
                       minimum=0),
                  *PER_SCALE, NEXT_SCALE_KNOBS[4],
+                 Knob("temperature_order", str, "CoDe: divide by the temperature after top-k/top-p (the release) or "
+                      "before (VAR, LlamaGen)", choices=TEMPERATURE_ORDERS),
                  Knob("prefill", str, "how the refiner rebuilds its cache from the drafted scales",
                       choices=PREFILL_MODES)),
                 exact=False, reference="next_scale", summary="CoDe: a large drafter, a small refiner"),
