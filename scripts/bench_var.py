@@ -1,7 +1,7 @@
-"""Thin wrapper: ``python scripts/bench_var.py --help``."""
+"""Thin wrapper: ``python scripts/bench_var.py --help`` is ``var-bench var-speed --help`` (logic in var.eval)."""
 import sys
 
-from var.cli.bench_var import cli
+from var.cli.bench import cli
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(cli(["var-speed", *sys.argv[1:]]))

@@ -5,6 +5,8 @@ Examples::
     var-bench                                   # CPU, tiny random-weight families (+ the bundled model if installed)
     var-bench --device cuda --models var_d16 var_d30 --num-images 256 --batch 64
     var-bench --samplers next_scale --policies ScaleKV HACK --budgets 0.5 0.1
+    var-bench kv --images 8                     # subcommands: one benchmark each (var-bench SUBCOMMAND --help)
+    var-bench original --original ~/src/VAR     # our VAR stack against a checkout of the original
 
 Writes ``benchmarks/<tag>.md``, ``.json`` and ``.png`` (speed vs quality) with the machine named in each; the
 samplers and cache policies are those of the registry (``var.samplers.registry``), each with its own defaults.
@@ -19,8 +21,18 @@ import sys
 import torch
 
 from var.cli import command_line
+from var.eval import bench_ar, bench_code_nar_ctf, bench_kv, bench_var, bundled_quality, compare_original
 
 log = logging.getLogger("var.cli.bench")
+# var-bench SUBCOMMAND: module with add_arguments(parser) and run(args), and what it measures
+SUBCOMMANDS = {
+    "kv": (bench_kv, "KV-cache compression policies on VAR: bytes, speed, agreement with the full cache"),
+    "ar": (bench_ar, "next-token samplers on one GPT: passes, accepted tokens, images/s, NLL, class accuracy"),
+    "code-nar-ctf": (bench_code_nar_ctf, "CoDe per draft steps, NAR and CTF against the plain samplers"),
+    "var-speed": (bench_var, "VAR sampling: no cache vs KV cache vs a compiled step vs bf16"),
+    "bundled": (bundled_quality, "class accuracy of the bundled models' samples, PSNR of their tokenizers"),
+    "original": (compare_original, "our VAR stack against a checkout of the original VAR code (--original DIR)"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", default=None, help="file name stem (default: samplers_<device kind>)")
     p.add_argument("--merge", nargs="*", default=[], metavar="JSON",
                    help="earlier reports (same machine and settings) whose rows join this table")
+    sub = p.add_subparsers(dest="command", metavar="SUBCOMMAND",
+                           help="another benchmark instead of the table (var-bench SUBCOMMAND --help):")
+    for name, (module, text) in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=text, description=module.__doc__.split("\n\n")[0],
+                            epilog=module.__doc__.split("\n\n", 1)[-1],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(sp)
     return p
 
 
@@ -61,6 +80,10 @@ def default_tag(device: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
+    if args.command == "original":
+        return compare_original.run(args, argv[1:] if argv else None)
+    if args.command:
+        return SUBCOMMANDS[args.command][0].run(args)
     from var.eval.benchmark import run_benchmark
     import json
     from var.eval.report import merge_reports, to_markdown, write_report

@@ -10,20 +10,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from var.cli import command_line
 from var.models import create
 from var.samplers import sample_next_scale
 from var.samplers.stats import SampleOutput
 from var.utils.machine import load_average, machine_description
 from var.utils.memory import PeakMemory
 
-log = logging.getLogger("var.bench_var")
+log = logging.getLogger("var.eval.bench_var")
 
 
 class RecomputeCache:
@@ -81,18 +79,21 @@ def run_once(model, tok, labels, seed, cache, device, decode=True,
     return out, seconds, mem.peak_bytes
 
 
-def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="var_d16", help="preset (random weights)")
-    p.add_argument("--tokenizer", default="msvq_var")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``var-bench var-speed``."""
+    p.add_argument("--model", default="var_d16", help="VAR preset, random weights (default var_d16)")
+    p.add_argument("--tokenizer", default="msvq_var", help="tokenizer preset (default msvq_var)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
-                   help="bf16 = cached under torch.autocast(bfloat16)")
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per setting (after one warm-up)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="benchmarks/bench_var")
-    args = p.parse_args(argv)
+                   help=f"modes (default all: {', '.join(MODES)}); bf16 = cached under torch.autocast(bfloat16)")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per setting after one warm-up (default 2)")
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    p.add_argument("--device", default=default_device, help=f"torch device (default {default_device})")
+    p.add_argument("--out", default="benchmarks/bench_var", help="report prefix (default benchmarks/bench_var)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``var-bench var-speed``: VAR sampling with no cache, the KV cache, a compiled step and bf16."""
     device = torch.device(args.device)
     torch.manual_seed(0)
     tok = create(args.tokenizer).eval().to(device)
@@ -154,8 +155,3 @@ def write_report(rows, args, machine) -> None:
     out.with_suffix(".json").write_text(json.dumps({"machine": machine, "torch": torch.__version__,
                                                     "rows": rows}, indent=2))
 
-
-cli = command_line(main)
-
-if __name__ == "__main__":
-    sys.exit(cli())
