@@ -375,8 +375,8 @@ def run(command: str, data: DataConfig, m, train: TrainConfig, export_dir: str |
     trainer = Trainer(model, objective, dataset, train, env)
     if env.is_main:
         Path(train.out_dir).mkdir(parents=True, exist_ok=True)
-        run_cfg = {"command": command, "data": asdict(data), "model": asdict(m), "train": asdict(train)}
-        (Path(train.out_dir) / "run_config.json").write_text(json.dumps(run_cfg, indent=2))
+        run_config = {"command": command, "data": asdict(data), "model": asdict(m), "train": asdict(train)}
+        (Path(train.out_dir) / "run_config.json").write_text(json.dumps(run_config, indent=2))
     t0 = time.time()
     trainer.fit()
     model = trainer.export_model()
@@ -400,11 +400,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    file_cfg = json.loads(Path(args.config).read_text()) if args.config else {}
-    data = _build(DataConfig, args, file_cfg.get("data", {}))
-    model_cfg = _build(MODEL_CONFIGS[args.command], args, file_cfg.get("model", {}))
-    train = _build(TrainConfig, args, file_cfg.get("train", {}))
-    run(args.command, data, model_cfg, train, args.export_dir)
+    file_config = json.loads(Path(args.config).read_text()) if args.config else {}
+    data = _build(DataConfig, args, file_config.get("data", {}))
+    model_config = _build(MODEL_CONFIGS[args.command], args, file_config.get("model", {}))
+    train = _build(TrainConfig, args, file_config.get("train", {}))
+    run(args.command, data, model_config, train, args.export_dir)
     return 0
 
 
