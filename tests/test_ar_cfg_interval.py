@@ -32,15 +32,15 @@ def teacher_forced_argmax(model, tokens, guided_N):
 
 @pytest.mark.parametrize("interval", [-1, 0, 5])
 def test_next_token_and_sjd_follow_llamagen_cfg_interval(gpt, interval):
-    out = sample_next_token(gpt, None, LABELS, cfg=CFG, top_k=1, cfg_interval=interval, decode=False)
+    out = sample_next_token(gpt, None, LABELS, cfg_scale=CFG, top_k=1, cfg_interval=interval, decode=False)
     token = torch.arange(16)
     guided = torch.ones(16, dtype=torch.bool) if interval < 0 else token <= interval + 1  # LlamaGen's rule
     assert torch.equal(out.tokens, teacher_forced_argmax(gpt, out.tokens, guided))
-    sjd = sample_sjd(gpt, None, LABELS, cfg=CFG, top_k=1, cfg_interval=interval, window=5, decode=False,
+    sjd = sample_sjd(gpt, None, LABELS, cfg_scale=CFG, top_k=1, cfg_interval=interval, window=5, decode=False,
                      generator=torch.Generator().manual_seed(0))
     assert torch.equal(sjd.tokens, out.tokens)
     if interval >= 0:  # the interval changes the samples (not a vacuous check)
-        full = sample_next_token(gpt, None, LABELS, cfg=CFG, top_k=1, decode=False)
+        full = sample_next_token(gpt, None, LABELS, cfg_scale=CFG, top_k=1, decode=False)
         assert not torch.equal(full.tokens, out.tokens)
 
 
@@ -50,7 +50,7 @@ def test_nar_follows_its_release_cfg_interval():
     for p in model.parameters():
         p.data.normal_(0, 0.3)
     n, interval = model.config.grid_size, 3
-    out = sample_nar(model, None, LABELS, cfg=CFG, top_k=1, cfg_interval=interval, decode=False)
+    out = sample_nar(model, None, LABELS, cfg_scale=CFG, top_k=1, cfg_interval=interval, decode=False)
     generated_before = {d: sum(len(diagonal_rows(e, n)) for e in range(d)) for d in range(2 * n - 1)}
     guided = torch.tensor([generated_before[r + c] <= interval for r in range(n) for c in range(n)])
     with torch.no_grad():
@@ -63,4 +63,4 @@ def test_nar_follows_its_release_cfg_interval():
 
 def test_bad_cfg_interval_raises(gpt):
     with pytest.raises(ConfigError, match="cfg_interval"):
-        sample_next_token(gpt, None, LABELS, cfg=CFG, cfg_interval=-2)
+        sample_next_token(gpt, None, LABELS, cfg_scale=CFG, cfg_interval=-2)

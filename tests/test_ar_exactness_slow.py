@@ -14,7 +14,7 @@ from var.samplers.jacobi import sample_mcsjd, sample_sjd
 from var.samplers.next_token import sample_next_token
 
 ALPHA = 1e-3
-SETTINGS = dict(cfg=2.0, temperature=1.3, top_k=2, top_p=0.0)
+SETTINGS = dict(cfg_scale=2.0, temperature=1.3, top_k=2, top_p=0.0)
 
 
 def tiny_gpt(vocab, grid):
@@ -26,7 +26,7 @@ def tiny_gpt(vocab, grid):
     return gpt.eval()
 
 
-def exact_distribution(model, label, vocab, grid, cfg, temperature, top_k, top_p):
+def exact_distribution(model, label, vocab, grid, cfg_scale, temperature, top_k, top_p):
     """``{sequence: probability}`` by teacher forcing all ``vocab^(grid^2)`` sequences (top-k only, written out)."""
     assert top_p == 0.0
     seqs = torch.tensor(list(itertools.product(range(vocab), repeat=grid * grid)))
@@ -35,7 +35,7 @@ def exact_distribution(model, label, vocab, grid, cfg, temperature, top_k, top_p
         for chunk in seqs.split(4096):
             cond = model(torch.full((len(chunk),), label), chunk)
             uncond = model(torch.full((len(chunk),), model.null_class), chunk)
-            logits = (uncond + cfg * (cond - uncond)) / temperature
+            logits = (uncond + cfg_scale * (cond - uncond)) / temperature
             if top_k:
                 kth = logits.sort(dim=-1, descending=True).values[..., top_k - 1:top_k]
                 logits = logits.masked_fill(logits < kth, -math.inf)

@@ -71,12 +71,12 @@ def test_lantern_in_sjd_records_every_draft_one_hot(monkeypatch):
         return original(self, p, q, x)
 
     monkeypatch.setattr(LanternAcceptance, "ratio_and_residual", spy)
-    out = sample_lantern(gpt.eval(), vq, [1, 2, 3], window=6, k=8, delta=0.2, cfg=2.0, decode=False,
+    out = sample_lantern(gpt.eval(), vq, [1, 2, 3], window=6, k=8, delta=0.2, cfg_scale=2.0, decode=False,
                          generator=torch.Generator().manual_seed(0))
     assert out.stats.extra["iterations"] > 1 and seen
     assert all(bool(((q == 0) | (q == 1)).all()) and bool((q.sum(-1) == 1).all()) for q in seen)
     seen.clear()
-    sample_lantern(gpt, vq, [1, 2, 3], window=6, k=8, delta=0.2, cfg=2.0, decode=False, one_hot_drafts=False,
+    sample_lantern(gpt, vq, [1, 2, 3], window=6, k=8, delta=0.2, cfg_scale=2.0, decode=False, one_hot_drafts=False,
                    generator=torch.Generator().manual_seed(0))
     assert any(not bool(((q == 0) | (q == 1)).all()) for q in seen)  # SJD's carried q: the unbounded variant
 

@@ -14,13 +14,14 @@ from var.samplers.registry import ENGINES, SAMPLERS, get_sampler, make_cache_pol
 
 
 def _public_sampler_functions():
-    """Every public ``sample_*(..., labels_B, ...)`` function of var.samplers (helpers such as
-    ``sample_from_uniform(probs, u)`` take no class labels)."""
+    """Every public ``sample_*`` function of var.samplers outside the logits helpers (``sample_from_uniform`` draws
+    one index per row of a distribution: a building block, not a sampler)."""
     for info in pkgutil.iter_modules(var.samplers.__path__):
+        if info.name == "logits":
+            continue
         module = importlib.import_module(f"var.samplers.{info.name}")  # an import error fails the test
         for name, fn in vars(module).items():
-            if name.startswith("sample_") and inspect.isfunction(fn) and fn.__module__ == module.__name__ \
-                    and "labels_B" in inspect.signature(fn).parameters:
+            if name.startswith("sample_") and inspect.isfunction(fn) and fn.__module__ == module.__name__:
                 yield name, fn
 
 
@@ -36,8 +37,11 @@ def test_every_sampler_function_is_registered_or_a_named_engine():
 def test_registry_entries_are_consistent():
     for name, spec in SAMPLERS.items():
         params = inspect.signature(spec.fn).parameters
-        assert list(params)[:len(spec.roles) + 1] == [*spec.model_roles, "labels_B"], name  # one tokenizer name
-        guidance = "cfg" if spec.family == "next_scale" else "cfg_scale"
+        condition = {"labels": "labels_B", "text": "text"}[spec.condition]
+        assert list(params)[:len(spec.roles) + 1] == [*spec.model_roles, condition], name
+        if spec.family != "text_to_image":
+            assert spec.model_roles[-1] == "tokenizer", name  # one name for the tokenizer argument
+        guidance = "cfg_scale" if spec.family == "next_token" else "cfg"
         assert guidance in spec.knob_index, name
         defaults = spec.defaults()
         for knob_name, value in defaults.items():
@@ -115,12 +119,13 @@ def test_one_registry_drives_the_command_lines(capsys):
     from var.cli.eval import build_parser as eval_parser
     from var.cli.sample import build_parser as sample_parser
     sample_help = sample_parser().format_help()
-    for name in SAMPLERS:
-        assert name in sample_help
+    for name, spec in SAMPLERS.items():
+        assert (name in sample_help) == (spec.condition == "labels")
     assert "16 (sjd, lantern, gsd); 32 (mcsjd)" in " ".join(sample_help.split())  # per-sampler defaults
     eval_sample = eval_parser()._subparsers._group_actions[0].choices["sample"]
+    class_conditional = [name for name, spec in SAMPLERS.items() if spec.condition == "labels"]
     for parser in (sample_parser(), eval_sample):
         choices = next(a.choices for a in parser._actions if "--sampler" in a.option_strings)
-        assert list(choices) == list(SAMPLERS)
+        assert list(choices) == class_conditional
     bench_choices = next(a.choices for a in bench_parser()._actions if "--samplers" in a.option_strings)
     assert list(bench_choices) == list(SAMPLERS)

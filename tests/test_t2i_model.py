@@ -17,7 +17,8 @@ from var.models.conditioning import CaptionCondition
 from var.models.gpt_t2i import GPTT2I, GPTT2IConfig
 from var.samplers.jacobi import sample_mcsjd, sample_sjd
 from var.samplers.neighbor import sample_zipar
-from var.samplers.next_token import AR_SAMPLERS, run_ar_sampler, sample_next_token
+from var.samplers.next_token import sample_next_token
+from var.samplers.registry import get_sampler
 
 from test_ar_exactness import ALPHA, chi_square_pvalue
 
@@ -185,26 +186,28 @@ def test_wrong_conditions_are_named_errors():
 def test_every_next_token_sampler_runs_on_captions():
     model, vq = tiny_t2i(), create("vq_tiny").eval()
     cond = captions([2, 8])
-    for name in AR_SAMPLERS:
-        out = run_ar_sampler(name, model, vq, cond, cfg=3.0, lantern_k=8, generator=torch.Generator().manual_seed(0))
+    for name in ("next_token", "sjd", "mcsjd", "lantern", "gsd", "zipar"):
+        knobs = {"k": 8} if name == "lantern" else {}
+        out = get_sampler(name)({"model": model, "tokenizer": vq}, cond, cfg_scale=3.0,
+                                generator=torch.Generator().manual_seed(0), **knobs)
         assert out.tokens.shape == (2, 16) and out.images.shape == (2, 3, 16, 16), name
 
 
 def test_greedy_samplers_agree_on_captions():
     model = tiny_t2i(grid_size=5)
     cond = captions([1, 4, 8])
-    ref = sample_next_token(model, None, cond, cfg=3.0, top_k=1, decode=False)
+    ref = sample_next_token(model, None, cond, cfg_scale=3.0, top_k=1, decode=False)
     for kwargs in (dict(window=5), dict(window=7, coupling="gumbel", init="repeat_vertical")):
-        out = sample_sjd(model, None, cond, cfg=3.0, top_k=1, decode=False, **kwargs)
+        out = sample_sjd(model, None, cond, cfg_scale=3.0, top_k=1, decode=False, **kwargs)
         assert torch.equal(out.tokens, ref.tokens), kwargs
-    out = sample_zipar(model, None, cond, window=5, cfg=3.0, generator=torch.Generator().manual_seed(2),
+    out = sample_zipar(model, None, cond, window=5, cfg_scale=3.0, generator=torch.Generator().manual_seed(2),
                        decode=False)  # window = width: plain decoding, same draws
-    ref = sample_next_token(model, None, cond, cfg=3.0, generator=torch.Generator().manual_seed(2), decode=False)
+    ref = sample_next_token(model, None, cond, cfg_scale=3.0, generator=torch.Generator().manual_seed(2), decode=False)
     assert torch.equal(out.tokens, ref.tokens)
 
 
 V, GRID, NUM_SAMPLES = 4, 2, 3000
-SETTINGS = dict(cfg=2.0, temperature=1.3, top_k=3)
+SETTINGS = dict(cfg_scale=2.0, temperature=1.3, top_k=3)
 
 
 @pytest.fixture(scope="module")
@@ -218,14 +221,14 @@ def exact_model():
     return model.eval()
 
 
-def exact_t2i_distribution(model, cond, cfg, temperature, top_k):
+def exact_t2i_distribution(model, cond, cfg_scale, temperature, top_k):
     """``{sequence: probability}`` for one caption, by teacher forcing all V^N sequences (written out here)."""
     seqs = torch.tensor(list(itertools.product(range(V), repeat=GRID * GRID)))
     n = len(seqs)
     rows = CaptionCondition(cond.features_BTC.expand(n, -1, -1), cond.mask_BT.expand(n, -1))
     null = CaptionCondition(model.cls_embedding.uncond_embedding.expand(n, -1, -1), rows.mask_BT)
     with torch.no_grad():
-        logits = (model(null, seqs) + cfg * (model(rows, seqs) - model(null, seqs))) / temperature
+        logits = (model(null, seqs) + cfg_scale * (model(rows, seqs) - model(null, seqs))) / temperature
     kth = logits.sort(dim=-1, descending=True).values[..., top_k - 1:top_k]
     logits = logits.masked_fill(logits < kth, -math.inf)
     logp = logits.log_softmax(-1).gather(-1, seqs[..., None])[..., 0].sum(-1)

@@ -16,12 +16,14 @@ log = logging.getLogger("var.cli")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CLI_FAMILIES = {"var": "next_scale", "ar": "next_token"}  # --family -> registry family
 DEFAULT_SAMPLER = {"next_scale": "next_scale", "next_token": "next_token"}
+# the samplers a command line can drive: class-conditional ones (text-to-image samplers need prompt features)
+CLI_SAMPLERS = {name: spec for name, spec in SAMPLERS.items() if spec.condition == "labels"}
 
 
 def knob_flags() -> dict[str, list[tuple[SamplerSpec, Knob]]]:
     """CLI flag -> the (sampler, knob) pairs it sets, in registry order."""
     flags = defaultdict(list)
-    for spec in SAMPLERS.values():
+    for spec in CLI_SAMPLERS.values():
         for knob in spec.knobs:
             flags[knob.cli_flag].append((spec, knob))
     return dict(flags)
@@ -54,8 +56,8 @@ def add_sampler_arguments(parser: argparse.ArgumentParser, *, sampler_default_he
         "sampler and its settings (each setting lists the samplers that take it, with their own defaults; a "
         "setting the chosen sampler does not take is an error)")
     lines = [f"{name} ({spec.family}, {'exact' if spec.exact else 'approximate'}): {spec.summary}"
-             for name, spec in SAMPLERS.items()]
-    group.add_argument("--sampler", choices=list(SAMPLERS), default=None, metavar="NAME",
+             for name, spec in CLI_SAMPLERS.items()]
+    group.add_argument("--sampler", choices=list(CLI_SAMPLERS), default=None, metavar="NAME",
                        help=f"{sampler_default_help}. Samplers: " + "; ".join(lines))
     for flag, uses in knob_flags().items():
         knob = uses[0][1]
@@ -80,6 +82,9 @@ def resolve_sampler(name: str | None, family: str | None = None) -> SamplerSpec:
     if name is None:
         return get_sampler(DEFAULT_SAMPLER[family or "next_scale"])
     spec = get_sampler(name)
+    if name not in CLI_SAMPLERS:
+        raise ConfigError(f"sampler {name} samples from {spec.condition} (not class ids): call "
+                          f"{spec.fn.__module__}.{spec.fn.__name__} from Python")
     if family is not None and spec.family != family:
         raise ConfigError(f"sampler {name} is a {spec.family} sampler, not {family}")
     return spec

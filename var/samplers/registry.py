@@ -26,16 +26,23 @@ from var.models.var_model import VAR
 from var.samplers.coarse_to_fine import sample_coarse_to_fine
 from var.samplers.collaborative import PREFILL_MODES, sample_collaborative
 from var.samplers.logits import TEMPERATURE_ORDERS
-from var.samplers.jacobi import DRAFT_INITS, sample_gsd, sample_jacobi, sample_lantern, sample_mcsjd, sample_sjd
+from var.models.infinity import Infinity
+from var.samplers.infinity import sample_infinity
+from var.samplers.jacobi import (DRAFT_INITS, LANTERN_CODES, LanternAcceptance, sample_gsd, sample_jacobi,
+                                 sample_lantern, sample_mcsjd, sample_sjd)
 from var.samplers.neighbor import sample_zipar
 from var.samplers.neighbor_nar import sample_nar
 from var.samplers.next_scale import sample_next_scale
 from var.samplers.next_token import sample_next_token
 from var.tokenizers import MultiScaleVQVAE, SingleScaleVQ
+from var.tokenizers.bsq_vae import BSQVAE
+from var.tokenizers.scale_schedules import PIXEL_SCALES
 
 FAMILIES = {
     "next_scale": "VAR next-scale prediction; guidance cfg (VAR: 0 = none)",
     "next_token": "next-token GPTs (LlamaGen) and their parallel decoders; guidance cfg_scale (LlamaGen: 1 = none)",
+    "text_to_image": "Infinity: bitwise next-scale prediction from T5 prompt features; guidance cfg per scale "
+                     "(Infinity: 1 = none)",
 }
 
 
@@ -70,6 +77,8 @@ class Knob:
             text = f"{kind} >= {self.minimum:g}"
         elif self.above is not None:
             text = f"{kind} > {self.above:g}"
+        elif self.maximum is not None:
+            text = f"{kind} <= {self.maximum:g}"
         else:
             text = kind
         return text + (" or None" if self.optional else "") + (" (or one per scale)" if self.per_scale else "")
@@ -142,7 +151,10 @@ NEXT_TOKEN_KNOBS = (
     Knob("cfg_scale", float, "LlamaGen guidance uncond + s (cond - uncond); 1 = none", minimum=1),
     *_filtering("top-k filtering; 0 = off"),
 )
+CFG_INTERVAL = Knob("cfg_interval", int, "LlamaGen/NAR: guide only the first cfg-interval + 1 tokens (-1 = all)",
+                    minimum=-1)
 JACOBI_KNOBS = (
+    CFG_INTERVAL,
     Knob("window", int, "Jacobi window: tokens drafted and verified per forward pass", minimum=1),
     Knob("init", str, "initial drafts of the Jacobi window", choices=DRAFT_INITS),
 )
@@ -186,6 +198,7 @@ class SamplerSpec:
     exact: bool
     summary: str
     reference: str = ""  # the exact sampler whose distribution this one has or approximates
+    condition: str = "labels"  # what the argument after the models holds: class ids, or (text) prompt features
     knob_index: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -278,7 +291,8 @@ _SPECS = (
                  Knob("prefill", str, "how the refiner rebuilds its cache from the drafted scales",
                       choices=PREFILL_MODES)),
                 exact=False, reference="next_scale", summary="CoDe: a large drafter, a small refiner"),
-    SamplerSpec("next_token", sample_next_token, "next_token", GPT_ROLES, NEXT_TOKEN_KNOBS, exact=True,
+    SamplerSpec("next_token", sample_next_token, "next_token", GPT_ROLES, NEXT_TOKEN_KNOBS + (CFG_INTERVAL,),
+                exact=True,
                 summary="LlamaGen: one forward pass per token"),
     SamplerSpec("sjd", sample_sjd, "next_token", GPT_ROLES, NEXT_TOKEN_KNOBS + JACOBI_KNOBS, exact=True,
                 reference="next_token", summary="speculative Jacobi decoding"),
@@ -290,12 +304,18 @@ _SPECS = (
                 NEXT_TOKEN_KNOBS + JACOBI_KNOBS + (
                     Knob("k", int, "LANTERN: latent neighbours per token", minimum=1, flag="--lantern-k"),
                     Knob("delta", float, "LANTERN: moved-mass bound per token (0 = SJD)", minimum=0, maximum=1,
-                         flag="--lantern-delta")),
+                         flag="--lantern-delta"),
+                    Knob("codes", str, "LANTERN: latent neighbours over the raw code table (the release) or the "
+                         "L2-normalised codes", choices=LANTERN_CODES, flag="--lantern-codes"),
+                    Knob("residual", str, "LANTERN: the release's residual or the relaxed one",
+                         choices=LanternAcceptance.RESIDUALS, flag="--lantern-residual"),
+                    Knob("one_hot_drafts", bool, "LANTERN: drafts recorded one-hot (keeps each token within TV "
+                         "delta)", flag="--lantern-one-hot-drafts")),
                 exact=False, reference="next_token", summary="SJD with relaxed acceptance over latent neighbours"),
     SamplerSpec("gsd", sample_gsd, "next_token", GPT_ROLES,
                 NEXT_TOKEN_KNOBS + JACOBI_KNOBS + (
-                    Knob("group_size", int, "GSD: most tokens accepted as one cluster (1 = SJD)", minimum=1,
-                         flag="--gsd-group"),
+                    Knob("group_size", int, "GSD: rank window +-group // 2 (none = the release's 6 likelier / 7 "
+                         "less likely tokens; 1 = SJD)", minimum=1, optional=True, flag="--gsd-group"),
                     Knob("prob_gap", float, "GSD: probability gap that ends a cluster", minimum=0, maximum=1,
                          flag="--gsd-prob-gap"),
                     Knob("embed_threshold", float, "GSD: embedding-similarity filter (none = off)", minimum=-1,
@@ -307,7 +327,8 @@ _SPECS = (
                                          optional=True, flag="--zipar-window"),),
                 exact=False, reference="next_token", summary="ZipAR: rows decoded in parallel"),
     SamplerSpec("nar", sample_nar, "next_token",
-                (Role("model", (NAR,)), Role("tokenizer", (SingleScaleVQ,), optional=True)), NEXT_TOKEN_KNOBS,
+                (Role("model", (NAR,)), Role("tokenizer", (SingleScaleVQ,), optional=True)),
+                NEXT_TOKEN_KNOBS + (CFG_INTERVAL,),
                 exact=True, summary="NAR: next-neighbour prediction, 2n - 1 passes for an n x n grid"),
     SamplerSpec("coarse_to_fine", sample_coarse_to_fine, "next_token",
                 (Role("stage1", (GPT,), excluded=(NAR,)), Role("stage2", (CTFStage2,)),
@@ -318,6 +339,18 @@ _SPECS = (
                     Knob("stage2_temperature", float, "CTF stage 2 temperature", above=0),
                     Knob("constrained", bool, "CTF: each fine code stays inside its coarse cluster")),
                 exact=True, summary="CTF: coarse labels token by token, then all fine codes in one pass"),
+    SamplerSpec("infinity", sample_infinity, "text_to_image", (Role("model", (Infinity,)), Role("vae", (BSQVAE,))),
+                (Knob("cfg", float, "Infinity guidance cfg cond + (1 - cfg) uncond; 1 = none", minimum=0,
+                      per_scale=True),
+                 Knob("tau", float, "Infinity temperature", above=0, per_scale=True),
+                 Knob("top_k", int, "top-k over each bit's two logits; 0 = off", minimum=0),
+                 Knob("top_p", float, "top-p over each bit's two logits; 0 or 1 = off", minimum=0, maximum=1),
+                 Knob("gumbel", bool, "draw with the Gumbel-max trick"),
+                 Knob("cfg_insertion_layer", int, "0: guidance on the logits; -k: on the hidden states after block "
+                      "depth - k", maximum=0),
+                 Knob("h_div_w", float, "aspect ratio of the dynamic schedule", above=0),
+                 Knob("pixels", str, "image size of the dynamic schedule", choices=tuple(PIXEL_SCALES))),
+                exact=True, condition="text", summary="Infinity: bitwise next-scale from text"),
 )
 
 SAMPLERS: dict[str, SamplerSpec] = {spec.name: spec for spec in _SPECS}
