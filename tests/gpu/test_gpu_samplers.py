@@ -99,8 +99,8 @@ def test_next_token_samplers_end_to_end(device, gen, name):
     sampler, kwargs = NEXT_TOKEN[name]
     gpt, vq = _gpt(device)
     labels = [0, 3, 7]
-    a = sampler(gpt, vq, labels, cfg=2.0, top_k=20, generator=gen(1), **kwargs)
-    b = sampler(gpt, vq, labels, cfg=2.0, top_k=20, generator=gen(1), **kwargs)
+    a = sampler(gpt, vq, labels, cfg_scale=2.0, top_k=20, generator=gen(1), **kwargs)
+    b = sampler(gpt, vq, labels, cfg_scale=2.0, top_k=20, generator=gen(1), **kwargs)
     _check(a, gpt.vocab_size)
     assert a.tokens.device.type == device.type and _same(a, b)
 
@@ -123,9 +123,9 @@ def test_nar_ctf_and_code_end_to_end(device, gen):
         nar.output.weight.normal_(0, 0.5)
         nar.medusa_output.weight.normal_(0, 0.5)
     nar, vq = nar.to(device), create("vq_tiny").eval().to(device)
-    out = sample_nar(nar, vq, [0, 3, 10], cfg=2.0, top_k=10, generator=gen(0))
+    out = sample_nar(nar, vq, [0, 3, 10], cfg_scale=2.0, top_k=10, generator=gen(0))
     _check(out, nar.vocab_size)
-    assert _same(out, sample_nar(nar, vq, [0, 3, 10], cfg=2.0, top_k=10, generator=gen(0)))
+    assert _same(out, sample_nar(nar, vq, [0, 3, 10], cfg_scale=2.0, top_k=10, generator=gen(0)))
 
     stage1, stage2 = create("ctf_stage1_tiny").eval(), create("ctf_stage2_tiny").eval()
     stage2.set_clusters(kmeans_codebook(torch.randn(stage2.vocab_size, 8), stage2.config.num_coarse, seed=0))
