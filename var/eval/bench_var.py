@@ -31,7 +31,9 @@ class RecomputeCache:
         self.inputs = []  # per scale: x_BlC
 
     def nbytes(self) -> int:
-        return 0
+        return 0  # no K/V is kept
+
+    peak_nbytes = live_nbytes = peak_live_nbytes = nbytes  # the byte counters every cache reports (SamplerStats)
 
 
 class _Recompute:
