@@ -109,11 +109,11 @@ def generation(orig, orig_generate, ours, cond: CaptionCondition, cfg: float) ->
                                  temperature=1.0, top_k=1, top_p=1.0, sample_logits=True).long()
     t_orig = time.perf_counter() - t0
     out = {"original_s": t_orig}
-    runs = {"next_token": lambda: sample_next_token(ours, None, cond, cfg=cfg, top_k=1, decode=False),
-            "sjd": lambda: sample_sjd(ours, None, cond, cfg=cfg, top_k=1, window=16, decode=False),
-            "zipar_window_eq_width": lambda: sample_zipar(ours, None, cond, window=ours.config.grid_size, cfg=cfg,
+    runs = {"next_token": lambda: sample_next_token(ours, None, cond, cfg_scale=cfg, top_k=1, decode=False),
+            "sjd": lambda: sample_sjd(ours, None, cond, cfg_scale=cfg, top_k=1, window=16, decode=False),
+            "zipar_window_eq_width": lambda: sample_zipar(ours, None, cond, window=ours.config.grid_size, cfg_scale=cfg,
                                                           top_k=1, decode=False),
-            "zipar_default_window (approximate)": lambda: sample_zipar(ours, None, cond, cfg=cfg, top_k=1,
+            "zipar_default_window (approximate)": lambda: sample_zipar(ours, None, cond, cfg_scale=cfg, top_k=1,
                                                                       decode=False)}
     for name, run in runs.items():
         t0 = time.perf_counter()

@@ -28,9 +28,10 @@ sys.path.insert(0, str(ROOT))
 
 from var.eval.attributes import (attribute_targets, load_attribute_classifier, predict_attributes,  # noqa: E402
                                  save_classifier, train_attribute_classifier)
-from var.assets import bundled_ar_dir, bundled_t2i_dir  # noqa: E402
-from var.hub import load_llamagen_vq, load_t2i_bundle  # noqa: E402
-from var.samplers.next_token import AR_SAMPLERS, run_ar_sampler  # noqa: E402
+from var.hub_llamagen import bundled_ar_dir, bundled_t2i_dir, load_llamagen_vq, load_t2i_bundle  # noqa: E402
+from var.samplers.registry import get_sampler  # noqa: E402
+
+AR_SAMPLERS = ("next_token", "sjd", "mcsjd", "lantern", "gsd", "zipar")
 from var.train.data import Attributes, CompositionalShapes, all_attributes  # noqa: E402
 from var.utils.machine import cpu_model, load_average  # noqa: E402
 
@@ -83,7 +84,8 @@ def sample_prompts(vq, gpt, enc, prompts: list[str], *, sampler: str, seed: int,
     for i in range(0, len(prompts), batch):
         cond = enc.condition(prompts[i:i + batch], gpt.config.caption_len)
         t0 = time.perf_counter()
-        out = run_ar_sampler(sampler, gpt, vq, cond, cfg=cfg, generator=gen, lantern_k=64)
+        knobs = {"k": 64} if sampler == "lantern" else {}
+        out = get_sampler(sampler)({"model": gpt, "tokenizer": vq}, cond, cfg_scale=cfg, generator=gen, **knobs)
         seconds += time.perf_counter() - t0
         images.append(out.images.mul(2).sub(1))
         passes += out.stats.forward_passes
@@ -156,7 +158,7 @@ def samplers(args) -> None:
     (BENCH / "t2i_bundled_samplers.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = ["# Next-token samplers on the bundled text-to-image model", "",
              f"Machine: {report['machine']}. One image per prompt (32 seen + 32 held-out prompts), batch "
-             f"{args.batch}, cfg {args.cfg}, seed 0, defaults of `run_ar_sampler` (LANTERN k = 64).", "",
+             f"{args.batch}, cfg {args.cfg}, seed 0, each sampler's registry defaults (LANTERN k = 64).", "",
              "| sampler | passes per batch | images/s | seen right | held-out right |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['sampler']} | {r['passes_per_batch']:.1f} | {r['images_per_s']:.2f} | {r['seen']:.3f} | "

@@ -12,7 +12,7 @@ from var.eval.attributes import HEADS, predict_attributes, split_logits, train_a
 from var.hub import load_t2i_bundle
 from var.models import create
 from var.models.caption_encoder import CaptionEncoder, CaptionEncoderConfig
-from var.samplers.next_token import AR_SAMPLERS, run_ar_sampler
+from var.samplers.registry import get_sampler
 from var.train import t2i_bundled
 from var.train.data import (COLOURS, HELD_OUT_PAIRS, SHAPES, Attributes, CompositionalShapes, all_attributes)
 
@@ -75,8 +75,10 @@ def test_training_exports_a_loadable_bundle_that_every_sampler_runs(smoke_bundle
     vq, gpt, enc = load_t2i_bundle(smoke_bundle)
     assert gpt.config.caption_dim == enc.config.dim == 16 and gpt.config.caption_len == 8
     cond = enc.condition(["a pink star", "a red ring with checkers"])
-    for name in AR_SAMPLERS:
-        out = run_ar_sampler(name, gpt, vq, cond, cfg=2.0, lantern_k=8, generator=torch.Generator().manual_seed(0))
+    for name in ("next_token", "sjd", "mcsjd", "lantern", "gsd", "zipar"):
+        knobs = {"k": 8} if name == "lantern" else {}
+        out = get_sampler(name)({"model": gpt, "tokenizer": vq}, cond, cfg_scale=2.0,
+                                generator=torch.Generator().manual_seed(0), **knobs)
         assert out.images.shape == (2, 3, 32, 32), name
 
 

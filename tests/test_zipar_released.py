@@ -29,15 +29,15 @@ def test_released_sampler_runs_the_schedule_and_zero_slots_matter():
     gpt = GPT(GPTConfig(dim=64, n_layer=2, n_head=4, multiple_of=32, num_classes=10, vocab_size=64, grid_size=6))
     torch.nn.init.normal_(gpt.output.weight, std=0.5)
     gpt.eval()
-    out = sample_zipar(gpt, None, [1, 2], schedule="released", window=2, cfg=2.0, decode=False,
+    out = sample_zipar(gpt, None, [1, 2], schedule="released", window=2, cfg_scale=2.0, decode=False,
                        generator=torch.Generator().manual_seed(0))
     assert out.stats.forward_passes == 1 + 5 + len(released_schedule(6, 6, 2))
-    eager = sample_zipar(gpt, None, [1, 2], window=2, cfg=2.0, decode=False, generator=torch.Generator().manual_seed(0))
+    eager = sample_zipar(gpt, None, [1, 2], window=2, cfg_scale=2.0, decode=False, generator=torch.Generator().manual_seed(0))
     assert eager.stats.forward_passes < out.stats.forward_passes
     # greedy: rows 0 and 1 see a complete causal context (equal to teacher forcing); later rows attend zeros for
     # the undecoded cells of the row above, as the release does, so some of their tokens differ
     labels = torch.tensor([1, 2])
-    greedy = sample_zipar(gpt, None, labels, schedule="released", window=2, cfg=1.0, top_k=1, decode=False)
+    greedy = sample_zipar(gpt, None, labels, schedule="released", window=2, cfg_scale=1.0, top_k=1, decode=False)
     with torch.no_grad():
         forced = gpt(labels, greedy.tokens).argmax(-1)
     assert torch.equal(forced[:, :12], greedy.tokens[:, :12])

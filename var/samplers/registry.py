@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 
 from var.errors import ConfigError
 from var.kernels import H2O, HACK, FullCache, ScaleKV, SnapKV, StreamingLLM
+from var.kernels.policies import PyramidKV
 from var.models.ctf import CTFStage2
 from var.models.gpt import GPT
 from var.models.nar import NAR
@@ -30,7 +31,7 @@ from var.models.infinity import Infinity
 from var.samplers.infinity import sample_infinity
 from var.samplers.jacobi import (DRAFT_INITS, LANTERN_CODES, LanternAcceptance, sample_gsd, sample_jacobi,
                                  sample_lantern, sample_mcsjd, sample_sjd)
-from var.samplers.neighbor import sample_zipar
+from var.samplers.neighbor import ZIPAR_SCHEDULES, sample_zipar
 from var.samplers.neighbor_nar import sample_nar
 from var.samplers.next_scale import sample_next_scale
 from var.samplers.next_token import sample_next_token
@@ -324,7 +325,9 @@ _SPECS = (
     SamplerSpec("zipar", sample_zipar, "next_token", GPT_ROLES,
                 NEXT_TOKEN_KNOBS + (Knob("window", int, "ZipAR: decoded tokens of a row before the next row starts "
                                          "(none = half the grid width; the width = next-token)", minimum=1,
-                                         optional=True, flag="--zipar-window"),),
+                                         optional=True, flag="--zipar-window"),
+                                    Knob("schedule", str, "ZipAR: eager passes, or the release's own bookkeeping",
+                                         choices=ZIPAR_SCHEDULES, flag="--zipar-schedule")),
                 exact=False, reference="next_token", summary="ZipAR: rows decoded in parallel"),
     SamplerSpec("nar", sample_nar, "next_token",
                 (Role("model", (NAR,)), Role("tokenizer", (SingleScaleVQ,), optional=True)),
@@ -375,8 +378,8 @@ def samplers_of(family: str) -> list[str]:
 def cache_policies() -> dict[str, type]:
     """Cache policies a sampler's ``cache=`` takes, by class name: ``FullCache`` (no compression) and the
     compression policies, which all take a ``budget`` (fraction of the cache kept, or a token count)."""
-    return {"FullCache": FullCache, "ScaleKV": ScaleKV, "HACK": HACK, "SnapKV": SnapKV, "H2O": H2O,
-            "StreamingLLM": StreamingLLM}
+    return {"FullCache": FullCache, "ScaleKV": ScaleKV, "HACK": HACK, "SnapKV": SnapKV, "PyramidKV": PyramidKV,
+            "H2O": H2O, "StreamingLLM": StreamingLLM}
 
 
 def make_cache_policy(name: str | None, budget: float | None = None, **kwargs):
