@@ -119,8 +119,8 @@ def test_one_registry_drives_the_command_lines(capsys):
     from var.cli.eval import build_parser as eval_parser
     from var.cli.sample import build_parser as sample_parser
     sample_help = sample_parser().format_help()
-    for name, spec in SAMPLERS.items():
-        assert (name in sample_help) == (spec.condition == "labels")
+    for name, spec in SAMPLERS.items():  # --sampler lists each class-conditional sampler with its family
+        assert (f"{name} ({spec.family}," in " ".join(sample_help.split())) == (spec.condition == "labels")
     assert "16 (sjd, lantern, gsd); 32 (mcsjd)" in " ".join(sample_help.split())  # per-sampler defaults
     eval_sample = eval_parser()._subparsers._group_actions[0].choices["sample"]
     class_conditional = [name for name, spec in SAMPLERS.items() if spec.condition == "labels"]

@@ -23,9 +23,10 @@ def add_infinity_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--negative-prompt", action="append", default=None,
                    help="negative prompt(s): one for all prompts or one per prompt (default: the learned "
                         "unconditional text)")
-    g.add_argument("--h-div-w", type=float, default=1.0, help="aspect ratio h/w (nearest of the templates)")
+    g.add_argument("--h-div-w", type=float, default=1.0,
+                   help="aspect ratio h/w (nearest of the templates; default 1.0)")
     g.add_argument("--pixels", default="1M", choices=("0.06M", "0.25M", "0.60M", "1M"),
-                   help="image size: 256, 512, 768 or 1024 px for 1:1")
+                   help="image size: 256, 512, 768 or 1024 px for 1:1 (default 1M)")
     g.add_argument("--tau", type=float, default=None, help="temperature (default 1.0)")
     g.add_argument("--cfg-insertion-layer", type=int, default=0,
                    help="0: guidance on the logits; -k: on the hidden states after block depth - k")
