@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from var.eval.attributes import (attribute_targets, load_attribute_classifier, predict_attributes,  # noqa: E402
                                  save_classifier, train_attribute_classifier)
-from var.hub_llamagen import bundled_ar_dir, bundled_t2i_dir, load_llamagen_vq, load_t2i_bundle  # noqa: E402
+from var.assets import bundled_ar_dir, bundled_t2i_dir  # noqa: E402
+from var.hub import load_llamagen_vq, load_t2i_bundle  # noqa: E402
 from var.samplers.registry import get_sampler  # noqa: E402
 
 AR_SAMPLERS = ("next_token", "sjd", "mcsjd", "lantern", "gsd", "zipar")

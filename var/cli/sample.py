@@ -96,14 +96,15 @@ def read_prompts(args) -> list[str] | None:
 
 def load_t2i_models(args):
     """(vq, gpt, text encoder, description) for prompts: --vq/--gpt/--text-encoder or the bundled t2i model."""
-    from var import hub, hub_llamagen
+    from var import hub
+    from var.assets import bundled_t2i_dir
     from var.errors import CheckpointError, PromptError
     from var.models.caption_encoder import CaptionEncoder, T5Captions
     from var.models.gpt_t2i import GPTT2I
     if args.vq or args.gpt:
         if not (args.vq and args.gpt):
             raise SystemExit("var-sample: give both --vq and --gpt")
-        vq, gpt = hub_llamagen.load_llamagen(args.vq, args.gpt, image_size=args.image_size, device=args.device)
+        vq, gpt = hub.load_llamagen(args.vq, args.gpt, image_size=args.image_size, device=args.device)
         if not isinstance(gpt, GPTT2I):
             raise PromptError(f"--prompt needs a text-to-image GPT: {args.gpt} is class-conditional (use --classes)")
         if not args.text_encoder:
@@ -118,11 +119,11 @@ def load_t2i_models(args):
             enc = T5Captions(TextEncoder.from_pretrained(args.text_encoder, device=args.device,
                                                          max_length=gpt.config.caption_len))
         return vq, gpt, enc, f"{args.gpt}"
-    bundled = hub_llamagen.bundled_t2i_dir()
+    bundled = bundled_t2i_dir()
     if bundled is None:
         raise CheckpointError("no bundled text-to-image model in var/assets/t2i_bundled (give --vq, --gpt and "
                               "--text-encoder)")
-    vq, gpt, enc = hub_llamagen.load_t2i_bundle(bundled, device=args.device)
+    vq, gpt, enc = hub.load_t2i_bundle(bundled, device=args.device)
     return vq, gpt, enc, f"bundled text-to-image model {bundled.name}"
 
 

@@ -164,16 +164,17 @@ def load_var_models(args):
 
 def load_ar_models(args):
     """``(tokenizer, gpt, description)``: --vq/--gpt, the bundled AR model, or random tiny presets."""
-    from var import hub_llamagen
+    from var import hub
+    from var.assets import bundled_ar_dir
     from var.models import create
     if args.vq or args.gpt:
         if not (args.vq and args.gpt):
             raise ConfigError("give both --vq and --gpt")
-        vq, gpt = hub_llamagen.load_llamagen(args.vq, args.gpt, image_size=args.image_size, device=args.device)
+        vq, gpt = hub.load_llamagen(args.vq, args.gpt, image_size=args.image_size, device=args.device)
         return vq, gpt, f"{args.gpt}"
-    bundled = hub_llamagen.bundled_ar_dir()
+    bundled = bundled_ar_dir()
     if bundled is not None and not args.random_init:
-        vq, gpt = hub_llamagen.load_llamagen(bundled / "tokenizer", bundled / "transformer", device=args.device)
+        vq, gpt = hub.load_llamagen(bundled / "tokenizer", bundled / "transformer", device=args.device)
         return vq, gpt, f"bundled AR model {bundled.name}"
     if not args.random_init:
         raise ConfigError("no bundled AR model is installed: give --vq and --gpt (or --random-init for a smoke test)")
@@ -230,7 +231,7 @@ def load_sampler_models(spec: SamplerSpec, args) -> tuple[dict, str]:
 
 
 def _tokenizer_or_tiny(args):
-    from var.hub_llamagen import load_llamagen_vq
+    from var.hub import load_llamagen_vq
     from var.models import create
     if args.vq:
         return load_llamagen_vq(args.vq, image_size=args.image_size or 256, device=args.device)

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from var.hub_llamagen import bundled_ar_dir, load_llamagen
+from var.assets import bundled_ar_dir
+from var.hub import load_llamagen
 from var.models import create
 from var.samplers.logits import processed_logits
 from var.samplers.registry import get_sampler

@@ -221,11 +221,10 @@ def _train(name, loss_fn, params, steps, batch, data, seed, lr):
 def bench_quality(args) -> dict:
     """Train AR, NAR and CTF (tiny, same width) over a trained single-scale tokenizer of the shapes dataset, sample
     with each, and score the samples with the bundled shapes classifier (fraction classified as their label)."""
-    import var.hub_llamagen  # noqa: F401  (lets load_pretrained rebuild SingleScaleVQ)
     from var.eval.classifier import load_classifier
     from var.hub import load_pretrained, save_pretrained
-    from var.models.ctf import CTFStage2, CTFStage2Config, stage1_loss, stage2_loss
-    from var.models.nar import nar_loss
+    from var.models.ctf import CTFStage2, CTFStage2Config
+    from var.train.objectives_nar_ctf import nar_loss, stage1_loss, stage2_loss
     from var.train.data import ProceduralShapes
 
     torch.manual_seed(args.seed)

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from var.kernels import CalibrationProfile, bundled_profile, calibrate
+from var.kernels import CalibrationProfile, bundled_profile
+from var.samplers.calibration import calibrate
 from var.kernels.kv_cache import FullCache
 from var.kernels.policies.base import CacheLayout
 from var.models import VAR, VARConfig
@@ -135,7 +136,7 @@ def fidelity_table(args, device) -> tuple[str, list[dict], list[int]]:
             agree = sum(int((a == b).sum()) for a, b in zip(out.tokens, full.tokens))
             total = sum(a.numel() for a in full.tokens)
             cache = rec.cache
-            rows.append({"policy": pname, "budget": budget, "kept_tokens_per_head": rec.policy.budget_per_head,
+            rows.append({"policy": pname, "budget": budget, "kept_tokens_per_head": cache.policy.budget_per_head,
                          "stored_kv_bytes": cache.kv_nbytes(), "stored_bytes_with_index": cache.nbytes(),
                          "peak_cache_bytes": cache.peak_nbytes(), "images_per_s": len(labels) / elapsed,
                          "token_agreement": agree / total, "psnr_db": psnr(out.images, full.images),
@@ -151,8 +152,8 @@ def describe_roles(profile, layout) -> dict:
     """The classification the policies derive from the profile: ScaleKV drafters per scale, HACK contextual heads
     (the per-layer kept tokens of each run are in its row's ``kept_tokens_per_layer``)."""
     scalekv, hack = POLICIES["scalekv"](budget=0.1, profile=profile), POLICIES["hack"](budget=0.1, profile=profile)
-    scalekv.prepare(layout)
-    hack.prepare(layout)
+    scalekv = scalekv.bind(layout)
+    hack = hack.bind(layout)
     return {"profile_labels": profile.meta.get("labels"),
             "scalekv_drafters_per_scale": [sorted(d) for d in scalekv.drafters],
             "hack_contextual_heads_LH": hack.contextual.int().tolist()}

@@ -120,7 +120,7 @@ def _bundled_var() -> Setup | None:
 
 def _bundled_ar() -> Setup | None:
     from var import hub
-    from var.hub_llamagen import bundled_ar_dir
+    from var.assets import bundled_ar_dir
     path = bundled_ar_dir()
     if path is None:
         return None
@@ -264,7 +264,7 @@ def _policy_factories(setup: Setup, budgets, device, only=None) -> list[tuple]:
         extra = {}
         if name in ("ScaleKV", "HACK"):
             if profile is None:
-                from var.kernels.policies import calibrate
+                from var.samplers.calibration import calibrate
                 labels = torch.arange(min(4, setup.num_classes), device=device)
                 profile = calibrate(setup.models["model"], setup.models["tokenizer"], labels, seed=1234)
             extra["profile"] = profile

@@ -116,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
             if name == "var_sample_defaults":
                 save_image_grid(grid, Path(args.img_dir) / "bundled_var_samples.png", nrow=model.config.num_classes)
 
-    from var.hub_llamagen import bundled_ar_dir, load_llamagen
+    from var.assets import bundled_ar_dir
+    from var.hub import load_llamagen
     ar_dir = None if args.skip_ar else bundled_ar_dir()
     if ar_dir is not None:
         vq, gpt = load_llamagen(ar_dir / "tokenizer", ar_dir / "transformer")
