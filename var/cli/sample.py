@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             labels = torch.randint(0, num_classes_of(models), (args.num_images or 16,),
                                    generator=torch.Generator().manual_seed(args.seed))
-        next(iter(models.values())).check_condition(labels)
+        first = next(iter(models.values()))
+        getattr(first, "check_condition", first.check_labels)(labels)  # GPTs also take captions; VAR class ids
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     images, passes = [], 0
     for start in tqdm(range(0, len(labels), args.batch_size), desc=f"sampling {desc}", unit="batch"):
