@@ -5,8 +5,8 @@ Examples::
     # 50 images per class with VAR-d16 and the README settings, on 8 GPUs, into samples/d16/ (+ images.npz)
     torchrun --standalone --nproc_per_node=8 -m var.cli.eval sample --vae vae_ch160v4096z32.pth \\
         --var var_d16.pth --out samples/d16 --cfg 1.5 --top-k 900 --top-p 0.96 --device cuda --dtype bf16
-    # another sampler / cache policy, any extra sampler argument as key=value
-    var-eval sample --out samples/x --sampler collaborative --refiner small_var/ --sampler-arg draft_steps=8
+    # another sampler (any of var-sample's, with the same setting flags) / a cache policy
+    var-eval sample --out samples/x --sampler collaborative --refiner small_var/ --draft-steps 8
     var-eval sample --out samples/y --cache ScaleKV --budget 0.1
     # Inception metrics through torch-fidelity (offline with a local weights file)
     var-eval metrics samples/d16/images --ref imagenet_val_folder/ --evaluator torch-fidelity \\
@@ -20,7 +20,6 @@ Published VAR numbers come from OpenAI's ADM evaluator run on ``images.npz`` aga
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import json
 import logging
@@ -31,67 +30,44 @@ import numpy as np
 import torch
 
 from var.cli import command_line
+from var.cli.sampling import (DTYPES, add_model_arguments, add_sampler_arguments, autocast, effective_settings,
+                              load_sampler_models, num_classes_of, resolve_sampler, sampler_settings)
 from var.errors import ConfigError
+from var.samplers.registry import cache_policies, make_cache_policy
 
 log = logging.getLogger("var.cli.eval")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ---- argument parsing ---------------------------------------------------------------------------------------
-def _parse_kv(items) -> dict:
-    """``["draft_steps=8", "window=16"]`` -> ``{"draft_steps": 8, "window": 16}`` (Python literals, else str)."""
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ConfigError(f"--sampler-arg expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="var-eval", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("sample", help="generate an evaluation set (PNG folder + ADM .npz), torchrun-distributed",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    m = s.add_argument_group("model (default: the bundled VAR model for VAR samplers, the bundled AR model for "
-                             "next-token samplers; else random-weight tiny presets)")
-    m.add_argument("--vae", help="multi-scale tokenizer checkpoint (VAR family)")
-    m.add_argument("--var", help="VAR checkpoint (VAR family)")
-    m.add_argument("--refiner", help="second VAR checkpoint for two-model samplers (collaborative / CoDe)")
-    m.add_argument("--vq", help="single-scale VQ checkpoint (next-token family)")
-    m.add_argument("--gpt", help="next-token GPT checkpoint (next-token family)")
-    m.add_argument("--random-init", action="store_true", help="random-weight tiny presets (smoke tests)")
-    m.add_argument("--model", help="Infinity transformer (--sampler infinity; --vae is then its BSQ VAE)")
-    m.add_argument("--text-encoder", help="T5 encoder for --sampler infinity (google/flan-t5-xl or a local dir)")
-    m.add_argument("--prompts-file", help="--sampler infinity: one prompt per line; image i uses prompt i %% P")
-    g = s.add_argument_group("sampler")
-    g.add_argument("--sampler", default="next_scale", help="a sampler of var.samplers (sample_<name>)")
-    g.add_argument("--cfg", type=float, default=None,
-                   help="VAR guidance (default 1.5, 0 = none); for next-token samplers a deprecated alias of --cfg-scale")
-    g.add_argument("--cfg-scale", type=float, default=None,
-                   help="next-token (LlamaGen) guidance scale (default 2.0, 1 = none)")
-    g.add_argument("--top-k", type=int, default=None, help="default 900 (VAR family), 0 = off (next-token family)")
-    g.add_argument("--top-p", type=float, default=None, help="default 0.96 (VAR family), 0 = off (next-token)")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--more-smooth", action="store_true", help="VAR's Gumbel smoothing (not for FID)")
-    g.add_argument("--sampler-arg", action="append", metavar="KEY=VALUE", help="extra sampler keyword (repeatable)")
-    g.add_argument("--cache", default=None, help="cache policy class (e.g. FullCache, ScaleKV); default: full")
-    g.add_argument("--budget", type=float, default=None, help="cache policy budget")
+                       description="Sample an evaluation set with any registered sampler (the same sampler and "
+                                   "setting flags as var-sample).")
+    add_model_arguments(s, "models (default: the bundled model of the sampler's family; --random-init: tiny random "
+                           "presets)")
+    add_sampler_arguments(s, sampler_default_help="default: next_scale")
+    c = s.add_argument_group("KV-cache policy")
+    c.add_argument("--cache", choices=tuple(cache_policies()), default=None,
+                   help="cache policy of samplers that take one (default: the full cache)")
+    c.add_argument("--budget", type=float, default=None,
+                   help="budget of a compression --cache: fraction of the cache kept (or a token count); required "
+                        "with one, an error without")
     o = s.add_argument_group("set and output")
     o.add_argument("--out", required=True, help="output folder (images/, shards/, sampling.json, images.npz)")
-    o.add_argument("--per-class", type=int, default=50, help="images per class (N = per_class * num_classes)")
-    o.add_argument("--num-images", type=int, default=None, help="override N")
-    o.add_argument("--shard-size", type=int, default=25, help="images per shard (= per sampler call)")
-    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--per-class", type=int, default=50, help="images per class: N = per_class x classes (default 50)")
+    o.add_argument("--num-images", type=int, default=None, help="N itself, instead of --per-class (default: none)")
+    o.add_argument("--shard-size", type=int, default=25, help="images per shard (= per sampler call) (default 25)")
+    o.add_argument("--seed", type=int, default=0, help="seed of the labels and of each shard's sampler (default 0)")
     o.add_argument("--no-pack", action="store_true", help="do not write images.npz")
-    o.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    o.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="autocast dtype of the transformer")
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    o.add_argument("--device", default=default_device, help=f"torch device (default {default_device})")
+    o.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                   help="autocast dtype of the transformer (default fp32)")
 
     q = sub.add_parser("metrics", help="FID / IS / KID / precision / recall of a sample set",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -113,106 +89,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---- sample -------------------------------------------------------------------------------------------------
-def _load_family(args, entry):
-    """(components dict, description) for the sampler's model family."""
-    from var import hub
-    if args.vq or args.gpt:
-        if not (args.vq and args.gpt):
-            raise ConfigError("give both --vq and --gpt")
-        loader = getattr(hub, "load_llamagen", None)
-        if loader is None:
-            raise ConfigError("this installation has no next-token model loader (var.hub.load_llamagen)")
-        tok, model = loader(args.vq, args.gpt, device=args.device)
-        return {"model": model, "tokenizer": tok}, str(args.gpt)
-    if _is_next_token(entry):
-        from var.cli.sample import load_ar_models
-        from var.assets import bundled_ar_dir
-        if not args.random_init and bundled_ar_dir() is None:
-            raise ConfigError(f"sampler {entry.name} samples a next-token model and no bundled AR model is "
-                              f"installed: give --vq and --gpt (or --random-init for a smoke test)")
-        vq, gpt, desc = load_ar_models(args)  # the bundled AR model, or random tiny presets with --random-init
-        return {"model": gpt, "tokenizer": vq}, desc
-    from var.cli.sample import load_models
-    tok, model, desc = load_models(args)
-    if entry.needs_pair:
-        if not args.refiner:
-            raise ConfigError(f"sampler {entry.name} needs a second model: --refiner")
-        refiner = hub.load_var_transformer(args.refiner, device=args.device)
-        return {"drafter": model, "refiner": refiner, "tokenizer": tok}, f"{desc} + refiner {args.refiner}"
-    return {"model": model, "tokenizer": tok}, desc
-
-
-def _is_next_token(entry) -> bool:
-    return "cfg_scale" in entry.params
-
-
-def _fill_family_defaults(args, entry) -> None:
-    """--cfg / --top-k / --top-p not given: var-sample's defaults of the sampler's model family."""
-    from var.cli.sample import FAMILY_DEFAULTS
-    if _is_next_token(entry):
-        if args.cfg is not None:
-            if args.cfg_scale is not None:
-                raise ConfigError("give --cfg-scale only (--cfg is its deprecated alias for next-token samplers)")
-            log.warning("--cfg with a next-token sampler is deprecated: use --cfg-scale")
-            args.cfg_scale, args.cfg = args.cfg, None
-    elif args.cfg_scale is not None:
-        raise ConfigError(f"--cfg-scale is the next-token guidance; {entry.name} takes --cfg")
-    for name, value in FAMILY_DEFAULTS["ar" if _is_next_token(entry) else "var"].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-
-
-def make_sample_fn(entry, components: dict, settings: dict, *, cache=None, dtype: str = "fp32", device="cpu"):
-    """``fn(labels_B, generator) -> (images [B,3,H,W] in [0,1] on CPU, stats dict)`` for :mod:`var.eval.distributed`."""
-    from var.eval.discovery import call_sampler
-    autocast = (torch.autocast(torch.device(device).type, dtype=DTYPES[dtype]) if dtype != "fp32"
-                else contextlib.nullcontext())
-
+def make_sample_fn(spec, models: dict, settings: dict, *, cache=None, dtype: str = "fp32", device="cpu"):
+    """``fn(labels_B, generator) -> (images [B,3,H,W] in [0,1] on CPU, stats dict)`` for :mod:`var.eval.distributed`:
+    the registered sampler ``spec`` on ``models`` with ``settings``."""
     def fn(labels_B, generator):
-        with autocast:
-            out = call_sampler(entry, components, labels_B, generator=generator, cache=cache, **settings)
+        with autocast(device, dtype):
+            out = spec(models, labels_B, generator=generator, cache=cache, **settings)
         return out.images.float().cpu(), out.stats.as_dict()
     return fn
 
 
 def run_sample(args) -> int:
-    from var.eval.discovery import discover_cache_policies, discover_samplers
     from var.eval.distributed import SamplingPlan, generate_samples, init_distributed
+    spec = resolve_sampler(args.sampler)
+    settings = sampler_settings(spec, args)  # bad flags fail before any model is loaded or file written
+    cache = make_cache_policy(args.cache, args.budget)
+    if cache is not None and not spec.takes_cache:
+        raise ConfigError(f"sampler {spec.name} takes no cache policy (--cache)")
+    if args.num_images is not None and args.num_images < 1:
+        raise ConfigError(f"--num-images must be >= 1, got {args.num_images}")
     env = init_distributed(args.device)
     if args.device.startswith("cuda") and env.world_size > 1:
         args.device = f"cuda:{env.local_rank}"
         torch.cuda.set_device(env.local_rank)
-    samplers = discover_samplers()
-    if args.sampler not in samplers:
-        raise ConfigError(f"unknown sampler {args.sampler!r}; available: {', '.join(sorted(samplers))}")
-    entry = samplers[args.sampler]
-    cache = None
-    if args.cache:
-        policies = discover_cache_policies()
-        if args.cache not in policies:
-            raise ConfigError(f"unknown cache policy {args.cache!r}; available: {', '.join(sorted(policies))}")
-        cache = policies[args.cache].make(args.budget)
-    if entry.name == "infinity":
-        return _run_sample_infinity(args, entry, cache, env)
-    components, desc = _load_family(args, entry)
-    _fill_family_defaults(args, entry)
-    guidance = {"cfg_scale": args.cfg_scale} if _is_next_token(entry) else {"cfg": args.cfg}
-    settings = {"model": desc, "sampler": entry.name, **guidance, "top_k": args.top_k, "top_p": args.top_p,
-                "temperature": args.temperature, "more_smooth": args.more_smooth, **_parse_kv(args.sampler_arg)}
-    missing = entry.missing_components(components, settings)
-    if missing:
-        raise ConfigError(f"sampler {entry.name} needs {missing}: give them with --sampler-arg, or call "
-                          f"var.eval.distributed.generate_samples from Python with your own sample_fn")
-    num_classes = next(iter(components.values())).config.num_classes
-    num_images = args.num_images or args.per_class * num_classes
-    plan = SamplingPlan(num_images, num_classes, args.shard_size, args.seed)
-    from var.eval.discovery import probe_sampler
-    sampler_settings = {k: v for k, v in settings.items() if k not in ("model", "sampler")}
-    probe_sampler(entry, components, torch.tensor([0], device=args.device), device=args.device, cache=cache,
-                  **sampler_settings)  # fail before any file is written; learn what a **kwargs sampler rejects
-    record = {**settings, "cache": repr(cache) if cache is not None else "full", "dtype": args.dtype,
-              "not_taken_by_sampler": sorted(k for k in sampler_settings if not entry.accepts(k))}
-    fn = make_sample_fn(entry, components, sampler_settings, cache=cache, dtype=args.dtype, device=args.device)
+    models, desc = load_sampler_models(spec, args)
+    if models.get("tokenizer") is None:
+        raise ConfigError("give --vq: the tokenizer that decodes the sampled tokens")
+    num_classes = num_classes_of(models)
+    plan = SamplingPlan(args.num_images or args.per_class * num_classes, num_classes, args.shard_size, args.seed)
+    record = {"model": desc, "sampler": spec.name, **effective_settings(spec, settings),
+              "cache": repr(cache) if cache is not None else "full", "dtype": args.dtype}
+    fn = make_sample_fn(spec, models, settings, cache=cache, dtype=args.dtype, device=args.device)
     try:
         summary = generate_samples(fn, args.out, plan, record, env=env, device=args.device, pack=not args.no_pack)
     finally:
@@ -220,48 +127,6 @@ def run_sample(args) -> int:
     if env.rank == 0:
         log.info("rank 0: sampled %d shards, skipped %d finished ones; %s", summary["sampled"], summary["skipped"],
                  f"npz: {summary['npz']}" if "npz" in summary else "no npz")
-    return 0
-
-
-def _run_sample_infinity(args, entry, cache, env) -> int:
-    """``--sampler infinity``: the prompts of ``--prompts-file`` play the classes (image i uses prompt i % P)."""
-    from var.cli.infinity import INFINITY_DEFAULTS, check_text_encoder, load_infinity_models, load_text_source
-    from var.eval.distributed import SamplingPlan, generate_samples
-
-    if not args.prompts_file or not Path(args.prompts_file).is_file():
-        raise ConfigError("--sampler infinity needs --prompts-file (one prompt per line)")
-    prompts = [line.strip() for line in Path(args.prompts_file).read_text(encoding="utf-8").splitlines()]
-    if not prompts or not all(prompts):
-        raise ConfigError(f"{args.prompts_file}: one non-empty prompt per line")
-    for name, value in INFINITY_DEFAULTS.items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, value)
-    args.embedding_cache = None
-    encode = load_text_source(args, args.device)
-    vae, model, desc = load_infinity_models(args)
-    knobs = {"cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p, **_parse_kv(args.sampler_arg)}
-    if args.temperature != 1.0:
-        knobs["tau"] = args.temperature
-    embeddings = encode(prompts)
-    check_text_encoder(model, embeddings)
-    autocast = (torch.autocast(torch.device(args.device).type, dtype=DTYPES[args.dtype]) if args.dtype != "fp32"
-                else contextlib.nullcontext())
-
-    def fn(labels_B, generator):
-        with autocast:
-            out = entry.fn(model, vae, embeddings.select(labels_B.tolist()), generator=generator, cache=cache,
-                           **knobs)
-        return out.images.float().cpu(), out.stats.as_dict()
-
-    num_images = args.num_images or args.per_class * len(prompts)
-    plan = SamplingPlan(num_images, len(prompts), args.shard_size, args.seed)
-    record = {"model": desc, "sampler": entry.name, **knobs, "prompts": prompts,
-              "cache": repr(cache) if cache is not None else "full", "dtype": args.dtype}
-    try:
-        summary = generate_samples(fn, args.out, plan, record, env=env, device=args.device, pack=not args.no_pack)
-    finally:
-        env.close()
-    log.info("sampled %d shards of Infinity images (%s)", summary["sampled"], desc)
     return 0
 
 
