@@ -28,3 +28,18 @@ def test_one_inf_codebook_entry_is_caught_in_the_decoded_images():
         vq.quantize.embedding.weight.fill_(float("inf"))
     with pytest.raises(NonFiniteImagesError):
         sample_next_token(gpt, vq, torch.tensor([0]), generator=torch.Generator().manual_seed(0))
+
+
+def test_eval_resume_refuses_a_checkpoint_replaced_under_the_same_path(tmp_path):
+    from var.cli.eval import main
+    from var.hub import save_pretrained
+    tok, model = tiny_var_pair(seed=0)
+    save_pretrained(tok, tmp_path / "tok")
+    save_pretrained(model, tmp_path / "var")
+    args = ["sample", "--vae", str(tmp_path / "tok"), "--var", str(tmp_path / "var"), "--out", str(tmp_path / "s"),
+            "--num-images", "2", "--shard-size", "1", "--no-pack", "--device", "cpu"]
+    assert main(args) == 0
+    (tmp_path / "s" / "shards" / "00001.json").unlink()  # as if killed before the second shard
+    save_pretrained(tiny_var_pair(seed=1)[1], tmp_path / "var")  # other weights under the same path
+    with pytest.raises(SystemExit, match="changed|differs"):
+        main(args)
