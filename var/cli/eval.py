@@ -151,6 +151,18 @@ def _fill_family_defaults(args, entry) -> None:
             setattr(args, name, value)
 
 
+def _weight_digests(args, desc: str) -> dict:
+    """Content hash of every weight file used, so a resume refuses weights replaced under the same path."""
+    from var.hub import resolve_checkpoint
+    from var.utils.files import content_digest
+    paths = [p for p in (args.vae, args.var, args.refiner, args.vq, args.gpt) if p]
+    if not paths and desc.startswith("bundled"):
+        from var.assets import bundled_var_dir
+        from var.hub_llamagen import bundled_ar_dir
+        paths = [p for p in (bundled_ar_dir() if "AR" in desc else bundled_var_dir(),) if p is not None]
+    return {str(p): content_digest(resolve_checkpoint(p)) for p in paths}
+
+
 def make_sample_fn(entry, components: dict, settings: dict, *, cache=None, dtype: str = "fp32", device="cpu"):
     """``fn(labels_B, generator) -> (images [B,3,H,W] in [0,1] on CPU, stats dict)`` for :mod:`var.eval.distributed`."""
     from var.eval.discovery import call_sampler
@@ -199,6 +211,7 @@ def run_sample(args) -> int:
     probe_sampler(entry, components, torch.tensor([0], device=args.device), device=args.device, cache=cache,
                   **sampler_settings)  # fail before any file is written; learn what a **kwargs sampler rejects
     record = {**settings, "cache": repr(cache) if cache is not None else "full", "dtype": args.dtype,
+              "checkpoint_sha256": _weight_digests(args, desc),
               "not_taken_by_sampler": sorted(k for k in sampler_settings if not entry.accepts(k))}
     fn = make_sample_fn(entry, components, sampler_settings, cache=cache, dtype=args.dtype, device=args.device)
     try:

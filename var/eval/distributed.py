@@ -103,6 +103,18 @@ def _write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def _differing_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the entries that differ between two JSON records (nested dicts compared per key)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differing_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
 def _check_settings(out_dir: Path, record: dict, rank: int) -> None:
     """Rank 0 writes ``sampling.json``; a resume must use identical settings (else a mixed set would result)."""
     path = out_dir / SETTINGS_NAME
@@ -111,8 +123,10 @@ def _check_settings(out_dir: Path, record: dict, rank: int) -> None:
         old_cmp = {k: v for k, v in old.items() if k != "created"}
         new_cmp = json.loads(json.dumps({k: v for k, v in record.items() if k != "created"}, sort_keys=True, default=str))
         if old_cmp != new_cmp:
-            diff = sorted(k for k in set(old_cmp) | set(new_cmp) if old_cmp.get(k) != new_cmp.get(k))
-            raise ConfigError(f"{path} was written with other settings (differs in {diff}); "
+            diff = _differing_keys(old_cmp, new_cmp)
+            changed = (" (a weight file's content changed since: resuming would mix images of two models)"
+                       if any("checkpoint_sha256" in k for k in diff) else "")
+            raise ConfigError(f"{path} was written with other settings (differs in {diff}){changed}; "
                               f"use a new output folder or the same settings")
     elif rank == 0:
         _write_json_atomic(path, record)
