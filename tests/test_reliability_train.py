@@ -1,0 +1,58 @@
+"""Issue 13: training runs that silently lost work or silently ran with other settings than they recorded
+(see docs/reliability.md)."""
+import pytest
+import torch
+
+from var.errors import ConfigError
+from var.models import create
+from var.train.data import ProceduralShapes
+from var.train.objectives import VARObjective
+from var.train.trainer import TrainConfig, Trainer
+
+
+def _trainer(out_dir, steps=4, resume="", run_settings=None, **overrides):
+    torch.manual_seed(0)
+    tok = create("msvq_tiny").eval()
+    model = create("var_tiny")
+    dataset = ProceduralShapes(16, image_size=16, seed=0)
+    cfg = dict(out_dir=str(out_dir), steps=steps, batch_size=4, lr=3e-3, ckpt_every=2, log_every=1,
+               progress=False, resume=resume, seed=5)
+    cfg.update(overrides)
+    kwargs = {} if run_settings is None else {"run_settings": run_settings}
+    return Trainer(model, VARObjective(tok, seed=0), dataset, TrainConfig(**cfg), **kwargs)
+
+
+@pytest.mark.parametrize("change", [dict(lr=1e-3), dict(weight_decay=0.1), dict(schedule="linear"),
+                                    dict(grad_accum=2), dict(warmup_steps=1), dict(ema_decay=0.5)])
+def test_resume_with_changed_optimisation_settings_is_refused(tmp_path, change):
+    _trainer(tmp_path, steps=2).fit()
+    resumed = _trainer(tmp_path, **{"steps": 2, "resume": "auto", **change})
+    with pytest.raises(ConfigError, match=next(iter(change))):
+        resumed.fit()
+
+
+def test_resume_with_more_steps_applies_the_longer_schedule(tmp_path):
+    _trainer(tmp_path, steps=2, warmup_steps=0).fit()
+    resumed = _trainer(tmp_path, steps=4, resume="auto", warmup_steps=0)
+    resumed.maybe_resume()
+    schedule = resumed.scheduler.lr_lambdas[0]
+    assert resumed.step == 2 and schedule.total == 4  # not the checkpoint's 2: the cosine now ends at step 4
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(3e-3 * schedule(2))
+    resumed.fit()
+    assert resumed.step == 4
+
+
+def test_resume_may_change_bookkeeping(tmp_path):
+    _trainer(tmp_path, steps=2).fit()
+    resumed = _trainer(tmp_path, steps=2, resume="auto", log_every=2, ckpt_every=1, keep_checkpoints=5)
+    resumed.fit()
+    assert resumed.step == 2
+
+
+def test_resume_with_other_data_or_tokenizer_is_refused(tmp_path):
+    settings = {"data": {"data_seed": 0}, "model": {"tokenizer": "a", "tokenizer_sha256": "1"}}
+    _trainer(tmp_path, steps=2, run_settings=settings).fit()
+    for key, changed in (("data_seed", {**settings, "data": {"data_seed": 1}}),
+                         ("tokenizer_sha256", {**settings, "model": {"tokenizer": "a", "tokenizer_sha256": "2"}})):
+        with pytest.raises(ConfigError, match=key):
+            _trainer(tmp_path, steps=2, resume="auto", run_settings=changed).fit()
