@@ -286,7 +286,11 @@ def run(command: str, data: DataConfig, m, train: TrainConfig, export_dir: str |
         model, objective, tok = build_ar_job(m, data, train.seed)
     if tok is not None and data.pretokenize and not data.hflip and data.data == "shapes":
         dataset = pretokenize(tok, dataset, progress=train.progress and env.is_main)
-    trainer = Trainer(model, objective, dataset, train, env)
+    run_settings = {"command": command, "data": asdict(data), "model": asdict(m)}
+    if getattr(m, "tokenizer", ""):  # a resume must not silently train over another tokenizer at the same path
+        from var.utils.files import content_digest
+        run_settings["model"]["tokenizer_sha256"] = content_digest(m.tokenizer)
+    trainer = Trainer(model, objective, dataset, train, env, run_settings=run_settings)
     if env.is_main:
         Path(train.out_dir).mkdir(parents=True, exist_ok=True)
         run_cfg = {"command": command, "data": asdict(data), "model": asdict(m), "train": asdict(train)}

@@ -71,6 +71,11 @@ class TrainConfig:
     num_workers: int = 0
     progress: bool = True
 
+    # fields a resume may change (bookkeeping, applied as given); every other field shapes the trajectory and the
+    # saved optimizer/scheduler state, so a resume that changes it is refused instead of half-applied
+    RESUMABLE_CHANGES = ("out_dir", "resume", "log_every", "ckpt_every", "keep_checkpoints", "progress",
+                         "num_workers", "device")
+
     def __post_init__(self):
         self.betas = tuple(self.betas)
         if self.precision not in PRECISIONS:
@@ -195,6 +200,18 @@ class EMA:
                 _copy_into(p.data, self.shadow[n])
 
 
+def _flat_diff(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """``(dotted key, old, new)`` of every entry that differs between two nested JSON dicts."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _flat_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append((f"{prefix}{k}", a, b))
+    return out
+
+
 def _full(t: torch.Tensor) -> torch.Tensor:
     """A full CPU copy of a (possibly FSDP-sharded DTensor) tensor."""
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().clone()
@@ -313,8 +330,11 @@ class Trainer:
     """
 
     def __init__(self, model: nn.Module, objective: Objective, dataset, config: TrainConfig,
-                 env: DistEnv | None = None):
+                 env: DistEnv | None = None, run_settings: dict | None = None):
+        """``run_settings``: JSON-able settings outside :class:`TrainConfig` that a resume must not change (the
+        CLI passes its data and model sections, with the tokenizer's content hash); saved in every checkpoint."""
         self.config, self.env = config, env or DistEnv.from_env()
+        self.run_settings = json.loads(json.dumps(run_settings or {}, default=str))
         self.device = resolve_device(config.device, self.env)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -387,7 +407,24 @@ class Trainer:
         return {"step": self.step, "model": self._model_state(), "optimizer": self._optim_state(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema else None, "data": self.sampler.state_dict(),
-                "ranks": ranks, "world_size": self.env.world_size, "config": asdict(self.config)}
+                "ranks": ranks, "world_size": self.env.world_size, "config": asdict(self.config),
+                "run_settings": self.run_settings}
+
+    def check_resume_settings(self, state: dict, path) -> None:
+        """Refuse a checkpoint written with other optimisation, data or model settings (named in the error)."""
+        saved = json.loads(json.dumps({k: v for k, v in state["config"].items()
+                                       if k not in TrainConfig.RESUMABLE_CHANGES}, default=str))
+        now = json.loads(json.dumps({k: v for k, v in asdict(self.config).items()
+                                     if k not in TrainConfig.RESUMABLE_CHANGES}, default=str))
+        diff = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+                if saved.get(k) != now.get(k)]
+        old_run = state.get("run_settings")
+        if old_run is not None:  # checkpoints written before run settings were recorded have none
+            diff += [f"{k}: {a!r} -> {b!r}" for k, a, b in _flat_diff(old_run, self.run_settings)]
+        if diff:
+            raise ConfigError(f"cannot resume from {path}: it was written with other settings ({'; '.join(diff)}). "
+                              f"Only {', '.join(TrainConfig.RESUMABLE_CHANGES)} may change on a resume; use the "
+                              f"original settings, or start a new run in another --out-dir")
 
     def load_state_dict(self, state: dict) -> None:
         if state["world_size"] != self.env.world_size:
@@ -438,6 +475,7 @@ class Trainer:
             path, state = found
         else:
             path, state = Path(resume), load_checkpoint(resume)
+        self.check_resume_settings(state, path)
         self.load_state_dict(state)
         self.metrics.drop_after(self.step)
         log.info("resumed from %s at step %d", path, self.step)
