@@ -56,3 +56,26 @@ def test_resume_with_other_data_or_tokenizer_is_refused(tmp_path):
                          ("tokenizer_sha256", {**settings, "model": {"tokenizer": "a", "tokenizer_sha256": "2"}})):
         with pytest.raises(ConfigError, match=key):
             _trainer(tmp_path, steps=2, resume="auto", run_settings=changed).fit()
+
+
+def test_hidden_and_empty_folders_are_not_classes(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from var.train.data import ImageFolderDataset
+    for name in ("cat", "dog", ".ipynb_checkpoints", "empty"):
+        (tmp_path / name).mkdir()
+    for name in ("cat", "dog", ".ipynb_checkpoints"):
+        Image.fromarray(np.full((8, 8, 3), 100, np.uint8)).save(tmp_path / name / "a.png")
+    ds = ImageFolderDataset(tmp_path, image_size=8)
+    assert ds.classes == ["cat", "dog"] and [label for _, label in ds.samples] == [0, 1]
+
+
+def test_16_bit_pngs_load_with_their_brightness(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from var.train.data import ImageFolderDataset
+    (tmp_path / "a").mkdir()
+    grey16 = np.full((8, 8), 32768, np.uint16)  # mid grey in 16 bits
+    Image.fromarray(grey16).save(tmp_path / "a" / "g.png")
+    x, _ = ImageFolderDataset(tmp_path, image_size=8, train=False)[0]
+    assert x.shape == (3, 8, 8) and torch.allclose(x, torch.zeros_like(x), atol=0.02)  # ~0 in [-1, 1]
