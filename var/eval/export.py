@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from var.errors import ConfigError, ImageSizeError
-from var.utils.images import to_uint8_hwc
+from var.utils.images import pil_to_rgb, to_uint8_hwc
 
 PNG_NAME = "{:06d}.png"
 
@@ -50,7 +50,7 @@ def list_pngs(directory: str | os.PathLike) -> list[Path]:
 
 def _read_png(path: Path) -> np.ndarray:
     with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+        return np.asarray(pil_to_rgb(img), dtype=np.uint8)
 
 
 def pack_npz(directory: str | os.PathLike, out: str | os.PathLike | None = None,

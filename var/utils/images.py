@@ -10,6 +10,15 @@ import torch
 from PIL import Image
 
 
+def pil_to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of any PIL image. 16-bit greyscale (modes ``I;16*`` and ``I``, as PNGs load) is scaled
+    by 1/257 first: PIL's own ``convert("RGB")`` clips it at 255, which turns every such image white."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        arr = np.asarray(image).astype(np.float64) / 257.0
+        return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
+    return image.convert("RGB")
+
+
 def to_uint8_hwc(images_B3HW: torch.Tensor) -> np.ndarray:
     """Images in [0, 1] ``[B, 3, H, W]`` -> uint8 ``[B, H, W, 3]`` (rounded, clamped)."""
     return images_B3HW.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
