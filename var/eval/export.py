@@ -85,6 +85,8 @@ def pack_npz(directory: str | os.PathLike, out: str | os.PathLike | None = None,
 def load_images(path: str | os.PathLike, limit: int | None = None) -> np.ndarray:
     """uint8 ``[N, H, W, 3]`` from a PNG folder or an ``.npz`` (``arr_0``) / ``.npy`` file."""
     path = Path(path)
+    if limit is not None and limit < 1:  # a slice [:-1] would silently drop one image
+        raise ConfigError(f"limit must be >= 1 (or not given), got {limit}")
     if path.is_dir():
         paths = list_pngs(path)[:limit]
         if not paths:

@@ -52,12 +52,33 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
         raise ConfigError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
                           f"sigma {sigma1.shape} vs {sigma2.shape}")
+    for name, sigma in (("first", sigma1), ("second", sigma2)):
+        _check_psd(sigma, name)
     s1_half = _psd_sqrt(sigma1)
     middle = s1_half @ sigma2 @ s1_half
     eig = np.linalg.eigvalsh((middle + middle.T) / 2)
     tr_covmean = np.sqrt(np.clip(eig, 0, None)).sum()
     diff = mu1 - mu2
-    return float(max(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean, 0.0))
+    value = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    scale = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2))
+    if value < -_PSD_RTOL * max(scale, 1.0):  # cannot happen for valid statistics: never shown as 0
+        raise ConfigError(f"the Frechet distance came out negative ({value:.6g}): the statistics are inconsistent")
+    # a negative value within rounding of 0 (identical statistics) is reported as 0
+    return max(value, 0.0)
+
+
+_PSD_RTOL = 1e-6
+
+
+def _check_psd(sigma: np.ndarray, name: str) -> None:
+    """A covariance must be symmetric positive semi-definite (up to rounding), else the FID is meaningless."""
+    if not np.isfinite(sigma).all():
+        raise ConfigError(f"the {name} covariance holds NaN/inf values")
+    eig = np.linalg.eigvalsh((sigma + sigma.T) / 2)
+    if eig.min() < -_PSD_RTOL * max(abs(eig).max(), 1e-12) or not np.allclose(sigma, sigma.T, rtol=1e-5,
+                                                                                atol=1e-8 * abs(sigma).max()):
+        raise ConfigError(f"the {name} covariance is not symmetric positive semi-definite (smallest eigenvalue "
+                          f"{eig.min():.4g}): wrong or corrupt statistics file?")
 
 
 def frechet_distance_features(feats1: np.ndarray, feats2: np.ndarray) -> float:
