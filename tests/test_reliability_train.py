@@ -79,3 +79,22 @@ def test_16_bit_pngs_load_with_their_brightness(tmp_path):
     Image.fromarray(grey16).save(tmp_path / "a" / "g.png")
     x, _ = ImageFolderDataset(tmp_path, image_size=8, train=False)[0]
     assert x.shape == (3, 8, 8) and torch.allclose(x, torch.zeros_like(x), atol=0.02)  # ~0 in [-1, 1]
+
+
+@pytest.mark.parametrize("field,value", [("ema_decay", 1.5), ("ema_decay", -0.1), ("lr", -1.0), ("lr", float("nan")),
+                                         ("lr", float("inf")), ("weight_decay", -0.1), ("ckpt_every", 0),
+                                         ("log_every", 0), ("warmup_steps", -1), ("clip_grad", -1.0),
+                                         ("keep_checkpoints", -1), ("betas", (1.5, 0.9)),
+                                         ("warmup_start_ratio", 2.0), ("end_lr_ratio", -0.5), ("num_workers", -1)])
+def test_out_of_range_train_options_are_named_errors(field, value):
+    with pytest.raises(ConfigError, match=field):
+        TrainConfig(**{field: value})
+
+
+@pytest.mark.parametrize("flag,value", [("--ema-decay", "1.5"), ("--cond-drop-rate", "1.5"), ("--image-size", "0"),
+                                        ("--num-images", "0"), ("--drop-path-rate", "-0.1"),
+                                        ("--label-smoothing", "1.0"), ("--mlp-ratio", "inf"), ("--depth", "0")])
+def test_var_train_range_checks_every_numeric_option_before_training(tmp_path, flag, value):
+    from var.cli.train import main
+    with pytest.raises(ConfigError, match=flag.lstrip("-").replace("-", "_")):
+        main(["var", "--tokenizer", str(tmp_path / "none"), "--out-dir", str(tmp_path / "o"), flag, value])
