@@ -33,6 +33,8 @@ from var.train.checkpoint import (checkpoint_path, latest_valid_checkpoint, load
                                   save_checkpoint)
 from var.train.data import ResumableBatchSampler
 from var.train.objectives import Objective
+from var.utils.checks import (AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY_BELOW_ONE,
+                              check_fields)
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,13 @@ class TrainConfig:
             raise ConfigError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("steps, batch_size and grad_accum must be >= 1")
+        check_fields(self, {"lr": POSITIVE, "warmup_steps": NON_NEGATIVE, "warmup_start_ratio": FRACTION,
+                            "end_lr_ratio": FRACTION, "weight_decay": NON_NEGATIVE,
+                            "betas": PROBABILITY_BELOW_ONE, "clip_grad": NON_NEGATIVE,
+                            "ema_decay": PROBABILITY_BELOW_ONE, "ckpt_every": AT_LEAST_ONE,
+                            "keep_checkpoints": NON_NEGATIVE, "log_every": AT_LEAST_ONE, "num_workers": NON_NEGATIVE})
+        if len(self.betas) != 2:
+            raise ConfigError(f"betas must be two numbers, got {self.betas}")
 
 
 # ---- distributed environment ----------------------------------------------------------------------------------
