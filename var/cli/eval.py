@@ -325,7 +325,9 @@ def _metrics_in_memory(args, evaluator: str) -> dict:
     name = f"offline:{ext.name}"
     feats = extract_features(ext, samples)
     if args.ref_stats:
-        return {"fid": metrics.fid_against_statistics(feats, args.ref_stats, evaluator=name), "evaluator": name}
+        return {f"fd_{metrics.extractor_key(ext.name)}": metrics.fid_against_statistics(feats, args.ref_stats,
+                                                                                          evaluator=name),
+                "evaluator": name}
     ref_feats = extract_features(ext, ref)
     if args.save_ref_stats:
         metrics.save_reference_statistics(ref_feats, args.save_ref_stats, name)
