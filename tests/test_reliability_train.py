@@ -98,3 +98,29 @@ def test_var_train_range_checks_every_numeric_option_before_training(tmp_path, f
     from var.cli.train import main
     with pytest.raises(ConfigError, match=flag.lstrip("-").replace("-", "_")):
         main(["var", "--tokenizer", str(tmp_path / "none"), "--out-dir", str(tmp_path / "o"), flag, value])
+
+
+def test_a_fresh_run_in_a_used_out_dir_is_refused_unless_overwrite(tmp_path):
+    import json
+    from var.train.checkpoint import list_checkpoints
+    _trainer(tmp_path, steps=4).fit()
+    with pytest.raises(ConfigError, match="--overwrite"):
+        _trainer(tmp_path, steps=2)  # used to append to the old metrics, then prune its own new checkpoints
+    fresh = _trainer(tmp_path, steps=2, overwrite=True)
+    fresh.fit()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_00000002.pt"]
+    steps = [json.loads(r)["step"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+
+def test_resume_auto_without_a_usable_checkpoint_does_not_duplicate_metric_rows(tmp_path):
+    import json
+    from var.train.checkpoint import list_checkpoints
+    _trainer(tmp_path, steps=2).fit()
+    for path in list_checkpoints(tmp_path):
+        path.write_bytes(b"VARCKPT1" + b"0" * 40)  # every checkpoint fails verification
+    _trainer(tmp_path, steps=2, resume="auto").fit()
+    steps = [json.loads(r)["step"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert [int(r.split(",")[0]) for r in rows[1:]] == [1, 2]
