@@ -29,7 +29,7 @@ import torch
 
 from var.cli import command_line
 from var.errors import ConfigError
-from var.train.trainer import DistEnv, Trainer, TrainConfig
+from var.train.trainer import DistEnv, Trainer, TrainConfig, prepare_out_dir
 from var.utils.checks import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY_BELOW_ONE, check_fields
 
 
@@ -306,6 +306,7 @@ def build_ar_job(m: ARModelConfig, data: DataConfig, seed: int):
 def run(command: str, data: DataConfig, m, train: TrainConfig, export_dir: str | None = None):
     """Build and train; returns the trained (EMA) model. Every rank runs this."""
     env = DistEnv.from_env()
+    prepare_out_dir(train, is_main=False)  # refuse a used --out-dir before the dataset is built (deletes nothing)
     torch.manual_seed(train.seed)  # identical initial weights on every rank
     dataset = build_dataset(data)
     if hasattr(dataset, "num_classes") and data.data != "shapes":

@@ -67,6 +67,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     resume: str = ""                   # "" | "auto" (newest valid checkpoint in out_dir) | a checkpoint path
+    overwrite: bool = False            # a fresh run may replace the run files of an earlier run in out_dir
     fsdp: bool = False
     find_unused_parameters: bool = False  # DDP: some parameters get no gradient (e.g. unused phi convolutions)
     device: str = "auto"               # auto: cuda:LOCAL_RANK when CUDA is available, else cpu
@@ -75,7 +76,7 @@ class TrainConfig:
 
     # fields a resume may change (bookkeeping, applied as given); every other field shapes the trajectory and the
     # saved optimizer/scheduler state, so a resume that changes it is refused instead of half-applied
-    RESUMABLE_CHANGES = ("out_dir", "resume", "log_every", "ckpt_every", "keep_checkpoints", "progress",
+    RESUMABLE_CHANGES = ("out_dir", "resume", "overwrite", "log_every", "ckpt_every", "keep_checkpoints", "progress",
                          "num_workers", "device")
 
     def __post_init__(self):
@@ -332,6 +333,34 @@ class MetricsLogger:
             self._tb.close()
 
 
+# ---- the output folder ----------------------------------------------------------------------------------------
+RUN_FILES = ("metrics.jsonl", "metrics.csv", "tb", "train_config.json", "run_config.json", "model")
+
+
+def prepare_out_dir(config: TrainConfig, is_main: bool = True) -> None:
+    """A fresh run (no ``resume``) needs an empty or missing ``out_dir``: in a used one it would append to the old
+    metrics and its checkpoint pruning (by step number) would delete its own newer files. ``overwrite`` deletes
+    the earlier run's files (checkpoints, metrics, TensorBoard events, configs, exported model) first (rank 0)."""
+    out = Path(config.out_dir)
+    if config.resume or not out.is_dir():
+        return
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    if not config.overwrite:
+        raise ConfigError(f"--out-dir {out} is not empty ({', '.join(entries[:5])}"
+                          f"{' ...' if len(entries) > 5 else ''}): give --resume auto to continue that run, "
+                          f"--overwrite to replace it, or another --out-dir")
+    if is_main:
+        import shutil
+        for path in list(out.glob("ckpt_*.pt")) + list(out.glob("ckpt_*.pt.tmp")) + [out / n for n in RUN_FILES]:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        log.info("--overwrite: removed the earlier run's files from %s", out)
+
+
 # ---- the trainer ----------------------------------------------------------------------------------------------
 class Trainer:
     """Owns the loop. ``model`` is the bare module (built identically on every rank); ``objective`` computes
@@ -344,6 +373,7 @@ class Trainer:
         CLI passes its data and model sections, with the tokenizer's content hash); saved in every checkpoint."""
         self.config, self.env = config, env or DistEnv.from_env()
         self.run_settings = json.loads(json.dumps(run_settings or {}, default=str))
+        prepare_out_dir(config, self.env.is_main)  # before the process group: no rank has written anything yet
         self.device = resolve_device(config.device, self.env)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -479,7 +509,8 @@ class Trainer:
         if resume == "auto":
             found = latest_valid_checkpoint(self.out_dir)
             if found is None:
-                log.info("no checkpoint in %s: starting from scratch", self.out_dir)
+                log.info("no usable checkpoint in %s: starting from scratch", self.out_dir)
+                self.metrics.drop_after(0)  # rows of an earlier attempt would be logged a second time
                 return False
             path, state = found
         else:
