@@ -124,3 +124,32 @@ def test_resume_auto_without_a_usable_checkpoint_does_not_duplicate_metric_rows(
     assert steps == [1, 2]
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert [int(r.split(",")[0]) for r in rows[1:]] == [1, 2]
+
+
+def _folder_with_a_truncated_png(root):
+    import numpy as np
+    from PIL import Image
+    (root / "a").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 50 * i, np.uint8)).save(root / "a" / f"{i}.png")
+    data = (root / "a" / "1.png").read_bytes()
+    (root / "a" / "1.png").write_bytes(data[: len(data) // 2])
+    return root / "a" / "1.png"
+
+
+def test_a_corrupt_image_is_skipped_and_logged_by_name_not_a_crash_at_every_resume(tmp_path, caplog):
+    from var.train.data import ImageFolderDataset
+    bad = _folder_with_a_truncated_png(tmp_path)
+    ds = ImageFolderDataset(tmp_path, image_size=8, train=False)
+    index = [p for p, _ in ds.samples].index(bad)
+    x, label = ds[index]
+    assert x.shape == (3, 8, 8) and label == 0
+    assert ds.skipped == [str(bad)] and str(bad) in caplog.text
+    assert torch.equal(x, ds[index][0])  # the substitute is deterministic (resumes stay exact)
+
+
+def test_reading_a_truncated_png_for_metrics_names_the_file(tmp_path):
+    from var.eval.export import load_images
+    bad = _folder_with_a_truncated_png(tmp_path)
+    with pytest.raises(ConfigError, match="1.png"):
+        load_images(bad.parent)
