@@ -49,8 +49,11 @@ def list_pngs(directory: str | os.PathLike) -> list[Path]:
 
 
 def _read_png(path: Path) -> np.ndarray:
-    with Image.open(path) as img:
-        return np.asarray(pil_to_rgb(img), dtype=np.uint8)
+    try:
+        with Image.open(path) as img:
+            return np.asarray(pil_to_rgb(img), dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's "image file is truncated" does not name the file
+        raise ConfigError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
 
 def pack_npz(directory: str | os.PathLike, out: str | os.PathLike | None = None,

@@ -314,17 +314,32 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if not self.samples:
             raise ConfigError(f"{root} has class folders but no images with extensions {IMAGE_EXTENSIONS}")
         self.num_classes = len(self.classes)
+        self.root, self.skipped = root, []  # skipped: unreadable files met so far (in this process)
         self.image_size, self.train, self.hflip = image_size, train, hflip
         self.resize_to = max(image_size, round(resize_ratio * image_size))
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _open(self, index: int) -> tuple[Image.Image, int]:
+        """Image ``index`` as RGB and its label; an unreadable file is logged by name, counted in ``skipped`` and
+        replaced by the next readable image (deterministic, so a resumed run sees the same batches)."""
+        for offset in range(len(self.samples)):
+            path, label = self.samples[(index + offset) % len(self.samples)]
+            try:
+                with Image.open(path) as im:
+                    return pil_to_rgb(im), label
+            except (OSError, ValueError, SyntaxError) as e:  # truncated, corrupt or not an image
+                if str(path) not in self.skipped:
+                    self.skipped.append(str(path))
+                    log.warning("skipping unreadable image %s (%s: %s); %d skipped so far", path,
+                                type(e).__name__, e, len(self.skipped))
+        raise ConfigError(f"none of the {len(self.samples)} images under {self.root} can be read")
+
     def __getitem__(self, item):
         index, aug_seed = _split_item(item)
-        path, label = self.samples[index]
-        with Image.open(path) as im:
-            im = pil_to_rgb(im)
+        im, label = self._open(index)
+        with im:
             w, h = im.size
             scale = self.resize_to / min(w, h)
             im = im.resize((max(self.resize_to, round(w * scale)), max(self.resize_to, round(h * scale))),
