@@ -153,3 +153,59 @@ def test_reading_a_truncated_png_for_metrics_names_the_file(tmp_path):
     bad = _folder_with_a_truncated_png(tmp_path)
     with pytest.raises(ConfigError, match="1.png"):
         load_images(bad.parent)
+
+
+def _disk_full_on_png_save(monkeypatch):
+    import errno
+    from PIL import Image
+
+    def save(self, fp, *args, **kwargs):
+        with open(fp, "wb") as f:
+            f.write(b"\x89PNG")  # a few bytes, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Image.Image, "save", save)
+
+
+@pytest.mark.parametrize("writer", ["grid", "pngs", "eval_pngs"])
+def test_a_full_disk_leaves_no_partial_png_under_its_final_name(tmp_path, monkeypatch, writer):
+    from var.eval.export import write_pngs
+    from var.utils.images import save_image_grid, save_images
+    images = torch.rand(2, 3, 8, 8)
+    _disk_full_on_png_save(monkeypatch)
+    with pytest.raises(OSError):
+        {"grid": lambda: save_image_grid(images, tmp_path / "grid.png"),
+         "pngs": lambda: save_images(images, tmp_path),
+         "eval_pngs": lambda: write_pngs(images, tmp_path, [0, 1])}[writer]()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither a 0-byte PNG nor a temporary
+
+
+def test_a_full_disk_during_a_checkpoint_write_leaves_no_tmp_file(tmp_path, monkeypatch):
+    import errno
+    import os
+    from var.train.checkpoint import checkpoint_path, save_checkpoint
+
+    def fsync(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", fsync)
+    state = {k: 0 for k in ("step", "model", "optimizer", "scheduler", "data", "ranks", "config")}
+    with pytest.raises(OSError):
+        save_checkpoint(state, checkpoint_path(tmp_path, 1))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reference_statistics_are_written_atomically(tmp_path, monkeypatch):
+    import errno
+    import numpy as np
+    from var.eval.metrics import save_reference_statistics
+
+    def savez(file, **arrays):  # like np.savez: a name or a file object
+        if hasattr(file, "write"):
+            file.write(b"PK")
+        else:
+            with open(file, "wb") as f:
+                f.write(b"PK")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(np, "savez", savez)
+    with pytest.raises(OSError):
+        save_reference_statistics(np.random.default_rng(0).normal(size=(10, 3)), tmp_path / "ref.npz", "x")
+    assert list(tmp_path.iterdir()) == []
