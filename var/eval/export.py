@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from var.errors import ConfigError, ImageSizeError
-from var.utils.images import pil_to_rgb, to_uint8_hwc
+from var.utils.files import atomic_path
+from var.utils.images import pil_to_rgb, save_image_atomic, to_uint8_hwc
 
 PNG_NAME = "{:06d}.png"
 
@@ -32,11 +33,7 @@ def write_pngs(images: torch.Tensor | np.ndarray, directory: str | os.PathLike, 
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for index, img in zip(indices, arr):
-        path = directory / PNG_NAME.format(index)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        Image.fromarray(img).save(tmp, format="PNG")
-        os.replace(tmp, path)
-        paths.append(path)
+        paths.append(save_image_atomic(Image.fromarray(img), directory / PNG_NAME.format(index)))
     return paths
 
 
@@ -71,8 +68,7 @@ def pack_npz(directory: str | os.PathLike, out: str | os.PathLike | None = None,
     first = _read_png(paths[0])
     shape = (len(paths), *first.shape)
     out = Path(out) if out is not None else Path(str(Path(directory)).rstrip("/") + ".npz")
-    tmp = out.with_name(f".{out.name}.tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         with zf.open("arr_0.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
                                                      "fortran_order": False, "shape": shape})
@@ -81,7 +77,6 @@ def pack_npz(directory: str | os.PathLike, out: str | os.PathLike | None = None,
                 if img.shape != first.shape:
                     raise ImageSizeError(f"{path} is {img.shape}, the first PNG is {first.shape}")
                 f.write(np.ascontiguousarray(img).tobytes())
-    os.replace(tmp, out)
     return out
 
 

@@ -294,8 +294,10 @@ def load_reference_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.n
 
 def save_reference_statistics(feats_ND: np.ndarray, path: str | os.PathLike, evaluator: str) -> Path:
     """Write ``mu``, ``sigma`` and the evaluator name of a feature set to ``path`` (``.npz``)."""
+    from var.utils.files import atomic_path
     mu, sigma = feature_statistics(feats_ND)
-    np.savez(path, mu=mu, sigma=sigma, evaluator=np.array(evaluator))
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: savez would append .npz to a name
+        np.savez(f, mu=mu, sigma=sigma, evaluator=np.array(evaluator))
     return Path(path)
 
 
