@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from var.cli import command_line
 from var.cli.infinity import add_infinity_arguments
+from var.errors import ConfigError
 
 log = logging.getLogger("var.cli.sample")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -92,7 +93,7 @@ def load_models(args):
     from var.models import create
     if args.vae or args.var:
         if not (args.vae and args.var):
-            raise SystemExit("var-sample: give both --vae and --var")
+            raise ConfigError("give both --vae and --var")
         tok, model = hub.load_var(args.vae, args.var, device=args.device)
         return tok, model, f"{args.var}"
     bundled = _bundled_var()
@@ -167,7 +168,7 @@ def load_ar_models(args):
     from var.models import create
     if args.vq or args.gpt:
         if not (args.vq and args.gpt):
-            raise SystemExit("var-sample: give both --vq and --gpt")
+            raise ConfigError("give both --vq and --gpt")
         vq, gpt = hub.load_llamagen(args.vq, args.gpt, image_size=args.image_size, device=args.device)
         return vq, gpt, f"{args.gpt}"
     bundled = bundled_ar_dir()
@@ -206,6 +207,7 @@ def _bundled_var():
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
+    check_outputs(args)
     if args.family == "infinity":
         return sample_infinity_main(args)
     prompts = read_prompts(args)
@@ -240,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.dtype != "fp32" else contextlib.nullcontext())
     images, passes = [], 0
     for start in tqdm(range(0, len(labels), args.batch_size), desc=f"sampling {desc}", unit="batch"):
+        # each batch's PNGs are written as soon as it is done: a kill keeps what was sampled
         batch = labels[start:start + args.batch_size]
         batch = (text_encoder.condition(batch, model.config.caption_len) if text_encoder is not None
                  else batch.to(args.device))
@@ -255,13 +258,14 @@ def main(argv: list[str] | None = None) -> int:
                                         temperature=args.temperature, more_smooth=args.more_smooth, generator=gen)
         images.append(out.images.float().cpu())
         passes += out.stats.forward_passes
+        if args.out_dir:
+            save_images(images[-1], args.out_dir, start_index=start)
     images = torch.cat(images)
     path = save_image_grid(images, args.out, nrow=args.nrow)
     what = f"prompts {labels}" if text_encoder is not None else f"classes {labels.tolist()}"
     log.info("wrote %s (%d images, %s, %s sampler, %d forward passes)", path, len(images), what, args.sampler,
              passes)
     if args.out_dir:
-        save_images(images, args.out_dir)
         log.info("wrote %d PNGs to %s", len(images), Path(args.out_dir))
     return 0
 
@@ -302,14 +306,29 @@ def sample_infinity_main(args) -> int:
                                   negative=neg, generator=gen)
         images.append(out.images.float().cpu())
         passes += out.stats.forward_passes
+        if args.out_dir:  # each batch's PNGs as soon as it is done: a kill keeps what was sampled
+            save_images(images[-1], args.out_dir, start_index=start)
     images = torch.cat(images)
     path = save_image_grid(images, args.out, nrow=args.nrow)
     log.info("wrote %s (%d images of %dx%d px, %d forward passes)", path, len(images), images.shape[-2],
              images.shape[-1], passes)
     if args.out_dir:
-        save_images(images, args.out_dir)
         log.info("wrote %d PNGs to %s", len(images), Path(args.out_dir))
     return 0
+
+
+def check_outputs(args) -> None:
+    """Bad counts and output names fail before any sampling (not after minutes of it)."""
+    from var.utils.images import image_format
+    if args.num_images < 1 and not args.classes:
+        raise ConfigError(f"--num-images must be >= 1, got {args.num_images}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    image_format(args.out)
+    if Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out} is a folder: give an image file name")
+    if args.out_dir and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        raise ConfigError(f"--out-dir {args.out_dir} exists and is not a folder")
 
 
 cli = command_line(main)
