@@ -46,3 +46,56 @@ def test_var_sample_bad_input_is_one_error_line_with_status_2(tmp_path, monkeypa
     assert _var_sample(["--random-init", "--device", "cpu", *argv]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and message in err and "Traceback" not in err
+
+
+def _status_and_error(cli, argv, capsys):
+    status = cli(argv)
+    err = capsys.readouterr().err
+    return status, err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--cfg", "inf"], "cfg"),
+    (["--family", "ar", "--cfg", "inf"], "cfg"),
+    (["--temperature", "1e-30"], "temperature"),
+    (["--device", "cuda"], "CUDA"),
+    (["--device", "tpu7"], "device"),
+])
+def test_var_sample_bad_sampling_settings_and_devices_are_errors(tmp_path, capsys, argv, message):
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    from var.cli.sample import cli
+    status, err = _status_and_error(cli, ["--random-init", "--num-images", "1", "--out", str(tmp_path / "g.png"),
+                                          *argv], capsys)
+    assert status == 2 and message in err and "Traceback" not in err
+
+
+def test_non_finite_probabilities_are_a_named_error_not_a_torch_runtime_error():
+    from var.errors import NonFiniteLogitsError
+    from var.samplers.logits import multinomial
+    with pytest.raises(NonFiniteLogitsError):
+        multinomial(torch.tensor([[0.5, float("nan")]]))
+
+
+def test_var_train_malformed_config_file_and_missing_cuda_are_errors(tmp_path, capsys):
+    from var.cli.train import cli
+    bad = tmp_path / "run.json"
+    bad.write_text('{"train": {"lr": 1e-3,}')
+    status, err = _status_and_error(cli, ["tokenizer-ms", "--config", str(bad), "--out-dir", str(tmp_path / "o")],
+                                    capsys)
+    assert status == 2 and "run.json" in err
+    if not torch.cuda.is_available():
+        status, err = _status_and_error(cli, ["tokenizer-ms", "--device", "cuda", "--steps", "1",
+                                              "--out-dir", str(tmp_path / "c")], capsys)
+        assert status == 2 and "CUDA" in err
+
+
+def test_var_eval_config_errors_exit_2_and_a_corrupt_npz_is_named(tmp_path, capsys):
+    from var.cli.eval import cli
+    status, err = _status_and_error(cli, ["sample", "--random-init", "--out", str(tmp_path / "x"),
+                                          "--sampler", "nope", "--device", "cpu"], capsys)
+    assert status == 2 and "unknown sampler" in err
+    (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    status, err = _status_and_error(cli, ["metrics", str(tmp_path / "bad.npz"), "--ref", "procedural",
+                                          "--evaluator", "offline", "--device", "cpu"], capsys)
+    assert status == 2 and "bad.npz" in err and "Traceback" not in err
