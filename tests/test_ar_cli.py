@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from var import hub
+from var.errors import ConfigError
 from var.cli.sample import main as sample_main
 from var.models import create
 
@@ -29,5 +30,5 @@ def test_cli_ar_loads_saved_directories(tmp_path):
 def test_cli_rejects_mixed_family_flags(tmp_path):
     with pytest.raises(SystemExit):
         sample_main(["--sampler", "sjd", "--out", str(tmp_path / "g.png")])
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match="--gpt"):
         sample_main(["--family", "ar", "--vq", "x", "--out", str(tmp_path / "g.png")])

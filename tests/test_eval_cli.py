@@ -4,6 +4,8 @@ import json
 import numpy as np
 import pytest
 
+from var.errors import ConfigError
+
 from var.cli.eval import main
 from var.eval.export import write_pngs
 
@@ -25,12 +27,12 @@ def test_metrics_cli_offline_prints_evaluator_and_writes_json(tmp_path, capsys):
 
 def test_metrics_cli_needs_a_reference_offline(tmp_path):
     write_pngs(np.zeros((4, 8, 8, 3), np.uint8), tmp_path / "s", range(4))
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError):
         main(["metrics", str(tmp_path / "s"), "--evaluator", "offline"])
 
 
 def test_sample_cli_unknown_sampler_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="unknown sampler"):
+    with pytest.raises(ConfigError, match="unknown sampler"):
         main(["sample", "--random-init", "--out", str(tmp_path / "x"), "--sampler", "nope", "--device", "cpu"])
 
 
@@ -47,7 +49,7 @@ def test_metrics_cli_saved_reference_statistics(tmp_path, capsys):
     assert json.loads(out.read_text())["fd_random_conv"] == pytest.approx(0.0, abs=1e-6)
     with np.load(stats) as data:
         np.savez(tmp_path / "other.npz", mu=data["mu"], sigma=data["sigma"], evaluator=np.array("offline:other"))
-    with pytest.raises(SystemExit, match="statistics of"):  # statistics of another extractor are refused
+    with pytest.raises(ConfigError, match="statistics of"):  # statistics of another extractor are refused
         main(["metrics", str(tmp_path / "ref.npz"), "--ref-stats", str(tmp_path / "other.npz"), *common])
 
 

@@ -41,5 +41,5 @@ def test_eval_resume_refuses_a_checkpoint_replaced_under_the_same_path(tmp_path)
     assert main(args) == 0
     (tmp_path / "s" / "shards" / "00001.json").unlink()  # as if killed before the second shard
     save_pretrained(tiny_var_pair(seed=1)[1], tmp_path / "var")  # other weights under the same path
-    with pytest.raises(SystemExit, match="changed|differs"):
+    with pytest.raises(VarError, match="changed|differs"):
         main(args)

@@ -355,10 +355,9 @@ def _as_folders(samples_path, samples, ref, ref_path):
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
-    try:
-        return run_sample(args) if args.command == "sample" else run_metrics(args)
-    except ConfigError as e:
-        raise SystemExit(f"var-eval: {e}") from e
+    from var.utils.devices import check_device
+    check_device(args.device)
+    return run_sample(args) if args.command == "sample" else run_metrics(args)
 
 
 cli = command_line(main)

@@ -319,7 +319,9 @@ def sample_infinity_main(args) -> int:
 
 def check_outputs(args) -> None:
     """Bad counts and output names fail before any sampling (not after minutes of it)."""
+    from var.utils.devices import check_device
     from var.utils.images import image_format
+    check_device(args.device)
     if args.num_images < 1 and not args.classes:
         raise ConfigError(f"--num-images must be >= 1, got {args.num_images}")
     if args.batch_size < 1:

@@ -349,11 +349,24 @@ def run(command: str, data: DataConfig, m, train: TrainConfig, export_dir: str |
     return model
 
 
+def read_config_file(path: str) -> dict:
+    """The ``--config`` JSON (``data`` / ``model`` / ``train`` sections); a missing or malformed file is named."""
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read --config {path}: {e.strerror or e}") from e
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--config {path} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict) or set(cfg) - {"command", "data", "model", "train"}:
+        raise ConfigError(f"--config {path} must be a JSON object with data / model / train sections")
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    file_cfg = json.loads(Path(args.config).read_text()) if args.config else {}
+    file_cfg = read_config_file(args.config) if args.config else {}
     data = _build(DataConfig, args, file_cfg.get("data", {}))
     model_cfg = _build(MODEL_CONFIGS[args.command], args, file_cfg.get("model", {}))
     train = _build(TrainConfig, args, file_cfg.get("train", {}))

@@ -90,16 +90,20 @@ def load_images(path: str | os.PathLike, limit: int | None = None) -> np.ndarray
         if not paths:
             raise ConfigError(f"no PNGs in {path}")
         return np.stack([_read_png(p) for p in paths])
-    if path.suffix == ".npz":
-        with np.load(path) as data:
-            if "arr_0" not in data:
-                raise ConfigError(f"{path} has no 'arr_0' array (keys: {sorted(data.keys())})")
-            arr = data["arr_0"]
-    elif path.suffix == ".npy":
-        arr = np.load(path, mmap_mode="r")
-    else:
+    if path.suffix not in (".npz", ".npy"):
         raise ConfigError(f"cannot read images from {path}: give a PNG folder, .npz or .npy")
-    arr = np.asarray(arr[:limit])
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as data:
+                if "arr_0" not in data:
+                    raise ConfigError(f"{path} has no 'arr_0' array (keys: {sorted(data.keys())})")
+                arr = np.asarray(data["arr_0"][:limit])
+        else:
+            arr = np.asarray(np.load(path, mmap_mode="r", allow_pickle=False)[:limit])
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # truncated, corrupt or not numpy at all
+        raise ConfigError(f"cannot read {path}: {type(e).__name__}: {e}") from e
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
         raise ImageSizeError(f"{path}: expected uint8 [N, H, W, 3], got {arr.dtype} {arr.shape}")
     return arr

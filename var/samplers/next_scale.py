@@ -14,8 +14,8 @@ import torch
 
 from var.errors import ConfigError
 from var.kernels.kv_cache import FullCache
-from var.samplers.logits import (TEMPERATURE_ORDERS, GeneratorArg, apply_cfg, check_finite, check_sampling_args,
-                                 gumbel_softmax, multinomial, processed_logits)
+from var.samplers.logits import (TEMPERATURE_ORDERS, GeneratorArg, apply_cfg, check_finite, check_guidance,
+                                 check_sampling_args, gumbel_softmax, multinomial, processed_logits)
 from var.samplers.stats import SampleOutput, SamplerStats
 
 PerScale = Union[float, int, Sequence[float], Sequence[int]]
@@ -60,8 +60,7 @@ class ScaleSampling:
             return values
 
         if isinstance(cfg, (int, float)):
-            if not cfg >= 0:
-                raise ConfigError(f"cfg must be >= 0 (VAR convention: 0 = no guidance), got {cfg}")
+            check_guidance(cfg, 0.0, "VAR convention: 0 = no guidance")
             cfg_t = [cfg * (si / (num_scales - 1) if num_scales > 1 else 1.0) for si in range(num_scales)]
         else:
             cfg_t = per_scale(cfg, "cfg")

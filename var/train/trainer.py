@@ -33,6 +33,7 @@ from var.train.checkpoint import (checkpoint_path, latest_valid_checkpoint, load
                                   save_checkpoint)
 from var.train.data import ResumableBatchSampler
 from var.train.objectives import Objective
+from var.utils.devices import check_device
 from var.utils.checks import (AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY_BELOW_ONE,
                               check_fields)
 
@@ -92,6 +93,8 @@ class TrainConfig:
                             "betas": PROBABILITY_BELOW_ONE, "clip_grad": NON_NEGATIVE,
                             "ema_decay": PROBABILITY_BELOW_ONE, "ckpt_every": AT_LEAST_ONE,
                             "keep_checkpoints": NON_NEGATIVE, "log_every": AT_LEAST_ONE, "num_workers": NON_NEGATIVE})
+        if self.device != "auto":
+            check_device(self.device)
         if len(self.betas) != 2:
             raise ConfigError(f"betas must be two numbers, got {self.betas}")
 
