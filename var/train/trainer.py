@@ -75,9 +75,10 @@ class TrainConfig:
     num_workers: int = 0
     progress: bool = True
 
-    # fields a resume may change (bookkeeping, applied as given); every other field shapes the trajectory and the
-    # saved optimizer/scheduler state, so a resume that changes it is refused instead of half-applied
-    RESUMABLE_CHANGES = ("out_dir", "resume", "overwrite", "log_every", "ckpt_every", "keep_checkpoints", "progress",
+    # fields a resume may change, applied as given: bookkeeping, and steps (the schedule is stretched to the new
+    # length); every other field shapes the trajectory and the saved optimizer/scheduler state, so a resume that
+    # changes it is refused instead of half-applied
+    RESUMABLE_CHANGES = ("steps", "out_dir", "resume", "overwrite", "log_every", "ckpt_every", "keep_checkpoints", "progress",
                          "num_workers", "device")
 
     def __post_init__(self):
@@ -520,9 +521,21 @@ class Trainer:
             path, state = Path(resume), load_checkpoint(resume)
         self.check_resume_settings(state, path)
         self.load_state_dict(state)
+        self._apply_schedule_length()
         self.metrics.drop_after(self.step)
         log.info("resumed from %s at step %d", path, self.step)
         return True
+
+    def _apply_schedule_length(self) -> None:
+        """The restored schedule keeps the checkpoint's length; a resume with another ``steps`` gets its own (and
+        the learning rate of the current step from it), so the recorded ``steps`` is the one applied."""
+        schedule = self.scheduler.lr_lambdas[0]
+        if schedule.total != self.config.steps:
+            log.info("resume: learning-rate schedule length %d -> %d steps", schedule.total, self.config.steps)
+            schedule.total = self.config.steps
+            for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                group["lr"] = base_lr * schedule(self.scheduler.last_epoch)
+            self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     # -- loop --
     def _loader(self):
