@@ -99,3 +99,16 @@ def test_var_eval_config_errors_exit_2_and_a_corrupt_npz_is_named(tmp_path, caps
     status, err = _status_and_error(cli, ["metrics", str(tmp_path / "bad.npz"), "--ref", "procedural",
                                           "--evaluator", "offline", "--device", "cpu"], capsys)
     assert status == 2 and "bad.npz" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("sampler,kwargs,message", [("sjd", dict(window=10 ** 9), "window"),
+                                                    ("gsd", dict(group_size=10 ** 9), "group"),
+                                                    ("zipar", dict(window=10 ** 9), "window")])
+def test_huge_windows_and_groups_are_capped_with_a_named_error(sampler, kwargs, message):
+    from var.models import create
+    from var.samplers import jacobi, neighbor
+    torch.manual_seed(0)
+    vq, gpt = create("vq_tiny").eval(), create("gpt_tiny").eval()
+    fn = {"sjd": jacobi.sample_jacobi, "gsd": jacobi.sample_gsd, "zipar": neighbor.sample_zipar}[sampler]
+    with pytest.raises(ConfigError, match=message):
+        fn(gpt, vq, torch.tensor([0]), generator=torch.Generator().manual_seed(0), **kwargs)
