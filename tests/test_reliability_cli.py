@@ -112,3 +112,19 @@ def test_huge_windows_and_groups_are_capped_with_a_named_error(sampler, kwargs, 
     fn = {"sjd": jacobi.sample_jacobi, "gsd": jacobi.sample_gsd, "zipar": neighbor.sample_zipar}[sampler]
     with pytest.raises(ConfigError, match=message):
         fn(gpt, vq, torch.tensor([0]), generator=torch.Generator().manual_seed(0), **kwargs)
+
+
+def test_two_eval_sample_runs_on_one_out_dir_do_not_both_write(tmp_path):
+    import fcntl
+    from var.eval.distributed import SamplingPlan, generate_samples
+
+    def sample_fn(labels, generator):
+        return torch.rand(len(labels), 3, 8, 8, generator=generator), {}
+    plan = SamplingPlan(num_images=2, num_classes=2, shard_size=1)
+    tmp_path.mkdir(exist_ok=True)
+    with open(tmp_path / ".lock", "a") as held:  # what the first run holds while it samples
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ConfigError, match="another"):
+            generate_samples(sample_fn, tmp_path, plan, {}, progress=False, pack=False)
+    generate_samples(sample_fn, tmp_path, plan, {}, progress=False, pack=False)  # released: runs
+    assert len(list((tmp_path / "images").glob("*.png"))) == 2
