@@ -11,12 +11,14 @@ Layout of ``out_dir``::
     images/000000.png...  one lossless PNG per index (atomic writes)
     shards/00012.json     written after every PNG of shard 12 is on disk (its completion marker)
     images.npz            ``arr_0`` uint8 [N, H, W, 3] for the ADM evaluator (after the last shard)
+    .lock                 flock'ed by the running run's rank 0: a second run on the folder stops
 
 A rerun skips shards whose marker exists and whose PNGs are all present; an unfinished shard is sampled again
 from its seed and its PNGs are overwritten under the same names, so a kill never duplicates an image.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,12 +29,17 @@ from typing import Callable
 
 import torch
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock (Windows)
+    fcntl = None
+
 from var.errors import ConfigError
 from var.eval.export import PNG_NAME, list_pngs, pack_npz, write_pngs
 
 log = logging.getLogger(__name__)
 
-SETTINGS_NAME, IMAGES_DIR, SHARDS_DIR = "sampling.json", "images", "shards"
+SETTINGS_NAME, IMAGES_DIR, SHARDS_DIR, LOCK_NAME = "sampling.json", "images", "shards", ".lock"
 # sample_fn(labels_B, generator) -> (images [B, 3, H, W] in [0, 1], stats dict or None)
 SampleFn = Callable[[torch.Tensor, torch.Generator], tuple]
 
@@ -156,6 +163,32 @@ def generate_samples(sample_fn: SampleFn, out_dir: str | os.PathLike, plan: Samp
     out_dir = Path(out_dir)
     (out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     (out_dir / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(out_dir, env.rank):
+        return _generate_locked(sample_fn, out_dir, plan, settings, env, device, pack, progress)
+
+
+@contextlib.contextmanager
+def _exclusive_lock(out_dir: Path, rank: int):
+    """Rank 0 holds an exclusive ``flock`` on ``out_dir/.lock`` for the whole run: a second run on the same folder
+    stops with a ConfigError instead of sampling the same shards alongside the first. The kernel drops the lock
+    when the holder dies, so a killed run never leaves a stale lock."""
+    if rank != 0 or fcntl is None:
+        yield
+        return
+    with open(out_dir / LOCK_NAME, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise ConfigError(f"another var-eval sample run is writing to {out_dir} (it holds {out_dir / LOCK_NAME}); "
+                              f"wait for it to finish or use another --out") from e
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _generate_locked(sample_fn, out_dir: Path, plan: SamplingPlan, settings: dict, env: DistEnv, device, pack: bool,
+                     progress: bool) -> dict:
     record = {"plan": asdict(plan), "settings": settings, "label_rule": "index % num_classes",
               "seed_rule": "shard s uses torch.Generator seeded seed * num_shards + s",
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
