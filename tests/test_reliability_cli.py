@@ -128,3 +128,12 @@ def test_two_eval_sample_runs_on_one_out_dir_do_not_both_write(tmp_path):
             generate_samples(sample_fn, tmp_path, plan, {}, progress=False, pack=False)
     generate_samples(sample_fn, tmp_path, plan, {}, progress=False, pack=False)  # released: runs
     assert len(list((tmp_path / "images").glob("*.png"))) == 2
+
+
+def test_var_bench_never_writes_into_benchmarks_by_default_and_unknown_families_are_errors(tmp_path, monkeypatch):
+    from var.cli.bench import build_parser, main
+    assert build_parser().parse_args([]).out_dir is None  # default: a fresh temporary folder, printed
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="nope"):
+        main(["--families", "nope", "--device", "cpu"])
+    assert list(tmp_path.iterdir()) == []
