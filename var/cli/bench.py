@@ -6,7 +6,7 @@ Examples::
     var-bench --device cuda --models var_d16 var_d30 --num-images 256 --batch 64
     var-bench --samplers next_scale --policies ScaleKV HACK --budgets 0.5 0.1
 
-Writes ``benchmarks/<tag>.md``, ``.json`` and ``.png`` (speed vs quality) with the machine named in each; the
+Writes ``<out-dir>/<tag>.md``, ``.json`` and ``.png`` (default: a new temporary folder) (speed vs quality) with the machine named in each; the
 samplers and cache policies are discovered at run time (whatever this installation provides).
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import argparse
 import logging
 import re
 import sys
+import tempfile
 
 import torch
 
@@ -38,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policies", nargs="*", default=[], help="only these cache policies (default: all)")
     p.add_argument("--extractor", choices=("auto", "classifier", "random-conv"), default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default="benchmarks")
+    p.add_argument("--out-dir", default=None,
+                   help="where the report goes (default: a new temporary folder, so the committed benchmarks/ "
+                        "files are only replaced when asked for)")
     p.add_argument("--tag", default=None, help="file name stem (default: samplers_<device kind>)")
     p.add_argument("--merge", nargs="*", default=[], metavar="JSON",
                    help="earlier reports (same machine and settings) whose rows join this table")
@@ -64,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                            timed_runs=args.timed_runs, families=tuple(args.families))
     if args.merge:
         report = merge_reports([json.loads(open(p).read()) for p in args.merge] + [report])
-    paths = write_report(report, args.out_dir, args.tag or default_tag(args.device))
+    out_dir = args.out_dir or tempfile.mkdtemp(prefix="var-bench-")
+    paths = write_report(report, out_dir, args.tag or default_tag(args.device))
     print(to_markdown(report))
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
     return 0

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from var.errors import ConfigError
 from var.utils.machine import load_average, machine_description as describe_machine
 
 log = logging.getLogger(__name__)
@@ -363,6 +364,9 @@ def run_benchmark(*, device="cpu", num_images: int = 64, batch: int = 16, repeat
     found_samplers, found_policies = discover_samplers(), discover_cache_policies()
     setups = build_setups(device, models=models, seed=seed)
     if families:
+        unknown = [f for f in families if not any(f in s.name for s in setups)]
+        if unknown:  # a typo used to give an empty table with exit status 0
+            raise ConfigError(f"--families {unknown} match no setup; available: {', '.join(s.name for s in setups)}")
         setups = [s for s in setups if any(f in s.name for f in families)]
     ext = load_offline_extractor(extractor, device=device)
     pairs, skipped = _assign(found_samplers, setups, device, only=set(samplers) or None)
