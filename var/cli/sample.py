@@ -137,7 +137,7 @@ def load_t2i_models(args):
     from var.models.gpt_t2i import GPTT2I
     if args.vq or args.gpt:
         if not (args.vq and args.gpt):
-            raise SystemExit("var-sample: give both --vq and --gpt")
+            raise ConfigError("give both --vq and --gpt")
         vq, gpt = hub.load_llamagen(args.vq, args.gpt, image_size=args.image_size, device=args.device)
         if not isinstance(gpt, GPTT2I):
             raise PromptError(f"--prompt needs a text-to-image GPT: {args.gpt} is class-conditional (use --classes)")
@@ -213,9 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     prompts = read_prompts(args)
     if prompts is not None:
         if args.family == "var" and args.vae:
-            raise SystemExit("var-sample: --prompt samples a next-token text-to-image model (no --vae/--var)")
+            raise ConfigError("--prompt samples a next-token text-to-image model (no --vae/--var)")
         if args.classes:
-            raise SystemExit("var-sample: give --classes or --prompt, not both")
+            raise ConfigError("give --classes or --prompt, not both")
         args.family = "ar"
     resolve_family_defaults(args)
     from var.samplers import sample_next_scale
