@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1] / "var"
 # DESIGN.md's layering, lowest first: a module may import its own subpackage and any lower layer, nothing else.
 # train sits below eval because evaluation renders the procedural training data (var.train.data); train never
 # needs eval.
-LAYERS = (("var.errors", "var.utils", "var.assets"), ("var.tokenizers", "var.kernels"), ("var.models",),
+# var.errors imports nothing of var: it sits below utils, so range checks and file helpers raise named errors
+LAYERS = (("var.errors",), ("var.utils", "var.assets"), ("var.tokenizers", "var.kernels"), ("var.models",),
           ("var.hub", "var.samplers"), ("var.train",), ("var.eval",), ("var.cli",), ("var",))
 
 

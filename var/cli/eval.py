@@ -153,14 +153,14 @@ def _fill_family_defaults(args, entry) -> None:
 
 def _weight_digests(args, desc: str) -> dict:
     """Content hash of every weight file used, so a resume refuses weights replaced under the same path."""
-    from var.hub import resolve_checkpoint
+    from var.hub import RELEASED_LLAMAGEN, RELEASED_VAR, resolve_checkpoint
     from var.utils.files import content_digest
     paths = [p for p in (args.vae, args.var, args.refiner, args.vq, args.gpt) if p]
     if not paths and desc.startswith("bundled"):
-        from var.assets import bundled_var_dir
-        from var.hub_llamagen import bundled_ar_dir
+        from var.assets import bundled_ar_dir, bundled_var_dir
         paths = [p for p in (bundled_ar_dir() if "AR" in desc else bundled_var_dir(),) if p is not None]
-    return {str(p): content_digest(resolve_checkpoint(p)) for p in paths}
+    released = {**RELEASED_VAR, **RELEASED_LLAMAGEN}  # a released file name resolves to its cached download
+    return {str(p): content_digest(resolve_checkpoint(p, released)) for p in paths}
 
 
 def make_sample_fn(entry, components: dict, settings: dict, *, cache=None, dtype: str = "fp32", device="cpu"):

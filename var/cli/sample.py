@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             labels = torch.randint(0, num_classes, (args.num_images,),
                                    generator=torch.Generator().manual_seed(args.seed))
-        model.check_condition(labels)
+        # VAR models check class ids with check_labels (only the next-token GPTs take captions: check_condition)
+        (model.check_condition if hasattr(model, "check_condition") else model.check_labels)(labels)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     autocast = (torch.autocast(torch.device(args.device).type, dtype=DTYPES[args.dtype])
                 if args.dtype != "fp32" else contextlib.nullcontext())
