@@ -4,6 +4,8 @@ import json
 import numpy as np
 import pytest
 
+from var.errors import ConfigError
+
 from var.cli.eval import main
 from var.eval.export import write_pngs
 
@@ -18,14 +20,14 @@ def test_metrics_cli_offline_prints_evaluator_and_writes_json(tmp_path, capsys):
                  "--extractor", "random-conv", "--json", str(out), "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     res = json.loads(out.read_text())
-    assert res["evaluator"].startswith("offline:random-conv") and res["fid"] == pytest.approx(0.0, abs=1e-6)
+    assert res["evaluator"].startswith("offline:random-conv") and res["fd_random_conv"] == pytest.approx(0.0, abs=1e-6)
     assert res["precision"] == 1.0 and res["recall"] == 1.0
-    assert all(res["evaluator"] in line for line in printed.splitlines() if ":" in line)
+    assert all(res["evaluator"] in line for line in printed.splitlines() if ":" in line and "warning" not in line)
 
 
 def test_metrics_cli_needs_a_reference_offline(tmp_path):
     write_pngs(np.zeros((4, 8, 8, 3), np.uint8), tmp_path / "s", range(4))
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError):
         main(["metrics", str(tmp_path / "s"), "--evaluator", "offline"])
 
 
@@ -46,10 +48,10 @@ def test_metrics_cli_saved_reference_statistics(tmp_path, capsys):
           *common])
     out = tmp_path / "r.json"
     main(["metrics", str(tmp_path / "ref.npz"), "--ref-stats", str(stats), "--json", str(out), *common])
-    assert json.loads(out.read_text())["fid"] == pytest.approx(0.0, abs=1e-6)
+    assert json.loads(out.read_text())["fd_random_conv"] == pytest.approx(0.0, abs=1e-6)
     with np.load(stats) as data:
         np.savez(tmp_path / "other.npz", mu=data["mu"], sigma=data["sigma"], evaluator=np.array("offline:other"))
-    with pytest.raises(SystemExit, match="statistics of"):  # statistics of another extractor are refused
+    with pytest.raises(ConfigError, match="statistics of"):  # statistics of another extractor are refused
         main(["metrics", str(tmp_path / "ref.npz"), "--ref-stats", str(tmp_path / "other.npz"), *common])
 
 

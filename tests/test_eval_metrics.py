@@ -78,7 +78,7 @@ def test_offline_metrics_report_their_evaluator():
     ext = RandomConvFeatures(seed=0)
     res = metrics.offline_metrics(add_noise(images, 30), images, extractor=ext, kid_subset_size=32)
     assert res["evaluator"] == f"offline:{ext.name}"
-    assert res["fid"] > 0 and res["num_samples"] == 64
+    assert res["fd_random_conv"] > 0 and res["num_samples"] == 64
     text = metrics.format_metrics(res)
     assert all(line.endswith(f"[offline:{ext.name}]") for line in text.splitlines())
 

@@ -5,7 +5,7 @@ import torch
 
 from var.assets import bundled_var_dir
 from var.kernels import CalibrationProfile, ScaleKV, SnapKV, bundled_profile
-from var.kernels.compressed_cache import SelectionContext
+from var.kernels.selection import SelectionContext
 from var.kernels.policies.base import CacheLayout
 from var.kernels.policies.calibration import bundled_profile_path
 from var.kernels.policies.scalekv import allocate

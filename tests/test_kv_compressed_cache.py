@@ -4,7 +4,7 @@ import torch
 
 from var.errors import ConfigError
 from var.kernels import CompressedKVCache, KVCache
-from var.kernels.compressed_cache import Selection
+from var.kernels.selection import Selection
 from var.kernels.ragged_attention import ragged_attention_reference
 
 SCALES = (1, 2, 3)  # 1 + 4 + 9 = 14 tokens

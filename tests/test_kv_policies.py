@@ -6,7 +6,7 @@ import torch
 
 from var.errors import ConfigError
 from var.kernels import H2O, HACK, CalibrationProfile, CompressedKVCache, ScaleKV, SnapKV, StreamingLLM
-from var.kernels.compressed_cache import SelectionContext
+from var.kernels.selection import SelectionContext
 from var.kernels.policies.base import CacheLayout, grid_window
 from var.kernels.policies.scalekv import allocate, classify_drafters
 from var.models import create

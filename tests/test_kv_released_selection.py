@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from var.kernels import ScaleKV, SnapKV
-from var.kernels.compressed_cache import SelectionContext
+from var.kernels.selection import SelectionContext
 from var.kernels.policies.base import CacheLayout, grid_window, pool1d
 
 PATCH_NUMS = (1, 2, 3, 4, 6)

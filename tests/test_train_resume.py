@@ -152,7 +152,7 @@ def test_bf16_steps_run_and_resume_rejects_other_world_size(tmp_path):
     state = load_checkpoint(checkpoint_path(tmp_path, 2))
     state["world_size"] = 2
     with pytest.raises(CheckpointError, match="ranks"):
-        _trainer(tmp_path, steps=2).load_state_dict(state)
+        _trainer(tmp_path, steps=2, resume="auto").load_state_dict(state)  # not a fresh run: the out-dir is used
 
 
 def test_ema_tracks_weights():

@@ -37,6 +37,10 @@ class NonFiniteLogitsError(VarError):
     """A forward pass produced NaN or infinite logits (bad weights, overflow in low precision, ...)."""
 
 
+class NonFiniteImagesError(VarError):
+    """Decoded images hold NaN or infinite values (NaN/inf tokenizer weights or codebook entries, overflow)."""
+
+
 class ConfigError(VarError):
     """A configuration value or sampler argument is out of range."""
 

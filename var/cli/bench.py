@@ -8,8 +8,9 @@ Examples::
     var-bench kv --images 8                     # subcommands: one benchmark each (var-bench SUBCOMMAND --help)
     var-bench original --original ~/src/VAR     # our VAR stack against a checkout of the original
 
-Writes ``benchmarks/<tag>.md``, ``.json`` and ``.png`` (speed vs quality) with the machine named in each; the
-samplers and cache policies are those of the registry (``var.samplers.registry``), each with its own defaults.
+Writes ``<out-dir>/<tag>.md``, ``.json`` and ``.png`` (speed vs quality; default out-dir: a new temporary folder)
+with the machine named in each; the samplers and cache policies are those of the registry
+(``var.samplers.registry``), each with its own defaults.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import argparse
 import logging
 import re
 import sys
+import tempfile
 
 import torch
 
@@ -56,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extractor", choices=("auto", "classifier", "random-conv"), default="auto",
                    help="offline feature extractor of the fd/kid columns")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled batches")
-    p.add_argument("--out-dir", default="benchmarks", help="folder of the .md/.json/.png report")
+    p.add_argument("--out-dir", default=None,
+                   help="where the report goes (default: a new temporary folder, so the committed benchmarks/ "
+                        "files are only replaced when asked for)")
     p.add_argument("--tag", default=None, help="file name stem (default: samplers_<device kind>)")
     p.add_argument("--merge", nargs="*", default=[], metavar="JSON",
                    help="earlier reports (same machine and settings) whose rows join this table")
@@ -93,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                            timed_runs=args.timed_runs, families=tuple(args.families))
     if args.merge:
         report = merge_reports([json.loads(open(p).read()) for p in args.merge] + [report])
-    paths = write_report(report, args.out_dir, args.tag or default_tag(args.device))
+    out_dir = args.out_dir or tempfile.mkdtemp(prefix="var-bench-")
+    paths = write_report(report, out_dir, args.tag or default_tag(args.device))
     print(to_markdown(report))
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
     return 0

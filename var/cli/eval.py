@@ -30,12 +30,15 @@ import numpy as np
 import torch
 
 from var.cli import command_line
-from var.cli.sampling import (DTYPES, add_model_arguments, add_sampler_arguments, autocast, effective_settings,
-                              load_sampler_models, num_classes_of, resolve_sampler, sampler_settings)
+from var.cli.sampling import (CLI_SAMPLERS, DTYPES, add_model_arguments, add_sampler_arguments, autocast,
+                              effective_settings, load_sampler_models, num_classes_of, resolve_sampler,
+                              sampler_settings)
 from var.errors import ConfigError
-from var.samplers.registry import cache_policies, make_cache_policy
+from var.samplers.registry import SAMPLERS, cache_policies, make_cache_policy
 
 log = logging.getLogger("var.cli.eval")
+# var-eval samples class-conditional models and, from a prompts file, Infinity
+EVAL_SAMPLERS = {**CLI_SAMPLERS, "infinity": SAMPLERS["infinity"]}
 
 
 # ---- argument parsing ---------------------------------------------------------------------------------------
@@ -50,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "setting flags as var-sample).")
     add_model_arguments(s, "models (default: the bundled model of the sampler's family; --random-init: tiny random "
                            "presets)")
-    add_sampler_arguments(s, sampler_default_help="default: next_scale")
+    t = s.add_argument_group("text-to-image (--sampler infinity; --vae is then its BSQ VAE)")
+    t.add_argument("--model", help="Infinity transformer: infinity_2b_reg.pth, .safetensors or saved directory")
+    t.add_argument("--text-encoder", help="T5 encoder: google/flan-t5-xl or a local directory")
+    t.add_argument("--prompts-file", help="one prompt per line; image i uses prompt i %% P (the prompts play the "
+                                          "classes: --per-class is images per prompt)")
+    add_sampler_arguments(s, sampler_default_help="default: next_scale", samplers=EVAL_SAMPLERS)
     c = s.add_argument_group("KV-cache policy")
     c.add_argument("--cache", choices=tuple(cache_policies()), default=None,
                    help="cache policy of samplers that take one (default: the full cache)")
@@ -89,6 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---- sample -------------------------------------------------------------------------------------------------
+def _weight_digests(args, desc: str) -> dict:
+    """Content hash of every weight file used, so a resume refuses weights replaced under the same path."""
+    from var.hub import RELEASED_LLAMAGEN, RELEASED_VAR, resolve_checkpoint
+    from var.utils.files import content_digest
+    paths = [p for p in (args.vae, args.var, args.refiner, args.vq, args.gpt, args.stage2, args.model) if p]
+    if not paths and desc.startswith("bundled"):
+        from var.assets import bundled_ar_dir, bundled_var_dir
+        paths = [p for p in (bundled_ar_dir() if "AR" in desc else bundled_var_dir(),) if p is not None]
+    released = {**RELEASED_VAR, **RELEASED_LLAMAGEN}  # a released file name resolves to its cached download
+    return {str(p): content_digest(resolve_checkpoint(p, released)) for p in paths}
+
+
 def make_sample_fn(spec, models: dict, settings: dict, *, cache=None, dtype: str = "fp32", device="cpu"):
     """``fn(labels_B, generator) -> (images [B,3,H,W] in [0,1] on CPU, stats dict)`` for :mod:`var.eval.distributed`:
     the registered sampler ``spec`` on ``models`` with ``settings``."""
@@ -101,7 +121,7 @@ def make_sample_fn(spec, models: dict, settings: dict, *, cache=None, dtype: str
 
 def run_sample(args) -> int:
     from var.eval.distributed import SamplingPlan, generate_samples, init_distributed
-    spec = resolve_sampler(args.sampler)
+    spec = resolve_sampler(args.sampler, allowed=EVAL_SAMPLERS)
     settings = sampler_settings(spec, args)  # bad flags fail before any model is loaded or file written
     cache = make_cache_policy(args.cache, args.budget)
     if cache is not None and not spec.takes_cache:
@@ -112,13 +132,18 @@ def run_sample(args) -> int:
     if args.device.startswith("cuda") and env.world_size > 1:
         args.device = f"cuda:{env.local_rank}"
         torch.cuda.set_device(env.local_rank)
+    if spec.condition == "text":
+        return _run_sample_text(args, spec, settings, cache, env)
+    if args.model or args.text_encoder or args.prompts_file:
+        raise ConfigError(f"--model, --text-encoder and --prompts-file are for --sampler infinity, not {spec.name}")
     models, desc = load_sampler_models(spec, args)
     if models.get("tokenizer") is None:
         raise ConfigError("give --vq: the tokenizer that decodes the sampled tokens")
     num_classes = num_classes_of(models)
     plan = SamplingPlan(args.num_images or args.per_class * num_classes, num_classes, args.shard_size, args.seed)
     record = {"model": desc, "sampler": spec.name, **effective_settings(spec, settings),
-              "cache": repr(cache) if cache is not None else "full", "dtype": args.dtype}
+              "cache": repr(cache) if cache is not None else "full", "dtype": args.dtype,
+              "checkpoint_sha256": _weight_digests(args, desc)}
     fn = make_sample_fn(spec, models, settings, cache=cache, dtype=args.dtype, device=args.device)
     try:
         summary = generate_samples(fn, args.out, plan, record, env=env, device=args.device, pack=not args.no_pack)
@@ -127,6 +152,44 @@ def run_sample(args) -> int:
     if env.rank == 0:
         log.info("rank 0: sampled %d shards, skipped %d finished ones; %s", summary["sampled"], summary["skipped"],
                  f"npz: {summary['npz']}" if "npz" in summary else "no npz")
+    return 0
+
+
+def _run_sample_text(args, spec, settings: dict, cache, env) -> int:
+    """``--sampler infinity``: the prompts of ``--prompts-file`` play the classes (image i uses prompt i % P)."""
+    from var.cli.infinity import check_text_encoder, load_infinity_models, load_text_source
+    from var.eval.distributed import SamplingPlan, generate_samples
+    class_flags = [f for f in ("var", "refiner", "vq", "gpt", "stage2", "image_size") if getattr(args, f) is not None]
+    if class_flags or args.random_init:
+        raise ConfigError(f"--{(class_flags or ['random_init'])[0].replace('_', '-')} is not used by sampler "
+                          f"{spec.name} (give --vae, --model, --text-encoder, --prompts-file)")
+    if not args.prompts_file or not Path(args.prompts_file).is_file():
+        raise ConfigError(f"--sampler {spec.name} needs --prompts-file (one prompt per line)")
+    prompts = [line.strip() for line in Path(args.prompts_file).read_text(encoding="utf-8").splitlines()]
+    if not prompts or not all(prompts):
+        raise ConfigError(f"{args.prompts_file}: one non-empty prompt per line")
+    args.embedding_cache = None
+    encode = load_text_source(args, args.device)
+    vae, model, desc = load_infinity_models(args)
+    models = {"model": model, "vae": vae}
+    spec.check_models(models)
+    embeddings = encode(prompts)
+    check_text_encoder(model, embeddings)
+
+    def fn(labels_B, generator):
+        with autocast(args.device, args.dtype):
+            out = spec(models, embeddings.select(labels_B.tolist()), generator=generator, cache=cache, **settings)
+        return out.images.float().cpu(), out.stats.as_dict()
+
+    plan = SamplingPlan(args.num_images or args.per_class * len(prompts), len(prompts), args.shard_size, args.seed)
+    record = {"model": desc, "sampler": spec.name, **effective_settings(spec, settings), "prompts": prompts,
+              "cache": repr(cache) if cache is not None else "full", "dtype": args.dtype,
+              "checkpoint_sha256": _weight_digests(args, desc)}
+    try:
+        summary = generate_samples(fn, args.out, plan, record, env=env, device=args.device, pack=not args.no_pack)
+    finally:
+        env.close()
+    log.info("sampled %d shards of %s images (%s)", summary["sampled"], spec.name, desc)
     return 0
 
 
@@ -189,7 +252,9 @@ def _metrics_in_memory(args, evaluator: str) -> dict:
     name = f"offline:{ext.name}"
     feats = extract_features(ext, samples)
     if args.ref_stats:
-        return {"fid": metrics.fid_against_statistics(feats, args.ref_stats, evaluator=name), "evaluator": name}
+        return {f"fd_{metrics.extractor_key(ext.name)}": metrics.fid_against_statistics(feats, args.ref_stats,
+                                                                                          evaluator=name),
+                "evaluator": name}
     ref_feats = extract_features(ext, ref)
     if args.save_ref_stats:
         metrics.save_reference_statistics(ref_feats, args.save_ref_stats, name)
@@ -217,10 +282,9 @@ def _as_folders(samples_path, samples, ref, ref_path):
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
-    try:
-        return run_sample(args) if args.command == "sample" else run_metrics(args)
-    except ConfigError as e:
-        raise SystemExit(f"var-eval: {e}") from e
+    from var.utils.devices import check_device
+    check_device(args.device)
+    return run_sample(args) if args.command == "sample" else run_metrics(args)
 
 
 cli = command_line(main)

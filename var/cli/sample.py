@@ -103,7 +103,7 @@ def load_t2i_models(args):
     from var.models.gpt_t2i import GPTT2I
     if args.vq or args.gpt:
         if not (args.vq and args.gpt):
-            raise SystemExit("var-sample: give both --vq and --gpt")
+            raise ConfigError("give both --vq and --gpt")
         vq, gpt = hub.load_llamagen(args.vq, args.gpt, image_size=args.image_size, device=args.device)
         if not isinstance(gpt, GPTT2I):
             raise PromptError(f"--prompt needs a text-to-image GPT: {args.gpt} is class-conditional (use --classes)")
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
     from var.utils.images import save_image_grid, save_images
-
+    check_outputs(args)
     if args.family == "infinity":
         return sample_infinity_main(args)
     prompts = read_prompts(args)
@@ -147,8 +147,6 @@ def main(argv: list[str] | None = None) -> int:
     settings = sampler_settings(spec, args)
     if args.classes and args.num_images is not None:
         raise ConfigError("--num-images is for random classes: give --classes or --num-images, not both")
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     text_encoder = None
     if prompts is not None:
         tok, model, text_encoder, desc = load_t2i_models(args)
@@ -170,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     images, passes = [], 0
     for start in tqdm(range(0, len(labels), args.batch_size), desc=f"sampling {desc}", unit="batch"):
+        # each batch's PNGs are written as soon as it is done: a kill keeps what was sampled
         batch = labels[start:start + args.batch_size]
         batch = (text_encoder.condition(batch, model.config.caption_len) if text_encoder is not None
                  else batch.to(args.device))
@@ -177,12 +176,13 @@ def main(argv: list[str] | None = None) -> int:
             out = spec(models, batch, generator=gen, **settings)
         images.append(out.images.float().cpu())
         passes += out.stats.forward_passes
+        if args.out_dir:
+            save_images(images[-1], args.out_dir, start_index=start)
     images = torch.cat(images)
     path = save_image_grid(images, args.out, nrow=args.nrow)
     what = f"prompts {labels}" if text_encoder is not None else f"classes {labels.tolist()}"
     log.info("wrote %s (%d images, %s, %s sampler, %d forward passes)", path, len(images), what, spec.name, passes)
     if args.out_dir:
-        save_images(images, args.out_dir)
         log.info("wrote %d PNGs to %s", len(images), Path(args.out_dir))
     return 0
 
@@ -226,14 +226,31 @@ def sample_infinity_main(args) -> int:
                                   negative=neg, generator=gen)
         images.append(out.images.float().cpu())
         passes += out.stats.forward_passes
+        if args.out_dir:  # each batch's PNGs as soon as it is done: a kill keeps what was sampled
+            save_images(images[-1], args.out_dir, start_index=start)
     images = torch.cat(images)
     path = save_image_grid(images, args.out, nrow=args.nrow)
     log.info("wrote %s (%d images of %dx%d px, %d forward passes)", path, len(images), images.shape[-2],
              images.shape[-1], passes)
     if args.out_dir:
-        save_images(images, args.out_dir)
         log.info("wrote %d PNGs to %s", len(images), Path(args.out_dir))
     return 0
+
+
+def check_outputs(args) -> None:
+    """Bad counts and output names fail before any sampling (not after minutes of it)."""
+    from var.utils.devices import check_device
+    from var.utils.images import image_format
+    check_device(args.device)
+    if args.num_images is not None and args.num_images < 1:
+        raise ConfigError(f"--num-images must be >= 1, got {args.num_images}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    image_format(args.out)
+    if Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out} is a folder: give an image file name")
+    if args.out_dir and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        raise ConfigError(f"--out-dir {args.out_dir} exists and is not a folder")
 
 
 cli = command_line(main)

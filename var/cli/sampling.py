@@ -20,10 +20,10 @@ DEFAULT_SAMPLER = {"next_scale": "next_scale", "next_token": "next_token"}
 CLI_SAMPLERS = {name: spec for name, spec in SAMPLERS.items() if spec.condition == "labels"}
 
 
-def knob_flags() -> dict[str, list[tuple[SamplerSpec, Knob]]]:
+def knob_flags(samplers: dict[str, SamplerSpec] = SAMPLERS) -> dict[str, list[tuple[SamplerSpec, Knob]]]:
     """CLI flag -> the (sampler, knob) pairs it sets, in registry order."""
     flags = defaultdict(list)
-    for spec in CLI_SAMPLERS.values():
+    for spec in samplers.values():
         for knob in spec.knobs:
             flags[knob.cli_flag].append((spec, knob))
     return dict(flags)
@@ -49,17 +49,19 @@ def _optional(kind):
     return parse
 
 
-def add_sampler_arguments(parser: argparse.ArgumentParser, *, sampler_default_help: str) -> None:
-    """``--sampler`` and one option per knob flag of the registry (absent unless given, so the sampler's own
-    default applies), each with its allowed values, its default per sampler and the samplers that take it."""
+def add_sampler_arguments(parser: argparse.ArgumentParser, *, sampler_default_help: str,
+                          samplers: dict[str, SamplerSpec] = CLI_SAMPLERS) -> None:
+    """``--sampler`` (one of ``samplers``) and one option per knob flag of theirs (absent unless given, so the
+    sampler's own default applies), each with its allowed values, its default per sampler and the samplers that
+    take it."""
     group = parser.add_argument_group(
         "sampler and its settings (each setting lists the samplers that take it, with their own defaults; a "
         "setting the chosen sampler does not take is an error)")
     lines = [f"{name} ({spec.family}, {'exact' if spec.exact else 'approximate'}): {spec.summary}"
-             for name, spec in CLI_SAMPLERS.items()]
-    group.add_argument("--sampler", choices=list(CLI_SAMPLERS), default=None, metavar="NAME",
+             for name, spec in samplers.items()]
+    group.add_argument("--sampler", choices=list(samplers), default=None, metavar="NAME",
                        help=f"{sampler_default_help}. Samplers: " + "; ".join(lines))
-    for flag, uses in knob_flags().items():
+    for flag, uses in knob_flags(samplers).items():
         knob = uses[0][1]
         text = f"{knob.help}; {knob.describe()}; default {_defaults_text(uses)}"
         if flag == "--cfg":
@@ -76,13 +78,14 @@ def add_sampler_arguments(parser: argparse.ArgumentParser, *, sampler_default_he
         group.add_argument(flag, **kwargs)
 
 
-def resolve_sampler(name: str | None, family: str | None = None) -> SamplerSpec:
+def resolve_sampler(name: str | None, family: str | None = None,
+                    allowed: dict[str, SamplerSpec] = CLI_SAMPLERS) -> SamplerSpec:
     """The registered sampler ``name`` (default: the plain sampler of ``family``, a registry family name);
-    :class:`ConfigError` when it belongs to another family."""
+    :class:`ConfigError` when it belongs to another family or the command does not drive it."""
     if name is None:
         return get_sampler(DEFAULT_SAMPLER[family or "next_scale"])
     spec = get_sampler(name)
-    if name not in CLI_SAMPLERS:
+    if name not in allowed:
         raise ConfigError(f"sampler {name} samples from {spec.condition} (not class ids): call "
                           f"{spec.fn.__module__}.{spec.fn.__name__} from Python")
     if family is not None and spec.family != family:

@@ -29,14 +29,31 @@ import torch
 
 from var.cli import command_line
 from var.errors import ConfigError
-from var.train.trainer import DistEnv, Trainer, TrainConfig
+from var.train.trainer import DistEnv, Trainer, TrainConfig, prepare_out_dir
+from var.utils.checks import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY_BELOW_ONE, check_fields
+
 
 log = logging.getLogger("var.cli.train")
 
 
 # ---- configs --------------------------------------------------------------------------------------------------
+class _RangeChecked:
+    """Dataclass mixin: every numeric field must be finite, and the fields named in the ``RANGES`` of the class
+    and its bases must lie in their intervals (``var.utils.checks``); checked when the config is built."""
+
+    RANGES: dict = {}
+
+    def __post_init__(self):
+        ranges = {}
+        for cls in reversed(type(self).__mro__):
+            ranges.update(cls.__dict__.get("RANGES", {}))
+        numeric = {f.name: (None, None, False, False) for f in dataclasses.fields(self)
+                   if isinstance(getattr(self, f.name), (int, float)) and not isinstance(getattr(self, f.name), bool)}
+        check_fields(self, {**numeric, **ranges})
+
+
 @dataclass
-class DataConfig:
+class DataConfig(_RangeChecked):
     data: str = "shapes"          # "shapes" (offline procedural dataset) or an ImageNet-style folder
     image_size: int = 32
     num_images: int = 20000       # shapes only: dataset size
@@ -44,10 +61,12 @@ class DataConfig:
     num_classes: int = 10         # shapes only (folders: number of sub-folders)
     hflip: bool = False           # random horizontal flips
     pretokenize: bool = True      # var/ar on un-augmented data: encode every image once before training
+    RANGES = {"image_size": AT_LEAST_ONE, "num_images": AT_LEAST_ONE, "data_seed": NON_NEGATIVE,
+              "num_classes": AT_LEAST_ONE}
 
 
 @dataclass
-class VQObjectiveConfig:
+class VQObjectiveConfig(_RangeChecked):
     """The tokenizer objective (``VQObjective`` arguments), shared by both tokenizer commands."""
 
     recon: str = "l1"                       # l1 | l2
@@ -59,6 +78,8 @@ class VQObjectiveConfig:
     gan_start: int = 0
     codebook_init: str = "data"             # data: codes drawn from the first batch's quantizer inputs | model
     restart_dead_every: int = 50            # re-draw codes unused for this many steps (0: never)
+    RANGES = {"recon_weight": NON_NEGATIVE, "vq_weight": NON_NEGATIVE, "perceptual_weight": NON_NEGATIVE,
+              "gan_weight": NON_NEGATIVE, "gan_start": NON_NEGATIVE, "restart_dead_every": NON_NEGATIVE}
 
 
 @dataclass
@@ -75,6 +96,9 @@ class MSTokenizerModelConfig(VQObjectiveConfig):
     using_mid_sa: bool = False
     beta: float = 0.25
     patch_nums: tuple = (1, 2, 3, 4, 6, 8)
+    RANGES = {"vocab_size": AT_LEAST_ONE, "z_channels": AT_LEAST_ONE, "ch": AT_LEAST_ONE, "ch_mult": AT_LEAST_ONE,
+              "num_res_blocks": AT_LEAST_ONE, "norm_groups": AT_LEAST_ONE, "beta": NON_NEGATIVE,
+              "patch_nums": AT_LEAST_ONE}
 
 
 @dataclass
@@ -90,10 +114,13 @@ class SSTokenizerModelConfig(VQObjectiveConfig):
     num_res_blocks: int = 1
     norm_groups: int = 8
     commit_loss_beta: float = 0.25
+    RANGES = {"codebook_size": AT_LEAST_ONE, "codebook_embed_dim": AT_LEAST_ONE, "z_channels": AT_LEAST_ONE,
+              "ch": AT_LEAST_ONE, "ch_mult": AT_LEAST_ONE, "num_res_blocks": AT_LEAST_ONE, "norm_groups": AT_LEAST_ONE,
+              "commit_loss_beta": NON_NEGATIVE}
 
 
 @dataclass
-class VARModelConfig:
+class VARModelConfig(_RangeChecked):
     """VAR transformer (``VARConfig`` fields; vocabulary, latent size and scales come from the tokenizer)."""
 
     tokenizer: str = ""                     # saved multi-scale tokenizer directory (required)
@@ -107,10 +134,13 @@ class VARModelConfig:
     init_adaln: float = 0.5
     init_adaln_gamma: float = 1e-3
     init_head: float = 0.02
+    RANGES = {"depth": AT_LEAST_ONE, "width": AT_LEAST_ONE, "num_heads": AT_LEAST_ONE, "mlp_ratio": POSITIVE,
+              "drop_path_rate": PROBABILITY_BELOW_ONE, "cond_drop_rate": FRACTION,
+              "label_smoothing": PROBABILITY_BELOW_ONE}
 
 
 @dataclass
-class ARModelConfig:
+class ARModelConfig(_RangeChecked):
     """AR GPT (``GPTConfig`` fields; vocabulary and grid come from the tokenizer)."""
 
     tokenizer: str = ""                     # saved single-scale tokenizer directory (required)
@@ -123,6 +153,10 @@ class ARModelConfig:
     ffn_dropout_p: float = 0.0
     class_dropout_p: float = 0.1
     label_smoothing: float = 0.0
+    RANGES = {"dim": AT_LEAST_ONE, "n_layer": AT_LEAST_ONE, "n_head": AT_LEAST_ONE, "multiple_of": AT_LEAST_ONE,
+              "token_dropout_p": PROBABILITY_BELOW_ONE, "resid_dropout_p": PROBABILITY_BELOW_ONE,
+              "ffn_dropout_p": PROBABILITY_BELOW_ONE, "class_dropout_p": FRACTION,
+              "label_smoothing": PROBABILITY_BELOW_ONE}
 
 
 MODEL_CONFIGS = {"tokenizer-ms": MSTokenizerModelConfig, "tokenizer-ss": SSTokenizerModelConfig,
@@ -205,6 +239,7 @@ FIELD_HELP = {
     "log_every": "steps between metric rows",
     "seed": "seed of the weights, the data order and the objective's randomness",
     "resume": "'' (start fresh), 'auto' (newest valid checkpoint in --out-dir) or a checkpoint path",
+    "overwrite": "a fresh run may replace the run files (checkpoints, metrics) of an earlier run in --out-dir",
     "fsdp": "shard parameters with FSDP (under torchrun)",
     "find_unused_parameters": "DDP: some parameters get no gradient",
     "device": "auto: cuda:LOCAL_RANK when CUDA is available, else cpu",
@@ -358,6 +393,7 @@ def build_ar_job(m: ARModelConfig, data: DataConfig, seed: int):
 def run(command: str, data: DataConfig, m, train: TrainConfig, export_dir: str | None = None):
     """Build and train; returns the trained (EMA) model. Every rank runs this."""
     env = DistEnv.from_env()
+    prepare_out_dir(train, is_main=False)  # refuse a used --out-dir before the dataset is built (deletes nothing)
     torch.manual_seed(train.seed)  # identical initial weights on every rank
     dataset = build_dataset(data)
     if hasattr(dataset, "num_classes") and data.data != "shapes":
@@ -372,7 +408,11 @@ def run(command: str, data: DataConfig, m, train: TrainConfig, export_dir: str |
         model, objective, tok = build_ar_job(m, data, train.seed)
     if tok is not None and data.pretokenize and not data.hflip and data.data == "shapes":
         dataset = pretokenize(tok, dataset, progress=train.progress and env.is_main)
-    trainer = Trainer(model, objective, dataset, train, env)
+    run_settings = {"command": command, "data": asdict(data), "model": asdict(m)}
+    if getattr(m, "tokenizer", ""):  # a resume must not silently train over another tokenizer at the same path
+        from var.utils.files import content_digest
+        run_settings["model"]["tokenizer_sha256"] = content_digest(m.tokenizer)
+    trainer = Trainer(model, objective, dataset, train, env, run_settings=run_settings)
     if env.is_main:
         Path(train.out_dir).mkdir(parents=True, exist_ok=True)
         run_config = {"command": command, "data": asdict(data), "model": asdict(m), "train": asdict(train)}
@@ -396,11 +436,24 @@ def run(command: str, data: DataConfig, m, train: TrainConfig, export_dir: str |
     return model
 
 
+def read_config_file(path: str) -> dict:
+    """The ``--config`` JSON (``data`` / ``model`` / ``train`` sections); a missing or malformed file is named."""
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read --config {path}: {e.strerror or e}") from e
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--config {path} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict) or set(cfg) - {"command", "data", "model", "train"}:
+        raise ConfigError(f"--config {path} must be a JSON object with data / model / train sections")
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    file_config = json.loads(Path(args.config).read_text()) if args.config else {}
+    file_config = read_config_file(args.config) if args.config else {}
     data = _build(DataConfig, args, file_config.get("data", {}))
     model_config = _build(MODEL_CONFIGS[args.command], args, file_config.get("model", {}))
     train = _build(TrainConfig, args, file_config.get("train", {}))

@@ -8,14 +8,14 @@ heads side by side, ``[colours | shapes | textures]`` (:data:`~var.train.data.CO
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from var.errors import CheckpointError
-from var.eval.classifier import ClassifierConfig, ShapeClassifier, load_classifier, save_classifier
+from var.eval.classifier import (ClassifierConfig, ShapeClassifier, load_classifier, save_classifier,
+                                 warmup_cosine_schedule)
 from var.train.data import COLOURS, SHAPES, TEXTURES, Attributes
 
 log = logging.getLogger(__name__)
@@ -54,9 +54,7 @@ def train_attribute_classifier(dataset, *, steps: int = 800, batch_size: int = 1
         torch.manual_seed(seed)
         model = ShapeClassifier(ClassifierConfig(num_classes=sum(HEADS), image_size=images.shape[-1]))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    sched = warmup_cosine_schedule(opt, steps)
     model.train()
     for step in range(steps):
         idx = torch.randint(0, len(images), (batch_size,), generator=gen)

@@ -290,6 +290,9 @@ def run_benchmark(*, device="cpu", num_images: int = 64, batch: int = 16, repeat
                           f"policies: {', '.join(cache_policies())}")
     setups = build_setups(device, models=models, seed=seed)
     if families:
+        unknown = [f for f in families if not any(f in s.name for s in setups)]
+        if unknown:  # a typo used to give an empty table with exit status 0
+            raise ConfigError(f"--families {unknown} match no setup; available: {', '.join(s.name for s in setups)}")
         setups = [s for s in setups if any(f in s.name for f in families)]
     ext = load_offline_extractor(extractor, device=device)
     pairs, skipped = assign(setups, only=set(samplers) or None)

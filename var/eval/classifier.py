@@ -94,6 +94,13 @@ def accuracy(model: ShapeClassifier, images_B3HW: torch.Tensor, labels_B: torch.
     return acc
 
 
+def warmup_cosine_schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over the first 5% of ``steps``, then cosine decay to zero (the classifiers' schedule)."""
+    warmup = max(1, steps // 20)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+
+
 def train_classifier(dataset, *, steps: int = 600, batch_size: int = 128, lr: float = 2e-3,
                      weight_decay: float = 0.05, seed: int = 0, device="cpu", augment: bool = True,
                      config: ClassifierConfig | None = None) -> ShapeClassifier:
@@ -107,9 +114,7 @@ def train_classifier(dataset, *, steps: int = 600, batch_size: int = 128, lr: fl
         torch.manual_seed(seed)
         model = ShapeClassifier(config).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    sched = warmup_cosine_schedule(opt, steps)
     model.train()
     for step in range(steps):
         idx = torch.randint(0, len(images), (batch_size,), generator=gen)

@@ -11,12 +11,14 @@ Layout of ``out_dir``::
     images/000000.png...  one lossless PNG per index (atomic writes)
     shards/00012.json     written after every PNG of shard 12 is on disk (its completion marker)
     images.npz            ``arr_0`` uint8 [N, H, W, 3] for the ADM evaluator (after the last shard)
+    .lock                 flock'ed by the running run's rank 0: a second run on the folder stops
 
 A rerun skips shards whose marker exists and whose PNGs are all present; an unfinished shard is sampled again
 from its seed and its PNGs are overwritten under the same names, so a kill never duplicates an image.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,12 +29,17 @@ from typing import Callable
 
 import torch
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock (Windows)
+    fcntl = None
+
 from var.errors import ConfigError
 from var.eval.export import PNG_NAME, list_pngs, pack_npz, write_pngs
 
 log = logging.getLogger(__name__)
 
-SETTINGS_NAME, IMAGES_DIR, SHARDS_DIR = "sampling.json", "images", "shards"
+SETTINGS_NAME, IMAGES_DIR, SHARDS_DIR, LOCK_NAME = "sampling.json", "images", "shards", ".lock"
 # sample_fn(labels_B, generator) -> (images [B, 3, H, W] in [0, 1], stats dict or None)
 SampleFn = Callable[[torch.Tensor, torch.Generator], tuple]
 
@@ -103,6 +110,18 @@ def _write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def _differing_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the entries that differ between two JSON records (nested dicts compared per key)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differing_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
 def _check_settings(out_dir: Path, record: dict, rank: int) -> None:
     """Rank 0 writes ``sampling.json``; a resume must use identical settings (else a mixed set would result)."""
     path = out_dir / SETTINGS_NAME
@@ -111,8 +130,10 @@ def _check_settings(out_dir: Path, record: dict, rank: int) -> None:
         old_cmp = {k: v for k, v in old.items() if k != "created"}
         new_cmp = json.loads(json.dumps({k: v for k, v in record.items() if k != "created"}, sort_keys=True, default=str))
         if old_cmp != new_cmp:
-            diff = sorted(k for k in set(old_cmp) | set(new_cmp) if old_cmp.get(k) != new_cmp.get(k))
-            raise ConfigError(f"{path} was written with other settings (differs in {diff}); "
+            diff = _differing_keys(old_cmp, new_cmp)
+            changed = (" (a weight file's content changed since: resuming would mix images of two models)"
+                       if any("checkpoint_sha256" in k for k in diff) else "")
+            raise ConfigError(f"{path} was written with other settings (differs in {diff}){changed}; "
                               f"use a new output folder or the same settings")
     elif rank == 0:
         _write_json_atomic(path, record)
@@ -142,6 +163,32 @@ def generate_samples(sample_fn: SampleFn, out_dir: str | os.PathLike, plan: Samp
     out_dir = Path(out_dir)
     (out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     (out_dir / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(out_dir, env.rank):
+        return _generate_locked(sample_fn, out_dir, plan, settings, env, device, pack, progress)
+
+
+@contextlib.contextmanager
+def _exclusive_lock(out_dir: Path, rank: int):
+    """Rank 0 holds an exclusive ``flock`` on ``out_dir/.lock`` for the whole run: a second run on the same folder
+    stops with a ConfigError instead of sampling the same shards alongside the first. The kernel drops the lock
+    when the holder dies, so a killed run never leaves a stale lock."""
+    if rank != 0 or fcntl is None:
+        yield
+        return
+    with open(out_dir / LOCK_NAME, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise ConfigError(f"another var-eval sample run is writing to {out_dir} (it holds {out_dir / LOCK_NAME}); "
+                              f"wait for it to finish or use another --out") from e
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _generate_locked(sample_fn, out_dir: Path, plan: SamplingPlan, settings: dict, env: DistEnv, device, pack: bool,
+                     progress: bool) -> dict:
     record = {"plan": asdict(plan), "settings": settings, "label_rule": "index % num_classes",
               "seed_rule": "shard s uses torch.Generator seeded seed * num_shards + s",
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

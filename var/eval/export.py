@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from var.errors import ConfigError, ImageSizeError
-from var.utils.images import to_uint8_hwc
+from var.utils.files import atomic_path
+from var.utils.images import pil_to_rgb, save_image_atomic, to_uint8_hwc
 
 PNG_NAME = "{:06d}.png"
 
@@ -32,11 +33,7 @@ def write_pngs(images: torch.Tensor | np.ndarray, directory: str | os.PathLike, 
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for index, img in zip(indices, arr):
-        path = directory / PNG_NAME.format(index)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        Image.fromarray(img).save(tmp, format="PNG")
-        os.replace(tmp, path)
-        paths.append(path)
+        paths.append(save_image_atomic(Image.fromarray(img), directory / PNG_NAME.format(index)))
     return paths
 
 
@@ -49,8 +46,11 @@ def list_pngs(directory: str | os.PathLike) -> list[Path]:
 
 
 def _read_png(path: Path) -> np.ndarray:
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    try:
+        with Image.open(path) as img:
+            return np.asarray(pil_to_rgb(img), dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's "image file is truncated" does not name the file
+        raise ConfigError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
 
 def pack_npz(directory: str | os.PathLike, out: str | os.PathLike | None = None,
@@ -68,8 +68,7 @@ def pack_npz(directory: str | os.PathLike, out: str | os.PathLike | None = None,
     first = _read_png(paths[0])
     shape = (len(paths), *first.shape)
     out = Path(out) if out is not None else Path(str(Path(directory)).rstrip("/") + ".npz")
-    tmp = out.with_name(f".{out.name}.tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         with zf.open("arr_0.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
                                                      "fortran_order": False, "shape": shape})
@@ -78,28 +77,33 @@ def pack_npz(directory: str | os.PathLike, out: str | os.PathLike | None = None,
                 if img.shape != first.shape:
                     raise ImageSizeError(f"{path} is {img.shape}, the first PNG is {first.shape}")
                 f.write(np.ascontiguousarray(img).tobytes())
-    os.replace(tmp, out)
     return out
 
 
 def load_images(path: str | os.PathLike, limit: int | None = None) -> np.ndarray:
     """uint8 ``[N, H, W, 3]`` from a PNG folder or an ``.npz`` (``arr_0``) / ``.npy`` file."""
     path = Path(path)
+    if limit is not None and limit < 1:  # a slice [:-1] would silently drop one image
+        raise ConfigError(f"limit must be >= 1 (or not given), got {limit}")
     if path.is_dir():
         paths = list_pngs(path)[:limit]
         if not paths:
             raise ConfigError(f"no PNGs in {path}")
         return np.stack([_read_png(p) for p in paths])
-    if path.suffix == ".npz":
-        with np.load(path) as data:
-            if "arr_0" not in data:
-                raise ConfigError(f"{path} has no 'arr_0' array (keys: {sorted(data.keys())})")
-            arr = data["arr_0"]
-    elif path.suffix == ".npy":
-        arr = np.load(path, mmap_mode="r")
-    else:
+    if path.suffix not in (".npz", ".npy"):
         raise ConfigError(f"cannot read images from {path}: give a PNG folder, .npz or .npy")
-    arr = np.asarray(arr[:limit])
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as data:
+                if "arr_0" not in data:
+                    raise ConfigError(f"{path} has no 'arr_0' array (keys: {sorted(data.keys())})")
+                arr = np.asarray(data["arr_0"][:limit])
+        else:
+            arr = np.asarray(np.load(path, mmap_mode="r", allow_pickle=False)[:limit])
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # truncated, corrupt or not numpy at all
+        raise ConfigError(f"cannot read {path}: {type(e).__name__}: {e}") from e
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
         raise ImageSizeError(f"{path}: expected uint8 [N, H, W, 3], got {arr.dtype} {arr.shape}")
     return arr

@@ -52,12 +52,33 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
         raise ConfigError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
                           f"sigma {sigma1.shape} vs {sigma2.shape}")
+    for name, sigma in (("first", sigma1), ("second", sigma2)):
+        _check_psd(sigma, name)
     s1_half = _psd_sqrt(sigma1)
     middle = s1_half @ sigma2 @ s1_half
     eig = np.linalg.eigvalsh((middle + middle.T) / 2)
     tr_covmean = np.sqrt(np.clip(eig, 0, None)).sum()
     diff = mu1 - mu2
-    return float(max(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean, 0.0))
+    value = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    scale = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2))
+    if value < -_PSD_RTOL * max(scale, 1.0):  # cannot happen for valid statistics: never shown as 0
+        raise ConfigError(f"the Frechet distance came out negative ({value:.6g}): the statistics are inconsistent")
+    # a negative value within rounding of 0 (identical statistics) is reported as 0
+    return max(value, 0.0)
+
+
+_PSD_RTOL = 1e-6
+
+
+def _check_psd(sigma: np.ndarray, name: str) -> None:
+    """A covariance must be symmetric positive semi-definite (up to rounding), else the FID is meaningless."""
+    if not np.isfinite(sigma).all():
+        raise ConfigError(f"the {name} covariance holds NaN/inf values")
+    eig = np.linalg.eigvalsh((sigma + sigma.T) / 2)
+    if eig.min() < -_PSD_RTOL * max(abs(eig).max(), 1e-12) or not np.allclose(sigma, sigma.T, rtol=1e-5,
+                                                                                atol=1e-8 * abs(sigma).max()):
+        raise ConfigError(f"the {name} covariance is not symmetric positive semi-definite (smallest eigenvalue "
+                          f"{eig.min():.4g}): wrong or corrupt statistics file?")
 
 
 def frechet_distance_features(feats1: np.ndarray, feats2: np.ndarray) -> float:
@@ -65,13 +86,19 @@ def frechet_distance_features(feats1: np.ndarray, feats2: np.ndarray) -> float:
     return frechet_distance(*feature_statistics(feats1), *feature_statistics(feats2))
 
 
+def kid_subset_size(n1: int, n2: int, subset_size: int = 1000) -> int:
+    """Subsets of at most half the smaller set: subsets as large as a set are all that set (std 0)."""
+    return max(2, min(subset_size, min(n1, n2) // 2))
+
+
 def kernel_distance(feats1: np.ndarray, feats2: np.ndarray, *, num_subsets: int = 100, subset_size: int = 1000,
                     seed: int = 0) -> tuple[float, float]:
-    """KID: mean and std over random subsets of the unbiased MMD^2 with kernel ``(x.y / D + 1)^3``."""
+    """KID: mean and std over random subsets of the unbiased MMD^2 with kernel ``(x.y / D + 1)^3``. Subsets hold
+    :func:`kid_subset_size` samples (at most half the smaller set), so the std measures real variation."""
     f1, f2 = np.asarray(feats1, np.float64), np.asarray(feats2, np.float64)
-    m = min(subset_size, len(f1), len(f2))
-    if m < 2:
-        raise ConfigError("KID needs at least 2 samples in each set")
+    if min(len(f1), len(f2)) < 4:
+        raise ConfigError("KID needs at least 4 samples in each set")
+    m = kid_subset_size(len(f1), len(f2), subset_size)
     rng, d = np.random.RandomState(seed), f1.shape[1]
     values = []
     for _ in range(num_subsets):
@@ -112,13 +139,60 @@ def precision_recall(real_feats: np.ndarray, fake_feats: np.ndarray, *, k: int =
     return _coverage(fake, real, real_r, chunk), _coverage(real, fake, fake_r, chunk)
 
 
+# ---- uncertainty ----------------------------------------------------------------------------------------------
+# Below this many samples per set the 95% intervals of the offline numbers are wide enough that rankings of close
+# methods (e.g. cache policies at similar budgets) are noise: results carry a warning.
+MIN_RELIABLE_SAMPLES = 1000
+
+
+def bootstrap_interval(statistic, feats1: np.ndarray, feats2: np.ndarray, *, num_resamples: int = 50,
+                       seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Bias-corrected percentile bootstrap interval of ``statistic(feats1, feats2)`` (both sets resampled with
+    replacement). Duplicated samples inflate a Frechet distance, so the resampled values are shifted by their
+    mean's offset from the estimate (the bootstrap bias estimate) before the percentiles are read."""
+    rng = np.random.default_rng(seed)
+    estimate = statistic(feats1, feats2)
+    values = np.array([statistic(feats1[rng.integers(0, len(feats1), len(feats1))],
+                                 feats2[rng.integers(0, len(feats2), len(feats2))]) for _ in range(num_resamples)])
+    values -= values.mean() - estimate
+    tail = 100 * (1 - level) / 2
+    return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
+
+
+def kid_interval(feats1: np.ndarray, feats2: np.ndarray, *, num_subsets: int = 100, subset_size: int = 1000,
+                 seed: int = 0) -> tuple[float, float, float, tuple[float, float]]:
+    """KID mean, subset std and a 95% interval of the full-set estimate. The unbiased MMD^2 is a U-statistic
+    (variance ~ 1/size), so the std over subsets of ``m`` samples is scaled by ``sqrt(m / n)`` to the full sets;
+    resampling with replacement would put duplicate pairs into the unbiased sums and is not used."""
+    mean, std = kernel_distance(feats1, feats2, num_subsets=num_subsets, subset_size=subset_size, seed=seed)
+    m, n = kid_subset_size(len(feats1), len(feats2), subset_size), min(len(feats1), len(feats2))
+    half = 1.96 * std * (m / n) ** 0.5
+    return mean, std, (mean - half, mean + half)
+
+
+def proportion_interval(fraction: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion measured on ``n`` samples (precision/recall; manifolds held fixed)."""
+    centre = (fraction + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((fraction * (1 - fraction) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def extractor_key(name: str) -> str:
+    """``"random-conv(seed=0,...)"`` -> ``"random_conv"``: the extractor's kind, for metric keys."""
+    kind = name.split("(")[0].split(":")[-1]
+    return "".join(c if c.isalnum() else "_" for c in kind).strip("_").lower()
+
+
 # ---- the offline evaluator ------------------------------------------------------------------------------------
 def offline_metrics(samples, reference, *, extractor=None, k: int = 3, kid_subset_size: int = 1000,
-                    batch_size: int = 256) -> dict:
-    """FID-style distance, KID and precision/recall of ``samples`` against ``reference`` on offline features.
+                    batch_size: int = 256, num_resamples: int = 50) -> dict:
+    """Frechet distance, kernel distance and precision/recall of ``samples`` against ``reference`` on offline
+    features, each with a 95% interval (``<key>_ci95``).
 
-    ``samples`` / ``reference``: uint8 ``[N, H, W, 3]`` arrays, float ``[N, 3, H, W]`` tensors in [0, 1], or
-    precomputed feature arrays ``[N, D]`` (float). Returns numbers plus ``evaluator`` (the extractor's name).
+    The keys name the extractor (``fd_random_conv``, ``kd_offline_classifier`` ...): these are not Inception FID
+    or KID and are comparable only with numbers of the same extractor. ``samples`` / ``reference``: uint8
+    ``[N, H, W, 3]`` arrays, float ``[N, 3, H, W]`` tensors in [0, 1], or precomputed feature arrays ``[N, D]``
+    (float). Below :data:`MIN_RELIABLE_SAMPLES` samples a ``warning`` is added (and logged).
     """
     from var.eval.features import extract_features, load_offline_extractor
     extractor = extractor if extractor is not None else load_offline_extractor("auto")
@@ -129,11 +203,24 @@ def offline_metrics(samples, reference, *, extractor=None, k: int = 3, kid_subse
         return extract_features(extractor, x, batch_size=batch_size)
 
     f_s, f_r = feats(samples), feats(reference)
-    kid_mean, kid_std = kernel_distance(f_s, f_r, subset_size=kid_subset_size)
+    key = extractor_key(extractor.name)
+    kid_mean, kid_std, kid_ci = kid_interval(f_s, f_r, subset_size=kid_subset_size)
     precision, recall = precision_recall(f_r, f_s, k=k)
-    return {"fid": frechet_distance_features(f_s, f_r), "kid_mean": kid_mean, "kid_std": kid_std,
-            "precision": precision, "recall": recall, "num_samples": len(f_s), "num_reference": len(f_r),
-            "evaluator": f"offline:{extractor.name}"}
+    result = {f"fd_{key}": frechet_distance_features(f_s, f_r),
+              f"fd_{key}_ci95": bootstrap_interval(_frechet_of_features, f_s, f_r, num_resamples=num_resamples),
+              f"kd_{key}": kid_mean, f"kd_{key}_std": kid_std, f"kd_{key}_ci95": kid_ci,
+              "precision": precision, "precision_ci95": proportion_interval(precision, len(f_s)),
+              "recall": recall, "recall_ci95": proportion_interval(recall, len(f_r)),
+              "num_samples": len(f_s), "num_reference": len(f_r), "evaluator": f"offline:{extractor.name}"}
+    if min(len(f_s), len(f_r)) < MIN_RELIABLE_SAMPLES:
+        result["warning"] = (f"only {min(len(f_s), len(f_r))} samples (< {MIN_RELIABLE_SAMPLES}): differences "
+                             f"inside the 95% intervals are noise; do not rank methods on them")
+        log.warning(result["warning"])
+    return result
+
+
+def _frechet_of_features(f1: np.ndarray, f2: np.ndarray) -> float:
+    return frechet_distance(f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False))
 
 
 # ---- torch-fidelity (Inception) -------------------------------------------------------------------------------
@@ -207,8 +294,10 @@ def load_reference_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.n
 
 def save_reference_statistics(feats_ND: np.ndarray, path: str | os.PathLike, evaluator: str) -> Path:
     """Write ``mu``, ``sigma`` and the evaluator name of a feature set to ``path`` (``.npz``)."""
+    from var.utils.files import atomic_path
     mu, sigma = feature_statistics(feats_ND)
-    np.savez(path, mu=mu, sigma=sigma, evaluator=np.array(evaluator))
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: savez would append .npz to a name
+        np.savez(f, mu=mu, sigma=sigma, evaluator=np.array(evaluator))
     return Path(path)
 
 
@@ -229,8 +318,11 @@ def format_metrics(result: dict) -> str:
     evaluator = result.get("evaluator", "?")
     lines = []
     for key, value in result.items():
-        if key == "evaluator":
+        if key == "evaluator" or key.endswith("_ci95"):
             continue
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+        if f"{key}_ci95" in result:
+            lo, hi = result[f"{key}_ci95"]
+            shown += f" (95% CI {lo:.4f} .. {hi:.4f})"
         lines.append(f"{key:>14s}: {shown}   [{evaluator}]")
     return "\n".join(lines)

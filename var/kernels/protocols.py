@@ -9,14 +9,12 @@
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from var.errors import UnsupportedCacheError
-
-if TYPE_CHECKING:  # annotations only: compressed_cache imports this module
-    from var.kernels.compressed_cache import Selection, SelectionContext
+from var.kernels.selection import Selection, SelectionContext
 
 
 @runtime_checkable
@@ -63,7 +61,7 @@ class SelectionPolicy(Protocol):
 
     def wants_selection(self, layer: int, start: int, n: int, max_key_len: int) -> bool: ...
 
-    def select(self, ctx: "SelectionContext") -> "Selection | None": ...
+    def select(self, ctx: SelectionContext) -> Selection | None: ...
 
 
 def require_dense_cache(cache, sampler: str) -> DenseCache:

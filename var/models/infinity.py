@@ -22,7 +22,7 @@ import torch.nn as nn
 from var.errors import ConfigError
 from var.kernels.kv_cache import KVCache
 from var.models.infinity_layers import CrossAttnBlock, RMSNorm, TextAttentivePool, rope_angles
-from var.models.var_layers import AdaLNBeforeHead
+from var.models.var_layers import AdaLNBeforeHead, init_linear_embedding_and_head
 from var.tokenizers.scale_schedules import ScaleSchedule
 
 
@@ -211,17 +211,7 @@ class Infinity(nn.Module):
                      init_std: float = -1.0) -> None:
         C, depth = self.config.width, self.config.depth
         std = init_std if init_std >= 0 else (1 / C / 3) ** 0.5
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=std)
-                if m.bias is not None:
-                    m.bias.zero_()
-            elif isinstance(m, nn.Embedding):
-                nn.init.trunc_normal_(m.weight, std=std)
-        self.head.weight.mul_(init_head)
-        self.head.bias.zero_()
-        self.head_nm.ada_lin[-1].weight.mul_(init_adaln)
-        self.head_nm.ada_lin[-1].bias.zero_()
+        init_linear_embedding_and_head(self, std=std, init_head=init_head, init_adaln=init_adaln)
         for block in self.blocks:
             for lin in (block.sa.proj, block.ca.proj, block.ffn.fc2):
                 lin.weight.div_((2 * depth) ** 0.5)

@@ -139,3 +139,20 @@ class AdaLNBeforeHead(nn.Module):
     def forward(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         scale, shift = self.ada_lin(cond_BD).view(cond_BD.shape[0], 1, 2, -1).unbind(2)
         return self.ln_wo_grad(h_BLC).mul(scale.add(1)).add_(shift)
+
+
+@torch.no_grad()
+def init_linear_embedding_and_head(model: nn.Module, *, std: float, init_head: float, init_adaln: float) -> None:
+    """The part of VAR's released ``init_weights`` that VAR and Infinity share: truncated-normal Linear and
+    Embedding weights with zero biases, then the head and the head's AdaLN scaled down."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                m.bias.zero_()
+        elif isinstance(m, nn.Embedding):
+            nn.init.trunc_normal_(m.weight, std=std)
+    model.head.weight.mul_(init_head)
+    model.head.bias.zero_()
+    model.head_nm.ada_lin[-1].weight.mul_(init_adaln)
+    model.head_nm.ada_lin[-1].bias.zero_()

@@ -14,7 +14,7 @@ import torch.nn as nn
 from var.errors import ConfigError
 from var.models.conditioning import check_class_labels
 from var.kernels.kv_cache import KVCache
-from var.models.var_layers import AdaLNBeforeHead, AdaLNSelfAttn
+from var.models.var_layers import AdaLNBeforeHead, AdaLNSelfAttn, init_linear_embedding_and_head
 from var.tokenizers.multiscale_vqvae import VAR_PATCH_NUMS_256
 from var.utils.scales import ScaleSchedule
 
@@ -175,17 +175,7 @@ class VAR(nn.Module):
         """The original initialisation for training from scratch (released checkpoints overwrite it)."""
         C, depth = self.config.width, self.config.depth
         std = init_std if init_std >= 0 else (1 / C / 3) ** 0.5
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=std)
-                if m.bias is not None:
-                    m.bias.zero_()
-            elif isinstance(m, nn.Embedding):
-                nn.init.trunc_normal_(m.weight, std=std)
-        self.head.weight.mul_(init_head)
-        self.head.bias.zero_()
-        self.head_nm.ada_lin[-1].weight.mul_(init_adaln)
-        self.head_nm.ada_lin[-1].bias.zero_()
+        init_linear_embedding_and_head(self, std=std, init_head=init_head, init_adaln=init_adaln)
         for block in self.blocks:
             block.attn.proj.weight.div_((2 * depth) ** 0.5)
             block.ffn.fc2.weight.div_((2 * depth) ** 0.5)

@@ -13,5 +13,6 @@ from var.samplers.next_token import sample_next_token
 from var.samplers.stats import SampleOutput, SamplerStats
 
 __all__ = ["sample_next_scale", "sample_collaborative", "sample_next_token", "sample_sjd", "sample_mcsjd",
-           "sample_lantern", "sample_gsd", "sample_jacobi", "sample_zipar", "sample_nar", "sample_coarse_to_fine", "sample_infinity",
+           "sample_lantern", "sample_gsd", "sample_jacobi", "sample_zipar", "sample_nar", "sample_coarse_to_fine",
+           "sample_infinity",
            "SampleOutput", "SamplerStats", "calibrate"]

@@ -76,15 +76,15 @@ class _BlockCausalPrefill:
         self.cache.advance(num_tokens)
 
 
-def check_pair(drafter, refiner, tok) -> None:
+def check_pair(drafter, refiner, tokenizer) -> None:
     """Raise :class:`ConfigError` unless both models fit the tokenizer and share classes and scales."""
     for name, model in (("drafter", drafter), ("refiner", refiner)):
         c = model.config
-        if tuple(tok.patch_nums) != tuple(c.patch_nums) or tok.vocab_size != c.vocab_size \
-                or tok.embed_dim != c.latent_channels:
+        if tuple(tokenizer.patch_nums) != tuple(c.patch_nums) or tokenizer.vocab_size != c.vocab_size \
+                or tokenizer.embed_dim != c.latent_channels:
             raise ConfigError(f"{name} (patch_nums {c.patch_nums}, V {c.vocab_size}, Cvae {c.latent_channels}) "
-                              f"does not match the tokenizer (patch_nums {tok.patch_nums}, V {tok.vocab_size}, "
-                              f"Cvae {tok.embed_dim})")
+                              f"does not match the tokenizer (patch_nums {tokenizer.patch_nums}, "
+                              f"V {tokenizer.vocab_size}, Cvae {tokenizer.embed_dim})")
     if drafter.config.num_classes != refiner.config.num_classes:
         raise ConfigError(f"drafter and refiner have different class counts "
                           f"({drafter.config.num_classes} vs {refiner.config.num_classes})")
@@ -110,13 +110,13 @@ def _drafter_cache(policy, drafter, rows: int, num_tokens: int, device):
                    dtype=drafter.head.weight.dtype, device=device)
 
 
-def draft(drafter, tok, labels_B, draft_steps: int, sched: ScaleSampling, *, generator: GeneratorArg = None,
+def draft(drafter, tokenizer, labels_B, draft_steps: int, sched: ScaleSampling, *, generator: GeneratorArg = None,
           cache=None, more_smooth: bool = False, stats: SamplerStats | None = None) -> DraftHandoff:
     """Sample scales ``0 .. draft_steps - 1`` with the drafter's own cache; return the latent hand-over."""
     device = drafter.head.weight.device
     B, guided = labels_B.shape[0], sched.guided
-    n = tok.patch_nums[-1]
-    out = DraftHandoff(torch.zeros(B, tok.embed_dim, n, n, device=device))
+    n = tokenizer.patch_nums[-1]
+    out = DraftHandoff(torch.zeros(B, tokenizer.embed_dim, n, n, device=device))
     if draft_steps == 0:
         return out
     cond_BD = class_conditions(drafter, labels_B, guided)
@@ -129,10 +129,10 @@ def draft(drafter, tok, labels_B, draft_steps: int, sched: ScaleSampling, *, gen
             stats.forward_passes += 1
             stats.extra["drafter_peak_kv_cache_bytes"] = max(stats.extra.get("drafter_peak_kv_cache_bytes", 0),
                                                              kv_cache.nbytes())
-        idx, out.f_hat_BChw, next_BlCv = sample_scale(logits, si, tok, out.f_hat_BChw, sched,
+        idx, out.f_hat_BChw, next_BlCv = sample_scale(logits, si, tokenizer, out.f_hat_BChw, sched,
                                                       generator=generator, more_smooth=more_smooth)
         out.tokens.append(idx)
-        if si + 1 < len(tok.patch_nums):
+        if si + 1 < len(tokenizer.patch_nums):
             out.inputs_BlCv.append(next_BlCv)
         if si + 1 < draft_steps:
             x_BlC = scale_input(drafter, si + 1, next_BlCv, guided)
@@ -155,13 +155,13 @@ def _refiner_prefill(refiner, cond_BD, handoff: DraftHandoff, kv_cache, mode: st
     return refiner.logits(h_BLC[:, -xs[-1].shape[1]:], cond_BD), 1
 
 
-def refine(refiner, tok, labels_B, handoff: DraftHandoff, sched: ScaleSampling, *, generator: GeneratorArg = None,
+def refine(refiner, tokenizer, labels_B, handoff: DraftHandoff, sched: ScaleSampling, *, generator: GeneratorArg = None,
            cache=None, prefill: str = "auto", more_smooth: bool = False,
            stats: SamplerStats | None = None) -> DraftHandoff:
     """Sample the remaining scales with the refiner, starting from the drafter's hand-over; returns the final
     state (``tokens`` holds every scale)."""
     device = refiner.head.weight.device
-    B, guided, num_scales = labels_B.shape[0], sched.guided, len(tok.patch_nums)
+    B, guided, num_scales = labels_B.shape[0], sched.guided, len(tokenizer.patch_nums)
     start = len(handoff.tokens)
     cond_BD = class_conditions(refiner, labels_B, guided)
     kv_cache = (cache or FullCache()).new_cache(refiner, cond_BD.shape[0], device=device)
@@ -172,7 +172,7 @@ def refine(refiner, tok, labels_B, handoff: DraftHandoff, sched: ScaleSampling, 
         if stats is not None:
             stats.extra["refiner_peak_kv_cache_bytes"] = max(stats.extra.get("refiner_peak_kv_cache_bytes", 0),
                                                              kv_cache.nbytes())
-        idx, f_hat, next_BlCv = sample_scale(logits, si, tok, f_hat, sched, generator=generator,
+        idx, f_hat, next_BlCv = sample_scale(logits, si, tokenizer, f_hat, sched, generator=generator,
                                              more_smooth=more_smooth)
         tokens.append(idx)
         if si + 1 < num_scales:
@@ -180,12 +180,12 @@ def refine(refiner, tok, labels_B, handoff: DraftHandoff, sched: ScaleSampling, 
             passes += 1
     if stats is not None:
         stats.forward_passes += passes
-        stats.extra.update(prefill=mode, refiner_passes=passes, prefill_tokens=tok.schedule.tokens_through(start))
+        stats.extra.update(prefill=mode, refiner_passes=passes, prefill_tokens=tokenizer.schedule.tokens_through(start))
     return DraftHandoff(f_hat, [], tokens)
 
 
 @torch.no_grad()
-def sample_collaborative(drafter, refiner, tok, labels_B, *, draft_steps: int, cfg: PerScale = 1.5,
+def sample_collaborative(drafter, refiner, tokenizer, labels_B, *, draft_steps: int, cfg: PerScale = 1.5,
                          top_k: PerScale = 900, top_p: PerScale = 0.96, temperature: PerScale = 1.0,
                          temperature_order: str = "after_filter", more_smooth: bool = False,
                          generator: GeneratorArg = None, cache=None, drafter_cache=None, refiner_cache=None,
@@ -193,7 +193,7 @@ def sample_collaborative(drafter, refiner, tok, labels_B, *, draft_steps: int, c
     """CoDe sampling: ``drafter`` samples scales ``[0, draft_steps)``, ``refiner`` the rest.
 
     Args:
-        drafter, refiner: two :class:`~var.models.VAR` models over the same tokenizer ``tok`` (any widths).
+        drafter, refiner: two :class:`~var.models.VAR` models over the same ``tokenizer`` (any widths).
         labels_B: class ids ``[B]`` (``num_classes`` = unconditional).
         draft_steps: N in ``[0, num_scales]``; the paper's default for 10 scales is 8.
         cfg: VAR's guidance ramp end (float) or one guidance value ``t`` per scale.
@@ -212,26 +212,26 @@ def sample_collaborative(drafter, refiner, tok, labels_B, *, draft_steps: int, c
     t0 = time.perf_counter()
     device = drafter.head.weight.device
     labels_B = as_label_tensor(labels_B, device)
-    check_pair(drafter, refiner, tok)
+    check_pair(drafter, refiner, tokenizer)
     drafter.check_labels(labels_B)
-    num_scales = len(tok.patch_nums)
+    num_scales = len(tokenizer.patch_nums)
     if not (isinstance(draft_steps, int) and 0 <= draft_steps <= num_scales):
         raise ConfigError(f"draft_steps must be an int in [0, {num_scales}], got {draft_steps!r}")
     sched = ScaleSampling.build(num_scales, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature,
                                 temperature_order=temperature_order)
     stats = SamplerStats(extra={"draft_steps": draft_steps, "drafter_passes": draft_steps})
 
-    handoff = draft(drafter, tok, labels_B, draft_steps, sched, generator=generator,
+    handoff = draft(drafter, tokenizer, labels_B, draft_steps, sched, generator=generator,
                     cache=drafter_cache or cache, more_smooth=more_smooth, stats=stats)
     if draft_steps < num_scales:  # the drafter's cache went out of scope inside draft()
-        handoff = refine(refiner, tok, labels_B, handoff, sched, generator=generator,
+        handoff = refine(refiner, tokenizer, labels_B, handoff, sched, generator=generator,
                          cache=refiner_cache or cache, prefill=prefill, more_smooth=more_smooth, stats=stats)
     else:
         stats.extra.update(refiner_passes=0, prefill="none", prefill_tokens=0)
     stats.peak_kv_cache_bytes = max(stats.extra.get("drafter_peak_kv_cache_bytes", 0),
                                     stats.extra.get("refiner_peak_kv_cache_bytes", 0))
     stats.tokens = drafter.config.seq_len
-    images = tok.latent_to_image(handoff.f_hat_BChw).add(1).mul(0.5) if decode else None
+    images = tokenizer.latent_to_image(handoff.f_hat_BChw).add(1).mul(0.5) if decode else None
     stats.wall_time_s = time.perf_counter() - t0
     logger.debug("CoDe N=%d: %s", draft_steps, stats.extra)
     return SampleOutput(images=images, tokens=handoff.tokens, stats=stats)

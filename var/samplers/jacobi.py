@@ -372,6 +372,9 @@ def refill(init: str, tokens_BN: torch.Tensor, committed_B: torch.Tensor, commit
 
 
 # ---- the engine ---------------------------------------------------------------------------------------------
+MAX_WINDOW_FLOOR = 64  # windows up to this length are allowed even on tiny grids (tests, toy models)
+
+
 @torch.no_grad()
 def sample_jacobi(model, tokenizer, labels_B, *, window: int = 16, init: str = "random", coupling: str = "none",
                   acceptance: ExactAcceptance | None = None, cfg_scale: float = 2.0, top_k: int = 0,
@@ -403,6 +406,10 @@ def sample_jacobi(model, tokenizer, labels_B, *, window: int = 16, init: str = "
                                    cfg=cfg)
     device = labels_B.device
     batch, seq_len, vocab, prefix_len = len(labels_B), model.seq_len, model.vocab_size, model.prefix_len
+    max_window = max(seq_len, MAX_WINDOW_FLOOR)
+    if window > max_window:  # a window past the token count drafts nothing more, but its buffers grow with it
+        raise ConfigError(f"window must be in [1, {max_window}] (the image's token count, at least "
+                          f"{MAX_WINDOW_FLOOR}), got {window}")
     grid, slots = model.config.grid_size, window - 1
     cache = require_dense_cache(model.new_kv_cache(len(rows), capacity=prefix_len + seq_len + window), "SJD")
     stats = SamplerStats(peak_kv_cache_bytes=cache.nbytes())
@@ -501,6 +508,10 @@ def sample_gsd(model, tokenizer, labels_B, *, group_size: int | None = None, pro
     release's rank window (6 likelier, 7 less likely tokens), an int ``+-group_size // 2`` (1 is SJD). The
     embedding filter uses the GPT's input embeddings (``embed_threshold=None`` disables it; the release's 0.5 was
     set on Lumina-mGPT: :func:`gsd_embed_threshold` picks one from this model's own embedding statistics)."""
+    max_group = max(model.vocab_size, MAX_WINDOW_FLOOR)
+    if group_size is not None and group_size > max_group:  # wider rank windows only cost memory
+        raise ConfigError(f"GSD group size must be in [1, {max_group}] (the vocabulary, at least "
+                          f"{MAX_WINDOW_FLOOR}), got {group_size}")
     embed = model.tok_embeddings.weight.detach() if embed_threshold is not None else None
     rule = GroupedAcceptance(group_size, prob_gap, embed, embed_threshold if embed_threshold is not None else 0.0)
     return sample_jacobi(model, tokenizer, labels_B, window=window, acceptance=rule, **kwargs)

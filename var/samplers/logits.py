@@ -16,14 +16,24 @@ from var.errors import ConfigError, NonFiniteLogitsError
 GeneratorArg = Union[None, torch.Generator, Sequence[torch.Generator]]
 
 
+MIN_TEMPERATURE = 1e-4  # logits / temperature stays finite in fp32 for any logit below ~3e34
+
+
 def check_sampling_args(top_k: int, top_p: float, temperature: float) -> None:
     """Raise :class:`ConfigError` naming the first out-of-range sampling knob."""
     if top_k < 0:
         raise ConfigError(f"top_k must be >= 0 (0, or a value >= the vocabulary size, disables it), got {top_k}")
     if not 0.0 <= top_p <= 1.0:
         raise ConfigError(f"top_p must be in [0, 1] (0 or 1 disables it), got {top_p}")
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ConfigError(f"temperature must be a positive finite number, got {temperature}")
+    if not (MIN_TEMPERATURE <= temperature and math.isfinite(temperature)):
+        raise ConfigError(f"temperature must be a finite number >= {MIN_TEMPERATURE:g} (smaller ones overflow the "
+                          f"logits; top_k=1 samples greedily), got {temperature}")
+
+
+def check_guidance(cfg: float, minimum: float, convention: str, name: str = "cfg") -> None:
+    """Classifier-free guidance ``name`` must be finite and at least ``minimum`` (0 for VAR, 1 for LlamaGen)."""
+    if not (isinstance(cfg, (int, float)) and minimum <= cfg and math.isfinite(cfg)):
+        raise ConfigError(f"{name} must be a finite number >= {minimum:g} ({convention}), got {cfg}")
 
 
 def apply_cfg(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, guidance) -> torch.Tensor:
@@ -105,6 +115,9 @@ def multinomial(probs: torch.Tensor, generator: GeneratorArg = None) -> torch.Te
     uses only generator b, so a batch of N equals N single runs).
     """
     batch, vocab = probs.shape[0], probs.shape[-1]
+    if not torch.isfinite(probs).all():  # e.g. guidance or temperature pushed the logits to inf
+        raise NonFiniteLogitsError("non-finite sampling probabilities (NaN/inf): check cfg, temperature, the weights "
+                                   "and the dtype")
     gens = _as_generator_list(generator, batch)
     if gens is None:
         flat = torch.multinomial(probs.reshape(-1, vocab), 1, replacement=True, generator=generator)

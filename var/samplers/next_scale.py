@@ -14,8 +14,8 @@ import torch
 
 from var.errors import ConfigError
 from var.kernels.kv_cache import FullCache
-from var.samplers.logits import (TEMPERATURE_ORDERS, GeneratorArg, apply_cfg, check_finite, check_sampling_args,
-                                 gumbel_softmax, multinomial, processed_logits)
+from var.samplers.logits import (TEMPERATURE_ORDERS, GeneratorArg, apply_cfg, check_finite, check_guidance,
+                                 check_sampling_args, gumbel_softmax, multinomial, processed_logits)
 from var.samplers.stats import SampleOutput, SamplerStats
 
 PerScale = Union[float, int, Sequence[float], Sequence[int]]
@@ -60,8 +60,7 @@ class ScaleSampling:
             return values
 
         if isinstance(cfg, (int, float)):
-            if not cfg >= 0:
-                raise ConfigError(f"cfg must be >= 0 (VAR convention: 0 = no guidance), got {cfg}")
+            check_guidance(cfg, 0.0, "VAR convention: 0 = no guidance")
             cfg_t = [cfg * (si / (num_scales - 1) if num_scales > 1 else 1.0) for si in range(num_scales)]
         else:
             cfg_t = per_scale(cfg, "cfg")
@@ -126,7 +125,7 @@ def sample_scale(logits_rlV: torch.Tensor, si: int, tokenizer, f_hat_BChw: torch
 
 
 @torch.no_grad()
-def sample_next_scale(model, tok, labels_B, *, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
+def sample_next_scale(model, tokenizer, labels_B, *, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
                       temperature: float = 1.0, more_smooth: bool = False, generator: GeneratorArg = None,
                       cache=None, decode: bool = True) -> SampleOutput:
     """Sample ``len(labels_B)`` images class-conditionally with a VAR model and its multi-scale tokenizer.
@@ -147,9 +146,9 @@ def sample_next_scale(model, tok, labels_B, *, cfg: float = 1.5, top_k: int = 90
     device = model.head.weight.device
     labels_B = as_label_tensor(labels_B, device)
     model.check_labels(labels_B)
-    if tuple(tok.patch_nums) != tuple(cfg_model.patch_nums) or tok.vocab_size != cfg_model.vocab_size:
-        raise ConfigError(f"tokenizer (patch_nums {tok.patch_nums}, V {tok.vocab_size}) does not match the model "
-                          f"(patch_nums {cfg_model.patch_nums}, V {cfg_model.vocab_size})")
+    if tuple(tokenizer.patch_nums) != tuple(cfg_model.patch_nums) or tokenizer.vocab_size != cfg_model.vocab_size:
+        raise ConfigError(f"tokenizer (patch_nums {tokenizer.patch_nums}, V {tokenizer.vocab_size}) does not match "
+                          f"the model (patch_nums {cfg_model.patch_nums}, V {cfg_model.vocab_size})")
 
     B = labels_B.shape[0]
     sampling = ScaleSampling.build(len(cfg_model.patch_nums), cfg=cfg, top_k=top_k, top_p=top_p,
@@ -160,18 +159,18 @@ def sample_next_scale(model, tok, labels_B, *, cfg: float = 1.5, top_k: int = 90
 
     n = cfg_model.patch_nums[-1]
     x_BlC = model.first_scale_input(cond_BD)
-    f_hat = torch.zeros(B, tok.embed_dim, n, n, device=device)
+    f_hat = torch.zeros(B, tokenizer.embed_dim, n, n, device=device)
     tokens = []
     for si in range(len(cfg_model.patch_nums)):
         logits = model.forward_scale(x_BlC, cond_BD, kv_cache)  # [rows, pn*pn, V]
         stats.forward_passes += 1
         stats.track_kv(kv_cache)
-        idx_Bhw, f_hat, next_BlCv = sample_scale(logits, si, tok, f_hat, sampling, generator=generator,
+        idx_Bhw, f_hat, next_BlCv = sample_scale(logits, si, tokenizer, f_hat, sampling, generator=generator,
                                                  more_smooth=more_smooth)
         tokens.append(idx_Bhw)
         if si + 1 < len(cfg_model.patch_nums):
             x_BlC = scale_input(model, si + 1, next_BlCv, sampling.guided)
     stats.tokens = cfg_model.seq_len
-    images = tok.latent_to_image(f_hat).add(1).mul(0.5) if decode else None
+    images = tokenizer.latent_to_image(f_hat).add(1).mul(0.5) if decode else None
     stats.wall_time_s = time.perf_counter() - t0
     return SampleOutput(images=images, tokens=tokens, stats=stats)

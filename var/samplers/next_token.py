@@ -16,8 +16,8 @@ import torch
 
 from var.errors import ConfigError
 from var.models.conditioning import CaptionCondition
-from var.samplers.logits import (GeneratorArg, apply_cfg, check_finite, check_sampling_args, multinomial,
-                                 processed_logits)
+from var.samplers.logits import (GeneratorArg, apply_cfg, check_finite, check_guidance, check_sampling_args,
+                                 multinomial, processed_logits)
 from var.samplers.next_scale import as_label_tensor
 from var.samplers.stats import SampleOutput, SamplerStats
 
@@ -39,8 +39,7 @@ class TokenProcessor:
 
     def __post_init__(self):
         check_sampling_args(self.top_k, self.top_p, self.temperature)
-        if not self.cfg_scale >= 1.0:
-            raise ConfigError(f"cfg_scale must be >= 1 (LlamaGen convention: 1 = no guidance), got {self.cfg_scale}")
+        check_guidance(self.cfg_scale, 1.0, "LlamaGen convention: 1 = no guidance", name="cfg_scale")
         if isinstance(self.cfg_interval, bool) or not isinstance(self.cfg_interval, int) or self.cfg_interval < -1:
             raise ConfigError(f"cfg_interval must be an int >= -1 (-1 = guide every token), got {self.cfg_interval!r}")
 

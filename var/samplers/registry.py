@@ -33,7 +33,7 @@ from var.samplers.jacobi import (DRAFT_INITS, LANTERN_CODES, LanternAcceptance, 
                                  sample_lantern, sample_mcsjd, sample_sjd)
 from var.samplers.neighbor import ZIPAR_SCHEDULES, sample_zipar
 from var.samplers.neighbor_nar import sample_nar
-from var.samplers.next_scale import sample_next_scale
+from var.samplers.next_scale import sample_next_scale, sample_scale
 from var.samplers.next_token import sample_next_token
 from var.tokenizers import MultiScaleVQVAE, SingleScaleVQ
 from var.tokenizers.bsq_vae import BSQVAE
@@ -359,7 +359,8 @@ _SPECS = (
 SAMPLERS: dict[str, SamplerSpec] = {spec.name: spec for spec in _SPECS}
 
 # Public ``sample_*`` functions that are building blocks, not samplers a user picks by name.
-ENGINES = {sample_jacobi: "the Jacobi engine behind sjd, mcsjd, lantern and gsd (takes an acceptance rule object)"}
+ENGINES = {sample_jacobi: "the Jacobi engine behind sjd, mcsjd, lantern and gsd (takes an acceptance rule object)",
+           sample_scale: "one VAR scale step, shared by next_scale and collaborative"}
 
 
 def get_sampler(name: str) -> SamplerSpec:

@@ -5,6 +5,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from var.errors import NonFiniteImagesError
+
 
 @dataclass
 class SamplerStats:
@@ -38,3 +40,10 @@ class SampleOutput:
     images: torch.Tensor | None
     tokens: object
     stats: SamplerStats
+
+    def __post_init__(self):
+        # NaN/inf decoder weights or codebook entries would otherwise be written as black images with exit 0
+        if self.images is not None and not torch.isfinite(self.images).all():
+            bad = (~torch.isfinite(self.images.flatten(1))).any(dim=1).nonzero().flatten().tolist()
+            raise NonFiniteImagesError(f"non-finite values (NaN/inf) in the decoded images {bad[:8]} of a batch of "
+                                       f"{len(self.images)}: check the tokenizer's weights and codebook")

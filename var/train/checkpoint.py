@@ -38,13 +38,16 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
     torch.save(state, buf)
     payload = buf.getbuffer()
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(MAGIC)
-        f.write(hashlib.sha256(payload).digest())
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(MAGIC)
+            f.write(hashlib.sha256(payload).digest())
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:  # a full disk or any error: no partial temporary is left in the out-dir
+        tmp.unlink(missing_ok=True)
     try:  # make the rename durable
         fd = os.open(path.parent, os.O_RDONLY)
         try:

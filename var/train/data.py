@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from var.errors import ConfigError
+from var.utils.images import pil_to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -293,27 +294,52 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         root = Path(root)
         if not root.is_dir():
             raise ConfigError(f"dataset folder {root} does not exist")
-        self.classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+        # hidden folders (.ipynb_checkpoints, .git ...) and folders without images are not classes: counting them
+        # would shift every label after them
+        self.classes, files_of = [], {}
+        for d in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
+            files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+                           and not any(part.startswith(".") for part in p.relative_to(d).parts))
+            if files:
+                self.classes.append(d.name)
+                files_of[d.name] = files
+            else:
+                log.warning("%s holds no images with extensions %s: not a class", d, IMAGE_EXTENSIONS)
         if not self.classes:
-            raise ConfigError(f"{root} has no class sub-folders (expected root/<class>/<image>)")
+            raise ConfigError(f"{root} has no class sub-folders with images (expected root/<class>/<image> with "
+                              f"extensions {IMAGE_EXTENSIONS})")
         self.samples: list[tuple[Path, int]] = []
         for label, name in enumerate(self.classes):
-            files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-            self.samples += [(p, label) for p in files]
+            self.samples += [(p, label) for p in files_of[name]]
         if not self.samples:
             raise ConfigError(f"{root} has class folders but no images with extensions {IMAGE_EXTENSIONS}")
         self.num_classes = len(self.classes)
+        self.root, self.skipped = root, []  # skipped: unreadable files met so far (in this process)
         self.image_size, self.train, self.hflip = image_size, train, hflip
         self.resize_to = max(image_size, round(resize_ratio * image_size))
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _open(self, index: int) -> tuple[Image.Image, int]:
+        """Image ``index`` as RGB and its label; an unreadable file is logged by name, counted in ``skipped`` and
+        replaced by the next readable image (deterministic, so a resumed run sees the same batches)."""
+        for offset in range(len(self.samples)):
+            path, label = self.samples[(index + offset) % len(self.samples)]
+            try:
+                with Image.open(path) as im:
+                    return pil_to_rgb(im), label
+            except (OSError, ValueError, SyntaxError) as e:  # truncated, corrupt or not an image
+                if str(path) not in self.skipped:
+                    self.skipped.append(str(path))
+                    log.warning("skipping unreadable image %s (%s: %s); %d skipped so far", path,
+                                type(e).__name__, e, len(self.skipped))
+        raise ConfigError(f"none of the {len(self.samples)} images under {self.root} can be read")
+
     def __getitem__(self, item):
         index, aug_seed = _split_item(item)
-        path, label = self.samples[index]
-        with Image.open(path) as im:
-            im = im.convert("RGB")
+        im, label = self._open(index)
+        with im:
             w, h = im.size
             scale = self.resize_to / min(w, h)
             im = im.resize((max(self.resize_to, round(w * scale)), max(self.resize_to, round(h * scale))),

@@ -33,6 +33,9 @@ from var.train.checkpoint import (checkpoint_path, latest_valid_checkpoint, load
                                   save_checkpoint)
 from var.train.data import ResumableBatchSampler
 from var.train.objectives import Objective
+from var.utils.devices import check_device
+from var.utils.checks import (AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY_BELOW_ONE,
+                              check_fields)
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +68,18 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     resume: str = ""                   # "" | "auto" (newest valid checkpoint in out_dir) | a checkpoint path
+    overwrite: bool = False            # a fresh run may replace the run files of an earlier run in out_dir
     fsdp: bool = False
     find_unused_parameters: bool = False  # DDP: some parameters get no gradient (e.g. unused phi convolutions)
     device: str = "auto"               # auto: cuda:LOCAL_RANK when CUDA is available, else cpu
     num_workers: int = 0
     progress: bool = True
+
+    # fields a resume may change, applied as given: bookkeeping, and steps (the schedule is stretched to the new
+    # length); every other field shapes the trajectory and the saved optimizer/scheduler state, so a resume that
+    # changes it is refused instead of half-applied
+    RESUMABLE_CHANGES = ("steps", "out_dir", "resume", "overwrite", "log_every", "ckpt_every", "keep_checkpoints", "progress",
+                         "num_workers", "device")
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -79,6 +89,15 @@ class TrainConfig:
             raise ConfigError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("steps, batch_size and grad_accum must be >= 1")
+        check_fields(self, {"lr": POSITIVE, "warmup_steps": NON_NEGATIVE, "warmup_start_ratio": FRACTION,
+                            "end_lr_ratio": FRACTION, "weight_decay": NON_NEGATIVE,
+                            "betas": PROBABILITY_BELOW_ONE, "clip_grad": NON_NEGATIVE,
+                            "ema_decay": PROBABILITY_BELOW_ONE, "ckpt_every": AT_LEAST_ONE,
+                            "keep_checkpoints": NON_NEGATIVE, "log_every": AT_LEAST_ONE, "num_workers": NON_NEGATIVE})
+        if self.device != "auto":
+            check_device(self.device)
+        if len(self.betas) != 2:
+            raise ConfigError(f"betas must be two numbers, got {self.betas}")
 
 
 # ---- distributed environment ----------------------------------------------------------------------------------
@@ -195,6 +214,18 @@ class EMA:
                 _copy_into(p.data, self.shadow[n])
 
 
+def _flat_diff(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """``(dotted key, old, new)`` of every entry that differs between two nested JSON dicts."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _flat_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append((f"{prefix}{k}", a, b))
+    return out
+
+
 def _full(t: torch.Tensor) -> torch.Tensor:
     """A full CPU copy of a (possibly FSDP-sharded DTensor) tensor."""
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().clone()
@@ -306,6 +337,34 @@ class MetricsLogger:
             self._tb.close()
 
 
+# ---- the output folder ----------------------------------------------------------------------------------------
+RUN_FILES = ("metrics.jsonl", "metrics.csv", "tb", "train_config.json", "run_config.json", "model")
+
+
+def prepare_out_dir(config: TrainConfig, is_main: bool = True) -> None:
+    """A fresh run (no ``resume``) needs an empty or missing ``out_dir``: in a used one it would append to the old
+    metrics and its checkpoint pruning (by step number) would delete its own newer files. ``overwrite`` deletes
+    the earlier run's files (checkpoints, metrics, TensorBoard events, configs, exported model) first (rank 0)."""
+    out = Path(config.out_dir)
+    if config.resume or not out.is_dir():
+        return
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    if not config.overwrite:
+        raise ConfigError(f"--out-dir {out} is not empty ({', '.join(entries[:5])}"
+                          f"{' ...' if len(entries) > 5 else ''}): give --resume auto to continue that run, "
+                          f"--overwrite to replace it, or another --out-dir")
+    if is_main:
+        import shutil
+        for path in list(out.glob("ckpt_*.pt")) + list(out.glob("ckpt_*.pt.tmp")) + [out / n for n in RUN_FILES]:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        log.info("--overwrite: removed the earlier run's files from %s", out)
+
+
 # ---- the trainer ----------------------------------------------------------------------------------------------
 class Trainer:
     """Owns the loop. ``model`` is the bare module (built identically on every rank); ``objective`` computes
@@ -313,8 +372,12 @@ class Trainer:
     """
 
     def __init__(self, model: nn.Module, objective: Objective, dataset, config: TrainConfig,
-                 env: DistEnv | None = None):
+                 env: DistEnv | None = None, run_settings: dict | None = None):
+        """``run_settings``: JSON-able settings outside :class:`TrainConfig` that a resume must not change (the
+        CLI passes its data and model sections, with the tokenizer's content hash); saved in every checkpoint."""
         self.config, self.env = config, env or DistEnv.from_env()
+        self.run_settings = json.loads(json.dumps(run_settings or {}, default=str))
+        prepare_out_dir(config, self.env.is_main)  # before the process group: no rank has written anything yet
         self.device = resolve_device(config.device, self.env)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -387,7 +450,24 @@ class Trainer:
         return {"step": self.step, "model": self._model_state(), "optimizer": self._optim_state(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema else None, "data": self.sampler.state_dict(),
-                "ranks": ranks, "world_size": self.env.world_size, "config": asdict(self.config)}
+                "ranks": ranks, "world_size": self.env.world_size, "config": asdict(self.config),
+                "run_settings": self.run_settings}
+
+    def check_resume_settings(self, state: dict, path) -> None:
+        """Refuse a checkpoint written with other optimisation, data or model settings (named in the error)."""
+        saved = json.loads(json.dumps({k: v for k, v in state["config"].items()
+                                       if k not in TrainConfig.RESUMABLE_CHANGES}, default=str))
+        now = json.loads(json.dumps({k: v for k, v in asdict(self.config).items()
+                                     if k not in TrainConfig.RESUMABLE_CHANGES}, default=str))
+        diff = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+                if saved.get(k) != now.get(k)]
+        old_run = state.get("run_settings")
+        if old_run is not None:  # checkpoints written before run settings were recorded have none
+            diff += [f"{k}: {a!r} -> {b!r}" for k, a, b in _flat_diff(old_run, self.run_settings)]
+        if diff:
+            raise ConfigError(f"cannot resume from {path}: it was written with other settings ({'; '.join(diff)}). "
+                              f"Only {', '.join(TrainConfig.RESUMABLE_CHANGES)} may change on a resume; use the "
+                              f"original settings, or start a new run in another --out-dir")
 
     def load_state_dict(self, state: dict) -> None:
         if state["world_size"] != self.env.world_size:
@@ -433,15 +513,29 @@ class Trainer:
         if resume == "auto":
             found = latest_valid_checkpoint(self.out_dir)
             if found is None:
-                log.info("no checkpoint in %s: starting from scratch", self.out_dir)
+                log.info("no usable checkpoint in %s: starting from scratch", self.out_dir)
+                self.metrics.drop_after(0)  # rows of an earlier attempt would be logged a second time
                 return False
             path, state = found
         else:
             path, state = Path(resume), load_checkpoint(resume)
+        self.check_resume_settings(state, path)
         self.load_state_dict(state)
+        self._apply_schedule_length()
         self.metrics.drop_after(self.step)
         log.info("resumed from %s at step %d", path, self.step)
         return True
+
+    def _apply_schedule_length(self) -> None:
+        """The restored schedule keeps the checkpoint's length; a resume with another ``steps`` gets its own (and
+        the learning rate of the current step from it), so the recorded ``steps`` is the one applied."""
+        schedule = self.scheduler.lr_lambdas[0]
+        if schedule.total != self.config.steps:
+            log.info("resume: learning-rate schedule length %d -> %d steps", schedule.total, self.config.steps)
+            schedule.total = self.config.steps
+            for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                group["lr"] = base_lr * schedule(self.scheduler.last_epoch)
+            self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     # -- loop --
     def _loader(self):

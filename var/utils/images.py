@@ -9,6 +9,18 @@ import numpy as np
 import torch
 from PIL import Image
 
+from var.errors import ConfigError
+from var.utils.files import atomic_path
+
+
+def pil_to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of any PIL image. 16-bit greyscale (modes ``I;16*`` and ``I``, as PNGs load) is scaled
+    by 1/257 first: PIL's own ``convert("RGB")`` clips it at 255, which turns every such image white."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        arr = np.asarray(image).astype(np.float64) / 257.0
+        return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
+    return image.convert("RGB")
+
 
 def to_uint8_hwc(images_B3HW: torch.Tensor) -> np.ndarray:
     """Images in [0, 1] ``[B, 3, H, W]`` -> uint8 ``[B, H, W, 3]`` (rounded, clamped)."""
@@ -29,25 +41,39 @@ def make_grid(images_B3HW: torch.Tensor, nrow: int | None = None, padding: int =
     return grid
 
 
+def image_format(path: str | os.PathLike) -> str:
+    """PIL's format name for the extension of ``path`` (``.png`` -> ``PNG``); an unknown one is a ConfigError, so
+    a bad output name fails before any sampling instead of after it."""
+    ext = Path(path).suffix.lower()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None or fmt not in Image.SAVE:
+        raise ConfigError(f"cannot write an image named {path}: give a .png (or .jpg, .webp ...) file name")
+    return fmt
+
+
+def save_image_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
+    """``image.save(path)`` through a temporary file and a rename: a full disk leaves no partial image."""
+    fmt = image_format(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=fmt)
+    return Path(path)
+
+
 def save_image_grid(images_B3HW: torch.Tensor, path: str | os.PathLike, nrow: int | None = None,
                     min_side: int = 256) -> Path:
-    """Save a PNG grid; small images are enlarged (nearest) so the grid is at least ``min_side`` px wide."""
+    """Save a grid image; small images are enlarged (nearest) so the grid is at least ``min_side`` px wide."""
     grid = Image.fromarray(make_grid(images_B3HW, nrow))
     if grid.width < min_side:
         factor = math.ceil(min_side / grid.width)
         grid = grid.resize((grid.width * factor, grid.height * factor), Image.NEAREST)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    return path
+    return save_image_atomic(grid, path)
 
 
 def save_images(images_B3HW: torch.Tensor, directory: str | os.PathLike, start_index: int = 0) -> list[Path]:
-    """Save each image as a lossless ``{index:06d}.png`` in ``directory``."""
+    """Save each image as a lossless ``{index:06d}.png`` in ``directory`` (atomic writes)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, arr in enumerate(to_uint8_hwc(images_B3HW)):
-        paths.append(directory / f"{start_index + i:06d}.png")
-        Image.fromarray(arr).save(paths[-1])
+        paths.append(save_image_atomic(Image.fromarray(arr), directory / f"{start_index + i:06d}.png"))
     return paths

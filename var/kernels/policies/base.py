@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from var.errors import ConfigError
-from var.kernels.compressed_cache import CompressedKVCache, Selection, SelectionContext, scale_tokens
+from var.kernels.compressed_cache import CompressedKVCache
+from var.kernels.selection import Selection, SelectionContext, scale_tokens
 
 
 def check_fraction(name: str, value, *, low_open: bool = True, high: float = 1.0) -> float:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from var.errors import ConfigError
-from var.kernels.compressed_cache import Selection, SelectionContext
+from var.kernels.selection import Selection, SelectionContext
 from var.kernels.policies.base import (CompressionPolicy, check_fraction, forced, pool_outside_window, rank_keep,
                                        uniform_queries, window_priority)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from var.errors import ConfigError
-from var.kernels.compressed_cache import scale_tokens
+from var.kernels.selection import scale_tokens
 from var.kernels.kv_cache import KVCache
 from var.kernels.policies.base import CacheLayout
 

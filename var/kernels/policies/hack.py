@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from var.errors import ConfigError
-from var.kernels.compressed_cache import Selection, SelectionContext
+from var.kernels.selection import Selection, SelectionContext
 from var.kernels.policies.base import CacheLayout, CompressionPolicy, check_fraction, rank_keep, uniform_queries
 from var.kernels.policies.calibration import CalibrationProfile
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from var.errors import ConfigError
-from var.kernels.compressed_cache import Selection, SelectionContext
+from var.kernels.selection import Selection, SelectionContext
 from var.kernels.policies.base import (CacheLayout, CompressionPolicy, grid_window, pool_outside_window,
                                        rank_keep, window_priority)
 from var.kernels.policies.calibration import CalibrationProfile
