@@ -179,3 +179,43 @@ def test_inductor_steps_equal_eager():
     ref = _decoded_logits(gpt, labels, idx, _static(gpt))
     out = _decoded_logits(gpt, labels, idx, _static(gpt, compile_spec(True)))
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+# ---- the samplers ---------------------------------------------------------------------------------------------
+def _same_tokens(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.tokens, b.tokens))
+
+
+@torch.no_grad()
+def test_compiled_next_scale_sampler_gives_the_eager_tokens():
+    """Same generator -> the same tokens (the draws stay eager); recompiles: one graph per scale for each batch
+    size, none when a batch size comes back."""
+    from var.samplers import sample_next_scale
+
+    torch._dynamo.reset()
+    tok, model = tiny_var_pair()
+    num_scales = len(tok.patch_nums)
+
+    def run(labels, compile):
+        return sample_next_scale(model, tok, labels, cfg=1.5, top_k=20, generator=torch.Generator().manual_seed(0),
+                                 decode=False, compile=compile)
+
+    before = _frames()
+    for labels in ([1, 2, 3], [4, 5], [1, 2, 3]):
+        assert _same_tokens(run(labels, "aot_eager"), run(labels, False))
+    assert (_frames()[0] - before[0], _frames()[1] - before[1]) == (2 * num_scales, 2 * num_scales)
+    with pytest.raises(ConfigError, match="full cache"):
+        sample_next_scale(model, tok, [1], compile="aot_eager", cache=ScaleKV(budget=0.5))
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_inductor_next_scale_sampler_gives_the_eager_tokens():
+    from var.samplers import sample_next_scale
+
+    torch._dynamo.reset()
+    tok, model = tiny_var_pair()
+    outs = [sample_next_scale(model, tok, [1, 2, 3], cfg=1.5, generator=torch.Generator().manual_seed(0),
+                              compile=compile) for compile in (False, True)]
+    assert _same_tokens(*outs)
+    torch.testing.assert_close(outs[1].images, outs[0].images, atol=1e-4, rtol=1e-4)

@@ -36,3 +36,14 @@ def test_scale_steps_read_back_only_to_size_a_compaction():
         with HostReads() as reads:
             _scale_steps(model, tok, cache)
         assert compactions and reads.names == ["tolist"] * len(compactions), (policy, reads.names)
+
+
+@torch.no_grad()
+def test_next_scale_sampler_reads_back_once_after_the_loop():
+    """The label check before the loop and the deferred finiteness check after it: nothing per scale."""
+    from var.samplers import sample_next_scale
+
+    tok, model = tiny_var_pair()
+    with HostReads() as reads:
+        sample_next_scale(model, tok, [1, 2, 3], cfg=1.5, generator=torch.Generator().manual_seed(0), decode=False)
+    assert reads.count == 2, reads.names

@@ -34,7 +34,8 @@ class CompileSpec:
 
     backend: str = "inductor"
     mode: str | None = None  # inductor only; None: "reduce-overhead" (CUDA graphs) on CUDA, "default" elsewhere
-    dynamic: bool = False    # static shapes: one graph per VAR scale, one for every next-token decode step
+    dynamic: bool | None = False  # static shapes: one graph per VAR scale, one for every next-token decode step
+    # (None: torch's automatic dynamic shapes, fewer compilations, kernels for symbolic sizes)
 
     def mode_on(self, device: torch.device) -> str | None:
         if self.backend != "inductor":
