@@ -47,3 +47,22 @@ def test_next_scale_sampler_reads_back_once_after_the_loop():
     with HostReads() as reads:
         sample_next_scale(model, tok, [1, 2, 3], cfg=1.5, generator=torch.Generator().manual_seed(0), decode=False)
     assert reads.count == 2, reads.names
+
+
+def test_multinomial_draws_what_torch_multinomial_draws():
+    """The sync-free draw equals torch.multinomial (one sample, with replacement) for the same generator, and leaves
+    the generator in the same state, for one generator and for one per sample."""
+    from var.samplers.logits import multinomial
+
+    for dtype, shape in ((torch.float32, (5, 7)), (torch.float64, (3, 4, 100)), (torch.float32, (2, 9, 64))):
+        p = torch.rand(shape, dtype=dtype, generator=torch.Generator().manual_seed(1)) ** 3
+        p = p / p.sum(-1, keepdim=True)
+        g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        ref = torch.multinomial(p.reshape(-1, shape[-1]), 1, replacement=True, generator=g1).view(shape[:-1])
+        assert torch.equal(multinomial(p, g2), ref)
+        assert torch.equal(torch.rand(4, generator=g1), torch.rand(4, generator=g2))
+        gens1 = [torch.Generator().manual_seed(s) for s in range(shape[0])]
+        gens2 = [torch.Generator().manual_seed(s) for s in range(shape[0])]
+        ref = torch.stack([torch.multinomial(p[b].reshape(-1, shape[-1]), 1, replacement=True, generator=g)
+                           .view(shape[1:-1]) for b, g in enumerate(gens1)])
+        assert torch.equal(multinomial(p, gens2), ref)

@@ -167,11 +167,17 @@ def multinomial(probs: torch.Tensor, generator: GeneratorArg = None, *,
         probs = torch.where(ok, probs, torch.ones_like(probs))
     gens = _as_generator_list(generator, batch)
     if gens is None:
-        flat = torch.multinomial(probs.reshape(-1, vocab), 1, replacement=True, generator=generator)
-        return flat.view(probs.shape[:-1])
-    rows = [torch.multinomial(probs[b].reshape(-1, vocab), 1, replacement=True, generator=g).view(probs.shape[1:-1])
-            for b, g in enumerate(gens)]
-    return torch.stack(rows, dim=0)
+        return _draw_one(probs, generator)
+    return torch.stack([_draw_one(probs[b], g) for b, g in enumerate(gens)], dim=0)
+
+
+def _draw_one(probs: torch.Tensor, generator) -> torch.Tensor:
+    """``torch.multinomial(probs, 1, replacement=True)`` per row, without its two host read-backs (it checks the
+    rows for inf/NaN/negatives and zero sums with ``.item()``): its own one-sample algorithm, ``argmax(p / E)`` with
+    ``E ~ Exp(1)`` drawn by ``exponential_`` on the generator, so the draws and the generator's state afterwards are
+    the same (tested); the rows' validity is the caller's check (``finite``)."""
+    exponential = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / exponential).argmax(dim=-1)
 
 
 def rand_like_per_sample(shape, generator: GeneratorArg, device, dtype=torch.float32) -> torch.Tensor:
