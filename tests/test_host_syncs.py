@@ -66,3 +66,18 @@ def test_multinomial_draws_what_torch_multinomial_draws():
         ref = torch.stack([torch.multinomial(p[b].reshape(-1, shape[-1]), 1, replacement=True, generator=g)
                            .view(shape[1:-1]) for b, g in enumerate(gens1)])
         assert torch.equal(multinomial(p, gens2), ref)
+
+
+@torch.no_grad()
+def test_deferred_finiteness_check_names_the_first_failing_scale():
+    """CoDe with a NaN refiner: the drafter's scales are finite, the error read after the loop names scale 2."""
+    import pytest
+
+    from var.errors import NonFiniteLogitsError
+    from var.samplers.collaborative import sample_collaborative
+
+    tok, drafter = tiny_var_pair()
+    _, refiner = tiny_var_pair(seed=1)
+    refiner.head.bias.fill_(float("nan"))
+    with pytest.raises(NonFiniteLogitsError, match="scale 2"):
+        sample_collaborative(drafter, refiner, tok, [1, 2], draft_steps=2, generator=torch.Generator().manual_seed(0))
