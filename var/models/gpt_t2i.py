@@ -203,7 +203,7 @@ class GPTT2I(GPT):
         T = self.prefix_len
         kv_cache.prefix_mask = None
         mask = prefix_attention_mask(cond.mask_BT, T, T, 0)
-        logits = super().forward_embeddings(self.caption_embed(cond), torch.arange(T, device=cond.device),
+        logits = super().forward_embeddings(self.caption_embed(cond), range(T),
                                             kv_cache, mask)
         # recorded only when some slot is padding, so unpadded captions decode with the plain masks
         kv_cache.prefix_mask = None if bool(cond.mask_BT.all()) else cond.mask_BT.clone()
