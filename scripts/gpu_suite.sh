@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The prepared GPU suite: the GPU test tier, then benchmarks; each tier fail-fast, one short table printed last.
+# The prepared GPU suite: the GPU test tier, then benchmarks; each tier fail-fast (a failed test tier still lets the
+# benchmarks run; the exit status is the failure's), one short table printed last.
 #
 #   bash scripts/gpu_suite.sh                 # default: pytest -m gpu (<= 3 min) + quick benchmarks (<= 3 min)
 #   bash scripts/gpu_suite.sh --full          # every benchmark (for a second call when time is left)
@@ -30,23 +31,31 @@ finish() {  # the one short table, printed last whatever happened
   for s in "${status[@]}"; do echo "$s"; done
 }
 trap finish EXIT
+failed=0
 step() {  # step NAME CMD...: run, record, stop the suite at the first failure
   local name="$1"; shift
   local t0=$SECONDS
   if "$@"; then status+=("| $name | ok ($((SECONDS - t0)) s) |"); else
     local rc=$?; status+=("| $name | FAILED rc=$rc ($((SECONDS - t0)) s) |"); exit "$rc"; fi
 }
+tier() {  # tier NAME CMD...: a tier stops at its own first failure (-x), the next tier still runs (GPU time is scarce)
+  local name="$1"; shift
+  local t0=$SECONDS
+  if "$@"; then status+=("| $name | ok ($((SECONDS - t0)) s) |"); else
+    local rc=$?; failed=$rc; status+=("| $name | FAILED rc=$rc ($((SECONDS - t0)) s) |"); fi
+}
 if [ "$dry" = 1 ]; then
   out="$(mktemp -d)"
   step "python imports var" python -c "import var, var.eval.gpu_suite"
-  step "gpu tests (bodies on the CPU)" env VAR_GPU_TESTS_ON_CPU=1 VAR_KERNELS=torch \
+  tier "gpu tests (bodies on the CPU)" env VAR_GPU_TESTS_ON_CPU=1 VAR_KERNELS=torch \
     python -m pytest -q -x -p no:cacheprovider -m gpu tests/gpu
-  step "benchmarks $tier (tiny, CPU)" python -m var.eval.gpu_suite --tier "$tier" --dry-run --out "$out" "${original[@]}"
+  tier "benchmarks $tier (tiny, CPU)" python -m var.eval.gpu_suite --tier "$tier" --dry-run --out "$out" "${original[@]}"
   status+=("| reports | $(ls "$out" | tr '\n' ' ') |")
-  exit 0
+  exit "$failed"
 fi
 unset TRITON_INTERPRET  # compiled kernels
 step "install (no deps)" pip install -q --no-deps -e .
 step "environment" python -c "import torch, triton, platform; print('GPU', torch.cuda.get_device_name(0), '| torch', torch.__version__, '| triton', triton.__version__, '| CUDA', torch.version.cuda, '| Python', platform.python_version())"
-step "gpu tests" python -m pytest -q -x -p no:cacheprovider -m gpu tests/gpu
-step "benchmarks $tier" python -m var.eval.gpu_suite --tier "$tier" --out "$out" "${original[@]}"
+tier "gpu tests" python -m pytest -q -x -p no:cacheprovider -m gpu tests/gpu
+tier "benchmarks $tier" python -m var.eval.gpu_suite --tier "$tier" --out "$out" "${original[@]}"
+exit "$failed"

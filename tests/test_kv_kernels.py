@@ -275,8 +275,8 @@ def test_compaction_gathers_kept_tokens_in_order():
     keep[0, 0, [1, 3]] = True          # prefix row 1 and current token 0 of head 0
     keep[0, 1, [0, 6]] = True          # prefix slot 0 is padding for head 1 (length 0): ignored
     keep[0, 2, [0, 2, 4, 5]] = True
-    rows, new_len, cand = kept_rows(keep, segment_starts(lens), lens, 3, pool.shape[0])
-    assert new_len.tolist() == [2, 1, 4]
+    rows, new_len, cand, min_max = kept_rows(keep, segment_starts(lens), lens, 3, pool.shape[0])
+    assert new_len.tolist() == [2, 1, 4] and min_max == (1, 4)
     out = gather_rows(pool, cur, rows)
     expected = [pool[1], cur[0, 0, 0], cur[0, 1, 3], pool[2], pool[4], cur[0, 2, 1], cur[0, 2, 2]]
     torch.testing.assert_close(out, torch.stack(expected), rtol=0, atol=0)

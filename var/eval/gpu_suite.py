@@ -1,10 +1,13 @@
-"""Benchmarks of the prepared GPU suite (``scripts/gpu_suite.sh``): VAR sampling eager vs compiled (and the original
-VAR sampler on the same weights), the ragged kernel vs SDPA, compressed caches, next-token pass cost, CoDe.
+"""Benchmarks of the prepared GPU suite (``scripts/gpu_suite.sh``): VAR sampling eager vs compiled vs CUDA graphs (and
+the original VAR sampler on the same weights), the next-token decode step likewise, the ragged kernel vs SDPA,
+compressed caches, next-token pass cost, CoDe.
 
 Every benchmark is a function returning rows (dicts); :func:`run_tier` runs a tier's list fail-fast and writes
 ``<out>/<name>.md`` + ``.json`` per benchmark, each naming the GPU, torch, triton and CUDA versions, then prints one
-short summary table last. ``--dry-run`` runs the same code on the CPU with the tiny presets and small shapes (no
-compilation), to check the suite's setup without a GPU. Random weights throughout: speeds and memory only.
+short summary table last. ``--dry-run`` runs the same code on the CPU with the tiny presets and small shapes
+(compiled rows traced by dynamo with the ``eager`` backend), to check the suite's setup without a GPU. Random weights
+throughout: speeds and memory only. Compiled rows report the compilations they triggered (``graphs``) and
+inductor's ``cudagraph_skips`` (0 when the CUDA-graph rows really replay graphs).
 
     python -m var.eval.gpu_suite --tier quick|full [--dry-run] [--original third_party/VAR] [--out benchmarks/gpu]
 """
@@ -26,6 +29,7 @@ from var.kernels import HACK, ScaleKV
 from var.kernels.compaction import segment_starts
 from var.kernels.ragged_attention import gather_prefix, ragged_attention
 from var.models import create
+from var.models.compiled import CompileSpec, DecodeStep, decode_cache
 from var.samplers import sample_next_scale
 from var.samplers.collaborative import sample_collaborative
 from var.utils.memory import PeakMemory
@@ -48,7 +52,9 @@ class Setup:
     big_batches: tuple = (64, 128, 256, 512)
     repeats: int = 3
     autocast: torch.dtype | None = torch.bfloat16
-    compile: bool = True
+    # (label, CompileSpec) of the compiled rows next to eager; "full" adds dynamic shapes (fewer compilations)
+    compile_modes: tuple = (("compiled", CompileSpec(mode="default")), ("CUDA graphs", CompileSpec()))
+    full_compile_modes: tuple = (("CUDA graphs, dynamic shapes", CompileSpec(dynamic=None)),)
     original: Path | None = None
     notes: list = field(default_factory=list)
 
@@ -58,7 +64,8 @@ class Setup:
             return cls(torch.device("cuda"), False, original=original)
         return cls(torch.device("cpu"), True, var_small="var_tiny", var_large="var_tiny", tokenizer="msvq_tiny",
                    gpt_models=("gpt_tiny",), batches=(1, 2), quick_batches=(1, 2), big_batches=(2, 4), repeats=1,
-                   autocast=None, compile=False, original=original)
+                   autocast=None, compile_modes=(("compiled (dynamo, eager backend)", CompileSpec(backend="eager")),),
+                   full_compile_modes=(), original=original)
 
 
 def environment(device: torch.device) -> dict:
@@ -82,6 +89,7 @@ def _sync(device):
 def timed(fn, device, repeats: int) -> tuple[float, int]:
     """(fastest seconds of ``repeats`` calls after one warm-up call, peak extra memory in bytes)."""
     fn()
+    _sync(device)
     best = float("inf")
     with PeakMemory(device) as mem:
         for _ in range(repeats):
@@ -109,37 +117,49 @@ def _labels(batch, num_classes, device):
 
 
 # ---- VAR sampling -----------------------------------------------------------------------------------------------
+def compile_counters() -> tuple[int, int]:
+    """(graphs compiled by dynamo so far, inductor's CUDA-graph skips so far)."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"], counters["inductor"]["cudagraph_skips"]
+
+
+def timed_compiled(fn, device, repeats: int) -> dict:
+    """:func:`timed` plus the warm-up (compilation) seconds and the compile counters' increase."""
+    graphs0, skips0 = compile_counters()
+    t0 = time.perf_counter()
+    seconds, peak = timed(fn, device, repeats)
+    graphs1, skips1 = compile_counters()
+    return dict(seconds=seconds, peak=peak, setup_s=time.perf_counter() - t0 - seconds * repeats,
+                graphs=graphs1 - graphs0, cudagraph_skips=skips1 - skips0)
+
+
 @torch.no_grad()
-def bench_var_sampling(setup: Setup, presets, batches) -> list[dict]:
-    """Images/s of :func:`sample_next_scale` (paper settings, bf16 autocast, decode included) eager vs compiled
-    (``torch.compile`` of the scale step, one static graph per scale); with ``setup.original`` also the original
-    sampler on the same weights, as a ratio."""
+def bench_var_sampling(setup: Setup, presets, batches, compile_modes=None) -> list[dict]:
+    """Images/s of :func:`sample_next_scale` (paper settings, bf16 autocast, decode included) eager vs compiled scale
+    steps (``compile=``: one static graph per scale; with CUDA graphs on CUDA); with ``setup.original`` also the
+    original sampler on the same weights, as a ratio. ``setup_s``: the warm-up's extra time (compilation)."""
     rows = []
+    modes = [("eager", None)] + list(setup.compile_modes if compile_modes is None else compile_modes)
     for preset in presets:
         model, tok = _var_pair(setup, preset)
-        eager_step = model.forward_scale
         original = load_original(setup.original, model, setup.device) if setup.original else None
         for batch in batches:
             labels = _labels(batch, model.config.num_classes, setup.device)
-            modes = ["eager"] + (["compiled"] if setup.compile else [])
             results = {}
-            for mode in modes:
-                if mode == "compiled":
-                    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-                    model.forward_scale = torch.compile(eager_step, dynamic=False)
+            for mode, spec in modes:
                 gen = torch.Generator(setup.device)
 
                 def run():
                     gen.manual_seed(0)
                     with _autocast(setup):
-                        return sample_next_scale(model, tok, labels, generator=gen, **PAPER)
-                t0 = time.perf_counter()
-                seconds, peak = timed(run, setup.device, setup.repeats)
-                results[mode] = seconds
-                rows.append(dict(model=preset, sampler=f"ours ({mode})", batch=batch, images_per_s=batch / seconds,
-                                 s_per_batch=seconds, peak_mem_mb=peak / 2 ** 20,
-                                 setup_s=time.perf_counter() - t0 - seconds * setup.repeats))
-                model.forward_scale = eager_step
+                        return sample_next_scale(model, tok, labels, generator=gen, compile=spec, **PAPER)
+                r = timed_compiled(run, setup.device, setup.repeats)
+                results[mode] = r["seconds"]
+                rows.append(dict(model=preset, sampler=f"ours ({mode})", batch=batch,
+                                 images_per_s=batch / r["seconds"], s_per_batch=r["seconds"],
+                                 peak_mem_mb=r["peak"] / 2 ** 20, setup_s=r["setup_s"], graphs=r["graphs"],
+                                 cudagraph_skips=r["cudagraph_skips"],
+                                 speedup_vs_eager=results["eager"] / r["seconds"]))
             if original is not None:
                 def run_original():
                     with _autocast(setup):
@@ -150,6 +170,50 @@ def bench_var_sampling(setup: Setup, presets, batches) -> list[dict]:
                                  s_per_batch=seconds, peak_mem_mb=peak / 2 ** 20,
                                  ours_speedup=seconds / best_ours))
         del model, tok
+    return rows
+
+
+@torch.no_grad()
+def bench_decode_step(setup: Setup, presets, batches=(1, 8), steps: int = 32, compile_modes=None) -> list[dict]:
+    """Next-token decoding, ``steps`` one-token steps after a half-full cache (CFG rows): ``GPT.decode`` (eager, the
+    cache length varies) vs the static-shape ``GPT.decode_step`` eager, compiled and as CUDA graphs."""
+    rows = []
+    modes = [("eager decode", None), ("static step, eager", None)]
+    modes += list(setup.compile_modes if compile_modes is None else compile_modes)
+    for preset in presets:
+        torch.manual_seed(0)
+        gpt = create(preset).eval().to(setup.device)
+        n = min(steps, gpt.seq_len // 2)
+        filled = gpt.seq_len // 2 - n + 1  # tokens in the cache before the timed steps (class token included)
+        for batch in batches:
+            rows_in = batch * 2
+            labels = torch.arange(rows_in, device=setup.device) % gpt.config.num_classes
+            tokens = torch.randint(0, gpt.vocab_size, (rows_in, gpt.seq_len), device=setup.device)
+            base_ms = None
+            for mode, spec in modes:
+                cache = decode_cache(gpt, rows_in, spec)
+                with _autocast(setup):
+                    gpt.prefill(labels, cache)
+                    if filled > 1:
+                        gpt.decode(tokens[:, :filled - 1], cache)
+                base = cache.length
+
+                def run():
+                    cache.truncate(base)
+                    with _autocast(setup):
+                        if mode == "eager decode":
+                            for i in range(n):
+                                gpt.decode(tokens[:, i:i + 1], cache)
+                        else:
+                            step = DecodeStep(gpt, cache, spec)
+                            for i in range(n):
+                                step(tokens[:, i:i + 1])
+                r = timed_compiled(run, setup.device, setup.repeats)
+                ms = 1000 * r["seconds"] / n
+                base_ms = base_ms or ms
+                rows.append(dict(model=preset, step=mode, batch=batch, ms_per_step=ms, speedup_vs_eager=base_ms / ms,
+                                 setup_s=r["setup_s"], graphs=r["graphs"], cudagraph_skips=r["cudagraph_skips"]))
+        del gpt
     return rows
 
 
@@ -322,13 +386,16 @@ def tier_benchmarks(setup: Setup, tier: str) -> list[tuple[str, object]]:
     if tier == "quick":
         return [
             ("var_sampling_quick", lambda: bench_var_sampling(setup, [setup.var_small], setup.quick_batches)),
+            ("decode_step_quick", lambda: bench_decode_step(setup, setup.gpt_models[:1], batches=(1,))),
             ("ragged_kernel_quick", lambda: bench_ragged_kernel(setup, [0.1])),
             ("kv_policies_quick", lambda: bench_kv_policies(setup, setup.var_small, [ScaleKV], 0.1,
                                                             setup.quick_batches[-1:])),
         ]
     if tier == "full":
         return [
-            ("var_sampling", lambda: bench_var_sampling(setup, [setup.var_small, setup.var_large], setup.batches)),
+            ("var_sampling", lambda: bench_var_sampling(setup, [setup.var_small, setup.var_large], setup.batches,
+                                                        setup.compile_modes + setup.full_compile_modes)),
+            ("decode_step", lambda: bench_decode_step(setup, setup.gpt_models)),
             ("ragged_kernel", lambda: bench_ragged_kernel(setup, [1.0, 0.5, 0.1])),
             ("kv_policies", lambda: bench_kv_policies(setup, setup.var_large, [ScaleKV, HACK], 0.1,
                                                       setup.big_batches)),

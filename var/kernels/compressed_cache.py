@@ -69,6 +69,7 @@ class CompressedKVCache(SequenceCursor):
         self.seg_start = [torch.zeros(BH, dtype=torch.int32, device=dev) for _ in range(L)]
         self.seg_len = [torch.zeros(BH, dtype=torch.int32, device=dev) for _ in range(L)]
         self._uniform: list[int | None] = [0] * L  # every head holds this many rows, or None (ragged)
+        self._max_len: list[int] = [0] * L  # max(seg_len) per layer, mirrored on the host: no read-back to size pads
         self.length = 0
         self._stored_until = self.capacity  # positions >= this were attended to but not stored
         self._peak = 0
@@ -122,7 +123,7 @@ class CompressedKVCache(SequenceCursor):
         k_new, v_new = k_BHlD.to(self.k_dtype), v_BHlD.to(self.v_dtype)
         out = ragged_attention(q_BHlD, self.k_pool[layer], self.v_pool[layer], self.seg_start[layer],
                                self.seg_len[layer], k_new, v_new, scale=scale, backend=self.backend,
-                               uniform_len=self._uniform[layer])
+                               uniform_len=self._uniform[layer], max_len=self._max_len[layer])
         self._peak = max(self._peak, self.nbytes() + k_new.numel() * k_new.element_size()
                          + v_new.numel() * v_new.element_size())
         if end >= self.capacity and not self.keep_last_scale:
@@ -138,10 +139,12 @@ class CompressedKVCache(SequenceCursor):
         if length > self._stored_until:
             raise ConfigError(f"cannot truncate to {length}: positions >= {self._stored_until} (the last scale) "
                               f"were not stored; use keep_last_scale=True")
-        for layer in range(self.num_layers):
-            pos, valid = self._padded_prefix_meta(layer)
-            keep = valid & (pos < length)
-            if bool(keep.sum() != valid.sum()):
+        metas = [self._padded_prefix_meta(layer) for layer in range(self.num_layers)]
+        keeps = [valid & (pos < length) for pos, valid in metas]
+        # one read-back for every layer: which ones hold a token to drop
+        drops = torch.stack([(valid & ~keep).any() for (_, valid), keep in zip(metas, keeps)]).tolist()
+        for layer, ((pos, _), keep, drop) in enumerate(zip(metas, keeps, drops)):
+            if drop:
                 self._compact(layer, Selection(keep), pos.shape[-1])  # no new tokens: only drops
         self.length = length
         self._stored_until = self.capacity
@@ -151,7 +154,7 @@ class CompressedKVCache(SequenceCursor):
         """Padded positions ``[B, H, P]`` (-1 where invalid) and validity of the layer's prefix."""
         B, H = self.batch_size, self.num_heads
         seg_len = self.seg_len[layer]
-        max_len = int(seg_len.max()) if seg_len.numel() else 0
+        max_len = self._max_len[layer]
         ar = torch.arange(max_len, device=self.device)
         valid = ar < seg_len[:, None]
         rows = torch.where(valid, self.seg_start[layer][:, None].long() + ar, 0)
@@ -163,7 +166,8 @@ class CompressedKVCache(SequenceCursor):
     def _context(self, layer, q, k_new, v_new, start, scale) -> SelectionContext:
         B, H, n, D = q.shape
         k_pre, v_pre, valid_pre = gather_prefix(self.k_pool[layer], self.v_pool[layer], self.seg_start[layer],
-                                            self.seg_len[layer], B, H, uniform_len=self._uniform[layer])
+                                            self.seg_len[layer], B, H, uniform_len=self._uniform[layer],
+                                            max_len=self._max_len[layer])
         P0 = k_pre.shape[2]
         if valid_pre is None:
             valid_pre = torch.ones(B, H, P0, dtype=torch.bool, device=self.device)
@@ -188,7 +192,7 @@ class CompressedKVCache(SequenceCursor):
         uniform = self._uniform[layer]
         selection = None
         if self.policy is not None:
-            max_key_len = (uniform if uniform is not None else int(self.seg_len[layer].max())) + n
+            max_key_len = self._max_len[layer] + n
             if self.policy.wants_selection(layer, start, n, max_key_len):
                 selection = self.policy.select(self._context(layer, q, k_new, v_new, start, scale))
         if selection is None and uniform is not None and not self.tracks_scores:
@@ -202,9 +206,9 @@ class CompressedKVCache(SequenceCursor):
             self.pos_pool[layer] = cat(self.pos_pool[layer].unsqueeze(-1), pos_new).view(-1)
             self.seg_len[layer] = torch.full_like(self.seg_len[layer], uniform + n)
             self.seg_start[layer] = segment_starts(self.seg_len[layer])
-            self._uniform[layer] = uniform + n
+            self._uniform[layer] = self._max_len[layer] = uniform + n
             return
-        max_prefix = int(self.seg_len[layer].max()) if self.seg_len[layer].numel() else 0
+        max_prefix = self._max_len[layer]
         if selection is None:
             selection = Selection(torch.ones(B, H, max_prefix + n, dtype=torch.bool, device=self.device))
         else:
@@ -217,14 +221,15 @@ class CompressedKVCache(SequenceCursor):
         keep_BHP, scores_BHP = selection.keep_BHP, selection.scores_BHP
         B, H, D = self.batch_size, self.num_heads, self.head_dim
         T = self.k_pool[layer].shape[0]
-        rows, new_len, cand = kept_rows(keep_BHP, self.seg_start[layer], self.seg_len[layer], max_prefix, T)
+        rows, new_len, cand, (lo, hi) = kept_rows(keep_BHP, self.seg_start[layer], self.seg_len[layer], max_prefix, T)
         if new is None:  # zero new tokens, so gather_rows reads the prefix only
             new = NewTokens(self.k_pool[layer].new_empty(B, H, 0, D), self.v_pool[layer].new_empty(B, H, 0, D), 0)
         n, k_cur, v_cur = new.n, new.k_BHnD, new.v_BHnD
         pos_cur = torch.arange(new.start, new.start + n, dtype=torch.int32, device=self.device).expand(B, H, n)
         bh = None
         if any(t is not None for t in (selection.k_BHPD, selection.v_BHPD, scores_BHP)):
-            bh = torch.repeat_interleave(torch.arange(B * H, device=self.device), new_len.long())
+            bh = torch.repeat_interleave(torch.arange(B * H, device=self.device), new_len.long(),
+                                         output_size=rows.shape[0])  # the size is known: no read-back
         if selection.k_BHPD is not None:
             self.k_pool[layer] = selection.k_BHPD.reshape(B * H, -1, D)[bh, cand].to(self.k_dtype)
         else:
@@ -242,8 +247,8 @@ class CompressedKVCache(SequenceCursor):
                                                      torch.zeros(B, H, n, device=self.device), rows)
         self.seg_len[layer] = new_len
         self.seg_start[layer] = segment_starts(new_len)
-        lo, hi = (int(new_len.min()), int(new_len.max())) if new_len.numel() else (0, 0)
         self._uniform[layer] = hi if lo == hi else None
+        self._max_len[layer] = hi
 
     def __repr__(self) -> str:
         return (f"CompressedKVCache(layers={self.num_layers}, batch={self.batch_size}, heads={self.num_heads}, "

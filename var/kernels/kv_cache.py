@@ -3,7 +3,8 @@
 Per layer it holds ``k, v: [B, H, capacity, D]``. A forward pass over ``l`` new tokens writes them at
 ``[length, length + l)`` in every layer, attends over ``[0, length + l)`` and then the caller commits them
 with :meth:`KVCache.advance`. :meth:`truncate` rolls back uncommitted or rejected positions (speculative
-decoding). Compressed caches (ScaleKV, HACK, ...) implement the same ``attend / advance / truncate / nbytes``
+decoding). :meth:`KVCache.attend_at` is the static-shape variant for compiled / CUDA-graph decode steps: it writes at
+slots held in a device tensor and attends over the whole buffer under a mask, so it reads no host state. Compressed caches (ScaleKV, HACK, ...) implement the same ``attend / advance / truncate / nbytes``
 interface, so the models never know which cache they are given.
 
 Memory is reported the same way by every cache: :meth:`nbytes` = bytes allocated (every tensor the cache holds),
@@ -51,8 +52,9 @@ class KVCache(SequenceCursor):
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  k_dtype: torch.dtype | None = None):
         shape = (batch_size, num_heads, capacity, head_dim)
-        self.k = [torch.empty(shape, dtype=k_dtype or dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # zeros, not empty: attend_at reads every slot under a mask, and a masked NaN would still poison P @ V
+        self.k = [torch.zeros(shape, dtype=k_dtype or dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.capacity = capacity
         self.length = 0
         self._peak_length = 0
@@ -75,13 +77,28 @@ class KVCache(SequenceCursor):
         k_cache, v_cache = self.k[layer], self.v[layer]
         k_cache[:, :, start:end] = k_BHlD
         v_cache[:, :, start:end] = v_BHlD
-        k_all, v_all = k_cache[:, :, :end], v_cache[:, :, :end]
-        q_BHlD = q_BHlD.to(k_all.dtype)  # the cache is read in its stored dtype: q is rounded to K's, never K up
-        if v_all.dtype != k_all.dtype:  # SDPA takes one dtype: a mixed cache (fp32 K, bf16 V) computes in the wider
-            dtype = torch.promote_types(k_all.dtype, v_all.dtype)
-            q_BHlD, k_all, v_all = q_BHlD.to(dtype), k_all.to(dtype), v_all.to(dtype)
-        out = F.scaled_dot_product_attention(q_BHlD, k_all, v_all, attn_mask=attn_mask, scale=scale)
-        return out.to(v_BHlD.dtype)
+        return _attention(q_BHlD, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask, scale).to(v_BHlD.dtype)
+
+    def attend_at(self, layer: int, q_BHlD: torch.Tensor, k_BHlD: torch.Tensor, v_BHlD: torch.Tensor,
+                  slots_l: torch.Tensor, *, scale: float, attn_mask: torch.Tensor) -> torch.Tensor:
+        """Static-shape :meth:`attend` (compiled / CUDA-graph decode steps): write the new K/V at cache slots
+        ``slots_l`` (long ``[l]`` on the cache's device; the caller keeps them in range) and attend over the whole
+        buffer under ``attn_mask`` (bool, True = attend, broadcast to ``[B, H, l, capacity]``; it must hide every slot
+        not written yet). Neither reads nor moves ``length``: the caller advances the cache."""
+        k_cache, v_cache = self.k[layer], self.v[layer]
+        k_cache.index_copy_(2, slots_l, k_BHlD.to(k_cache.dtype))
+        v_cache.index_copy_(2, slots_l, v_BHlD.to(v_cache.dtype))
+        return _attention(q_BHlD, k_cache, v_cache, attn_mask, scale).to(v_BHlD.dtype)
+
+    def at_slots(self, slots_l: torch.Tensor) -> "SlotWriter":
+        """This cache seen by one static-shape pass that writes at ``slots_l`` (see :meth:`attend_at`)."""
+        return SlotWriter(self, slots_l)
+
+    def clear(self) -> None:
+        """:meth:`reset` and zero the buffers (a reused cache then holds no stale value, e.g. a NaN, in masked slots)."""
+        self.reset()
+        for t in self.k + self.v:
+            t.zero_()
 
     def truncate(self, length: int) -> None:
         """Roll back to the first ``length`` tokens (later positions are overwritten by the next write)."""
@@ -111,6 +128,26 @@ class KVCache(SequenceCursor):
 
     def _token_nbytes(self) -> int:
         return sum(t[:, :, :1].numel() * t.element_size() for t in self.k + self.v)
+
+
+def _attention(q_BHlD, k_all, v_all, attn_mask, scale: float) -> torch.Tensor:
+    """SDPA over cached K/V read in their stored dtype: q is rounded to K's dtype, never K up."""
+    q_BHlD = q_BHlD.to(k_all.dtype)
+    if v_all.dtype != k_all.dtype:  # SDPA takes one dtype: a mixed cache (fp32 K, bf16 V) computes in the wider
+        dtype = torch.promote_types(k_all.dtype, v_all.dtype)
+        q_BHlD, k_all, v_all = q_BHlD.to(dtype), k_all.to(dtype), v_all.to(dtype)
+    return F.scaled_dot_product_attention(q_BHlD, k_all, v_all, attn_mask=attn_mask, scale=scale)
+
+
+class SlotWriter:
+    """A :class:`KVCache` as seen by one static-shape pass: ``attend`` writes at the device-side ``slots_l``
+    (:meth:`KVCache.attend_at`), so model layers written for ``cache.attend`` run unchanged."""
+
+    def __init__(self, cache: KVCache, slots_l: torch.Tensor):
+        self.cache, self.slots_l = cache, slots_l
+
+    def attend(self, layer: int, q_BHlD, k_BHlD, v_BHlD, *, scale: float, attn_mask: torch.Tensor) -> torch.Tensor:
+        return self.cache.attend_at(layer, q_BHlD, k_BHlD, v_BHlD, self.slots_l, scale=scale, attn_mask=attn_mask)
 
 
 class FullCache:

@@ -56,14 +56,16 @@ def ragged_attention_reference(q_BHnD, k_pool_TD, v_pool_TD, seg_start, seg_len,
 
 
 def gather_prefix(k_pool_TD, v_pool_TD, seg_start, seg_len, batch: int, heads: int, *,
-                  uniform_len: int | None = None):
+                  uniform_len: int | None = None, max_len: int | None = None):
     """Dense ``[B, H, P, D]`` copies (views when every head has the same length) of the ragged prefixes and the
-    validity mask ``[B, H, P]`` (None when uniform), ``P = max(seg_len)``."""
+    validity mask ``[B, H, P]`` (None when uniform), ``P = max(seg_len)``. ``max_len``: that maximum when the caller
+    knows it on the host (saves a device read-back)."""
     D = k_pool_TD.shape[1]
     if uniform_len is not None:
         shape = (batch, heads, uniform_len, D)
         return k_pool_TD.view(shape), v_pool_TD.view(shape), None
-    max_len = int(seg_len.max()) if seg_len.numel() else 0
+    if max_len is None:
+        max_len = int(seg_len.max()) if seg_len.numel() else 0
     ar = torch.arange(max_len, device=seg_len.device)
     valid = ar < seg_len[:, None]
     rows = torch.where(valid, seg_start[:, None].long() + ar, 0).view(-1)
@@ -72,12 +74,13 @@ def gather_prefix(k_pool_TD, v_pool_TD, seg_start, seg_len, batch: int, heads: i
     return k, v, valid.view(batch, heads, max_len)
 
 
-def _ragged_attention_torch(q, k_pool, v_pool, seg_start, seg_len, k_cur, v_cur, *, scale, uniform_len):
+def _ragged_attention_torch(q, k_pool, v_pool, seg_start, seg_len, k_cur, v_cur, *, scale, uniform_len, max_len):
     B, H, n, _ = q.shape
     if uniform_len == 0 or k_pool.shape[0] == 0:
         k_all, v_all, mask = k_cur, v_cur, None
     else:
-        k_pre, v_pre, valid = gather_prefix(k_pool, v_pool, seg_start, seg_len, B, H, uniform_len=uniform_len)
+        k_pre, v_pre, valid = gather_prefix(k_pool, v_pool, seg_start, seg_len, B, H, uniform_len=uniform_len,
+                                            max_len=max_len)
         k_all, v_all = torch.cat((k_pre, k_cur), dim=2), torch.cat((v_pre, v_cur), dim=2)
         mask = None
         if valid is not None:
@@ -90,13 +93,14 @@ def _ragged_attention_torch(q, k_pool, v_pool, seg_start, seg_len, k_cur, v_cur,
 
 def ragged_attention(q_BHnD, k_pool_TD, v_pool_TD, seg_start, seg_len, k_BHnD, v_BHnD, *, scale: float,
                      backend: str | None = None, out: torch.Tensor | None = None,
-                     uniform_len: int | None = None) -> torch.Tensor:
+                     uniform_len: int | None = None, max_len: int | None = None) -> torch.Tensor:
     """Attention over (ragged prefix + dense current scale); see the module docstring for the layout.
 
     Dtypes: K/V are used in their stored dtypes (``k_pool``/``k_cur`` share one, ``v_pool``/``v_cur`` another,
     else :class:`~var.errors.ConfigError`); ``q`` is rounded to K's dtype (an fp32 query under autocast meets bf16
     pools as bf16), products accumulate in fp32 and the result has V's dtype. ``uniform_len`` is a hint that every
-    head has exactly that many prefix rows laid out contiguously (the PyTorch path then avoids the gather). ``out``
+    head has exactly that many prefix rows laid out contiguously (the PyTorch path then avoids the gather); ``max_len``, ``max(seg_len)`` when the caller knows it on
+the host (the PyTorch path then reads nothing back from the device; the Triton path never does). ``out``
     (any strides, V's dtype or another float dtype) is fully overwritten and returned.
 
     Backend: see :func:`var.kernels._backend.resolve_backend`. When the Triton kernel fails to compile or launch
@@ -117,7 +121,7 @@ def ragged_attention(q_BHnD, k_pool_TD, v_pool_TD, seg_start, seg_len, k_BHnD, v
                 raise
             disable_triton(f"ragged_attention: {type(err).__name__}: {err}")
     result = _ragged_attention_torch(q_BHnD, k_pool_TD, v_pool_TD, seg_start, seg_len, k_BHnD, v_BHnD,
-                                     scale=scale, uniform_len=uniform_len)
+                                     scale=scale, uniform_len=uniform_len, max_len=max_len)
     if out is not None:
         out.copy_(result)
         return out

@@ -122,4 +122,4 @@ class CTFStage2(ClassPrefixTransformer):
         x = torch.cat((self.cls_embedding(labels_B), self.coarse_embeddings(coarse_BN)), dim=1)
         L = x.shape[1]
         full = torch.ones(L, L, dtype=torch.bool, device=x.device)
-        return self.blocks_and_head(x, torch.arange(L, device=x.device), None, full)[:, self.prefix_len:]
+        return self.blocks_and_head(x, self.rope(range(L), x.device), None, full)[:, self.prefix_len:]

@@ -227,23 +227,35 @@ class ClassPrefixTransformer(nn.Module):
         return torch.cat((labels_B, torch.full_like(labels_B, self.null_class))) if guided else labels_B
 
     # ---- RoPE and the blocks ----------------------------------------------------------------------------------
-    def rope(self, positions: torch.Tensor) -> torch.Tensor:
-        """(cos, sin) of absolute positions ``[l]`` or ``[B, l]`` -> ``[..., head_dim/2, 2]`` (fp32)."""
-        device = positions.device
+    def rope_table(self, device) -> torch.Tensor:
+        """(cos, sin) of every absolute position: ``[prefix_len + grid^2, head_dim/2, 2]`` fp32 on ``device``."""
         table = self._rope.get(device)
         if table is None:
             c = self.config
             table = rope_2d_table(c.grid_size, c.head_dim, c.rope_base, self.prefix_len).to(device)
             self._rope[device] = table
-        if positions.numel() and (positions.min() < 0 or positions.max() >= table.shape[0]):
+        return table
+
+    def rope(self, positions: torch.Tensor | range, device=None) -> torch.Tensor:
+        """(cos, sin) of absolute positions ``[l]`` or ``[B, l]`` -> ``[..., head_dim/2, 2]`` (fp32), range-checked.
+
+        A ``range`` (consecutive positions known on the host, e.g. after the cache's length) is checked on the host
+        and sliced; a tensor costs one device read-back for its check."""
+        if isinstance(positions, range):
+            table = self.rope_table(device)
+            if positions.start < 0 or positions.stop > table.shape[0] or positions.step != 1:
+                raise ConfigError(f"positions must be in [0, {table.shape[0]}), got {positions}")
+            return table[positions.start:positions.stop]
+        table = self.rope_table(positions.device)
+        if positions.numel() and bool(((positions < 0) | (positions >= table.shape[0])).any()):
             raise ConfigError(f"positions must be in [0, {table.shape[0]}), got [{positions.min()}, {positions.max()}]")
         return table[positions]
 
-    def blocks_and_head(self, x_BlC: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache | None,
+    def blocks_and_head(self, x_BlC: torch.Tensor, cos_sin: torch.Tensor, kv_cache: KVCache | None,
                         attn_mask: torch.Tensor | None) -> torch.Tensor:
-        """Input embeddings ``[B, l, C]`` at absolute ``positions`` -> fp32 logits ``[B, l, V]``."""
+        """Input embeddings ``[B, l, C]`` with the RoPE (cos, sin) of their positions (:meth:`rope`) -> fp32 logits
+        ``[B, l, V]``."""
         h = self.tok_dropout(x_BlC)
-        cos_sin = self.rope(positions)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos_sin, i, kv_cache, attn_mask)
         return self.output(self.norm(h)).float()
@@ -284,9 +296,10 @@ class GPT(ClassPrefixTransformer):
         return self.cls_embedding(labels_B)
 
     # ---- forward passes ---------------------------------------------------------------------------------------
-    def forward_embeddings(self, x_BlC: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache | None = None,
-                           attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Blocks + head over input embeddings at absolute ``positions`` -> fp32 logits ``[B, l, V]``.
+    def forward_embeddings(self, x_BlC: torch.Tensor, positions: torch.Tensor | range,
+                           kv_cache: KVCache | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Blocks + head over input embeddings at absolute ``positions`` (a tensor, or a host ``range``: see
+        :meth:`rope`) -> fp32 logits ``[B, l, V]``.
 
         Without a cache ``attn_mask=None`` means causal. With a cache the new K/V are written at
         ``[kv_cache.length, +l)`` and committed (``advance``); ``attn_mask`` (bool, True = attend) must broadcast to
@@ -296,7 +309,7 @@ class GPT(ClassPrefixTransformer):
             n, l = kv_cache.length, x_BlC.shape[1]
             slots = torch.arange(n + l, device=x_BlC.device)
             attn_mask = slots[None, :] <= (n + torch.arange(l, device=x_BlC.device))[:, None]
-        logits = self.blocks_and_head(x_BlC, positions, kv_cache, attn_mask)
+        logits = self.blocks_and_head(x_BlC, self.rope(positions, x_BlC.device), kv_cache, attn_mask)
         if kv_cache is not None:
             kv_cache.advance(x_BlC.shape[1])
         return logits
@@ -308,7 +321,7 @@ class GPT(ClassPrefixTransformer):
         if not 1 <= L <= self.seq_len:
             raise ConfigError(f"teacher forcing takes 1..{self.seq_len} tokens, got {L}")
         x = torch.cat((self.class_embed(labels_B), self.tok_embeddings(idx_BL[:, :-1])), dim=1)
-        return self.forward_embeddings(x, torch.arange(L, device=idx_BL.device))
+        return self.forward_embeddings(x, range(L))
 
     def teacher_forcing_logits(self, labels_B: torch.Tensor, idx_BL: torch.Tensor) -> torch.Tensor:
         """Checked :meth:`forward`: ``labels [B]``, tokens ``[B, L]`` (or ``[B, h, w]``) -> logits ``[B, L, V]``."""
@@ -321,17 +334,30 @@ class GPT(ClassPrefixTransformer):
         """Write the class prefix at position 0 of an empty cache -> logits of token 0 ``[B, 1, V]``."""
         if kv_cache.length != 0:
             raise ConfigError(f"prefill needs an empty cache (length {kv_cache.length})")
-        pos = torch.zeros(1, dtype=torch.long, device=labels_B.device)
-        return self.forward_embeddings(self.class_embed(labels_B), pos, kv_cache)
+        return self.forward_embeddings(self.class_embed(labels_B), range(1), kv_cache)
 
     def decode(self, idx_Bl: torch.Tensor, kv_cache: KVCache, *, positions: torch.Tensor | None = None,
                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Feed image tokens ``[B, l]`` through the cache -> logits ``[B, l, V]`` (row j predicts the token after
         input j). ``positions`` (absolute, ``[l]`` or ``[B, l]``): where the inputs sit in the sequence (token i is
         at ``1 + i``); default ``kv_cache.length + arange(l)``, i.e. cache slot = position."""
-        if positions is None:
-            positions = kv_cache.length + torch.arange(idx_Bl.shape[1], device=idx_Bl.device)
+        if positions is None:  # a host range: checked without reading anything back from the device
+            positions = range(kv_cache.length, kv_cache.length + idx_Bl.shape[1])
         return self.forward_embeddings(self.tok_embeddings(idx_Bl), positions, kv_cache, attn_mask)
+
+    def decode_step(self, idx_Bl: torch.Tensor, slots_l: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+        """:meth:`decode` with static shapes, for compiled / CUDA-graph decoding: tokens ``[B, l]`` enter the cache
+        slots ``slots_l`` (long ``[l]`` on the device; slot = position, as in plain decoding) and attend causally over
+        the whole preallocated cache (:meth:`KVCache.attend_at`). No host value is read, so every step is the same
+        program; the caller keeps the slots in range and advances the cache (:class:`var.models.compiled.DecodeStep`)."""
+        cos_sin = self.rope_table(idx_Bl.device)[slots_l]
+        mask = self.decode_step_mask(slots_l, kv_cache)
+        return self.blocks_and_head(self.tok_embeddings(idx_Bl), cos_sin, kv_cache.at_slots(slots_l), mask)
+
+    def decode_step_mask(self, slots_l: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+        """``[1, 1, l, capacity]`` bool for :meth:`decode_step`: each input sees the slots up to its own."""
+        keys = torch.arange(kv_cache.capacity, device=slots_l.device)
+        return (keys[None, :] <= slots_l[:, None])[None, None]
 
     def new_kv_cache(self, batch_size: int, *, capacity: int | None = None, dtype: torch.dtype | None = None,
                      device=None, k_dtype: torch.dtype | None = None) -> KVCache:

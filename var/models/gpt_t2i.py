@@ -157,6 +157,16 @@ class GPTT2I(GPT):
             attn_mask = attn_mask & keys[:, None, None, :]
         return super().forward_embeddings(x_BlC, positions, kv_cache, attn_mask)
 
+    def decode_step_mask(self, slots_l: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+        """:meth:`GPT.decode_step_mask` with the caption padding of the cache rows hidden: ``[B, 1, l, capacity]``."""
+        mask = super().decode_step_mask(slots_l, kv_cache)
+        pad = kv_cache.prefix_mask
+        if pad is None:
+            return mask
+        keys = torch.ones(pad.shape[0], kv_cache.capacity, dtype=torch.bool, device=pad.device)
+        keys[:, :pad.shape[1]] = pad
+        return mask & keys[:, None, None, :]
+
     def forward(self, cond: CaptionCondition, idx_BL: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: logits ``[B, L, V]``, row ``i`` predicts ``idx[:, i]`` from the caption and
         ``idx[:, :i]`` (L <= grid^2). Captions are used as given (dropout is :meth:`drop_captions`)."""
@@ -193,7 +203,7 @@ class GPTT2I(GPT):
         T = self.prefix_len
         kv_cache.prefix_mask = None
         mask = prefix_attention_mask(cond.mask_BT, T, T, 0)
-        logits = super().forward_embeddings(self.caption_embed(cond), torch.arange(T, device=cond.device),
+        logits = super().forward_embeddings(self.caption_embed(cond), range(T),
                                             kv_cache, mask)
         # recorded only when some slot is padding, so unpadded captions decode with the plain masks
         kv_cache.prefix_mask = None if bool(cond.mask_BT.all()) else cond.mask_BT.clone()

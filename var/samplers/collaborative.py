@@ -23,7 +23,7 @@ import torch
 
 from var.errors import ConfigError
 from var.kernels.kv_cache import FullCache, KVCache
-from var.samplers.logits import GeneratorArg
+from var.samplers.logits import FiniteCheck, GeneratorArg
 from var.samplers.next_scale import (PerScale, ScaleSampling, as_label_tensor, class_conditions, sample_scale,
                                      scale_input)
 from var.samplers.stats import SampleOutput, SamplerStats
@@ -111,8 +111,10 @@ def _drafter_cache(policy, drafter, rows: int, num_tokens: int, device):
 
 
 def draft(drafter, tokenizer, labels_B, draft_steps: int, sched: ScaleSampling, *, generator: GeneratorArg = None,
-          cache=None, more_smooth: bool = False, stats: SamplerStats | None = None) -> DraftHandoff:
-    """Sample scales ``0 .. draft_steps - 1`` with the drafter's own cache; return the latent hand-over."""
+          cache=None, more_smooth: bool = False, stats: SamplerStats | None = None,
+          finite: FiniteCheck | None = None) -> DraftHandoff:
+    """Sample scales ``0 .. draft_steps - 1`` with the drafter's own cache; return the latent hand-over.
+    ``finite``: the sample's deferred finiteness check (None: each scale checked at once)."""
     device = drafter.head.weight.device
     B, guided = labels_B.shape[0], sched.guided
     n = tokenizer.patch_nums[-1]
@@ -130,7 +132,7 @@ def draft(drafter, tokenizer, labels_B, draft_steps: int, sched: ScaleSampling, 
             stats.extra["drafter_peak_kv_cache_bytes"] = max(stats.extra.get("drafter_peak_kv_cache_bytes", 0),
                                                              kv_cache.nbytes())
         idx, out.f_hat_BChw, next_BlCv = sample_scale(logits, si, tokenizer, out.f_hat_BChw, sched,
-                                                      generator=generator, more_smooth=more_smooth)
+                                                      generator=generator, more_smooth=more_smooth, finite=finite)
         out.tokens.append(idx)
         if si + 1 < len(tokenizer.patch_nums):
             out.inputs_BlCv.append(next_BlCv)
@@ -157,9 +159,9 @@ def _refiner_prefill(refiner, cond_BD, handoff: DraftHandoff, kv_cache, mode: st
 
 def refine(refiner, tokenizer, labels_B, handoff: DraftHandoff, sched: ScaleSampling, *, generator: GeneratorArg = None,
            cache=None, prefill: str = "auto", more_smooth: bool = False,
-           stats: SamplerStats | None = None) -> DraftHandoff:
+           stats: SamplerStats | None = None, finite: FiniteCheck | None = None) -> DraftHandoff:
     """Sample the remaining scales with the refiner, starting from the drafter's hand-over; returns the final
-    state (``tokens`` holds every scale)."""
+    state (``tokens`` holds every scale). ``finite``: as in :func:`draft`."""
     device = refiner.head.weight.device
     B, guided, num_scales = labels_B.shape[0], sched.guided, len(tokenizer.patch_nums)
     start = len(handoff.tokens)
@@ -173,7 +175,7 @@ def refine(refiner, tokenizer, labels_B, handoff: DraftHandoff, sched: ScaleSamp
             stats.extra["refiner_peak_kv_cache_bytes"] = max(stats.extra.get("refiner_peak_kv_cache_bytes", 0),
                                                              kv_cache.nbytes())
         idx, f_hat, next_BlCv = sample_scale(logits, si, tokenizer, f_hat, sched, generator=generator,
-                                             more_smooth=more_smooth)
+                                             more_smooth=more_smooth, finite=finite)
         tokens.append(idx)
         if si + 1 < num_scales:
             logits = refiner.forward_scale(scale_input(refiner, si + 1, next_BlCv, guided), cond_BD, kv_cache)
@@ -220,16 +222,19 @@ def sample_collaborative(drafter, refiner, tokenizer, labels_B, *, draft_steps: 
     sched = ScaleSampling.build(num_scales, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature,
                                 temperature_order=temperature_order)
     stats = SamplerStats(extra={"draft_steps": draft_steps, "drafter_passes": draft_steps})
+    finite = FiniteCheck()  # read back once, after the last scale
 
     handoff = draft(drafter, tokenizer, labels_B, draft_steps, sched, generator=generator,
-                    cache=drafter_cache or cache, more_smooth=more_smooth, stats=stats)
+                    cache=drafter_cache or cache, more_smooth=more_smooth, stats=stats, finite=finite)
     if draft_steps < num_scales:  # the drafter's cache went out of scope inside draft()
         handoff = refine(refiner, tokenizer, labels_B, handoff, sched, generator=generator,
-                         cache=refiner_cache or cache, prefill=prefill, more_smooth=more_smooth, stats=stats)
+                         cache=refiner_cache or cache, prefill=prefill, more_smooth=more_smooth, stats=stats,
+                         finite=finite)
     else:
         stats.extra.update(refiner_passes=0, prefill="none", prefill_tokens=0)
     stats.peak_kv_cache_bytes = max(stats.extra.get("drafter_peak_kv_cache_bytes", 0),
                                     stats.extra.get("refiner_peak_kv_cache_bytes", 0))
+    finite.raise_if_failed()
     stats.tokens = drafter.config.seq_len
     images = tokenizer.latent_to_image(handoff.f_hat_BChw).add(1).mul(0.5) if decode else None
     stats.wall_time_s = time.perf_counter() - t0

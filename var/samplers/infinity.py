@@ -20,7 +20,7 @@ from var.errors import ConfigError
 from var.kernels.kv_cache import FullCache
 from var.models.infinity import Infinity, InfinityAtSchedule
 from var.models.text_encoder import PromptEmbeddings
-from var.samplers.logits import GeneratorArg, check_finite, check_sampling_args, multinomial, rand_like_per_sample
+from var.samplers.logits import FiniteCheck, GeneratorArg, check_sampling_args, multinomial, rand_like_per_sample
 from var.samplers.logits import top_k_top_p_filter
 from var.samplers.stats import SampleOutput, SamplerStats
 from var.tokenizers.scale_schedules import ScaleSchedule, dynamic_schedule
@@ -49,15 +49,16 @@ def text_tensors(text, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def draw_bits(logits_Bl2d: torch.Tensor, *, top_k: int, top_p: float, gumbel: bool,
-              generator: GeneratorArg) -> torch.Tensor:
-    """One {0, 1} draw per bit from logits ``[B, l, 2d]`` (pairs per bit) -> bits ``[B, l, d]`` int64."""
+              generator: GeneratorArg, finite: FiniteCheck | None = None) -> torch.Tensor:
+    """One {0, 1} draw per bit from logits ``[B, l, 2d]`` (pairs per bit) -> bits ``[B, l, d]`` int64.
+    ``finite``: the sample's deferred finiteness check (None: the draw checks at once)."""
     B, l, two_d = logits_Bl2d.shape
     pairs = top_k_top_p_filter(logits_Bl2d.reshape(B, l * two_d // 2, 2).float(), top_k, top_p)
     if gumbel:  # Gumbel-max: argmax(logits + Gumbel noise) is a draw from softmax(logits)
         u = rand_like_per_sample(pairs.shape, generator, pairs.device).clamp_(1e-20, 1.0)
         bits = (pairs - torch.log(-torch.log(u))).argmax(-1)
     else:
-        bits = multinomial(pairs.softmax(-1), generator)  # same draws as the original for one generator
+        bits = multinomial(pairs.softmax(-1), generator, finite=finite)  # the original's draws for one generator
     return bits.view(B, l, two_d // 2)
 
 
@@ -119,6 +120,7 @@ def sample_infinity(model: Infinity, vae, text, *, schedule: ScaleSchedule | Non
     rows = text_cond.cond_BD.shape[0]
     kv_cache = (cache or FullCache()).new_cache(InfinityAtSchedule(model, schedule), rows, device=device)
     stats = SamplerStats()
+    finite = FiniteCheck()  # read back once, after the last scale
 
     x_BlC = model.first_scale_input(text_cond)
     summed, bits_list = None, []
@@ -132,14 +134,16 @@ def sample_infinity(model: Infinity, vae, text, *, schedule: ScaleSchedule | Non
             logits = cfgs[si] * logits[:B] + (1 - cfgs[si]) * logits[B:]
         else:
             logits = model.logits(h_BlC[:B], text_cond.cond_BD[:B]) / taus[si]
-        check_finite(logits, f"scale {si} ({h}x{w})")
-        bits = draw_bits(logits, top_k=top_k, top_p=top_p, gumbel=gumbel, generator=generator).view(B, h, w, -1)
+        finite.update(logits, f"scale {si} ({h}x{w})")
+        bits = draw_bits(logits, top_k=top_k, top_p=top_p, gumbel=gumbel, generator=generator,
+                         finite=finite).view(B, h, w, -1)
         bits_list.append(bits)
         summed = vae.add_scale(summed, bits, schedule.final)
         if si + 1 < n:
             x_BlC = model.scale_input(vae.scale_input(summed, schedule.scales[si + 1]))
             if rows != B:
                 x_BlC = torch.cat((x_BlC, x_BlC))
+    finite.raise_if_failed()
     stats.tokens = schedule.seq_len
     images = vae.decode_latent(summed).add(1).mul(0.5) if decode else None
     stats.wall_time_s = time.perf_counter() - t0

@@ -94,9 +94,48 @@ def logits_to_probs(logits: torch.Tensor, *, temperature: float = 1.0, top_k: in
 
 
 def check_finite(logits: torch.Tensor, where: str) -> None:
-    """Raise :class:`NonFiniteLogitsError` if ``logits`` hold NaN or +-inf."""
+    """Raise :class:`NonFiniteLogitsError` if ``logits`` hold NaN or +-inf (reads the answer back at once: a
+    sampling loop uses a deferred :class:`FiniteCheck` instead)."""
     if not torch.isfinite(logits).all():
         raise NonFiniteLogitsError(f"non-finite logits at {where} (NaN/inf: check the weights and the dtype)")
+
+
+class FiniteCheck:
+    """The finiteness check of a sampling loop's logits, kept on the device: :meth:`update` records (without a host
+    synchronisation) the first check that saw NaN/inf; :meth:`raise_if_failed` reads that one number back, once at
+    the end or folded into a read-back the loop makes anyway (:meth:`first_failure`). ``deferred=False`` raises in
+    :meth:`update` (the immediate behaviour of :func:`check_finite`)."""
+
+    def __init__(self, deferred: bool = True):
+        self.deferred = deferred
+        self.wheres: list[str] = []
+        self._first: torch.Tensor | None = None  # 0-d long on the device: index into wheres, -1 = all finite
+
+    def update(self, x: torch.Tensor, where: str) -> torch.Tensor:
+        """Record whether ``x`` is finite; returns the per-row flags ``[rows, ...]`` (all but the last dim) so a
+        caller can keep a non-finite row from reaching a draw."""
+        if not self.deferred:
+            check_finite(x, where)
+            return torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
+        finite_rows = torch.isfinite(x).all(dim=-1)
+        index = len(self.wheres)
+        self.wheres.append(where)
+        bad = torch.where(finite_rows.all(), -1, index)
+        self._first = bad if self._first is None else torch.where(self._first >= 0, self._first, bad)
+        return finite_rows
+
+    def first_failure(self) -> torch.Tensor | None:
+        """The device-side index of the first failed check (-1: none yet), to read back with other numbers."""
+        return self._first
+
+    def raise_if_failed(self, first: int | None = None) -> None:
+        """Raise :class:`NonFiniteLogitsError` naming the first failed check; ``first`` is :meth:`first_failure`
+        already read back (else it is read here: one synchronisation)."""
+        if first is None:
+            first = int(self._first) if self._first is not None else -1
+        if first >= 0:
+            raise NonFiniteLogitsError(f"non-finite logits at {self.wheres[first]} (NaN/inf: check the weights, the "
+                                       "dtype, cfg and the temperature)")
 
 
 def _as_generator_list(generator: GeneratorArg, batch: int):
@@ -108,23 +147,37 @@ def _as_generator_list(generator: GeneratorArg, batch: int):
     return gens
 
 
-def multinomial(probs: torch.Tensor, generator: GeneratorArg = None) -> torch.Tensor:
+def multinomial(probs: torch.Tensor, generator: GeneratorArg = None, *,
+                finite: FiniteCheck | None = None) -> torch.Tensor:
     """Draw one index per row of ``probs [B, ..., V]`` -> LongTensor ``[B, ...]``.
 
     ``generator`` is one ``torch.Generator`` for the whole batch or a list with one per sample (then sample b
-    uses only generator b, so a batch of N equals N single runs).
+    uses only generator b, so a batch of N equals N single runs). Non-finite probabilities (e.g. guidance or the
+    temperature pushed the logits to inf) raise :class:`NonFiniteLogitsError` at once, or, with a deferred
+    ``finite`` check, are recorded there and the row draws from a uniform stand-in (no host synchronisation; the
+    sampler raises when it reads the check).
     """
     batch, vocab = probs.shape[0], probs.shape[-1]
-    if not torch.isfinite(probs).all():  # e.g. guidance or temperature pushed the logits to inf
-        raise NonFiniteLogitsError("non-finite sampling probabilities (NaN/inf): check cfg, temperature, the weights "
-                                   "and the dtype")
+    if finite is None:
+        if not torch.isfinite(probs).all():
+            raise NonFiniteLogitsError("non-finite sampling probabilities (NaN/inf): check cfg, temperature, the "
+                                       "weights and the dtype")
+    else:  # torch.multinomial must never see a NaN row (an error on the CPU, a device assert on CUDA)
+        ok = finite.update(probs, "the sampling probabilities")[..., None] & (probs.sum(-1, keepdim=True) > 0)
+        probs = torch.where(ok, probs, torch.ones_like(probs))
     gens = _as_generator_list(generator, batch)
     if gens is None:
-        flat = torch.multinomial(probs.reshape(-1, vocab), 1, replacement=True, generator=generator)
-        return flat.view(probs.shape[:-1])
-    rows = [torch.multinomial(probs[b].reshape(-1, vocab), 1, replacement=True, generator=g).view(probs.shape[1:-1])
-            for b, g in enumerate(gens)]
-    return torch.stack(rows, dim=0)
+        return _draw_one(probs, generator)
+    return torch.stack([_draw_one(probs[b], g) for b, g in enumerate(gens)], dim=0)
+
+
+def _draw_one(probs: torch.Tensor, generator) -> torch.Tensor:
+    """``torch.multinomial(probs, 1, replacement=True)`` per row, without its two host read-backs (it checks the
+    rows for inf/NaN/negatives and zero sums with ``.item()``): its own one-sample algorithm, ``argmax(p / E)`` with
+    ``E ~ Exp(1)`` drawn by ``exponential_`` on the generator, so the draws and the generator's state afterwards are
+    the same (tested); the rows' validity is the caller's check (``finite``)."""
+    exponential = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / exponential).argmax(dim=-1)
 
 
 def rand_like_per_sample(shape, generator: GeneratorArg, device, dtype=torch.float32) -> torch.Tensor:

@@ -14,7 +14,8 @@ import torch
 
 from var.errors import ConfigError
 from var.kernels.kv_cache import FullCache
-from var.samplers.logits import (TEMPERATURE_ORDERS, GeneratorArg, apply_cfg, check_finite, check_guidance,
+from var.models.compiled import CompileArg, ScaleStep, compile_spec
+from var.samplers.logits import (TEMPERATURE_ORDERS, FiniteCheck, GeneratorArg, apply_cfg, check_guidance,
                                  check_sampling_args, gumbel_softmax, multinomial, processed_logits)
 from var.samplers.stats import SampleOutput, SamplerStats
 
@@ -93,13 +94,15 @@ def scale_input(model, si: int, latent_BlCv: torch.Tensor, guided: bool) -> torc
 
 
 def sample_scale(logits_rlV: torch.Tensor, si: int, tokenizer, f_hat_BChw: torch.Tensor, sampling: ScaleSampling,
-                 *, generator: GeneratorArg = None, more_smooth: bool = False, forced_Bhw: torch.Tensor | None = None):
+                 *, generator: GeneratorArg = None, more_smooth: bool = False, forced_Bhw: torch.Tensor | None = None,
+                 finite: FiniteCheck | None = None):
     """One VAR scale step after the forward pass: guide, filter and draw scale ``si`` from its logits
     ``[rows, pn*pn, V]``, add its codes to ``f_hat`` and return ``(idx [B, pn, pn], f_hat, next latent
     [B, pn'*pn', Cvae])`` (the next scale's tokenizer input; ``f_hat`` itself after the last scale).
 
     ``forced_Bhw`` (teacher forcing) takes these tokens instead of a draw. Shapes depend only on the scale, so the
-    step is the same program for every batch (``torch.compile`` friendly).
+    step is the same program for every batch (``torch.compile`` friendly). ``finite``: the loop's deferred
+    finiteness check (None: checked here at once, one host synchronisation).
     """
     pn, num_scales = tokenizer.patch_nums[si], len(tokenizer.patch_nums)
     B = f_hat_BChw.shape[0]
@@ -107,10 +110,11 @@ def sample_scale(logits_rlV: torch.Tensor, si: int, tokenizer, f_hat_BChw: torch
         h_BChw = tokenizer.embed(forced_Bhw).float().contiguous()
         f_hat_BChw, next_BChw = tokenizer.next_scale_input(si, f_hat_BChw, h_BChw)
         return forced_Bhw.reshape(B, pn, pn), f_hat_BChw, next_BChw.flatten(2).transpose(1, 2)
-    check_finite(logits_rlV, f"scale {si} (pn={pn})")
+    finite = finite or FiniteCheck(deferred=False)
+    finite.update(logits_rlV, f"scale {si} (pn={pn})")
     logits = apply_cfg(logits_rlV[:B], logits_rlV[B:], 1 + sampling.cfg[si]) if sampling.guided else logits_rlV
     logits = sampling.logits(logits, si)
-    idx_Bl = multinomial(logits.softmax(dim=-1), generator)
+    idx_Bl = multinomial(logits.softmax(dim=-1), generator, finite=finite)
     if more_smooth:  # VAR's visualisation trick: a Gumbel-softmax mixture of codes instead of the drawn code
         ratio = si / (num_scales - 1) if num_scales > 1 else 1.0
         tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
@@ -127,7 +131,7 @@ def sample_scale(logits_rlV: torch.Tensor, si: int, tokenizer, f_hat_BChw: torch
 @torch.no_grad()
 def sample_next_scale(model, tokenizer, labels_B, *, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
                       temperature: float = 1.0, more_smooth: bool = False, generator: GeneratorArg = None,
-                      cache=None, decode: bool = True) -> SampleOutput:
+                      cache=None, decode: bool = True, compile: CompileArg = False) -> SampleOutput:
     """Sample ``len(labels_B)`` images class-conditionally with a VAR model and its multi-scale tokenizer.
 
     Args:
@@ -138,6 +142,9 @@ def sample_next_scale(model, tokenizer, labels_B, *, cfg: float = 1.5, top_k: in
         generator: one ``torch.Generator`` or a list with one per sample (a batch of N then equals N runs).
         cache: a cache policy with ``new_cache(model, batch, dtype=, device=)`` (default: the full cache).
         decode: decode the tokens to images (otherwise ``images`` is None).
+        compile: compile the scale step (:mod:`var.models.compiled`: one graph per scale, CUDA graphs on CUDA; the
+            full cache only, kept for the next sample of that batch size); ``True``, or a ``torch.compile`` backend
+            name. The draws stay eager, so a seeded run gives the eager tokens up to the compiled logits' rounding.
     Returns:
         :class:`SampleOutput` with ``images [B, 3, H, W]`` in [0, 1], ``tokens`` (list of ``[B, pn, pn]``), stats.
     """
@@ -154,22 +161,25 @@ def sample_next_scale(model, tokenizer, labels_B, *, cfg: float = 1.5, top_k: in
     sampling = ScaleSampling.build(len(cfg_model.patch_nums), cfg=cfg, top_k=top_k, top_p=top_p,
                                    temperature=temperature)
     cond_BD = class_conditions(model, labels_B, sampling.guided)
-    kv_cache = (cache or FullCache()).new_cache(model, cond_BD.shape[0], device=device)
+    step = ScaleStep(model, compile_spec(compile))
+    kv_cache = step.new_cache(cache or FullCache(), cond_BD.shape[0], device)
     stats = SamplerStats()
+    finite = FiniteCheck()  # read back once, after the last scale: no host synchronisation inside the loop
 
     n = cfg_model.patch_nums[-1]
     x_BlC = model.first_scale_input(cond_BD)
     f_hat = torch.zeros(B, tokenizer.embed_dim, n, n, device=device)
     tokens = []
     for si in range(len(cfg_model.patch_nums)):
-        logits = model.forward_scale(x_BlC, cond_BD, kv_cache)  # [rows, pn*pn, V]
+        logits = step(x_BlC, cond_BD, kv_cache)  # [rows, pn*pn, V]
         stats.forward_passes += 1
         stats.track_kv(kv_cache)
         idx_Bhw, f_hat, next_BlCv = sample_scale(logits, si, tokenizer, f_hat, sampling, generator=generator,
-                                                 more_smooth=more_smooth)
+                                                 more_smooth=more_smooth, finite=finite)
         tokens.append(idx_Bhw)
         if si + 1 < len(cfg_model.patch_nums):
             x_BlC = scale_input(model, si + 1, next_BlCv, sampling.guided)
+    finite.raise_if_failed()
     stats.tokens = cfg_model.seq_len
     images = tokenizer.latent_to_image(f_hat).add(1).mul(0.5) if decode else None
     stats.wall_time_s = time.perf_counter() - t0

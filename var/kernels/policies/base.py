@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass
 
@@ -129,8 +130,13 @@ def grid_window(ctx: SelectionContext, window: int) -> torch.Tensor:
 
 def uniform_queries(n: int, count: int, device) -> torch.Tensor:
     """``min(count, n)`` evenly spaced query positions of the current scale (HACK's N_obs sampling)."""
-    k = min(count, n)
-    return torch.linspace(0, n - 1, k, device=device).round().long().unique()
+    return torch.tensor(_uniform_query_positions(n, min(count, n)), dtype=torch.long, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _uniform_query_positions(n: int, k: int) -> tuple:
+    # on the host, once per size (unique's size is data-dependent: on the device it would wait for the GPU)
+    return tuple(torch.linspace(0, n - 1, k).round().long().unique().tolist())
 
 
 def window_priority(scores_BHP: torch.Tensor, ctx: SelectionContext, idx_cur: torch.Tensor, cap: int) -> torch.Tensor:

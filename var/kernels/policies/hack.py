@@ -91,14 +91,15 @@ class HACK(CompressionPolicy):
         b_c = int((B - (1 - alpha) * b_s) / alpha) if alpha > 0 else 0
         self.budget_structural, self.budget_contextual = b_s, max(1, min(full, b_c)) if alpha > 0 else 0
         self.caps_LH = torch.where(self.contextual, self.budget_contextual, self.budget_structural)
+        self.min_cap_L = self.caps_LH.min(dim=1).values.tolist()  # on the host: the per-layer checks read no tensor
         self.init_tokens = layout.cumulative(self.init_scales - 1) if self.init_scales else 0
 
     def wants_selection(self, layer: int, start: int, n: int, max_key_len: int) -> bool:
-        return max_key_len > int(self.caps_LH[layer].min())
+        return max_key_len > self.min_cap_L[layer]
 
     def select(self, ctx: SelectionContext) -> Selection | None:
         caps_H = self.caps_LH[ctx.layer].to(ctx.valid_BHP.device)
-        if ctx.max_prefix + ctx.n_cur <= int(caps_H.min()):
+        if ctx.max_prefix + ctx.n_cur <= self.min_cap_L[ctx.layer]:
             return None
         idx = uniform_queries(ctx.n_cur, self.num_queries, ctx.q_BHnD.device)
         scores = ctx.observation_scores(idx).masked_fill(~ctx.valid_BHP, 0.0)
