@@ -111,8 +111,10 @@ class ScaleStep:
     def __init__(self, model, spec: CompileSpec | None):
         self.model, self.spec = model, spec
         device = model.head.weight.device
-        fn = type(model).forward_scale
-        self.fn = fn if spec is None else compiled(fn, spec, device)
+        # eager: the instance's own forward_scale (a wrapper set on the model, e.g. a benchmark's recompute
+        # baseline, stays in effect); compiled: the class's function, traced once per shape
+        self.fn = (lambda m, *args: m.forward_scale(*args)) if spec is None else compiled(
+            type(model).forward_scale, spec, device)
         self.mark_steps = spec is not None and spec.cuda_graphs(device)
 
     def new_cache(self, cache_policy, rows: int, device):
