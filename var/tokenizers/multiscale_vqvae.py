@@ -10,7 +10,7 @@ import torch.nn as nn
 from var.errors import ConfigError, ImageSizeError
 from var.tokenizers.base import VQTokenizerBase
 from var.tokenizers.multiscale_quantizer import MultiScaleQuantizer
-from var.tokenizers.vae_modules import Decoder, Encoder
+from var.tokenizers.vae_modules import PADDING_MODES, Decoder, Encoder
 from var.utils.scales import ScaleSchedule
 
 VAR_PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -35,9 +35,14 @@ class MultiScaleVQVAEConfig:
     share_quant_resi: int = 4            # number of shared phi convolutions (0: one per scale)
     patch_nums: tuple = VAR_PATCH_NUMS_256  # side of each scale's token map; the last = latent side
     in_channels: int = 3
+    # padding of the decoder's 3x3 convolutions: "zeros" (the released VAR) or "replicate" (the bundled model:
+    # with zeros its small decoder drew a green top-right pixel into every image; see docs/models.md)
+    decoder_padding_mode: str = "zeros"
 
     def __post_init__(self):
         self.ch_mult, self.patch_nums = tuple(self.ch_mult), tuple(self.patch_nums)
+        if self.decoder_padding_mode not in PADDING_MODES:
+            raise ConfigError(f"decoder_padding_mode must be one of {PADDING_MODES}, got {self.decoder_padding_mode!r}")
         if any(b <= a for a, b in zip(self.patch_nums, self.patch_nums[1:])) or self.patch_nums[0] < 1:
             raise ConfigError(f"patch_nums must be strictly increasing positive sizes, got {self.patch_nums}")
         if self.ch % self.norm_groups:
@@ -66,12 +71,13 @@ class MultiScaleVQVAE(VQTokenizerBase):
                    z_channels=config.z_channels, dropout=config.dropout, using_sa=config.using_sa,
                    using_mid_sa=config.using_mid_sa, num_groups=config.norm_groups)
         self.encoder = Encoder(in_channels=config.in_channels, **net)
-        self.decoder = Decoder(out_channels=config.in_channels, **net)
+        self.decoder = Decoder(out_channels=config.in_channels, padding_mode=config.decoder_padding_mode, **net)
         self.quantize = MultiScaleQuantizer(config.vocab_size, config.z_channels, config.patch_nums,
                                             beta=config.beta, quant_resi=config.quant_resi,
                                             share_quant_resi=config.share_quant_resi)
         self.quant_conv = nn.Conv2d(config.z_channels, config.z_channels, 3, padding=1)
-        self.post_quant_conv = nn.Conv2d(config.z_channels, config.z_channels, 3, padding=1)
+        self.post_quant_conv = nn.Conv2d(config.z_channels, config.z_channels, 3, padding=1,
+                                         padding_mode=config.decoder_padding_mode)  # the decoder's first conv
 
     # ---- schedule -------------------------------------------------------------------------------------------
     @property

@@ -12,6 +12,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+PADDING_MODES = ("zeros", "replicate", "reflect")
+
+
+def conv3x3(c_in: int, c_out: int, padding_mode: str = "zeros") -> nn.Conv2d:
+    """3x3 convolution keeping the size; ``padding_mode`` as in :class:`torch.nn.Conv2d` (no weights involved)."""
+    return nn.Conv2d(c_in, c_out, 3, padding=1, padding_mode=padding_mode)
+
+
 def group_norm(channels: int, num_groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=num_groups, num_channels=channels, eps=1e-6, affine=True)
 
@@ -19,13 +27,13 @@ def group_norm(channels: int, num_groups: int) -> nn.GroupNorm:
 class ResnetBlock(nn.Module):
     """GN-SiLU-conv twice with a residual (1x1 ``nin_shortcut`` when the channel count changes)."""
 
-    def __init__(self, in_ch: int, out_ch: int, num_groups: int, dropout: float = 0.0):
+    def __init__(self, in_ch: int, out_ch: int, num_groups: int, dropout: float = 0.0, padding_mode: str = "zeros"):
         super().__init__()
         self.norm1 = group_norm(in_ch, num_groups)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = conv3x3(in_ch, out_ch, padding_mode)
         self.norm2 = group_norm(out_ch, num_groups)
         self.dropout = nn.Dropout(dropout) if dropout > 1e-6 else nn.Identity()
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv2 = conv3x3(out_ch, out_ch, padding_mode)
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
@@ -65,9 +73,9 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     """Nearest-neighbour x2, then a 3x3 convolution."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, padding_mode: str = "zeros"):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = conv3x3(channels, channels, padding_mode)
 
     def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x_BChw, scale_factor=2.0, mode="nearest"))
@@ -122,19 +130,24 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latent ``[B, z_ch, h, w]`` -> image ``[B, out_ch, h*2^(n-1), w*2^(n-1)]`` (unclamped)."""
+    """Latent ``[B, z_ch, h, w]`` -> image ``[B, out_ch, h*2^(n-1), w*2^(n-1)]`` (unclamped).
+
+    ``padding_mode`` of its 3x3 convolutions: "zeros" as released; "replicate" gives the corners no zero border
+    to read their position from (a small zero-padded decoder trained briefly kept a wrong-coloured corner pixel).
+    """
 
     def __init__(self, *, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int,
                  out_channels: int = 3, dropout: float = 0.0, using_sa: bool = True, using_mid_sa: bool = True,
-                 num_groups: int = 32):
+                 num_groups: int = 32, padding_mode: str = "zeros"):
         super().__init__()
+        pm = padding_mode
         last = len(ch_mult) - 1
         block_in = ch * ch_mult[last]
-        self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
+        self.conv_in = conv3x3(z_channels, block_in, pm)
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, num_groups, dropout)
+        self.mid.block_1 = ResnetBlock(block_in, block_in, num_groups, dropout, pm)
         self.mid.attn_1 = _maybe_attn(block_in, using_mid_sa, num_groups)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, num_groups, dropout)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, num_groups, dropout, pm)
         levels = []  # built from the lowest resolution up, stored by resolution index (up.0 = full size)
         for i_level in reversed(range(len(ch_mult))):
             level = nn.Module()
@@ -142,16 +155,16 @@ class Decoder(nn.Module):
             level.block = nn.ModuleList()
             level.attn = nn.ModuleList()
             for _ in range(num_res_blocks + 1):
-                level.block.append(ResnetBlock(block_in, block_out, num_groups, dropout))
+                level.block.append(ResnetBlock(block_in, block_out, num_groups, dropout, pm))
                 block_in = block_out
                 if i_level == last and using_sa:
                     level.attn.append(AttnBlock(block_in, num_groups))
             if i_level != 0:
-                level.upsample = Upsample(block_in)
+                level.upsample = Upsample(block_in, pm)
             levels.insert(0, level)
         self.up = nn.ModuleList(levels)
         self.norm_out = group_norm(block_in, num_groups)
-        self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
+        self.conv_out = conv3x3(block_in, out_channels, pm)
 
     def forward(self, z_BChw: torch.Tensor) -> torch.Tensor:
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z_BChw))))
