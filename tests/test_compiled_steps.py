@@ -219,3 +219,21 @@ def test_inductor_next_scale_sampler_gives_the_eager_tokens():
                               compile=compile) for compile in (False, True)]
     assert _same_tokens(*outs)
     torch.testing.assert_close(outs[1].images, outs[0].images, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_compiled_next_token_sampler_gives_the_eager_tokens():
+    """The static decode step, compiled: one graph for all steps of every sample of a batch size; same tokens."""
+    from var.samplers import sample_next_token
+
+    torch._dynamo.reset()
+    gpt = _gpt()
+
+    def run(compile, seed=0):
+        return sample_next_token(gpt, None, [1, 2, 3], cfg=2.0, top_k=20, decode=False,
+                                 generator=torch.Generator().manual_seed(seed), compile=compile).tokens
+
+    before = _frames()
+    for seed in (0, 1):
+        assert torch.equal(run("aot_eager", seed), run(False, seed))
+    assert (_frames()[0] - before[0], _frames()[1] - before[1]) == (1, 1)

@@ -81,3 +81,22 @@ def test_deferred_finiteness_check_names_the_first_failing_scale():
     refiner.head.bias.fill_(float("nan"))
     with pytest.raises(NonFiniteLogitsError, match="scale 2"):
         sample_collaborative(drafter, refiner, tok, [1, 2], draft_steps=2, generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def test_next_token_samplers_read_back_once_per_sample_or_pass():
+    """Plain decoding: the label check and the finiteness flag, nothing per token. SJD: one read per pass (loop
+    test, window width, cache truncation and finiteness flag together) plus the positions check of the window."""
+    from var.models import create
+    from var.samplers import sample_next_token, sample_sjd
+
+    torch.manual_seed(0)
+    gpt = create("gpt_tiny").eval()
+    labels = torch.tensor([1, 2, 3])
+    with HostReads() as reads:
+        sample_next_token(gpt, None, labels, generator=torch.Generator().manual_seed(0), decode=False)
+    assert reads.count == 2, reads.names
+    with HostReads() as reads:
+        out = sample_sjd(gpt, None, labels, window=4, generator=torch.Generator().manual_seed(0), decode=False)
+    passes = out.stats.extra["iterations"]
+    assert reads.count <= 2 * passes + 5, (passes, reads.names)

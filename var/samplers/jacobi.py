@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from var.errors import ConfigError
 from var.kernels.protocols import require_dense_cache
-from var.samplers.logits import GeneratorArg, rand_like_per_sample, sample_from_uniform
+from var.samplers.logits import FiniteCheck, GeneratorArg, rand_like_per_sample, sample_from_uniform
 from var.samplers.next_token import TokenProcessor, finish, prepare
 from var.samplers.stats import SamplerStats
 
@@ -336,9 +336,10 @@ def move_window_kv(cache, window_start: int, prefix_slots_B: torch.Tensor, count
 
 
 def commit(tokens_BN: torch.Tensor, committed_B: torch.Tensor, verdict: Verdict, cache, window: WindowInputs,
-           window_start: int, proc: TokenProcessor) -> None:
-    """Step 4: write the committed tokens; keep the K/V of the accepted inputs next to each row's prefix and drop
-    the rest (the rejected inputs' K/V were computed from a wrong draft)."""
+           window_start: int, proc: TokenProcessor) -> torch.Tensor:
+    """Step 4: write the committed tokens; keep the K/V of the accepted inputs next to each row's prefix. Returns
+    the cache length to truncate to (a device scalar: the caller reads it with its other per-pass numbers), which
+    drops the rest (the rejected inputs' K/V were computed from a wrong draft)."""
     width = verdict.commit_BW.shape[1]
     offsets = torch.arange(width, device=tokens_BN.device)
     sink = tokens_BN.shape[1] - 1
@@ -348,7 +349,7 @@ def commit(tokens_BN: torch.Tensor, committed_B: torch.Tensor, verdict: Verdict,
     prefix_slots = proc.double(window.prefix_slots_B)
     move_window_kv(cache, window_start, prefix_slots, width)
     # inputs w_0..w_{m-1} (the last committed token and the accepted drafts) are consistent with the new prefix
-    cache.truncate(int((prefix_slots + proc.double(verdict.commit_count_B)).max()))
+    return (prefix_slots + proc.double(verdict.commit_count_B)).max()
 
 
 def refill(init: str, tokens_BN: torch.Tensor, committed_B: torch.Tensor, commit_count_B: torch.Tensor,
@@ -404,6 +405,7 @@ def sample_jacobi(model, tokenizer, labels_B, *, window: int = 16, init: str = "
     rule = acceptance or ExactAcceptance()
     labels_B, proc, rows = prepare(model, tokenizer, labels_B, cfg_scale, temperature, top_k, top_p, cfg_interval,
                                    cfg=cfg)
+    proc.finite = FiniteCheck()  # read back with the per-pass numbers below
     device = labels_B.device
     batch, seq_len, vocab, prefix_len = len(labels_B), model.seq_len, model.vocab_size, model.prefix_len
     max_window = max(seq_len, MAX_WINDOW_FLOOR)
@@ -432,7 +434,8 @@ def sample_jacobi(model, tokenizer, labels_B, *, window: int = 16, init: str = "
     accepted_means, histogram = [], torch.zeros(window + 2, dtype=torch.long, device=device)
 
     remaining_B = seq_len - committed_B
-    while (longest := int(remaining_B.max())) > 0:  # one read-back per pass: loop test and window width
+    longest = int(remaining_B.max())
+    while longest > 0:
         width = min(window, longest)
         valid_B = remaining_B.clamp(max=width)  # positions a row still needs (0 for finished rows)
         uniforms = PassUniforms.draw(batch, window, generator, device)
@@ -443,7 +446,7 @@ def sample_jacobi(model, tokenizer, labels_B, *, window: int = 16, init: str = "
         samples_BW = next_samples(coupling, rule, target_BWV, drafts_BK, draft_q_BKV, committed_B, valid_B,
                                   gumbel_BNV, uniforms)
         verdict = accept(rule, target_BWV, drafts_BK, draft_q_BKV, valid_B, samples_BW, uniforms)
-        commit(tokens_BN, committed_B, verdict, cache, inputs, window_start, proc)
+        new_length = commit(tokens_BN, committed_B, verdict, cache, inputs, window_start, proc)
 
         active = valid_B > 0  # finished rows are counted in the extra bin window + 1, dropped at the end
         accepted_means.append((verdict.commit_count_B * active).sum() / active.sum())
@@ -454,7 +457,13 @@ def sample_jacobi(model, tokenizer, labels_B, *, window: int = 16, init: str = "
             drafts_BK, draft_q_BKV = refill(init, tokens_BN, committed_B, verdict.commit_count_B, samples_BW,
                                             target_BWV, slots, grid, uniforms, gumbel_BNV,
                                             rule.carried_drafts_one_hot)
+        # the pass's one read-back: the loop test and next width, the cache truncation and the finiteness flag
+        longest, length, first_bad = torch.stack((remaining_B.max(), new_length,
+                                                  proc.finite.first_failure())).tolist()
+        proc.finite.raise_if_failed(first_bad)
+        cache.truncate(length)
 
+    proc.finite.raise_if_failed()  # a one-token image has no pass
     means = torch.stack(accepted_means).tolist() if accepted_means else []
     stats.extra.update(iterations=len(means), mean_accepted_per_iteration=sum(means) / max(len(means), 1),
                        accepted_histogram=histogram[:window + 1].tolist(), window=window, init=init, coupling=coupling,

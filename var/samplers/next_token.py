@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from var.errors import ConfigError
 from var.models.conditioning import CaptionCondition
-from var.samplers.logits import (GeneratorArg, apply_cfg, check_finite, check_guidance, check_sampling_args,
+from var.models.compiled import CompileArg, DecodeStep, compile_spec, decode_cache
+from var.samplers.logits import (FiniteCheck, GeneratorArg, apply_cfg, check_guidance, check_sampling_args,
                                  multinomial, processed_logits)
 from var.samplers.next_scale import as_label_tensor
 from var.samplers.stats import SampleOutput, SamplerStats
@@ -36,6 +37,9 @@ class TokenProcessor:
     top_k: int = 0
     top_p: float = 0.0
     cfg_interval: int = -1  # LlamaGen/NAR: guidance only for the first tokens (-1: everywhere); see guided_tokens
+    # the finiteness check of every probs() call: immediate by default; a sampler that reads it back once
+    # (after its loop or with a read-back it makes anyway) sets a deferred FiniteCheck()
+    finite: FiniteCheck = field(default_factory=lambda: FiniteCheck(deferred=False))
 
     def __post_init__(self):
         check_sampling_args(self.top_k, self.top_p, self.temperature)
@@ -63,7 +67,7 @@ class TokenProcessor:
         """``[rows, ..., V]`` logits -> ``[B, ..., V]`` fp32 sampling distribution. ``guided``: bool, or a bool
         tensor broadcastable to ``[B, ...]`` (per position; unguided positions use the conditional logits, as the
         releases do past ``cfg_interval``)."""
-        check_finite(logits_rV, where or "next-token logits")
+        self.finite.update(logits_rV, where or "next-token logits")
         logits = logits_rV.float()
         if self.guided:
             weight = self.cfg_scale
@@ -129,7 +133,7 @@ def finish(model, tokenizer, tokens_BN: torch.Tensor, stats: SamplerStats, t0: f
 @torch.no_grad()
 def sample_next_token(model, tokenizer, labels_B, *, cfg_scale: float = 2.0, top_k: int = 0, top_p: float = 0.0,
                       temperature: float = 1.0, cfg_interval: int = -1, generator: GeneratorArg = None,
-                      decode: bool = True, cfg: float | None = None) -> SampleOutput:
+                      decode: bool = True, cfg: float | None = None, compile: CompileArg = False) -> SampleOutput:
     """One forward pass per token over a preallocated KV cache (the reference the other samplers must match).
 
     Args:
@@ -141,21 +145,29 @@ def sample_next_token(model, tokenizer, labels_B, *, cfg_scale: float = 2.0, top
         top_k / top_p / temperature: shared logits filtering (0 disables).
         cfg_interval: LlamaGen's: guide only while at most ``cfg_interval + 1`` tokens are generated (-1: always).
         generator: one ``torch.Generator`` or one per sample (then a batch of N equals N single runs).
+        compile: compile the one-token decode step (:mod:`var.models.compiled`: the static-shape
+            ``GPT.decode_step``, one graph for every step, CUDA graphs on CUDA; the cache is kept for the next
+            sample of that batch size); ``True``, or a ``torch.compile`` backend name. The draws stay eager.
     Returns:
         :class:`SampleOutput`: ``images [B, 3, H, W]`` in [0, 1], ``tokens [B, N]`` (raster order), stats.
     """
     t0 = time.perf_counter()
     labels_B, proc, rows = prepare(model, tokenizer, labels_B, cfg_scale, temperature, top_k, top_p, cfg_interval,
                                    cfg=cfg)
+    proc.finite = FiniteCheck()  # read back once, after the loop: no host synchronisation per token
     B, N = len(labels_B), model.seq_len
-    kv_cache = model.new_kv_cache(len(rows))
+    spec = compile_spec(compile)
+    kv_cache = decode_cache(model, len(rows), spec)
     stats = SamplerStats(peak_kv_cache_bytes=kv_cache.nbytes())
     tokens = torch.empty(B, N, dtype=torch.long, device=labels_B.device)
     logits = model.prefill(rows, kv_cache)
+    step = DecodeStep(model, kv_cache, spec) if spec is not None else (lambda idx: model.decode(idx, kv_cache))
     for i in range(N):
         stats.forward_passes += 1
-        tokens[:, i] = multinomial(proc.probs(logits[:, -1], f"token {i}", proc.guided_tokens(i)), generator)
+        probs = proc.probs(logits[:, -1], f"token {i}", proc.guided_tokens(i))
+        tokens[:, i] = multinomial(probs, generator, finite=proc.finite)
         if i + 1 < N:
-            logits = model.decode(proc.double(tokens[:, i:i + 1]), kv_cache)
+            logits = step(proc.double(tokens[:, i:i + 1]))
+    proc.finite.raise_if_failed()
     return finish(model, tokenizer, tokens, stats, t0, decode, cache=kv_cache)
 
