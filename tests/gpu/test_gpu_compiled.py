@@ -101,3 +101,27 @@ def test_next_scale_sampling_synchronises_twice(device, gen):
     with count_syncs(device) as syncs:
         sample_next_scale(model, tok, labels, cfg=1.5, generator=gen(0), decode=False)
     assert len(syncs) <= 2, syncs
+
+
+@torch.no_grad()
+def test_compiled_next_token_sampling_matches_eager_and_synchronises_twice(device, gen):
+    """``compile=True`` decoding on CUDA: greedy tokens identical, sampled ones agree (the draws are eager); the
+    plain sampler synchronises twice per sample (label check, finiteness flag), nothing per token."""
+    from var.samplers import sample_next_token
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    gpt = create("gpt_tiny").eval()
+    torch.nn.init.normal_(gpt.output.weight, std=0.5)
+    gpt = gpt.to(device)
+    labels = torch.tensor([1, 2, 3], device=device)
+    skips0 = counters["inductor"]["cudagraph_skips"]
+    for top_k in (1, 20):
+        eager, compiled = (sample_next_token(gpt, None, labels, top_k=top_k, generator=gen(0), decode=False,
+                                             compile=compile).tokens for compile in (False, _compile(device)))
+        agree = (eager == compiled).float().mean().item()
+        assert agree == 1.0 if top_k == 1 else agree >= 0.95, (top_k, agree)
+    assert counters["inductor"]["cudagraph_skips"] == skips0, "CUDA graphs were skipped (see TORCH_LOGS=cudagraphs)"
+    with count_syncs(device) as syncs:
+        sample_next_token(gpt, None, labels, generator=gen(0), decode=False)
+    assert len(syncs) <= 2, syncs
