@@ -24,7 +24,7 @@ class HostReads:
     other ops whose output size depends on the data. ``with HostReads() as reads: ...; reads.count``."""
 
     NAMES = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "argwhere", "unique",
-             "masked_select", "unique_consecutive"}
+             "bincount", "masked_select", "unique_consecutive"}
 
     def __enter__(self):
         from torch.overrides import TorchFunctionMode

@@ -237,3 +237,23 @@ def test_compiled_next_token_sampler_gives_the_eager_tokens():
     for seed in (0, 1):
         assert torch.equal(run("aot_eager", seed), run(False, seed))
     assert (_frames()[0] - before[0], _frames()[1] - before[1]) == (1, 1)
+
+
+@torch.no_grad()
+def test_compiled_jacobi_window_gives_the_eager_tokens():
+    """SJD / MC-SJD with the window pass compiled: the full-width static pass (one graph for every pass of every
+    sample of a batch size) gives the eager sampler's tokens, which narrows the last windows."""
+    from var.samplers import sample_mcsjd, sample_sjd
+
+    torch._dynamo.reset()
+    gpt = _gpt()
+
+    def run(sampler, compile, **kw):
+        gens = [torch.Generator().manual_seed(s) for s in range(3)]
+        return sampler(gpt, None, [1, 2, 3], window=6, top_k=20, decode=False, generator=gens, compile=compile,
+                       **kw).tokens
+
+    before = _frames()
+    assert torch.equal(run(sample_sjd, "aot_eager"), run(sample_sjd, False))
+    assert torch.equal(run(sample_mcsjd, "aot_eager", coupling="gumbel"), run(sample_mcsjd, False, coupling="gumbel"))
+    assert (_frames()[0] - before[0], _frames()[1] - before[1]) == (1, 1)

@@ -4,9 +4,10 @@ applied to a model's per-step forward, and the objects that keep a compiled step
 * VAR's scale step (:class:`ScaleStep`, ``VAR.forward_scale``): every scale has static shapes over the preallocated
   cache, so ``dynamic=False`` compiles one graph per scale at the first sample and every later sample of that batch
   size reuses them: ``len(patch_nums)`` compilations per (batch rows, dtype) setting, no recompilation afterwards.
-* A GPT's one-token decode step (:class:`DecodeStep`, ``GPT.decode_step``): it writes at a device-side slot and
-  attends over the whole preallocated cache under a mask, so all ``grid^2 - 1`` steps are one graph (one
-  compilation; compiling ``GPT.decode`` instead would specialise on the growing cache length, one graph per step).
+* A GPT's decode step (:class:`DecodeStep`, ``GPT.decode_step``): it writes at a device-side slot and attends over
+  the whole preallocated cache under a mask, so all ``grid^2 - 1`` one-token steps are one graph (one compilation;
+  compiling ``GPT.decode`` instead would specialise on the growing cache length, one graph per step), and so are
+  all passes of a Jacobi window of fixed width.
 
 On CUDA the inductor backend runs with ``mode="reduce-overhead"`` (CUDA graphs, as gpt-fast decodes). A captured step
 mutates the cache buffers in place, which CUDA graphs allow only for inputs at static addresses: the caches of a
@@ -135,8 +136,9 @@ class ScaleStep:
 
 
 class DecodeStep:
-    """A GPT's static-shape one-token decode step (``GPT.decode_step``), eager or compiled. It owns the write slot
-    as a device tensor (advanced on the device), checks room against the cache's host length and advances it."""
+    """A GPT's static-shape decode step (``GPT.decode_step``), eager or compiled: ``l`` tokens per row written at
+    the cache's current length. It owns that length as a device tensor (advanced on the device; :meth:`rewind`
+    after a truncation), checks room against the cache's host length and advances it."""
 
     def __init__(self, model, cache: KVCache, spec: CompileSpec | None):
         self.model, self.cache = model, cache
@@ -144,18 +146,32 @@ class DecodeStep:
         self.fn = compiled(type(model).decode_step, spec, device) if spec is not None else type(model).decode_step
         self.mark_steps = spec is not None and spec.cuda_graphs(device)
         self.slot_1 = torch.full((1,), cache.length, dtype=torch.long, device=device)
+        self._offsets: dict[int, torch.Tensor] = {}
 
-    def __call__(self, idx_B1: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row ``[B, 1]`` -> logits ``[B, 1, V]`` (row b predicts its next token)."""
-        self.cache.span(idx_B1.shape[1])  # raises on overflow (host ints only)
-        if idx_B1.shape[1] != 1:
-            raise ConfigError(f"DecodeStep feeds one token per row, got {idx_B1.shape[1]}")
-        if self.mark_steps:
+    def __call__(self, idx_Bl: torch.Tensor, *, positions: torch.Tensor | None = None,
+                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed ``idx_Bl [B, l]`` -> logits ``[B, l, V]``; ``positions`` / ``attn_mask`` as in ``GPT.decode_step``
+        (defaults: consecutive positions at the slots, causal)."""
+        l = idx_Bl.shape[1]
+        self.cache.span(l)  # raises on overflow (host ints only)
+        offsets = self._offsets.get(l)
+        if offsets is None:
+            offsets = self._offsets[l] = torch.arange(l, device=self.slot_1.device)
+        if self.mark_steps:  # the previous step's outputs were consumed: CUDA graphs may reuse their memory
             torch.compiler.cudagraph_mark_step_begin()
-        logits = self.fn(self.model, idx_B1, self.slot_1, self.cache)
-        self.cache.advance(1)
-        self.slot_1.add_(1)
+        logits = self.fn(self.model, idx_Bl, self.slot_1 + offsets, self.cache, positions, attn_mask)
+        self.cache.advance(l)
+        self.slot_1.add_(l)
         return logits
+
+    def rewind(self, length: int, length_on_device: torch.Tensor | None = None) -> None:
+        """Truncate the cache to ``length`` and move the write slot there (copied on the device from
+        ``length_on_device`` when given: no host-to-device transfer)."""
+        self.cache.truncate(length)
+        if length_on_device is None:
+            self.slot_1.fill_(length)
+        else:
+            self.slot_1.copy_(length_on_device.reshape(1))
 
 
 def decode_cache(model, rows: int, spec: CompileSpec | None) -> KVCache:

@@ -345,17 +345,24 @@ class GPT(ClassPrefixTransformer):
             positions = range(kv_cache.length, kv_cache.length + idx_Bl.shape[1])
         return self.forward_embeddings(self.tok_embeddings(idx_Bl), positions, kv_cache, attn_mask)
 
-    def decode_step(self, idx_Bl: torch.Tensor, slots_l: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+    def decode_step(self, idx_Bl: torch.Tensor, slots_l: torch.Tensor, kv_cache: KVCache,
+                    positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """:meth:`decode` with static shapes, for compiled / CUDA-graph decoding: tokens ``[B, l]`` enter the cache
-        slots ``slots_l`` (long ``[l]`` on the device; slot = position, as in plain decoding) and attend causally over
-        the whole preallocated cache (:meth:`KVCache.attend_at`). No host value is read, so every step is the same
-        program; the caller keeps the slots in range and advances the cache (:class:`var.models.compiled.DecodeStep`)."""
-        cos_sin = self.rope_table(idx_Bl.device)[slots_l]
-        mask = self.decode_step_mask(slots_l, kv_cache)
+        slots ``slots_l`` (long ``[l]`` on the device) and attend over the whole preallocated cache
+        (:meth:`KVCache.attend_at`). ``positions`` (``[l]`` or ``[B, l]``; default: the slots, as in plain decoding)
+        and ``attn_mask`` (bool ``[B|1, 1, l, capacity]``; default: each input sees the slots up to its own) are
+        device tensors too. No host value is read, so every step of a given ``l`` is the same program; the caller
+        keeps slots and positions in range and advances the cache (:class:`var.models.compiled.DecodeStep`)."""
+        cos_sin = self.rope_table(idx_Bl.device)[slots_l if positions is None else positions]
+        mask = self.decode_step_mask(slots_l, kv_cache, attn_mask)
         return self.blocks_and_head(self.tok_embeddings(idx_Bl), cos_sin, kv_cache.at_slots(slots_l), mask)
 
-    def decode_step_mask(self, slots_l: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
-        """``[1, 1, l, capacity]`` bool for :meth:`decode_step`: each input sees the slots up to its own."""
+    def decode_step_mask(self, slots_l: torch.Tensor, kv_cache: KVCache,
+                         attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The mask of :meth:`decode_step` over every cache slot: ``attn_mask``, or ``[1, 1, l, capacity]`` where each
+        input sees the slots up to its own."""
+        if attn_mask is not None:
+            return attn_mask
         keys = torch.arange(kv_cache.capacity, device=slots_l.device)
         return (keys[None, :] <= slots_l[:, None])[None, None]
 

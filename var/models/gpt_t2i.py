@@ -157,9 +157,10 @@ class GPTT2I(GPT):
             attn_mask = attn_mask & keys[:, None, None, :]
         return super().forward_embeddings(x_BlC, positions, kv_cache, attn_mask)
 
-    def decode_step_mask(self, slots_l: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+    def decode_step_mask(self, slots_l: torch.Tensor, kv_cache: KVCache,
+                         attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """:meth:`GPT.decode_step_mask` with the caption padding of the cache rows hidden: ``[B, 1, l, capacity]``."""
-        mask = super().decode_step_mask(slots_l, kv_cache)
+        mask = super().decode_step_mask(slots_l, kv_cache, attn_mask)
         pad = kv_cache.prefix_mask
         if pad is None:
             return mask

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from var.errors import ConfigError
 from var.kernels.protocols import require_dense_cache
+from var.models.compiled import CompileArg, DecodeStep, compile_spec, reusable_cache
 from var.samplers.logits import FiniteCheck, GeneratorArg, rand_like_per_sample, sample_from_uniform
 from var.samplers.next_token import TokenProcessor, finish, prepare
 from var.samplers.stats import SamplerStats
@@ -250,14 +251,15 @@ def initial_drafts(init: str, tokens_BN: torch.Tensor, committed_B: torch.Tensor
 
 
 def draft_window(tokens_BN: torch.Tensor, committed_B: torch.Tensor, drafts_BK: torch.Tensor, width: int,
-                 prefix_len: int, cache_length: int) -> WindowInputs:
-    """Step 1: the inputs of one pass of ``width`` positions, per row at its own sequence position."""
+                 prefix_len: int, cache_length: int, key_slots: int | None = None) -> WindowInputs:
+    """Step 1: the inputs of one pass of ``width`` positions, per row at its own sequence position. The mask covers
+    ``key_slots`` cache slots (default ``cache_length + width``; the whole cache for a static-shape pass)."""
     offsets = torch.arange(width, device=tokens_BN.device)
     seq_len = tokens_BN.shape[1] - 1
     prefix_slots_B = prefix_len + committed_B - 1
     tokens_BW = torch.cat((tokens_BN.gather(1, (committed_B - 1)[:, None]), drafts_BK[:, :width - 1]), dim=1)
     positions_BW = (prefix_slots_B[:, None] + offsets).clamp(max=prefix_len + seq_len - 1)
-    slots = torch.arange(cache_length + width, device=tokens_BN.device)
+    slots = torch.arange(key_slots or cache_length + width, device=tokens_BN.device)
     # a row sees its own committed prefix (rows are at different lengths) and the window causally; the window's
     # K/V are written after the longest row, so the slots between a row's prefix and the window are masked out
     sees_prefix = slots[None, None] < prefix_slots_B[:, None, None]
@@ -265,10 +267,16 @@ def draft_window(tokens_BN: torch.Tensor, committed_B: torch.Tensor, drafts_BK: 
     return WindowInputs(tokens_BW, positions_BW, sees_prefix | sees_window, prefix_slots_B)
 
 
-def verify(model, proc: TokenProcessor, cache, window: WindowInputs, committed_B: torch.Tensor) -> torch.Tensor:
-    """Step 2: one forward pass -> the target distribution ``[B, width, V]`` of every window position."""
-    logits = model.decode(proc.double(window.tokens_BW), cache, positions=proc.double(window.positions_BW),
-                          attn_mask=proc.double(window.mask_BWS)[:, None])
+def verify(model, proc: TokenProcessor, cache, window: WindowInputs, committed_B: torch.Tensor,
+           step: DecodeStep | None = None) -> torch.Tensor:
+    """Step 2: one forward pass -> the target distribution ``[B, width, V]`` of every window position (through
+    ``step``, the static-shape decode step, when compiled)."""
+    tokens, positions = proc.double(window.tokens_BW), proc.double(window.positions_BW)
+    mask = proc.double(window.mask_BWS)[:, None]
+    if step is not None:
+        logits = step(tokens, positions=positions, attn_mask=mask)
+    else:
+        logits = model.decode(tokens, cache, positions=positions, attn_mask=mask)
     token_BW = committed_B[:, None] + torch.arange(logits.shape[1], device=committed_B.device)
     return proc.probs(logits, "Jacobi window", proc.guided_tokens(token_BW))  # same target as plain decoding
 
@@ -380,7 +388,8 @@ MAX_WINDOW_FLOOR = 64  # windows up to this length are allowed even on tiny grid
 def sample_jacobi(model, tokenizer, labels_B, *, window: int = 16, init: str = "random", coupling: str = "none",
                   acceptance: ExactAcceptance | None = None, cfg_scale: float = 2.0, top_k: int = 0,
                   top_p: float = 0.0, temperature: float = 1.0, cfg_interval: int = -1,
-                  generator: GeneratorArg = None, decode: bool = True, cfg: float | None = None):
+                  generator: GeneratorArg = None, decode: bool = True, cfg: float | None = None,
+                  compile: CompileArg = False):
     """Speculative Jacobi decoding with a pluggable draft coupling and acceptance rule (see the module doc).
 
     Args:
@@ -391,6 +400,8 @@ def sample_jacobi(model, tokenizer, labels_B, *, window: int = 16, init: str = "
             :func:`~var.samplers.next_token.sample_next_token`.
         generator: one ``torch.Generator`` or one per sample (each sample draws a fixed number of uniforms per
             pass, so a batch with one generator per sample equals the single runs).
+        compile: compile the window pass (:mod:`var.models.compiled`: the static-shape ``GPT.decode_step`` at the
+            full window width, one graph for every pass, CUDA graphs on CUDA); ``True`` or a backend name.
     Returns:
         :class:`~var.samplers.stats.SampleOutput`; ``stats.extra`` holds ``iterations``,
         ``mean_accepted_per_iteration`` (per sample) and ``accepted_histogram``.
@@ -413,7 +424,12 @@ def sample_jacobi(model, tokenizer, labels_B, *, window: int = 16, init: str = "
         raise ConfigError(f"window must be in [1, {max_window}] (the image's token count, at least "
                           f"{MAX_WINDOW_FLOOR}), got {window}")
     grid, slots = model.config.grid_size, window - 1
-    cache = require_dense_cache(model.new_kv_cache(len(rows), capacity=prefix_len + seq_len + window), "SJD")
+    spec = compile_spec(compile)
+    capacity = prefix_len + seq_len + window
+
+    def new_cache():
+        return require_dense_cache(model.new_kv_cache(len(rows), capacity=capacity), "SJD")
+    cache = new_cache() if spec is None else reusable_cache(model, ("jacobi", len(rows), capacity), new_cache)
     stats = SamplerStats(peak_kv_cache_bytes=cache.nbytes())
     gumbel_BNV = None
     if coupling == "gumbel":
@@ -425,6 +441,7 @@ def sample_jacobi(model, tokenizer, labels_B, *, window: int = 16, init: str = "
     first_target_BV = proc.probs(model.prefill(rows, cache)[:, -1], "token 0")
     tokens_BN[:, 0] = sample_from_uniform(first_target_BV, first.target_BL[:, 0])
     stats.forward_passes = 1
+    step = DecodeStep(model, cache, spec) if spec is not None else None
     committed_B = torch.ones(batch, dtype=torch.long, device=device)
     drafts_BK = initial_drafts(init, tokens_BN, committed_B, torch.zeros(batch, slots, dtype=torch.long,
                                device=device), torch.zeros_like(committed_B), grid, vocab, first.fresh_BL[:, :slots],
@@ -436,12 +453,14 @@ def sample_jacobi(model, tokenizer, labels_B, *, window: int = 16, init: str = "
     remaining_B = seq_len - committed_B
     longest = int(remaining_B.max())
     while longest > 0:
-        width = min(window, longest)
+        # compiled passes keep the full width (one graph; a row only uses its valid positions: the same tokens)
+        width = window if step is not None else min(window, longest)
         valid_B = remaining_B.clamp(max=width)  # positions a row still needs (0 for finished rows)
         uniforms = PassUniforms.draw(batch, window, generator, device)
         window_start = cache.length
-        inputs = draft_window(tokens_BN, committed_B, drafts_BK, width, prefix_len, window_start)
-        target_BWV = verify(model, proc, cache, inputs, committed_B)
+        inputs = draft_window(tokens_BN, committed_B, drafts_BK, width, prefix_len, window_start,
+                              key_slots=cache.capacity if step is not None else None)
+        target_BWV = verify(model, proc, cache, inputs, committed_B, step)
         stats.forward_passes += 1
         samples_BW = next_samples(coupling, rule, target_BWV, drafts_BK, draft_q_BKV, committed_B, valid_B,
                                   gumbel_BNV, uniforms)
@@ -450,7 +469,8 @@ def sample_jacobi(model, tokenizer, labels_B, *, window: int = 16, init: str = "
 
         active = valid_B > 0  # finished rows are counted in the extra bin window + 1, dropped at the end
         accepted_means.append((verdict.commit_count_B * active).sum() / active.sum())
-        histogram += torch.bincount(torch.where(active, verdict.commit_count_B, window + 1), minlength=window + 2)
+        bins = torch.where(active, verdict.commit_count_B, window + 1)
+        histogram.scatter_add_(0, bins, torch.ones_like(bins))  # bincount would read its size back from the device
         committed_B = committed_B + verdict.commit_count_B
         remaining_B = seq_len - committed_B
         if slots:
@@ -461,7 +481,10 @@ def sample_jacobi(model, tokenizer, labels_B, *, window: int = 16, init: str = "
         longest, length, first_bad = torch.stack((remaining_B.max(), new_length,
                                                   proc.finite.first_failure())).tolist()
         proc.finite.raise_if_failed(first_bad)
-        cache.truncate(length)
+        if step is not None:
+            step.rewind(length, new_length)
+        else:
+            cache.truncate(length)
 
     proc.finite.raise_if_failed()  # a one-token image has no pass
     means = torch.stack(accepted_means).tolist() if accepted_means else []
