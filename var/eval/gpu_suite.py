@@ -52,9 +52,13 @@ class Setup:
     big_batches: tuple = (64, 128, 256, 512)
     repeats: int = 3
     autocast: torch.dtype | None = torch.bfloat16
-    # (label, CompileSpec) of the compiled rows next to eager; "full" adds dynamic shapes (fewer compilations)
-    compile_modes: tuple = (("compiled", CompileSpec(mode="default")), ("CUDA graphs", CompileSpec()))
-    full_compile_modes: tuple = (("CUDA graphs, dynamic shapes", CompileSpec(dynamic=None)),)
+    # (label, CompileSpec) of the compiled rows next to eager. Inductor compiles one graph per VAR scale and batch
+    # size (each some seconds), so the quick tier compiles CUDA graphs at batch 1 only (the launch-bound case);
+    # the full tier adds compilation without CUDA graphs and with dynamic shapes (fewer compilations)
+    quick_compile_modes: tuple = (("CUDA graphs", CompileSpec()),)
+    compile_modes: tuple = (("compiled", CompileSpec(mode="default")), ("CUDA graphs", CompileSpec()),
+                            ("CUDA graphs, dynamic shapes", CompileSpec(dynamic=None)))
+    quick_compile_batches: tuple = (1,)
     original: Path | None = None
     notes: list = field(default_factory=list)
 
@@ -64,8 +68,8 @@ class Setup:
             return cls(torch.device("cuda"), False, original=original)
         return cls(torch.device("cpu"), True, var_small="var_tiny", var_large="var_tiny", tokenizer="msvq_tiny",
                    gpt_models=("gpt_tiny",), batches=(1, 2), quick_batches=(1, 2), big_batches=(2, 4), repeats=1,
-                   autocast=None, compile_modes=(("compiled (dynamo, eager backend)", CompileSpec(backend="eager")),),
-                   full_compile_modes=(), original=original)
+                   autocast=None, quick_compile_modes=(("dynamo, eager backend", CompileSpec(backend="eager")),),
+                   compile_modes=(("dynamo, eager backend", CompileSpec(backend="eager")),), original=original)
 
 
 def environment(device: torch.device) -> dict:
@@ -134,19 +138,20 @@ def timed_compiled(fn, device, repeats: int) -> dict:
 
 
 @torch.no_grad()
-def bench_var_sampling(setup: Setup, presets, batches, compile_modes=None) -> list[dict]:
+def bench_var_sampling(setup: Setup, presets, batches, compile_modes, compile_batches=None) -> list[dict]:
     """Images/s of :func:`sample_next_scale` (paper settings, bf16 autocast, decode included) eager vs compiled scale
     steps (``compile=``: one static graph per scale; with CUDA graphs on CUDA); with ``setup.original`` also the
-    original sampler on the same weights, as a ratio. ``setup_s``: the warm-up's extra time (compilation)."""
+    original sampler on the same weights, as a ratio. ``setup_s``: the warm-up's extra time (compilation).
+    ``compile_batches``: the batch sizes that get the compiled rows (default: all)."""
     rows = []
-    modes = [("eager", None)] + list(setup.compile_modes if compile_modes is None else compile_modes)
     for preset in presets:
         model, tok = _var_pair(setup, preset)
         original = load_original(setup.original, model, setup.device) if setup.original else None
         for batch in batches:
             labels = _labels(batch, model.config.num_classes, setup.device)
             results = {}
-            for mode, spec in modes:
+            compiled = compile_modes if compile_batches is None or batch in compile_batches else ()
+            for mode, spec in [("eager", None), *compiled]:
                 gen = torch.Generator(setup.device)
 
                 def run():
@@ -174,12 +179,11 @@ def bench_var_sampling(setup: Setup, presets, batches, compile_modes=None) -> li
 
 
 @torch.no_grad()
-def bench_decode_step(setup: Setup, presets, batches=(1, 8), steps: int = 32, compile_modes=None) -> list[dict]:
+def bench_decode_step(setup: Setup, presets, compile_modes, batches=(1, 8), steps: int = 32) -> list[dict]:
     """Next-token decoding, ``steps`` one-token steps after a half-full cache (CFG rows): ``GPT.decode`` (eager, the
     cache length varies) vs the static-shape ``GPT.decode_step`` eager, compiled and as CUDA graphs."""
     rows = []
-    modes = [("eager decode", None), ("static step, eager", None)]
-    modes += list(setup.compile_modes if compile_modes is None else compile_modes)
+    modes = [("eager decode", None), ("static step, eager", None), *compile_modes]
     for preset in presets:
         torch.manual_seed(0)
         gpt = create(preset).eval().to(setup.device)
@@ -356,6 +360,33 @@ def bench_next_token_pass(setup: Setup, presets, tokens_per_row=(1, 16, 32), bat
     return rows
 
 
+@torch.no_grad()
+def bench_next_token_sampling(setup: Setup, preset: str, batch: int, compile_modes, window: int = 16) -> list[dict]:
+    """Images/s of plain next-token sampling and SJD (default guidance, random weights: SJD's acceptance is
+    meaningless here, its pass cost is not), eager vs compiled decode steps / window passes."""
+    from var.samplers import sample_next_token, sample_sjd
+
+    torch.manual_seed(0)
+    gpt = create(preset).eval().to(setup.device)
+    labels = torch.arange(batch, device=setup.device) % gpt.config.num_classes
+    rows = []
+    for name, sampler, kw in (("next_token", sample_next_token, {}), ("sjd", sample_sjd, dict(window=window))):
+        base = None
+        for mode, spec in [("eager", None), *compile_modes]:
+            gen = torch.Generator(setup.device)
+
+            def run():
+                gen.manual_seed(0)
+                with _autocast(setup):
+                    return sampler(gpt, None, labels, generator=gen, decode=False, compile=spec, **kw)
+            r = timed_compiled(run, setup.device, setup.repeats)
+            base = base or r["seconds"]
+            rows.append(dict(model=preset, sampler=f"{name} ({mode})", batch=batch, images_per_s=batch / r["seconds"],
+                             speedup_vs_eager=base / r["seconds"], setup_s=r["setup_s"], graphs=r["graphs"],
+                             cudagraph_skips=r["cudagraph_skips"]))
+    return rows
+
+
 # ---- CoDe -------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def bench_code(setup: Setup, batch: int, draft_steps: int = 8) -> list[dict]:
@@ -385,8 +416,10 @@ def tier_benchmarks(setup: Setup, tier: str) -> list[tuple[str, object]]:
     """``(name, thunk)`` per benchmark of a tier, in run order."""
     if tier == "quick":
         return [
-            ("var_sampling_quick", lambda: bench_var_sampling(setup, [setup.var_small], setup.quick_batches)),
-            ("decode_step_quick", lambda: bench_decode_step(setup, setup.gpt_models[:1], batches=(1,))),
+            ("var_sampling_quick", lambda: bench_var_sampling(setup, [setup.var_small], setup.quick_batches,
+                                                              setup.quick_compile_modes, setup.quick_compile_batches)),
+            ("decode_step_quick", lambda: bench_decode_step(setup, setup.gpt_models[:1], setup.quick_compile_modes,
+                                                            batches=(1,))),
             ("ragged_kernel_quick", lambda: bench_ragged_kernel(setup, [0.1])),
             ("kv_policies_quick", lambda: bench_kv_policies(setup, setup.var_small, [ScaleKV], 0.1,
                                                             setup.quick_batches[-1:])),
@@ -394,8 +427,11 @@ def tier_benchmarks(setup: Setup, tier: str) -> list[tuple[str, object]]:
     if tier == "full":
         return [
             ("var_sampling", lambda: bench_var_sampling(setup, [setup.var_small, setup.var_large], setup.batches,
-                                                        setup.compile_modes + setup.full_compile_modes)),
-            ("decode_step", lambda: bench_decode_step(setup, setup.gpt_models)),
+                                                        setup.compile_modes)),
+            ("decode_step", lambda: bench_decode_step(setup, setup.gpt_models, setup.compile_modes)),
+            ("next_token_sampling", lambda: bench_next_token_sampling(setup, setup.gpt_models[0],
+                                                                      setup.quick_batches[-1],
+                                                                      setup.quick_compile_modes)),
             ("ragged_kernel", lambda: bench_ragged_kernel(setup, [1.0, 0.5, 0.1])),
             ("kv_policies", lambda: bench_kv_policies(setup, setup.var_large, [ScaleKV, HACK], 0.1,
                                                       setup.big_batches)),
