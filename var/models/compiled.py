@@ -88,6 +88,8 @@ def reusable_cache(model: torch.nn.Module, key, make: Callable[[], KVCache]) -> 
     Its buffers are marked static addresses (with a guard: a different buffer would recompile, never replay a CUDA
     graph against a freed address). The cache lives as long as the model (:func:`release_caches` frees it)."""
     caches = _CACHES.setdefault(model, {})
+    param = next(model.parameters())
+    key = (key, param.dtype, param.device)  # a model moved or cast since gets a new cache
     cache = caches.get(key)
     if cache is None:
         cache = make()
