@@ -47,3 +47,9 @@ def test_var_eval_refuses_a_setting_the_sampler_does_not_take(tmp_path):
     with pytest.raises(REFUSED, match="window"):
         eval_main(["sample", "--random-init", "--out", str(tmp_path / "x"), "--num-images", "2", "--window", "4",
                    "--device", "cpu"])
+
+
+def test_var_sample_refuses_compile_for_a_sampler_without_a_compiled_path(tmp_path):
+    with pytest.raises(REFUSED, match="--compile"):
+        sample_main(["--family", "ar", "--random-init", "--sampler", "zipar", "--classes", "1",
+                     "--out", str(tmp_path / "g.png"), "--compile"])

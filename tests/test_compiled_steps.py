@@ -230,7 +230,7 @@ def test_compiled_next_token_sampler_gives_the_eager_tokens():
     gpt = _gpt()
 
     def run(compile, seed=0):
-        return sample_next_token(gpt, None, [1, 2, 3], cfg=2.0, top_k=20, decode=False,
+        return sample_next_token(gpt, None, [1, 2, 3], cfg_scale=2.0, top_k=20, decode=False,
                                  generator=torch.Generator().manual_seed(seed), compile=compile).tokens
 
     before = _frames()
@@ -257,3 +257,30 @@ def test_compiled_jacobi_window_gives_the_eager_tokens():
     assert torch.equal(run(sample_sjd, "aot_eager"), run(sample_sjd, False))
     assert torch.equal(run(sample_mcsjd, "aot_eager", coupling="gumbel"), run(sample_mcsjd, False, coupling="gumbel"))
     assert (_frames()[0] - before[0], _frames()[1] - before[1]) == (1, 1)
+
+
+@torch.no_grad()
+def test_registry_passes_compile_to_the_samplers_that_have_a_compiled_path():
+    from var.samplers.registry import SAMPLERS
+
+    assert {n for n, s in SAMPLERS.items() if s.takes_compile} == {"next_scale", "next_token", "sjd", "mcsjd",
+                                                                   "lantern", "gsd"}
+    tok, model = tiny_var_pair()
+    spec = SAMPLERS["next_scale"]
+    outs = [spec({"model": model, "tokenizer": tok}, torch.tensor([1, 2]), generator=torch.Generator().manual_seed(0),
+                 decode=False, compile=compile) for compile in (False, "eager")]
+    assert _same_tokens(*outs)
+    with pytest.raises(ConfigError, match="no compiled path"):
+        SAMPLERS["zipar"]({"model": _gpt(), "tokenizer": None}, torch.tensor([1]), compile=True)
+
+
+@pytest.mark.slow
+def test_var_sample_compile_flag_end_to_end(tmp_path):
+    """``var-sample --compile`` (inductor on a CPU: about a minute) writes the same grid as eager."""
+    from var.cli.sample import main
+
+    torch._dynamo.reset()
+    for flag in ([], ["--compile"]):
+        assert main(["--random-init", "--classes", "1", "2", "--out", str(tmp_path / f"g{len(flag)}.png"), *flag,
+                     "--device", "cpu"]) == 0
+    assert (tmp_path / "g0.png").read_bytes() == (tmp_path / "g1.png").read_bytes()

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extractor", choices=("auto", "classifier", "random-conv"), default="auto",
                    help="offline feature extractor of the fd/kid columns")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled batches")
+    p.add_argument("--compile", action="store_true",
+                   help="samplers with a compiled path run it (torch.compile of the per-step forward, CUDA graphs "
+                        "on CUDA; the warm-up call compiles)")
     p.add_argument("--out-dir", default=None,
                    help="where the report goes (default: a new temporary folder, so the committed benchmarks/ "
                         "files are only replaced when asked for)")
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run_benchmark(device=args.device, num_images=args.num_images, batch=args.batch, repeats=args.repeats,
                            budgets=tuple(args.budgets), seed=args.seed, models=tuple(args.models),
                            extractor=args.extractor, samplers=tuple(args.samplers), policies=tuple(args.policies),
-                           timed_runs=args.timed_runs, families=tuple(args.families))
+                           timed_runs=args.timed_runs, families=tuple(args.families), compile=args.compile)
     if args.merge:
         report = merge_reports([json.loads(open(p).read()) for p in args.merge] + [report])
     out_dir = args.out_dir or tempfile.mkdtemp(prefix="var-bench-")

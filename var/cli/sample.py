@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--device", default=default_device, help=f"torch device (default {default_device})")
     out.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                      help="autocast dtype of the transformer (default fp32)")
+    out.add_argument("--compile", action="store_true",
+                     help="compile the sampler's per-step forward with torch.compile (CUDA graphs on CUDA; "
+                          "experimental; the first batch compiles, on a CPU for minutes)")
     add_infinity_arguments(p)
     return p
 
@@ -145,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         args.family = "ar"
     spec = resolve_sampler(args.sampler, CLI_FAMILIES.get(args.family))
     settings = sampler_settings(spec, args)
+    if args.compile and not spec.takes_compile:
+        raise ConfigError(f"--compile: sampler {spec.name} has no compiled path")
     if args.classes and args.num_images is not None:
         raise ConfigError("--num-images is for random classes: give --classes or --num-images, not both")
     text_encoder = None
@@ -173,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         batch = (text_encoder.condition(batch, model.config.caption_len) if text_encoder is not None
                  else batch.to(args.device))
         with autocast(args.device, args.dtype):
-            out = spec(models, batch, generator=gen, **settings)
+            out = spec(models, batch, generator=gen, compile=args.compile, **settings)
         images.append(out.images.float().cpu())
         passes += out.stats.forward_passes
         if args.out_dir:
@@ -198,6 +203,8 @@ def sample_infinity_main(args) -> int:
 
     if args.sampler is not None:
         raise ConfigError(f"--sampler {args.sampler} is not an Infinity sampler")
+    if args.compile:
+        raise ConfigError("--compile: the Infinity sampler has no compiled path")
     for name in ("cfg", "top_k", "top_p"):  # the shared setting flags (absent unless given)
         setattr(args, name, getattr(args, f"knob_{name}", None))
     other = sorted(k for k in vars(args) if k.startswith("knob_") and k[5:] not in ("cfg", "top_k", "top_p"))

@@ -67,14 +67,14 @@ MODES = ("recompute", "cached", "compiled", "bf16")
 
 
 def run_once(model, tok, labels, seed, cache, device, decode=True,
-             autocast: torch.dtype | None = None) -> tuple[SampleOutput, float, int]:
+             autocast: torch.dtype | None = None, compile: bool = False) -> tuple[SampleOutput, float, int]:
     g = torch.Generator(device=device).manual_seed(seed)
     with PeakMemory(device) as mem, torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         out = sample_next_scale(model, tok, labels, cfg=1.5, top_k=900, top_p=0.96, generator=g, cache=cache,
-                                decode=decode)
+                                decode=decode, compile=compile)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
@@ -103,23 +103,20 @@ def run(args: argparse.Namespace) -> int:
     model.init_weights()
     model.to(device)
     _patch_forward_scale_for_recompute(model)
-    eager_step = model.forward_scale
     rows, reference = [], {}
     for bs in args.batch_sizes:
         labels = torch.arange(bs, device=device) % model.config.num_classes
         for mode in args.modes:
             cache = _Recompute() if mode == "recompute" else None
             autocast = torch.bfloat16 if mode == "bf16" else None
-            if mode == "compiled":
-                # one graph per scale shape (10 scales + the growing cache): raise dynamo's default limit of 8
-                torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-                model.forward_scale = torch.compile(eager_step, dynamic=False)
+            compile = mode == "compiled"  # sample_next_scale(compile=True): one graph per scale, CUDA graphs on CUDA
             t_warm = time.perf_counter()
-            run_once(model, tok, labels, 0, cache, device, autocast=autocast)  # warm-up (and compilation)
+            run_once(model, tok, labels, 0, cache, device, autocast=autocast, compile=compile)  # warm-up, compile
             warm = time.perf_counter() - t_warm
             times, peak = [], 0
             for r in range(args.repeats):
-                out, seconds, mem = run_once(model, tok, labels, r, cache, device, autocast=autocast)
+                out, seconds, mem = run_once(model, tok, labels, r, cache, device, autocast=autocast,
+                                             compile=compile)
                 times.append(seconds)
                 peak = max(peak, mem)
             tokens = [t.cpu() for t in out.tokens]
@@ -131,7 +128,6 @@ def run(args: argparse.Namespace) -> int:
                              peak_mem_mb=peak / 2 ** 20, kv_cache_mb=out.stats.peak_kv_cache_bytes / 2 ** 20,
                              same_tokens_as_first_mode=agreement == 1.0, token_agreement=agreement))
             log.info("%s", rows[-1])
-            model.forward_scale = eager_step
     write_report(rows, args, f"{machine_name()}; load average at the end of the run {load_average()}")
     return 0
 

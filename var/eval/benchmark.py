@@ -174,7 +174,7 @@ class RunResult:
 
 
 def run_batches(spec, setup: Setup, *, labels: torch.Tensor, batch: int, seed: int, cache_factory=None,
-                device="cpu") -> RunResult:
+                device="cpu", compile: bool = False) -> RunResult:
     """Sample ``labels`` in batches with one generator seeded ``seed``; timed, with peak memory."""
     gen = torch.Generator(device=device).manual_seed(seed)
     images, tokens, passes, cache_bytes = [], [], 0, 0
@@ -184,7 +184,7 @@ def run_batches(spec, setup: Setup, *, labels: torch.Tensor, batch: int, seed: i
     for start in range(0, len(labels), batch):
         cache = cache_factory() if cache_factory else None
         out = spec(setup.models, labels[start:start + batch].to(device), generator=gen, cache=cache,
-                   **setup.settings_for(spec.name))
+                   compile=compile and spec.takes_compile, **setup.settings_for(spec.name))
         images.append(out.images.float().cpu())
         tokens.append(_flat_tokens(out.tokens) if out.tokens is not None else None)
         passes = max(passes, out.stats.forward_passes)
@@ -195,7 +195,8 @@ def run_batches(spec, setup: Setup, *, labels: torch.Tensor, batch: int, seed: i
     return RunResult(torch.cat(images), toks, passes, cache_bytes, seconds, _peak(device))
 
 
-def batch1_latency(spec, setup: Setup, *, repeats: int, seed: int, cache_factory=None, device="cpu") -> float:
+def batch1_latency(spec, setup: Setup, *, repeats: int, seed: int, cache_factory=None, device="cpu",
+                   compile: bool = False) -> float:
     """Fastest wall time of ``repeats`` single-image calls after one warm-up call (best-of: robust to other
     processes sharing the machine)."""
     times = []
@@ -205,7 +206,8 @@ def batch1_latency(spec, setup: Setup, *, repeats: int, seed: int, cache_factory
         cache = cache_factory() if cache_factory else None
         _sync(device)
         t0 = time.perf_counter()
-        spec(setup.models, label, generator=gen, cache=cache, **setup.settings_for(spec.name))
+        spec(setup.models, label, generator=gen, cache=cache, compile=compile and spec.takes_compile,
+             **setup.settings_for(spec.name))
         _sync(device)
         if r > 0:
             times.append(time.perf_counter() - t0)
@@ -278,8 +280,9 @@ def _policy_factories(setup: Setup, budgets, device, only=None) -> list[tuple]:
 def run_benchmark(*, device="cpu", num_images: int = 64, batch: int = 16, repeats: int = 3,
                   budgets=(0.5, 0.25, 0.1), seed: int = 0, models: tuple[str, ...] = (), extractor: str = "auto",
                   samplers: tuple[str, ...] = (), policies: tuple[str, ...] = (), timed_runs: int = 2,
-                  families: tuple[str, ...] = ()) -> dict:
-    """Measure every (setup, sampler[, cache policy, budget]) row; returns the report dict (see module doc)."""
+                  families: tuple[str, ...] = (), compile: bool = False) -> dict:
+    """Measure every (setup, sampler[, cache policy, budget]) row; returns the report dict (see module doc).
+    ``compile``: samplers with a compiled path run it on the full cache (row column ``compiled``)."""
     from var.eval.features import extract_features, load_offline_extractor
     from var.eval.metrics import frechet_distance_features, kernel_distance
     from var.utils.images import to_uint8_hwc
@@ -314,9 +317,11 @@ def run_benchmark(*, device="cpu", num_images: int = 64, batch: int = 16, repeat
     def measure(spec, setup: Setup, cache_name="full", budget=None, factory=None):
         labels, ref_tokens, ref_feats = setup_reference(setup)
         log.info("bench: %s | %s | %s %s", setup.name, spec.name, cache_name, budget if budget is not None else "")
-        latency = batch1_latency(spec, setup, repeats=repeats, seed=seed, cache_factory=factory, device=device)
-        runs = [run_batches(spec, setup, labels=labels, batch=batch, seed=seed, cache_factory=factory, device=device)
-                for _ in range(max(1, timed_runs))]
+        compiled = compile and spec.takes_compile and factory is None  # compressed caches have no compiled path
+        latency = batch1_latency(spec, setup, repeats=repeats, seed=seed, cache_factory=factory, device=device,
+                                 compile=compiled)
+        runs = [run_batches(spec, setup, labels=labels, batch=batch, seed=seed, cache_factory=factory, device=device,
+                            compile=compiled) for _ in range(max(1, timed_runs))]
         run = min(runs, key=lambda r: r.seconds)  # same seed: same images; best-of time
         run.peak_mem = max((r.peak_mem or 0) for r in runs) or None
         feats = extract_features(ext, to_uint8_hwc(run.images))
@@ -325,7 +330,7 @@ def run_benchmark(*, device="cpu", num_images: int = 64, batch: int = 16, repeat
                      "peak_mem_bytes": run.peak_mem, "cache_bytes": run.cache_bytes,
                      "fd": frechet_distance_features(feats, ref_feats),
                      "kid": kernel_distance(feats, ref_feats, num_subsets=50, subset_size=min(len(feats), 1000))[0],
-                     "token_agreement": agreement(run.tokens, ref_tokens),
+                     "token_agreement": agreement(run.tokens, ref_tokens), "compiled": compiled,
                      "is_reference": spec.name == setup.reference and cache_name == "full"})
 
     def attempt(what: str, *args):
@@ -349,7 +354,7 @@ def run_benchmark(*, device="cpu", num_images: int = 64, batch: int = 16, repeat
     return {"machine": machine_description(device), "device": str(device), "load": load,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "settings": {"num_images": num_images, "batch": batch, "repeats": repeats, "timed_runs": timed_runs,
-                         "budgets": list(budgets),
+                         "budgets": list(budgets), "compile": compile,
                          "seed": seed,
                          "sampler_settings": {spec.name: {**spec.defaults(), **setup.settings_for(spec.name)}
                                               for spec, setup in pairs}},

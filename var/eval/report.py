@@ -42,6 +42,7 @@ def to_markdown(report: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         name = f"**{r['sampler']}**" if r.get("is_reference") else r["sampler"]
+        name += " (compiled)" if r.get("compiled") else ""
         lines.append(f"| {r['family']} | {name} | {r['cache']} | {_num(r['budget'], '{:.0%}')} | {r['passes']} | "
                      f"{r['images_per_s']:.1f} | {r['latency_s']:.4f} | {_mib(r['peak_mem_bytes'])} | "
                      f"{_mib(r['cache_bytes'])} | {_num(r['fd'], '{:.3f}')} | {_num(_k(r.get('kid')), '{:.2f}')} | "

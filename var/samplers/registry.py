@@ -219,6 +219,12 @@ class SamplerSpec:
         return "cache" in inspect.signature(self.fn).parameters
 
     @property
+    def takes_compile(self) -> bool:
+        """True when the sampler has a compiled path (``compile=``, see :mod:`var.models.compiled`)."""
+        fns = (self.fn, *([sample_jacobi] if self.fn in _JACOBI_WRAPPERS else []))
+        return any("compile" in inspect.signature(fn).parameters for fn in fns)
+
+    @property
     def model_roles(self) -> tuple[str, ...]:
         return tuple(r.name for r in self.roles)
 
@@ -263,9 +269,10 @@ class SamplerSpec:
             role.check(self.name, models.get(role.name))
 
     def __call__(self, models: Mapping[str, Any], labels_B, *, generator=None, cache=None, decode: bool = True,
-                 **settings):
+                 compile=False, **settings):
         """Check the models and settings, then sample; returns the sampler's
-        :class:`~var.samplers.stats.SampleOutput`."""
+        :class:`~var.samplers.stats.SampleOutput`. ``compile``: the sampler's compiled per-step forward (True, a
+        ``torch.compile`` backend name or a :class:`~var.models.compiled.CompileSpec`; samplers without one raise)."""
         self.check_models(models)
         settings = self.check_settings(settings)
         extra = {}
@@ -273,6 +280,11 @@ class SamplerSpec:
             if not self.takes_cache:
                 raise ConfigError(f"sampler {self.name} takes no cache policy")
             extra["cache"] = cache
+        if compile:
+            if not self.takes_compile:
+                raise ConfigError(f"sampler {self.name} has no compiled path; compile= is taken by "
+                                  f"{', '.join(n for n, s in SAMPLERS.items() if s.takes_compile)}")
+            extra["compile"] = compile
         return self.fn(*(models.get(r) for r in self.model_roles), labels_B, generator=generator, decode=decode,
                        **extra, **settings)
 
