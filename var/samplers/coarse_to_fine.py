@@ -15,8 +15,8 @@ import torch
 
 from var.errors import ConfigError
 from var.kernels.kv_cache import FullCache
-from var.samplers.logits import (GeneratorArg, apply_cfg, check_finite, constrain_logits, multinomial,
-                                 processed_logits)
+from var.samplers.logits import (FiniteCheck, GeneratorArg, apply_cfg, check_finite, constrain_logits,
+                                 multinomial, processed_logits)
 from var.samplers.next_token import TokenProcessor, finish, legacy_cfg_scale, prepare
 from var.samplers.stats import SampleOutput, SamplerStats
 
@@ -52,7 +52,7 @@ def draw_coarse_labels(stage1, labels_B, proc: TokenProcessor, *, generator: Gen
         if stats is not None:
             stats.forward_passes += 1
             stats.track_kv(kv_cache)
-        out[:, i] = multinomial(proc.probs(logits[:, -1], f"stage 1 token {i}"), generator)
+        out[:, i] = multinomial(proc.probs(logits[:, -1], f"stage 1 token {i}"), generator, finite=proc.finite)
     return out
 
 
@@ -97,10 +97,12 @@ def sample_coarse_to_fine(stage1, stage2, tokenizer, labels_B, *, cfg_scale: flo
     t0 = time.perf_counter()
     _check_pair(stage1, stage2, tokenizer)
     labels_B, proc1, _ = prepare(stage1, None, labels_B, cfg_scale, temperature, top_k, top_p, cfg=cfg)
+    proc1.finite = FiniteCheck()  # stage 1 reads back once, after its token loop
     proc2 = TokenProcessor(labels_B.shape[0], legacy_cfg_scale(stage2_cfg_scale, stage2_cfg), stage2_temperature,
                            stage2_top_k, 0.0)
     stats = SamplerStats()
     coarse = draw_coarse_labels(stage1, labels_B, proc1, generator=generator, cache=cache, stats=stats)
+    proc1.finite.raise_if_failed()
     fine = draw_fine(stage2, labels_B, coarse, proc2, constrained=constrained, generator=generator)
     stats.forward_passes += 1
     out = finish(stage1, tokenizer, fine, stats, t0, decode)

@@ -27,7 +27,7 @@ import time
 import torch
 
 from var.errors import ConfigError
-from var.samplers.logits import GeneratorArg, multinomial
+from var.samplers.logits import FiniteCheck, GeneratorArg, multinomial
 from var.samplers.next_token import finish, prepare
 from var.samplers.stats import SamplerStats
 
@@ -85,7 +85,7 @@ def _sample_released(model, proc, rows, cache, tokens, window, generator, stats)
     for buf in cache.k + cache.v:
         buf.zero_()  # undecoded cells are attended as zeros
     first = model.prefill(rows, cache)
-    tokens[:, 0] = multinomial(proc.probs(first[:, -1], "token 0"), generator)
+    tokens[:, 0] = multinomial(proc.probs(first[:, -1], "token 0"), generator, finite=proc.finite)
     cache.advance(N)  # slots [T, T + N) = the image positions; new K/V are written after them
     scratch = T + N
 
@@ -105,11 +105,12 @@ def _sample_released(model, proc, rows, cache, tokens, window, generator, stats)
 
     for c in range(1, W):  # row 0, one token per pass
         logits = run_pass([(0, c - 1)], [(0, c - 1)])
-        tokens[:, c] = multinomial(proc.probs(logits[:, -1], f"token {c}"), generator)
+        tokens[:, c] = multinomial(proc.probs(logits[:, -1], f"token {c}"), generator, finite=proc.finite)
     for inputs, predicted in released_schedule(H, W, window):
         logits = run_pass([slot for _, slot, _ in inputs], [source for source, _, _ in inputs])
         which = [j for j, (_, _, r) in enumerate(inputs) if r is not None][:len(predicted)]
-        new = multinomial(proc.probs(logits[:, which], f"ZipAR pass {stats.forward_passes}"), generator)
+        new = multinomial(proc.probs(logits[:, which], f"ZipAR pass {stats.forward_passes}"), generator,
+                          finite=proc.finite)
         for k, (r, c) in enumerate(predicted):
             tokens[:, r * W + c] = new[:, k]
 
@@ -129,6 +130,7 @@ def sample_zipar(model, tokenizer, labels_B, *, window: int | None = None, sched
         raise ConfigError(f"ZipAR schedule must be one of {ZIPAR_SCHEDULES}, got {schedule!r}")
     t0 = time.perf_counter()
     labels_B, proc, rows = prepare(model, tokenizer, labels_B, cfg_scale, temperature, top_k, top_p, cfg=cfg)
+    proc.finite = FiniteCheck()  # read back once, before the images are decoded
     H = W = model.config.grid_size
     if window is None:
         window = min(8, W) if schedule == "released" else max(1, W // 2)
@@ -142,9 +144,10 @@ def sample_zipar(model, tokenizer, labels_B, *, window: int | None = None, sched
         stats.forward_passes = 1
         _sample_released(model, proc, rows, cache, tokens, window, generator, stats)
         stats.extra.update(window=window, schedule=schedule)
+        proc.finite.raise_if_failed()
         return finish(model, tokenizer, tokens, stats, t0, decode, cache=cache)
 
-    tokens[:, 0] = multinomial(proc.probs(model.prefill(rows, cache)[:, -1], "token 0"), generator)
+    tokens[:, 0] = multinomial(proc.probs(model.prefill(rows, cache)[:, -1], "token 0"), generator, finite=proc.finite)
     stats.forward_passes = 1
     slot_pos, slot_live = [0] * T, [True] * T   # absolute position and liveness of every K/V slot
     col = [0] * H                               # decoded tokens per row
@@ -190,11 +193,12 @@ def sample_zipar(model, tokenizer, labels_B, *, window: int | None = None, sched
         stats.forward_passes += 1
         which = [j for j, r in enumerate(predicts) if r is not None]
         probs = proc.probs(logits[:, which], f"ZipAR pass {stats.forward_passes}")
-        new = multinomial(probs, generator)  # [B, rows advanced]
+        new = multinomial(probs, generator, finite=proc.finite)  # [B, rows advanced]
         for k, j in enumerate(which):
             r = predicts[j]
             tokens[:, r * W + col[r]] = new[:, k]
             col[r] += 1
 
     stats.extra.update(window=window, schedule=schedule, ideal_steps=W + (H - 1) * window)
+    proc.finite.raise_if_failed()
     return finish(model, tokenizer, tokens, stats, t0, decode, cache=cache)

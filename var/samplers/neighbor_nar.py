@@ -15,7 +15,7 @@ import torch
 from var.errors import ConfigError
 from var.kernels.kv_cache import FullCache
 from var.models.nar import NAR
-from var.samplers.logits import GeneratorArg, multinomial
+from var.samplers.logits import FiniteCheck, GeneratorArg, multinomial
 from var.samplers.next_token import finish, prepare
 from var.samplers.stats import SampleOutput, SamplerStats
 
@@ -64,6 +64,7 @@ def sample_nar(model, tokenizer, labels_B, *, cfg_scale: float = 2.0, top_k: int
         raise ConfigError(f"sampler nar drives a NAR as model, got {type(model).__name__}")
     labels_B, proc, rows_labels = prepare(model, tokenizer, labels_B, cfg_scale, temperature, top_k, top_p,
                                           cfg_interval, cfg=cfg)
+    proc.finite = FiniteCheck()  # read back once, before the images are decoded
     device, n, B = labels_B.device, model.config.grid_size, labels_B.shape[0]
     kv_cache = (cache or FullCache()).new_cache(model, rows_labels.shape[0], device=device)
     stats = SamplerStats()
@@ -72,7 +73,7 @@ def sample_nar(model, tokenizer, labels_B, *, cfg_scale: float = 2.0, top_k: int
     right, down = model.forward_heads(model.class_embed(rows_labels), torch.zeros(1, dtype=torch.long,
                                                                                   device=device), kv_cache)
     stats.forward_passes += 1
-    grid[:, 0, 0] = multinomial(proc.probs((right + down) / 2, "diagonal 0"), generator)[:, 0]
+    grid[:, 0, 0] = multinomial(proc.probs((right + down) / 2, "diagonal 0"), generator, finite=proc.finite)[:, 0]
     for d in range(1, 2 * n - 1):
         rows = torch.tensor(list(diagonal_rows(d - 1, n)), device=device)
         cols = d - 1 - rows
@@ -84,5 +85,6 @@ def sample_nar(model, tokenizer, labels_B, *, cfg_scale: float = 2.0, top_k: int
         generated = sum(len(diagonal_rows(e, n)) for e in range(d))
         guided = cfg_interval < 0 or generated <= cfg_interval  # NAR's count (LlamaGen's allows one more token)
         probs = proc.probs(_mixed_targets(right, down, d, n), f"diagonal {d}", guided)
-        grid[:, tgt, d - tgt] = multinomial(probs, generator)
+        grid[:, tgt, d - tgt] = multinomial(probs, generator, finite=proc.finite)
+    proc.finite.raise_if_failed()
     return finish(model, tokenizer, grid.flatten(1), stats, t0, decode)
