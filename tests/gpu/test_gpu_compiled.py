@@ -125,3 +125,27 @@ def test_compiled_next_token_sampling_matches_eager_and_synchronises_twice(devic
     with count_syncs(device) as syncs:
         sample_next_token(gpt, None, labels, generator=gen(0), decode=False)
     assert len(syncs) <= 2, syncs
+
+
+@torch.no_grad()
+def test_compiled_sjd_window_matches_eager_and_synchronises_once_per_pass(device, gen):
+    """The Jacobi window pass compiled (full width, explicit positions and mask over the whole cache): greedy tokens
+    identical to eager, one graph for every pass, CUDA graphs not skipped; eager SJD synchronises at most twice per
+    pass (the one per-pass read-back and the window positions' range check) plus a few per sample."""
+    from var.samplers import sample_sjd
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    gpt = create("gpt_tiny").eval()
+    torch.nn.init.normal_(gpt.output.weight, std=0.5)
+    gpt = gpt.to(device)
+    labels = torch.tensor([1, 2, 3], device=device)
+    skips0, graphs0 = counters["inductor"]["cudagraph_skips"], counters["stats"]["unique_graphs"]
+    eager, compiled = (sample_sjd(gpt, None, labels, window=6, top_k=1, generator=gen(0), decode=False,
+                                  compile=compile).tokens for compile in (False, _compile(device)))
+    assert torch.equal(eager, compiled)
+    assert counters["stats"]["unique_graphs"] - graphs0 == 1
+    assert counters["inductor"]["cudagraph_skips"] == skips0, "CUDA graphs were skipped (see TORCH_LOGS=cudagraphs)"
+    with count_syncs(device) as syncs:
+        out = sample_sjd(gpt, None, labels, window=6, generator=gen(0), decode=False)
+    assert len(syncs) <= 2 * out.stats.extra["iterations"] + 5, syncs
