@@ -108,6 +108,11 @@ def release_caches(model: torch.nn.Module) -> None:
     _CACHES.pop(model, None)
 
 
+def _bare(model):
+    """The module under a ``torch.compile`` wrapper (its class holds the step functions compiled here)."""
+    return getattr(model, "_orig_mod", model)
+
+
 class ScaleStep:
     """VAR's scale step ``forward_scale(x_BlC, cond_BD, cache) -> logits [rows, pn*pn, V]``, eager or compiled."""
 
@@ -117,7 +122,7 @@ class ScaleStep:
         # eager: the instance's own forward_scale (a wrapper set on the model, e.g. a benchmark's recompute
         # baseline, stays in effect); compiled: the class's function, traced once per shape
         self.fn = (lambda m, *args: m.forward_scale(*args)) if spec is None else compiled(
-            type(model).forward_scale, spec, device)
+            type(_bare(model)).forward_scale, spec, device)
         self.mark_steps = spec is not None and spec.cuda_graphs(device)
 
     def new_cache(self, cache_policy, rows: int, device):
@@ -134,7 +139,7 @@ class ScaleStep:
     def __call__(self, x_BlC: torch.Tensor, cond_BD: torch.Tensor, cache) -> torch.Tensor:
         if self.mark_steps:  # the previous step's outputs were consumed: CUDA graphs may reuse their memory
             torch.compiler.cudagraph_mark_step_begin()
-        return self.fn(self.model, x_BlC, cond_BD, cache)
+        return self.fn(self.model if self.spec is None else _bare(self.model), x_BlC, cond_BD, cache)
 
 
 class DecodeStep:
@@ -143,6 +148,7 @@ class DecodeStep:
     after a truncation), checks room against the cache's host length and advances it."""
 
     def __init__(self, model, cache: KVCache, spec: CompileSpec | None):
+        model = _bare(model)
         self.model, self.cache = model, cache
         device = cache.k[0].device
         self.fn = compiled(type(model).decode_step, spec, device) if spec is not None else type(model).decode_step
