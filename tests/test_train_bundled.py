@@ -52,3 +52,22 @@ def test_bundled_classifier_loads():
     from var.train.data import ProceduralShapes
     x, y = ProceduralShapes(20, seed=1).tensors()
     assert (clf.predict(x) == y).float().mean() >= 0.9
+
+
+def test_bundled_var_draws_textures_and_no_coloured_corner():
+    """The retrained bundle (issue 14): the old one drew the striped / checkered classes plain (texture accuracy
+    0-2%) and a green top-right pixel in every image (mean G 80 next to 42 one pixel inside)."""
+    from var.eval.class_accuracy import class_accuracy_report, corner_colours, sample_per_class
+    from var.samplers import sample_next_scale
+    from var.train.data import SHAPE_CLASSES
+    d = _skip_unless(bundled_var_dir())
+    tok, model = hub.load_var(d / "tokenizer", d / "transformer")
+    textured = [c for c, cls in enumerate(SHAPE_CLASSES) if cls.texture != "solid"]
+    x, y = sample_per_class(lambda lab, g: sample_next_scale(model, tok, lab, generator=g).images,
+                            num_classes=10, per_class=10, batch_size=50, seed=0)
+    corners = corner_colours(x)
+    for name in ("top_left", "top_right", "bottom_left", "bottom_right"):
+        assert max(abs(a - b) for a, b in zip(corners[name], corners[f"inner_{name}"])) < 8, (name, corners)
+    rep = class_accuracy_report(x, y)
+    assert sum(rep.texture_accuracy[c] for c in textured) / len(textured) >= 0.5, rep.texture_accuracy
+    assert rep.overall["class"] >= 0.9
