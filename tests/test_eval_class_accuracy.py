@@ -77,3 +77,49 @@ def test_corner_colours_and_bad_input():
         class_accuracy_report(x, torch.tensor([0, 1, 2, 10]), attributes=False)
     with pytest.raises(ConfigError):
         class_accuracy_report(x, torch.tensor([0, 1]), attributes=False)
+
+
+# ---- var-eval accuracy (the user's own model) ---------------------------------------------------------------
+def _run_cli(argv):
+    from var.cli.eval import main
+    return main(argv)
+
+
+def test_var_eval_accuracy_on_a_saved_model_with_fewer_classes(tmp_path, capsys):
+    """A user's own (here: random tiny) VAR with 4 classes, saved as var-train exports it: per-class report of its 4
+    classes, JSON with the settings and corner colours."""
+    import json
+
+    from var.hub import save_pretrained
+    from var.models import create
+    torch.manual_seed(0)
+    save_pretrained(create("msvq_tiny"), tmp_path / "tok")
+    save_pretrained(create("var_tiny", num_classes=4), tmp_path / "var")
+    out = tmp_path / "acc.json"
+    assert _run_cli(["accuracy", "--vae", str(tmp_path / "tok"), "--var", str(tmp_path / "var"), "--per-class", "2",
+                     "--batch", "5", "--top-k", "10", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| yellow_triangle | 2 |" in printed and "lime_ring | 2" in printed and "green_cross" not in printed
+    rec = json.loads(out.read_text())
+    assert rec["sampler"] == "next_scale" and rec["settings"]["top_k"] == 10 and rec["per_class"] == 2
+    rep = rec["report"]
+    assert rep["num_images"] == [2, 2, 2, 2] and len(rep["texture_accuracy"]) == 4
+    assert all(0 <= a <= 1 for a in rep["class_accuracy"] + rep["shape_accuracy"] + rep["texture_accuracy"])
+    assert set(rec["corner_colours"]) >= {"top_right", "inner_top_right"}
+
+
+def test_var_eval_accuracy_next_token_random_init_and_errors(tmp_path, capsys):
+    assert _run_cli(["accuracy", "--sampler", "next_token", "--random-init", "--per-class", "1", "--batch", "10",
+                     "--no-attributes"]) == 0
+    printed = capsys.readouterr().out
+    assert "random-weight gpt_tiny" in printed and "texture" not in printed and "**all** | 10" in printed
+    from var.hub import save_pretrained
+    from var.models import create
+    save_pretrained(create("msvq_tiny"), tmp_path / "tok")
+    save_pretrained(create("var_tiny", num_classes=12), tmp_path / "var")
+    with pytest.raises(ConfigError, match="12 classes"):
+        _run_cli(["accuracy", "--vae", str(tmp_path / "tok"), "--var", str(tmp_path / "var"), "--per-class", "1"])
+    with pytest.raises(ConfigError):
+        _run_cli(["accuracy", "--random-init", "--per-class", "0"])
+    with pytest.raises(ConfigError):  # a next-scale setting with a next-token sampler
+        _run_cli(["accuracy", "--sampler", "next_token", "--random-init", "--more-smooth"])

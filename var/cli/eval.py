@@ -13,6 +13,8 @@ Examples::
         --inception-weights weights-inception-2015-12-05-6726825d.pth
     # FID-style numbers with the offline extractor, against the offline procedural dataset
     var-eval metrics samples/bundled/images.npz --ref procedural --evaluator offline
+    # per-class accuracy (class, shape, texture) of your own model trained on the procedural dataset
+    var-eval accuracy --vae runs/msvq/export --var runs/var/export/transformer --per-class 50 --json acc.json
 
 Published VAR numbers come from OpenAI's ADM evaluator run on ``images.npz`` against
 ``VIRTUAL_imagenet256_labeled.npz``; every number printed here names the evaluator that produced it.
@@ -75,6 +77,28 @@ def build_parser() -> argparse.ArgumentParser:
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     o.add_argument("--device", default=default_device, help=f"torch device (default {default_device})")
     o.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                   help="autocast dtype of the transformer (default fp32)")
+
+    a = sub.add_parser("accuracy", help="per-class accuracy of a model trained on the procedural shapes dataset",
+                       description="Sample --per-class images of every class and judge them per class: the "
+                                   "bundled shapes classifier (class) and the bundled attribute classifier's "
+                                   "shape and texture heads (var.eval.class_accuracy). For models trained with "
+                                   "`var-train ... --data shapes`; the bundled model by default.")
+    add_model_arguments(a, "models (default: the bundled model of the sampler's family; --random-init: tiny random "
+                           "presets)")
+    add_sampler_arguments(a, sampler_default_help="default: next_scale")
+    a.add_argument("--cache", choices=tuple(cache_policies()), default=None,
+                   help="cache policy of samplers that take one (default: the full cache)")
+    a.add_argument("--budget", type=float, default=None, help="budget of a compression --cache (default: none)")
+    a.add_argument("--per-class", type=int, default=50, help="samples per class (default 50)")
+    a.add_argument("--batch", type=int, default=50, help="images per sampler call (default 50)")
+    a.add_argument("--seed", type=int, default=0, help="seed of the one generator of the whole set (default 0)")
+    a.add_argument("--classifier-dir", help="saved shapes classifier (default: the bundled one)")
+    a.add_argument("--attribute-classifier-dir", help="saved attribute classifier (default: the bundled one)")
+    a.add_argument("--no-attributes", action="store_true", help="class accuracy only (no shape / texture)")
+    a.add_argument("--json", help="also write the report to this JSON file (default: none)")
+    a.add_argument("--device", default=default_device, help=f"torch device (default {default_device})")
+    a.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                    help="autocast dtype of the transformer (default fp32)")
 
     q = sub.add_parser("metrics", help="FID / IS / KID / precision / recall of a sample set",
@@ -279,12 +303,51 @@ def _as_folders(samples_path, samples, ref, ref_path):
                                                                ref, "ref")
 
 
+# ---- accuracy -----------------------------------------------------------------------------------------------
+def run_accuracy(args) -> int:
+    from var.eval.class_accuracy import class_accuracy_report, corner_colours, sample_per_class
+    from var.eval.classifier import load_classifier
+    spec = resolve_sampler(args.sampler)
+    settings = sampler_settings(spec, args)  # bad flags fail before any model is loaded
+    cache = make_cache_policy(args.cache, args.budget)
+    if cache is not None and not spec.takes_cache:
+        raise ConfigError(f"sampler {spec.name} takes no cache policy (--cache)")
+    classifier = load_classifier(args.classifier_dir, device=args.device)
+    judge = None
+    if not args.no_attributes:
+        from var.eval.attributes import load_attribute_classifier
+        judge = load_attribute_classifier(args.attribute_classifier_dir, device=args.device)
+    models, desc = load_sampler_models(spec, args)
+    if models.get("tokenizer") is None:
+        raise ConfigError("give --vq: the tokenizer that decodes the sampled tokens")
+    num_classes = num_classes_of(models)
+    if num_classes > classifier.config.num_classes:
+        raise ConfigError(f"{desc} has {num_classes} classes; the procedural shapes dataset (and its classifier) "
+                          f"has {classifier.config.num_classes}: accuracy is only defined for models trained on it")
+    fn = make_sample_fn(spec, models, settings, cache=cache, dtype=args.dtype, device=args.device)
+    images, labels = sample_per_class(lambda labels_B, gen: fn(labels_B, gen)[0], num_classes=num_classes,
+                                      per_class=args.per_class, batch_size=args.batch, seed=args.seed)
+    report = class_accuracy_report(images.to(args.device), labels, classifier=classifier, attribute_classifier=judge,
+                                   attributes=not args.no_attributes, num_classes=num_classes)
+    print(f"{desc}, sampler {spec.name} {effective_settings(spec, settings)}, {args.per_class} per class, "
+          f"seed {args.seed}")
+    print(report.to_markdown())
+    if args.json:
+        record = {"model": desc, "sampler": spec.name, "settings": effective_settings(spec, settings),
+                  "cache": repr(cache) if cache is not None else "full", "per_class": args.per_class,
+                  "seed": args.seed, "report": report.to_dict(), "corner_colours": corner_colours(images)}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(record, indent=2, default=str))
+        log.info("wrote %s", args.json)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
     from var.utils.devices import check_device
     check_device(args.device)
-    return run_sample(args) if args.command == "sample" else run_metrics(args)
+    return {"sample": run_sample, "accuracy": run_accuracy, "metrics": run_metrics}[args.command](args)
 
 
 cli = command_line(main)

@@ -81,19 +81,24 @@ def _per_class(correct_B: torch.Tensor, labels_B: torch.Tensor, num_classes: int
 
 @torch.no_grad()
 def class_accuracy_report(images_B3HW: torch.Tensor, labels_B: torch.Tensor, *, classifier=None,
-                          attribute_classifier=None, attributes: bool = True) -> ClassAccuracyReport:
+                          attribute_classifier=None, attributes: bool = True,
+                          num_classes: int | None = None) -> ClassAccuracyReport:
     """Per-class accuracies of images in [-1, 1] with class ids ``labels_B`` of the procedural shapes dataset.
 
     ``classifier`` defaults to the bundled shapes classifier, ``attribute_classifier`` to the bundled attribute
-    judge (skipped when ``attributes`` is False)."""
+    judge (skipped when ``attributes`` is False); ``num_classes`` (default: the classifier's) are the classes
+    reported, the first ones of the dataset (a model trained with fewer classes)."""
     from var.eval.classifier import load_classifier
     if images_B3HW.ndim != 4 or images_B3HW.shape[0] != labels_B.shape[0]:
         raise ConfigError(f"need images [N, 3, S, S] and labels [N], got {tuple(images_B3HW.shape)} and "
                           f"{tuple(labels_B.shape)}")
     classifier = classifier if classifier is not None else load_classifier()
-    num_classes = classifier.config.num_classes
-    if num_classes > len(SHAPE_CLASSES):
-        raise ConfigError(f"the classifier has {num_classes} classes; the shapes dataset has {len(SHAPE_CLASSES)}")
+    judged = classifier.config.num_classes
+    if judged > len(SHAPE_CLASSES):
+        raise ConfigError(f"the classifier has {judged} classes; the shapes dataset has {len(SHAPE_CLASSES)}")
+    num_classes = judged if num_classes is None else num_classes
+    if not 1 <= num_classes <= judged:
+        raise ConfigError(f"num_classes must be in [1, {judged}] (the classifier's classes), got {num_classes}")
     if labels_B.numel() and not 0 <= int(labels_B.min()) <= int(labels_B.max()) < num_classes:
         raise ConfigError(f"labels must be class ids in [0, {num_classes - 1}], got {labels_B.min()}..{labels_B.max()}")
     labels_B = labels_B.cpu()
