@@ -77,4 +77,5 @@ def test_bundled_subcommand(tmp_path):
                  "--out", str(tmp_path / "q"), "--img-dir", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "q.json").read_text())
     assert report["var"]["var_sample_defaults"]["settings"] == {"cfg": 1.5, "top_k": 900, "top_p": 0.96}
+    assert {"shape_accuracy", "texture_accuracy", "per_class_texture_accuracy"} <= set(report["var"]["var_sample_defaults"])
     assert (tmp_path / "bundled_var_samples.png").exists() and (tmp_path / "q.md").exists()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from var.eval.class_accuracy import class_accuracy_report, corner_colours, sample_per_class
 from var.eval.classifier import accuracy, load_classifier, save_classifier, train_classifier
 from var.samplers.registry import get_sampler
 from var.train.data import ProceduralShapes
@@ -52,21 +53,21 @@ def tokenizer_quality(tok, images_B3HW: torch.Tensor, labels_B: torch.Tensor, cl
 
 @torch.no_grad()
 def sample_accuracy(sample_fn, clf, num_classes: int, per_class: int, batch: int, seed: int, desc: str):
-    """Sample ``per_class`` images of every class; returns (metrics, first images of each class)."""
-    labels = torch.arange(num_classes).repeat_interleave(per_class)
-    gen = torch.Generator().manual_seed(seed)
-    images, t0 = [], time.time()
-    for i in range(0, len(labels), batch):
-        images.append(sample_fn(labels[i:i + batch], gen).float().cpu())
-        log.info("%s: %d/%d images", desc, min(i + batch, len(labels)), len(labels))
-    images = torch.cat(images)  # [0, 1]
-    pred = clf.predict(images * 2 - 1)
-    per_cls = [(pred[labels == c] == c).float().mean().item() for c in range(num_classes)]
-    metrics = {"class_accuracy": round((pred == labels).float().mean().item(), 4),
-               "per_class_accuracy": [round(a, 3) for a in per_cls], "num_samples": len(labels),
-               "seconds": round(time.time() - t0, 1)}
+    """Sample ``per_class`` images of every class; returns (metrics with per-class class / shape / texture accuracy
+    (:mod:`var.eval.class_accuracy`), first images of each class)."""
+    t0 = time.time()
+    log.info("%s: sampling %d images", desc, num_classes * per_class)
+    images, labels = sample_per_class(sample_fn, num_classes=num_classes, per_class=per_class, batch_size=batch,
+                                      seed=seed)  # images in [-1, 1]
+    seconds = time.time() - t0
+    rep = class_accuracy_report(images, labels, classifier=clf, num_classes=num_classes)
+    metrics = {"class_accuracy": rep.overall["class"], "shape_accuracy": rep.overall["shape"],
+               "texture_accuracy": rep.overall["texture"], "per_class_accuracy": rep.class_accuracy,
+               "per_class_shape_accuracy": rep.shape_accuracy, "per_class_texture_accuracy": rep.texture_accuracy,
+               "top_right_pixel_rgb": corner_colours(images)["top_right"], "num_samples": len(labels),
+               "seconds": round(seconds, 1)}
     grid = torch.stack([images[labels == c][:8] for c in range(num_classes)], 1).flatten(0, 1)  # 8 rows x classes
-    return metrics, grid
+    return metrics, (grid + 1) / 2
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -147,12 +148,16 @@ def to_markdown(r: dict, training: Path) -> str:
     lines = ["# Bundled model quality", "", f"Machine: {r['machine']}. Written by `var-bench bundled`.",
              "", f"Shapes classifier accuracy on held-out real images (seed 1): "
              f"{r['classifier']['real_heldout_accuracy']:.2%} ({r['classifier']['num_images']} images).", "",
-             "| model | setting | class accuracy of samples | samples | sampling s |", "|---|---|---|---|---|"]
+             "Shape and texture: the bundled attribute classifier's heads (`var-eval accuracy` prints them per class).",
+             "", "| model | setting | class accuracy of samples | shape / texture accuracy | samples | sampling s |",
+             "|---|---|---|---|---|---|"]
     for fam in ("var", "ar"):
         for name, m in r.get(fam, {}).items():
             if name != "tokenizer":
                 s = ", ".join(f"{k}={v}" for k, v in m["settings"].items())
-                lines.append(f"| {fam} | {name} ({s}) | {m['class_accuracy']:.2%} | {m['num_samples']} | "
+                attrs = (f"{m['shape_accuracy']:.1%} / {m['texture_accuracy']:.1%}" if "shape_accuracy" in m
+                         else "-")
+                lines.append(f"| {fam} | {name} ({s}) | {m['class_accuracy']:.2%} | {attrs} | {m['num_samples']} | "
                              f"{m['seconds']} |")
     lines += ["", "| tokenizer | reconstruction PSNR (dB, held-out) | class accuracy of reconstructions | "
               "codes used / vocab |", "|---|---|---|---|"]
