@@ -76,3 +76,14 @@ def test_var_eval_sample_infinity_with_a_prompts_file(saved, tmp_path):
     with pytest.raises(ConfigError, match="prompts-file"):  # var-eval raises its ConfigErrors (status 2 via cli)
         eval_main(["sample", "--sampler", "infinity", "--vae", str(saved / "vae"), "--model", str(saved / "model"),
                    "--out", str(tmp_path / "e2"), "--device", "cpu"])
+
+
+def test_scalekv_on_infinity_needs_a_profile_or_calibrates_on_the_fly(saved, tmp_path):
+    with pytest.raises(ConfigError, match="needs a calibration profile"):
+        main(_args(saved, "--prompt", "a cat", "--cache", "ScaleKV", "--budget", "0.5", "--out",
+                   str(tmp_path / "x.png")))
+    full = main(_args(saved, "--prompt", "a cat", "--out", str(tmp_path / "full.png")))
+    kept = main(_args(saved, "--prompt", "a cat", "--cache", "ScaleKV", "--budget", "1.0", "--kv-profile",
+                      "calibrate", "--out", str(tmp_path / "scalekv.png")))
+    assert full == kept == 0
+    assert (tmp_path / "full.png").read_bytes() == (tmp_path / "scalekv.png").read_bytes()  # 100%: the full cache

@@ -41,12 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="var-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     from var.samplers.registry import SAMPLERS, cache_policies
+    from var.eval.benchmark import KV_PROFILES
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--num-images", type=int, default=64, help="images per row (speed and quality)")
     p.add_argument("--batch", type=int, default=16, help="images per sampler call in the timed runs")
     p.add_argument("--repeats", type=int, default=3, help="batch-1 calls (latency = the fastest)")
     p.add_argument("--timed-runs", type=int, default=2, help="timed batch runs per row (images/s = the fastest)")
     p.add_argument("--budgets", type=float, nargs="*", default=[0.5, 0.25, 0.1], help="cache-policy budgets")
+    p.add_argument("--kv-profile", choices=KV_PROFILES, default="calibrate",
+                   help="calibration profiles of ScaleKV/HACK: calibrate each VAR setup before its rows, or "
+                        "'bundled': the shipped profile on the bundled VAR (random-weight setups are still "
+                        "calibrated)")
     p.add_argument("--models", nargs="*", default=[], help="extra random-weight VAR presets (e.g. var_d16)")
     p.add_argument("--families", nargs="*", default=[], help="only setups whose name contains one of these")
     p.add_argument("--samplers", nargs="*", default=[], choices=list(SAMPLERS), metavar="SAMPLER",
@@ -97,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     report = run_benchmark(device=args.device, num_images=args.num_images, batch=args.batch, repeats=args.repeats,
                            budgets=tuple(args.budgets), seed=args.seed, models=tuple(args.models),
                            extractor=args.extractor, samplers=tuple(args.samplers), policies=tuple(args.policies),
-                           timed_runs=args.timed_runs, families=tuple(args.families), compile=args.compile)
+                           timed_runs=args.timed_runs, families=tuple(args.families), compile=args.compile,
+                           kv_profile=args.kv_profile)
     if args.merge:
         report = merge_reports([json.loads(open(p).read()) for p in args.merge] + [report])
     out_dir = args.out_dir or tempfile.mkdtemp(prefix="var-bench-")

@@ -7,7 +7,10 @@ Examples::
         --var var_d16.pth --out samples/d16 --cfg 1.5 --top-k 900 --top-p 0.96 --device cuda --dtype bf16
     # another sampler (any of var-sample's, with the same setting flags) / a cache policy
     var-eval sample --out samples/x --sampler collaborative --refiner small_var/ --draft-steps 8
-    var-eval sample --out samples/y --cache ScaleKV --budget 0.1
+    var-eval sample --out samples/y --cache ScaleKV --budget 0.1      # the bundled VAR's shipped profile
+    # a ScaleKV/HACK calibration profile for your own VAR checkpoint, then sampling with it
+    var-eval calibrate --vae vae_ch160v4096z32.pth --var var_d16.pth --out d16_profile.json --device cuda
+    var-eval sample --vae ... --var ... --out samples/z --cache ScaleKV --budget 0.1 --kv-profile d16_profile.json
     # Inception metrics through torch-fidelity (offline with a local weights file)
     var-eval metrics samples/d16/images --ref imagenet_val_folder/ --evaluator torch-fidelity \\
         --inception-weights weights-inception-2015-12-05-6726825d.pth
@@ -32,11 +35,12 @@ import numpy as np
 import torch
 
 from var.cli import command_line
-from var.cli.sampling import (CLI_SAMPLERS, DTYPES, add_model_arguments, add_sampler_arguments, autocast,
-                              effective_settings, load_sampler_models, num_classes_of, resolve_sampler,
-                              sampler_settings)
+from var.cli.sampling import (CALIBRATION_CLASSES, CLI_SAMPLERS, DTYPES, add_cache_arguments, add_model_arguments,
+                              add_sampler_arguments, autocast, calibrate_text_model, check_cache_arguments,
+                              effective_settings, load_sampler_models, load_var_models, make_cache_from_arguments,
+                              num_classes_of, resolve_sampler, sampler_settings)
 from var.errors import ConfigError
-from var.samplers.registry import SAMPLERS, cache_policies, make_cache_policy
+from var.samplers.registry import SAMPLERS
 
 log = logging.getLogger("var.cli.eval")
 # var-eval samples class-conditional models and, from a prompts file, Infinity
@@ -61,12 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prompts-file", help="one prompt per line; image i uses prompt i %% P (the prompts play the "
                                           "classes: --per-class is images per prompt)")
     add_sampler_arguments(s, sampler_default_help="default: next_scale", samplers=EVAL_SAMPLERS)
-    c = s.add_argument_group("KV-cache policy")
-    c.add_argument("--cache", choices=tuple(cache_policies()), default=None,
-                   help="cache policy of samplers that take one (default: the full cache)")
-    c.add_argument("--budget", type=float, default=None,
-                   help="budget of a compression --cache: fraction of the cache kept (or a token count); required "
-                        "with one, an error without")
+    add_cache_arguments(s)
     o = s.add_argument_group("set and output")
     o.add_argument("--out", required=True, help="output folder (images/, shards/, sampling.json, images.npz)")
     o.add_argument("--per-class", type=int, default=50, help="images per class: N = per_class x classes (default 50)")
@@ -87,9 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(a, "models (default: the bundled model of the sampler's family; --random-init: tiny random "
                            "presets)")
     add_sampler_arguments(a, sampler_default_help="default: next_scale")
-    a.add_argument("--cache", choices=tuple(cache_policies()), default=None,
-                   help="cache policy of samplers that take one (default: the full cache)")
-    a.add_argument("--budget", type=float, default=None, help="budget of a compression --cache (default: none)")
+    add_cache_arguments(a)
     a.add_argument("--per-class", type=int, default=50, help="samples per class (default 50)")
     a.add_argument("--batch", type=int, default=50, help="images per sampler call (default 50)")
     a.add_argument("--seed", type=int, default=0, help="seed of the one generator of the whole set (default 0)")
@@ -100,6 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--device", default=default_device, help=f"torch device (default {default_device})")
     a.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                    help="autocast dtype of the transformer (default fp32)")
+
+    k = sub.add_parser("calibrate", help="write the ScaleKV/HACK calibration profile of a VAR model",
+                       description="One full-cache next-scale sampling run over a few classes; its attention "
+                                   "statistics become the profile that --kv-profile takes.")
+    k.add_argument("--vae", help="VAR multi-scale tokenizer (default: the bundled VAR's)")
+    k.add_argument("--var", help="VAR transformer (default: the bundled VAR)")
+    k.add_argument("--random-init", action="store_true", help="random weights of the tiny presets (a smoke test)")
+    k.add_argument("--out", required=True, help="profile JSON to write")
+    k.add_argument("--classes", type=int, nargs="+", default=None,
+                   help=f"class ids of the calibration run (default: the first {CALIBRATION_CLASSES})")
+    k.add_argument("--cfg", type=float, default=1.5, help="VAR guidance of the calibration run (default 1.5)")
+    k.add_argument("--seed", type=int, default=0, help="seed of the calibration run (default 0)")
+    k.add_argument("--device", default=default_device, help=f"torch device (default {default_device})")
 
     q = sub.add_parser("metrics", help="FID / IS / KID / precision / recall of a sample set",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -147,9 +157,7 @@ def run_sample(args) -> int:
     from var.eval.distributed import SamplingPlan, generate_samples, init_distributed
     spec = resolve_sampler(args.sampler, allowed=EVAL_SAMPLERS)
     settings = sampler_settings(spec, args)  # bad flags fail before any model is loaded or file written
-    cache = make_cache_policy(args.cache, args.budget)
-    if cache is not None and not spec.takes_cache:
-        raise ConfigError(f"sampler {spec.name} takes no cache policy (--cache)")
+    check_cache_arguments(spec, args)  # before any model is loaded or file written
     if args.num_images is not None and args.num_images < 1:
         raise ConfigError(f"--num-images must be >= 1, got {args.num_images}")
     env = init_distributed(args.device)
@@ -157,12 +165,13 @@ def run_sample(args) -> int:
         args.device = f"cuda:{env.local_rank}"
         torch.cuda.set_device(env.local_rank)
     if spec.condition == "text":
-        return _run_sample_text(args, spec, settings, cache, env)
+        return _run_sample_text(args, spec, settings, env)
     if args.model or args.text_encoder or args.prompts_file:
         raise ConfigError(f"--model, --text-encoder and --prompts-file are for --sampler infinity, not {spec.name}")
     models, desc = load_sampler_models(spec, args)
     if models.get("tokenizer") is None:
         raise ConfigError("give --vq: the tokenizer that decodes the sampled tokens")
+    cache = make_cache_from_arguments(spec, args, models, desc)
     num_classes = num_classes_of(models)
     plan = SamplingPlan(args.num_images or args.per_class * num_classes, num_classes, args.shard_size, args.seed)
     record = {"model": desc, "sampler": spec.name, **effective_settings(spec, settings),
@@ -179,7 +188,7 @@ def run_sample(args) -> int:
     return 0
 
 
-def _run_sample_text(args, spec, settings: dict, cache, env) -> int:
+def _run_sample_text(args, spec, settings: dict, env) -> int:
     """``--sampler infinity``: the prompts of ``--prompts-file`` play the classes (image i uses prompt i % P)."""
     from var.cli.infinity import check_text_encoder, load_infinity_models, load_text_source
     from var.eval.distributed import SamplingPlan, generate_samples
@@ -199,6 +208,8 @@ def _run_sample_text(args, spec, settings: dict, cache, env) -> int:
     spec.check_models(models)
     embeddings = encode(prompts)
     check_text_encoder(model, embeddings)
+    cache = make_cache_from_arguments(spec, args, models, desc, calibrate_on=lambda: calibrate_text_model(
+        models, embeddings.select(list(range(min(CALIBRATION_CLASSES, len(prompts))))), settings, args.seed))
 
     def fn(labels_B, generator):
         with autocast(args.device, args.dtype):
@@ -214,6 +225,19 @@ def _run_sample_text(args, spec, settings: dict, cache, env) -> int:
     finally:
         env.close()
     log.info("sampled %d shards of %s images (%s)", summary["sampled"], spec.name, desc)
+    return 0
+
+
+# ---- calibrate ----------------------------------------------------------------------------------------------
+def run_calibrate(args) -> int:
+    from var.samplers.calibration import calibrate
+    tokenizer, model, desc = load_var_models(args)
+    labels = torch.tensor(args.classes if args.classes is not None
+                          else list(range(min(CALIBRATION_CLASSES, model.config.num_classes))), device=args.device)
+    model.check_labels(labels)
+    profile = calibrate(model, tokenizer, labels, cfg=args.cfg, seed=args.seed)
+    profile.meta["checkpoint"] = desc
+    log.info("wrote the calibration profile of %s (classes %s) to %s", desc, labels.tolist(), profile.save(args.out))
     return 0
 
 
@@ -309,9 +333,7 @@ def run_accuracy(args) -> int:
     from var.eval.classifier import load_classifier
     spec = resolve_sampler(args.sampler)
     settings = sampler_settings(spec, args)  # bad flags fail before any model is loaded
-    cache = make_cache_policy(args.cache, args.budget)
-    if cache is not None and not spec.takes_cache:
-        raise ConfigError(f"sampler {spec.name} takes no cache policy (--cache)")
+    check_cache_arguments(spec, args)
     classifier = load_classifier(args.classifier_dir, device=args.device)
     judge = None
     if not args.no_attributes:
@@ -324,6 +346,7 @@ def run_accuracy(args) -> int:
     if num_classes > classifier.config.num_classes:
         raise ConfigError(f"{desc} has {num_classes} classes; the procedural shapes dataset (and its classifier) "
                           f"has {classifier.config.num_classes}: accuracy is only defined for models trained on it")
+    cache = make_cache_from_arguments(spec, args, models, desc)
     fn = make_sample_fn(spec, models, settings, cache=cache, dtype=args.dtype, device=args.device)
     images, labels = sample_per_class(lambda labels_B, gen: fn(labels_B, gen)[0], num_classes=num_classes,
                                       per_class=args.per_class, batch_size=args.batch, seed=args.seed)
@@ -347,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from var.utils.devices import check_device
     check_device(args.device)
-    return {"sample": run_sample, "accuracy": run_accuracy, "metrics": run_metrics}[args.command](args)
+    return {"sample": run_sample, "accuracy": run_accuracy, "calibrate": run_calibrate,
+            "metrics": run_metrics}[args.command](args)
 
 
 cli = command_line(main)

@@ -28,9 +28,10 @@ from tqdm.auto import tqdm
 
 from var.cli import command_line
 from var.cli.infinity import add_infinity_arguments
-from var.cli.sampling import (CLI_FAMILIES, DTYPES, add_model_arguments, add_sampler_arguments, autocast,
-                              load_ar_models, load_sampler_models, load_var_models, num_classes_of, resolve_sampler,
-                              sampler_settings)
+from var.cli.sampling import (CALIBRATION_CLASSES, CLI_FAMILIES, DTYPES, add_cache_arguments, add_model_arguments,
+                              add_sampler_arguments, autocast, calibrate_text_model, check_cache_arguments,
+                              load_ar_models, load_sampler_models, load_var_models, make_cache_from_arguments,
+                              num_classes_of, resolve_sampler, sampler_settings)
 from var.errors import ConfigError
 
 log = logging.getLogger("var.cli.sample")
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-encoder", help="for --prompt with --gpt: google/flan-t5-xl (or a local T5 directory) "
                                           "for LlamaGen T2I, or a saved caption encoder directory")
     add_sampler_arguments(p, sampler_default_help="default: next_scale, or next_token with --family ar")
+    add_cache_arguments(p)
     gen = p.add_argument_group("what to sample")
     gen.add_argument("--classes", type=int, nargs="*", help="class ids (default: --num-images random classes)")
     gen.add_argument("--prompt", action="append", default=None,
@@ -150,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = sampler_settings(spec, args)
     if args.compile and not spec.takes_compile:
         raise ConfigError(f"--compile: sampler {spec.name} has no compiled path")
+    check_cache_arguments(spec, args)  # before any model is loaded
     if args.classes and args.num_images is not None:
         raise ConfigError("--num-images is for random classes: give --classes or --num-images, not both")
     text_encoder = None
@@ -170,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                                    generator=torch.Generator().manual_seed(args.seed))
         first = next(iter(models.values()))
         getattr(first, "check_condition", first.check_labels)(labels)  # GPTs also take captions; VAR class ids
+    cache = make_cache_from_arguments(spec, args, models, desc)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     images, passes = [], 0
     for start in tqdm(range(0, len(labels), args.batch_size), desc=f"sampling {desc}", unit="batch"):
@@ -178,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         batch = (text_encoder.condition(batch, model.config.caption_len) if text_encoder is not None
                  else batch.to(args.device))
         with autocast(args.device, args.dtype):
-            out = spec(models, batch, generator=gen, compile=args.compile, **settings)
+            out = spec(models, batch, generator=gen, compile=args.compile, cache=cache, **settings)
         images.append(out.images.float().cpu())
         passes += out.stats.forward_passes
         if args.out_dir:
@@ -198,6 +202,7 @@ def sample_infinity_main(args) -> int:
                                   negative_prompts)
     from var.errors import ConfigError
     from var.samplers.infinity import sample_infinity
+    from var.samplers.registry import SAMPLERS
     from var.tokenizers.scale_schedules import dynamic_schedule
     from var.utils.images import save_image_grid, save_images
 
@@ -213,6 +218,7 @@ def sample_infinity_main(args) -> int:
     for name, value in INFINITY_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    check_cache_arguments(SAMPLERS["infinity"], args)
     prompts = read_prompts(args)
     if prompts is None:
         raise ConfigError("--family infinity needs --prompt or --prompts-file")
@@ -221,6 +227,10 @@ def sample_infinity_main(args) -> int:
     schedule = dynamic_schedule(args.h_div_w, args.pixels)  # named error for an aspect ratio with no template
     encode = load_text_source(args, args.device)
     vae, model, desc = load_infinity_models(args)
+    cache = make_cache_from_arguments(
+        SAMPLERS["infinity"], args, {"model": model, "vae": vae}, desc,
+        calibrate_on=lambda: calibrate_text_model({"model": model, "vae": vae}, encode(prompts[:CALIBRATION_CLASSES]),
+                                                  {"h_div_w": args.h_div_w, "pixels": args.pixels}, args.seed))
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     images, passes = [], 0
     for start in tqdm(range(0, len(prompts), args.batch_size), desc=f"sampling {desc}", unit="batch"):
@@ -230,7 +240,7 @@ def sample_infinity_main(args) -> int:
         with autocast(args.device, args.dtype):
             out = sample_infinity(model, vae, emb, schedule=schedule, cfg=args.cfg, tau=args.tau, top_k=args.top_k,
                                   top_p=args.top_p, gumbel=args.gumbel, cfg_insertion_layer=args.cfg_insertion_layer,
-                                  negative=neg, generator=gen)
+                                  negative=neg, generator=gen, cache=cache)
         images.append(out.images.float().cpu())
         passes += out.stats.forward_passes
         if args.out_dir:  # each batch's PNGs as soon as it is done: a kill keeps what was sampled

@@ -254,3 +254,85 @@ def autocast(device: str, dtype: str):
     if dtype == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=DTYPES[dtype])
+
+
+# ---- KV-cache policy ------------------------------------------------------------------------------------------
+PROFILED_POLICIES = ("ScaleKV", "HACK")  # they classify layers / heads from a calibration profile of the model
+CALIBRATION_CLASSES = 4  # classes (or prompts) of an on-the-fly calibration run
+
+
+def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--cache``, ``--budget`` and ``--kv-profile`` (ScaleKV / HACK's calibration profile)."""
+    from var.samplers.registry import cache_policies
+    c = parser.add_argument_group("KV-cache policy")
+    c.add_argument("--cache", choices=tuple(cache_policies()), default=None,
+                   help="cache policy of samplers that take one (default: the full cache)")
+    c.add_argument("--budget", type=float, default=None,
+                   help="budget of a compression --cache: fraction of the cache kept (or a token count); required "
+                        "with one, an error without")
+    c.add_argument("--kv-profile", default=None, metavar="PATH|bundled|calibrate",
+                   help="calibration profile of --cache ScaleKV/HACK: a profile JSON (written by var-eval "
+                        "calibrate), 'bundled' (the shipped profile of the bundled VAR) or 'calibrate' (one "
+                        f"full-cache run over {CALIBRATION_CLASSES} classes or prompts before sampling). Default: "
+                        "'bundled' for the bundled VAR; any other model needs one (ScaleKV/HACK without a profile "
+                        "would run uncalibrated)")
+
+
+def check_cache_arguments(spec: SamplerSpec, args) -> None:
+    """Cache flags that cannot work with ``spec``, before any model is loaded."""
+    from var.samplers.registry import make_cache_policy
+    make_cache_policy(args.cache, args.budget)  # unknown policy, budget without policy and the reverse
+    if args.cache is not None and not spec.takes_cache:
+        raise ConfigError(f"sampler {spec.name} takes no cache policy (--cache)")
+    if args.kv_profile is not None and args.cache not in PROFILED_POLICIES:
+        raise ConfigError(f"--kv-profile is the calibration profile of --cache {' or '.join(PROFILED_POLICIES)}, "
+                          f"not of {args.cache or 'the full cache'}")
+    if args.cache in PROFILED_POLICIES and spec.name not in ("next_scale", "infinity"):
+        raise ConfigError(f"--cache {args.cache} calibrates on one VAR or Infinity model; sampler {spec.name} is "
+                          f"not supported from the command line (collaborative: give drafter_cache= / "
+                          f"refiner_cache= policies from Python)")
+
+
+def make_cache_from_arguments(spec: SamplerSpec, args, models: dict, desc: str, calibrate_on=None):
+    """The cache policy of ``--cache/--budget/--kv-profile`` for the loaded ``models``; ScaleKV and HACK get a
+    profile checked against the model (or a :class:`ConfigError` saying how to get one). ``calibrate_on``:
+    ``fn() -> CalibrationProfile`` for ``--kv-profile calibrate`` (default: VAR's :func:`var.samplers.calibrate`
+    over the first classes)."""
+    from var.samplers.registry import make_cache_policy
+    check_cache_arguments(spec, args)
+    if args.cache not in PROFILED_POLICIES:
+        return make_cache_policy(args.cache, args.budget)
+    return make_cache_policy(args.cache, args.budget, profile=_profile(spec, args, models, desc, calibrate_on))
+
+
+def _profile(spec: SamplerSpec, args, models: dict, desc: str, calibrate_on):
+    from var.kernels.policies.base import CacheLayout
+    from var.kernels.policies.calibration import CalibrationProfile, bundled_profile
+    source = args.kv_profile
+    if source is None and desc.startswith("bundled model"):
+        source = "bundled"
+        log.info("--cache %s: the shipped calibration profile of the bundled VAR", args.cache)
+    if source is None:
+        raise ConfigError(f"--cache {args.cache} needs a calibration profile of this model: --kv-profile PATH "
+                          f"(write one with 'var-eval calibrate'), or --kv-profile calibrate (calibrates before "
+                          f"sampling)")
+    if source == "calibrate":
+        log.info("--cache %s: calibrating on %d classes/prompts (one full-cache run)", args.cache,
+                 CALIBRATION_CLASSES)
+        if calibrate_on is None:
+            from var.samplers.calibration import calibrate
+            model = models["model"]
+            labels = torch.arange(min(CALIBRATION_CLASSES, model.config.num_classes), device=args.device)
+            return calibrate(model, models["tokenizer"], labels, seed=args.seed)
+        return calibrate_on()
+    profile = bundled_profile() if source == "bundled" else CalibrationProfile.load(source)
+    if spec.family == "next_scale":  # a profile of another model is a named error now, not at the first batch
+        profile.check(CacheLayout.of(models["model"]))
+    return profile
+
+
+def calibrate_text_model(models: dict, text, settings: dict, seed: int):
+    """``--kv-profile calibrate`` for Infinity: one full-cache run over ``text`` at the sampling run's schedule."""
+    from var.samplers.infinity import calibrate_infinity
+    at_schedule = {k: settings[k] for k in ("h_div_w", "pixels") if k in settings}
+    return calibrate_infinity(models["model"], models["vae"], text, seed=seed, **at_schedule)

@@ -256,10 +256,17 @@ def assign(setups: list[Setup], only=None) -> tuple[list[tuple], list[dict]]:
     return pairs, skipped
 
 
-def _policy_factories(setup: Setup, budgets, device, only=None) -> list[tuple]:
+KV_PROFILES = ("calibrate", "bundled")
+
+
+def _policy_factories(setup: Setup, budgets, device, only=None, kv_profile: str = "calibrate") -> list[tuple]:
     """(policy name, budget, factory) for every compression policy of the registry and budget on a VAR setup;
-    ScaleKV and HACK get a calibration profile of the setup's model."""
+    ScaleKV and HACK get a calibration profile of the setup's model: calibrated on it, or with
+    ``kv_profile="bundled"`` the shipped profile on the bundled VAR."""
     out, profile = [], None
+    if kv_profile == "bundled" and setup.name.startswith("bundled VAR"):
+        from var.kernels.policies.calibration import bundled_profile
+        profile = bundled_profile()
     for name, cls in cache_policies().items():
         if name == "FullCache" or (only and name not in only):
             continue
@@ -280,9 +287,13 @@ def _policy_factories(setup: Setup, budgets, device, only=None) -> list[tuple]:
 def run_benchmark(*, device="cpu", num_images: int = 64, batch: int = 16, repeats: int = 3,
                   budgets=(0.5, 0.25, 0.1), seed: int = 0, models: tuple[str, ...] = (), extractor: str = "auto",
                   samplers: tuple[str, ...] = (), policies: tuple[str, ...] = (), timed_runs: int = 2,
-                  families: tuple[str, ...] = (), compile: bool = False) -> dict:
+                  families: tuple[str, ...] = (), compile: bool = False, kv_profile: str = "calibrate") -> dict:
     """Measure every (setup, sampler[, cache policy, budget]) row; returns the report dict (see module doc).
-    ``compile``: samplers with a compiled path run it on the full cache (row column ``compiled``)."""
+    ``compile``: samplers with a compiled path run it on the full cache (row column ``compiled``).
+    ``kv_profile``: ScaleKV/HACK's profiles, ``"calibrate"`` (each VAR setup calibrated before its rows) or
+    ``"bundled"`` (the shipped profile on the bundled VAR; the random-weight setups are still calibrated)."""
+    if kv_profile not in KV_PROFILES:
+        raise ConfigError(f"kv_profile must be one of {', '.join(KV_PROFILES)}, got {kv_profile!r}")
     from var.eval.features import extract_features, load_offline_extractor
     from var.eval.metrics import frechet_distance_features, kernel_distance
     from var.utils.images import to_uint8_hwc
@@ -345,13 +356,14 @@ def run_benchmark(*, device="cpu", num_images: int = 64, batch: int = 16, repeat
         if not attempt(f"{spec.name} on {setup.name}", spec, setup):
             continue
         if setup.compress and spec.name == setup.reference and spec.takes_cache:
-            for name, budget, factory in _policy_factories(setup, budgets, device, only=set(policies) or None):
+            for name, budget, factory in _policy_factories(setup, budgets, device, only=set(policies) or None,
+                                                           kv_profile=kv_profile):
                 attempt(f"{spec.name} + {name}({budget}) on {setup.name}", spec, setup, name, budget, factory)
     order = {s.name: i for i, s in enumerate(setups)}
     rows.sort(key=lambda r: (order.get(r["family"], 99), not r["is_reference"], r["sampler"], r["cache"] != "full",
                              r["cache"], -(r["budget"] or 0)))
     load = f"load average {load_average()} at the end"
-    return {"machine": machine_description(device), "device": str(device), "load": load,
+    return {"machine": machine_description(device), "device": str(device), "load": load, "kv_profile": kv_profile,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "settings": {"num_images": num_images, "batch": batch, "repeats": repeats, "timed_runs": timed_runs,
                          "budgets": list(budgets), "compile": compile,
