@@ -135,6 +135,32 @@ def test_scalekv_profile_classification_and_allocation(models, profile):
     assert int(cache.seg_len[d].max()) == bound.caps[2][d] > int(cache.seg_len[1 - d].max())
 
 
+INFINITY_2B_1M = ((1, 1), (2, 2), (4, 4), (6, 6), (8, 8), (12, 12), (16, 16), (20, 20), (24, 24), (32, 32),
+                  (40, 40), (48, 48), (64, 64))
+
+
+def test_scalekv_paper_refiner_decay_keeps_the_uniform_average_and_reproduces_the_released_2b_budgets():
+    """The paper's B_r(j) = B_r(0) - delta * j (B_r(0) = 600, delta = 70 at 650 tokens: its best ablation) on
+    Infinity-2B's layout, with the release's two drafters: the drafters take their whole cache, the refiners the
+    rest; the released 2B budget file holds refiner budgets 632, 594, 526, 420 at these scales."""
+    layout, budget = CacheLayout(32, 16, 128, INFINITY_2B_1M), 650
+    drafters = [set()] + [{0, 23}] * 12
+    caps = allocate(layout, budget, drafters, window=16, refiner_start=600 / 650, refiner_decay=70 / 650)
+    compressed = [si for si in range(13) if layout.cumulative(si) > budget]
+    for si in compressed:
+        assert budget - 1 <= sum(caps[si]) / 32 <= budget  # the uniform budget on average (integer floors)
+    refiners = [caps[si][1] for si in compressed[:4]]
+    assert [caps[si][0] for si in compressed[:4]] == [layout.cumulative(si) for si in compressed[:4]]
+    assert refiners == [631, 593, 525, 418]
+    assert all(abs(r - released) <= 2 for r, released in zip(refiners, (632, 594, 526, 420)))
+    assert caps[compressed[4]][1] == 320 and caps[compressed[4]][0] == 5600  # 600 - 4 * 70: the drafters' turn
+    assert allocate(layout, budget, drafters, window=16) != caps  # the default (released-file) allocation differs
+    with pytest.raises(ConfigError, match="refiner_decay"):
+        ScaleKV(budget=0.1, refiner_decay=0.1)  # a decay needs its start
+    with pytest.raises(ConfigError, match="refiner_start"):
+        ScaleKV(budget=0.1, refiner_start=1.5)
+
+
 def test_grid_window_centres_and_fallback():
     def ctx(pn):
         n = pn * pn

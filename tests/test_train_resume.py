@@ -164,3 +164,12 @@ def test_ema_tracks_weights():
     target = torch.nn.Linear(2, 2)
     ema.copy_to(target)
     torch.testing.assert_close(target.weight, model.weight - 1.0)
+
+
+def test_without_the_progress_bar_each_log_interval_is_one_log_line(tmp_path, caplog):
+    import logging
+    with caplog.at_level(logging.INFO, logger="var.train.trainer"):
+        _trainer(tmp_path / "run", steps=4, log_every=2).fit()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["2/4", "4/4"]
+    assert all("loss" in line and "s/step" in line and "eta" in line for line in lines)

@@ -610,7 +610,8 @@ class Trainer:
                    desc=f"train {type(self.model).__name__}", unit="step", dynamic_ncols=True)
         it = self._loader()
         window: dict[str, float] = {}
-        count, t0 = 0, time.time()
+        count, t0, started, first_step = 0, time.time(), time.time(), self.step
+        log_lines = self.env.is_main and not config.progress  # without the bar: one log line per interval
         while self.step < config.steps:
             batches = []
             for _ in range(config.grad_accum):
@@ -625,7 +626,13 @@ class Trainer:
                 row = self._reduce_metrics(window, count)
                 row = {"step": self.step, "lr": self.scheduler.get_last_lr()[0],
                        "sec_per_step": (time.time() - t0) / count, **row}
-                bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "acc", "psnr", "grad_norm")})
+                shown = {k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "acc", "psnr", "grad_norm")}
+                bar.set_postfix(shown)
+                if log_lines:
+                    eta = (time.time() - started) / (self.step - first_step) * (config.steps - self.step)
+                    log.info("step %d/%d %s lr %.3g %.3g s/step eta %s", self.step, config.steps,
+                             " ".join(f"{k} {v}" for k, v in shown.items()), row["lr"], row["sec_per_step"],
+                             time.strftime("%H:%M:%S", time.gmtime(eta)))
                 self.metrics.log(row)
                 window, count, t0 = {}, 0, time.time()
             if self.step % config.ckpt_every == 0 or self.step == config.steps:

@@ -6,7 +6,8 @@ Variant implemented (documented choices):
   ``(layer, scale)`` pairs of scales ``1..K-1`` are pooled and the ``drafters_per_scale * (K-1)`` lowest become
   drafters. The role at scale ``k`` sets the budget of the cache carried *into* scale ``k`` (compressed after
   scale ``k-1``).
-* **Budget allocation** (released code): at every compressed scale the per-layer average is exactly the
+* **Budget allocation** (released code; ``refiner_start`` / ``refiner_decay`` give the paper's linear refiner
+  decay ``B_r(j) = B_r(0) - delta * j`` instead, as fractions of ``B``): at every compressed scale the per-layer average is exactly the
   uniform budget ``B``; drafters keep up to the whole cache, ``B_d = min(S, (L*B - N_r*r_min) / N_d)``, and the
   refiners share the rest, ``B_r = (L*B - N_d*B_d) / N_r``, with the refiner floor ``r_min = min(window, B // 2)``
   (our choice: the released budgets give refiners ~30% of B; a floor of ``min(B, window)`` would leave nothing
@@ -122,22 +123,34 @@ def classify_drafters(asi: list, drafters_per_scale: int) -> list[set]:
     return drafters
 
 
-def allocate(layout: CacheLayout, budget_tokens: int, drafters: list[set], window: int) -> list[list[int]]:
-    """``caps[si][l]``: tokens layer ``l`` keeps after scale ``si`` (its role at scale ``si + 1`` decides)."""
+def allocate(layout: CacheLayout, budget_tokens: int, drafters: list[set], window: int, *,
+             refiner_start: float | None = None, refiner_decay: float = 0.0) -> list[list[int]]:
+    """``caps[si][l]``: tokens layer ``l`` keeps after scale ``si`` (its role at scale ``si + 1`` decides).
+
+    Default (the released budget files): drafters take up to the whole cache and refiners the rest. With
+    ``refiner_start`` (the paper's linear refiner decay): at the ``j``-th compressed scale the refiners keep
+    ``B_r(j) = (refiner_start - j * refiner_decay) * B`` (never below the floor ``min(window, B // 2)``) and the
+    drafters the rest, at most the whole cache (then the refiners get what the drafters cannot take). Either way
+    the per-layer average is the uniform budget ``B`` at every compressed scale."""
     depth, num_scales = layout.depth, len(layout.patch_nums)
-    caps = []
+    r_min = min(window, max(1, budget_tokens // 2))
+    caps, compressed = [], 0
     for si in range(num_scales):
         S = layout.cumulative(si)
         role = drafters[si + 1] if si + 1 < num_scales else set()
         n_d = len(role)
         if S <= budget_tokens or n_d in (0, depth):
             caps.append([min(S, budget_tokens)] * depth)
+            compressed += S > budget_tokens
             continue
         total, n_r = depth * budget_tokens, depth - n_d
-        r_min = min(window, max(1, budget_tokens // 2))
-        b_d = min(S, (total - n_r * r_min) // n_d)
-        b_r = (total - n_d * b_d) // n_r
+        b_r = r_min
+        if refiner_start is not None:
+            b_r = max(r_min, min(budget_tokens, int((refiner_start - compressed * refiner_decay) * budget_tokens)))
+        b_d = min(S, (total - n_r * b_r) // n_d)
+        b_r = (total - n_d * b_d) // n_r  # what the drafters cannot take (their whole cache) goes to the refiners
         caps.append([b_d if l in role else b_r for l in range(depth)])
+        compressed += 1
     return caps
 
 
@@ -150,8 +163,15 @@ class ScaleKV(CompressionPolicy):
 
     def __init__(self, budget: float, *, profile=None, drafters_per_scale: int | None = None, window: int = 16,
                  kernel: int = 5, pooling: str = "max", scores: str = "softmax",
-                 released_budgets: ReleasedBudgets | str | Path | None = None, **kw):
+                 released_budgets: ReleasedBudgets | str | Path | None = None, refiner_start: float | None = None,
+                 refiner_decay: float = 0.0, **kw):
         super().__init__(budget, **kw)
+        if refiner_start is not None and not 0 < refiner_start <= 1:
+            raise ConfigError(f"refiner_start must be in (0, 1] (a fraction of the uniform budget), got {refiner_start}")
+        if not (refiner_decay >= 0 and math.isfinite(refiner_decay)) or (refiner_decay and refiner_start is None):
+            raise ConfigError(f"refiner_decay must be a finite fraction >= 0 of the uniform budget, with "
+                              f"refiner_start, got {refiner_decay} (refiner_start {refiner_start})")
+        self.refiner_start, self.refiner_decay = refiner_start, refiner_decay
         self.profile = CalibrationProfile.coerce(profile)
         if released_budgets is not None and not isinstance(released_budgets, ReleasedBudgets):
             released_budgets = ReleasedBudgets.load(released_budgets)
@@ -185,7 +205,8 @@ class ScaleKV(CompressionPolicy):
             if per_scale is None:
                 per_scale = default_drafters_per_scale(layout.depth)
             self.drafters = classify_drafters(self.profile.asi, min(per_scale, layout.depth))
-        self.caps = allocate(layout, self.budget_per_head, self.drafters, self.window)
+        self.caps = allocate(layout, self.budget_per_head, self.drafters, self.window,
+                             refiner_start=self.refiner_start, refiner_decay=self.refiner_decay)
         self.floor = self.budget_per_head  # no layer keeps fewer tokens than this before it is compressed
 
     def _cap(self, layer: int, si: int | None) -> int:
