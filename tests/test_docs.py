@@ -25,12 +25,12 @@ def anchors(md: Path) -> set[str]:
     return {slug(m.group(1)) for m in re.finditer(r"^#{1,6}\s+(.*?)\s*#*\s*$", text, flags=re.M)}
 
 
-def code_block(md: Path, heading: str) -> str:
-    """The first ```python block after `heading`."""
+def code_block(md: Path, heading: str, language: str = "python") -> str:
+    """The first ```<language> block after `heading`."""
     text = md.read_text(encoding="utf-8")
     start = text.index(heading)
-    match = re.search(r"```python\n(.*?)```", text[start:], flags=re.S)
-    assert match, f"no python block after {heading!r} in {md.name}"
+    match = re.search(rf"```{language}\n(.*?)```", text[start:], flags=re.S)
+    assert match, f"no {language} block after {heading!r} in {md.name}"
     return match.group(1)
 
 
@@ -68,6 +68,25 @@ def test_readme_quick_start_runs(capsys, monkeypatch):
     exec(compile(code, "README.md quick start", "exec"), {"__name__": "readme_quick_start"})
     out = capsys.readouterr().out
     assert out.count("torch.Size([4, 3, 32, 32])") == 2, out
+
+
+def test_training_quick_start_commands_run(tmp_path, monkeypatch):
+    """docs/training.md's 3-minute quick start, shortened to 3 steps on 64 images (later flags override)."""
+    import shlex
+
+    from var.cli.eval import main as eval_main
+    from var.cli.sample import main as sample_main
+    from var.cli.train import main as train_main
+    monkeypatch.chdir(ROOT)  # the commands name var/assets/... from the repository root
+    lines = [line for line in code_block(ROOT / "docs" / "training.md", "### Quick start", "bash").splitlines() if line]
+    mains = {"var-train": train_main, "var-eval": eval_main, "var-sample": sample_main}
+    short = {"var-train": ["--steps", "3", "--num-images", "64", "--no-progress"], "var-eval": ["--per-class", "1"],
+             "var-sample": []}
+    for line in lines:
+        argv = [a.replace("runs/quick", str(tmp_path / "quick")).replace("quick.png", str(tmp_path / "q.png"))
+                for a in shlex.split(line)]
+        assert mains[argv[0]]([*argv[1:], *short[argv[0]], "--device", "cpu"]) == 0, line
+    assert (tmp_path / "q.png").exists()
 
 
 def test_install_page_python_example_runs():
