@@ -83,7 +83,7 @@ def main(argv=None):
                      "images_per_s": args.num_images / seconds})
     report = {"machine": f"{cpu_model() if args.device == 'cpu' else torch.cuda.get_device_name()}, {args.device}",
               "setup": f"random Infinity (4 blocks, width 128, 4 heads, d=16), random BSQ VAE (stride 16), "
-                       f"schedule {args.pixels} 1:1 ({len(schedule)} scales, {schedule.seq_len} tokens), "
+                       f"schedule {args.pixels} 1:1 ({schedule.num_scales} scales, {schedule.seq_len} tokens), "
                        f"{args.num_images} prompts, cfg 3 (CFG rows in the cache), torch {torch.__version__}",
               "rows": rows}
     args.out_dir.mkdir(parents=True, exist_ok=True)

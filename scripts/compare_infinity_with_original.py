@@ -142,14 +142,14 @@ def compare_vae(vae_model, BitwiseSelfCorrection, schedule, d: int, seed: int, b
     sd = hub_infinity.convert_infinity_vae_state_dict(dict(orig.state_dict()))
     ours = hub.load_strict(BSQVAE(hub_infinity.bsq_vae_config_from_state_dict(sd)), sd, "original VAE").eval()
 
-    H, W = schedule.final
+    H, W = schedule.grids[-1]
     img = torch.rand(batch, 3, 4 * H, 4 * W, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-    sched3 = [(1, h, w) for h, w in schedule.scales]
+    sched3 = [(1, h, w) for h, w in schedule.grids]
     with torch.no_grad():
         h_orig, z_orig, _, bits_orig, _, _ = orig.encode(img, scale_schedule=sched3)
         lat = ours.encode_latent(img)
         bits_ours, summed = ours.quantize(lat, schedule)
-        bits_orig = [b.reshape(batch, h, w, d).long() for b, (h, w) in zip(bits_orig, schedule.scales)]
+        bits_orig = [b.reshape(batch, h, w, d).long() for b, (h, w) in zip(bits_orig, schedule.grids)]
         args = types.SimpleNamespace(noise_apply_layers=0, noise_apply_requant=0, noise_apply_strength=0.0,
                                      apply_spatial_patchify=0, debug_bsc=0)
         x_orig, _ = BitwiseSelfCorrection(orig, args).flip_requant(sched3, img, h_orig, "cpu")
@@ -204,7 +204,7 @@ def text_inputs(batch: int, text_channels: int, seed: int):
 
 def compare_teacher_forced(orig, ours, vae, bits, schedule, text, batch):
     feats, mask, packed = text
-    sched3 = [(1, h, w) for h, w in schedule.scales]
+    sched3 = [(1, h, w) for h, w in schedule.grids]
     x = vae.teacher_forcing_input(bits, schedule)
     with torch.no_grad():
         logits_orig = orig(tuple(t.clone() if torch.is_tensor(t) else t for t in packed), x, sched3)
@@ -264,8 +264,8 @@ def compare_sampling(orig, ours, orig_vae, ours_vae, schedule, text, args):
     from var.samplers.infinity import sample_infinity  # noqa: PLC0415
 
     feats, mask, packed = text
-    sched3 = [(1, h, w) for h, w in schedule.scales]
-    n = len(schedule)
+    sched3 = [(1, h, w) for h, w in schedule.grids]
+    n = schedule.num_scales
     cfg_list, tau_list = [3.0] * n, [0.5] * n
     lfq, recorded = orig_vae.quantizer.lfq, []
     to_codes = lfq.indices_to_codes
@@ -284,7 +284,7 @@ def compare_sampling(orig, ours, orig_vae, ours_vae, schedule, text, args):
     out = sample_infinity(ours, ours_vae, (feats, mask), schedule=schedule, cfg=cfg_list, tau=tau_list,
                           top_k=0, top_p=0.0, generator=g)
     lfq.indices_to_codes = to_codes
-    bits_orig = [b.reshape(args.batch, h, w, -1).long() for b, (h, w) in zip(recorded, schedule.scales)]
+    bits_orig = [b.reshape(args.batch, h, w, -1).long() for b, (h, w) in zip(recorded, schedule.grids)]
     per_scale = [float((a == b).float().mean()) for a, b in zip(bits_orig, out.tokens)]
     img_ours = out.images.mul(255).to(torch.uint8)  # ours RGB in [0, 1]; the original returns BGR uint8 BHWC
     img_orig_rgb = img_orig.flip(dims=(3,)).permute(0, 3, 1, 2)

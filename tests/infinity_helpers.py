@@ -4,7 +4,7 @@ from pathlib import Path
 import torch
 
 from var.tokenizers.bsq_vae import BSQVAE, BSQVAEConfig
-from var.tokenizers.scale_schedules import ScaleSchedule
+from var.utils.scales import ScaleSchedule
 
 DATA = Path(__file__).parent / "data" / "infinity"
 TINY_SCHEDULE = ScaleSchedule(((1, 1), (2, 2), (2, 3), (4, 4)))  # 4x4 latent = 16x16 px with stride 4

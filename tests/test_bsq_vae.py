@@ -6,18 +6,19 @@ from infinity_helpers import TINY_SCHEDULE, spec_state_dict, tiny_vae
 from var.hub import infinity as hub_infinity
 from var.errors import AspectRatioError, CheckpointError, CheckpointMismatchError, ConfigError, ImageSizeError
 from var.tokenizers.bsq_vae import BSQVAE, bits_to_codes, quantize_bits
-from var.tokenizers.scale_schedules import TEMPLATES, ScaleSchedule, dynamic_schedule, nearest_template
+from var.tokenizers.scale_schedules import TEMPLATES, dynamic_schedule, nearest_template
+from var.utils.scales import ScaleSchedule
 
 
 def test_schedules_match_the_released_tables():
     s = dynamic_schedule(1.0, "1M")
-    assert len(s) == 13 and s.final == (64, 64) and s.seq_len == 10521 and s.image_size() == (1024, 1024)
+    assert s.num_scales == 13 and s.grids[-1] == (64, 64) and s.seq_len == 10521 and s.image_size() == (1024, 1024)
     assert [dynamic_schedule(1.0, p).seq_len for p in ("0.06M", "0.25M", "0.60M")] == [521, 2521, 6425]
     small = dynamic_schedule(1.0, "0.25M")
-    assert small.final == (32, 32) and small.rope_grid == (64, 64)  # RoPE on the 1M grid
+    assert small.grids[-1] == (32, 32) and small.rope_grid == (64, 64)  # RoPE on the 1M grid
     assert len(TEMPLATES) == 15
     wide = dynamic_schedule(0.8, "1M")  # the swapped 1.25 template, keyed int(1/1.25*1000)/1000
-    assert wide.final == (56, 70) and wide.image_size() == (896, 1120)
+    assert wide.grids[-1] == (56, 70) and wide.image_size() == (896, 1120)
     assert nearest_template(1.27) == 1.25 and nearest_template(0.34) == 0.333
     with pytest.raises(AspectRatioError):
         dynamic_schedule(5.0)
@@ -51,7 +52,7 @@ def test_encode_decode_shapes_and_residual_accumulation():
     assert out.shape == img.shape and out.min() >= -1 and out.max() <= 1
     # each scale quantises the residual left by the earlier ones
     residual = latent.clone()
-    for bits, hw in zip(bits_list, TINY_SCHEDULE.scales):
+    for bits, hw in zip(bits_list, TINY_SCHEDULE.grids):
         r = torch.nn.functional.interpolate(residual, size=hw, mode="area")
         assert torch.equal(bits, (r > 0).long().permute(0, 2, 3, 1))
         residual -= torch.nn.functional.interpolate(bits_to_codes(bits, 6), size=(4, 4), mode="bilinear")
@@ -76,9 +77,9 @@ def test_teacher_forcing_input_is_the_stepwise_next_scale_input():
     x = vae.teacher_forcing_input(bits_list, TINY_SCHEDULE)
     assert x.shape == (2, TINY_SCHEDULE.seq_len - 1, 6)
     summed, pieces = None, []
-    for si in range(len(TINY_SCHEDULE) - 1):
-        summed = vae.add_scale(summed, bits_list[si], TINY_SCHEDULE.final)
-        pieces.append(vae.scale_input(summed, TINY_SCHEDULE.scales[si + 1]))
+    for si in range(TINY_SCHEDULE.num_scales - 1):
+        summed = vae.add_scale(summed, bits_list[si], TINY_SCHEDULE.grids[-1])
+        pieces.append(vae.scale_input(summed, TINY_SCHEDULE.grids[si + 1]))
     torch.testing.assert_close(x, torch.cat(pieces, 1))
     with pytest.raises(ConfigError):
         vae.teacher_forcing_input(bits_list[:2], TINY_SCHEDULE)

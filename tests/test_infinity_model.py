@@ -8,13 +8,14 @@ from var.hub import infinity as hub_infinity
 from var.errors import CheckpointMismatchError, ConfigError
 from var.models.infinity import Infinity
 from var.models.infinity_layers import rope_angles
-from var.tokenizers.scale_schedules import ScaleSchedule, dynamic_schedule
+from var.tokenizers.scale_schedules import dynamic_schedule
+from var.utils.scales import ScaleSchedule
 
 
 def _inputs(batch=2, seed=0):
     vae = tiny_vae()
     g = torch.Generator().manual_seed(seed)
-    bits = [torch.randint(0, 2, (batch, h, w, 6), generator=g) for h, w in TINY_SCHEDULE.scales]
+    bits = [torch.randint(0, 2, (batch, h, w, 6), generator=g) for h, w in TINY_SCHEDULE.grids]
     return vae, bits, vae.teacher_forcing_input(bits, TINY_SCHEDULE)
 
 
@@ -28,13 +29,13 @@ def test_cached_logits_equal_teacher_forced():
     cache = model.new_kv_cache(2, TINY_SCHEDULE)
     inp = model.first_scale_input(text)
     summed = None
-    for si, hw in enumerate(TINY_SCHEDULE.scales):
+    for si, hw in enumerate(TINY_SCHEDULE.grids):
         logits = model.logits(model.forward_scale(inp, text, si, TINY_SCHEDULE, cache), text.cond_BD)
-        b, e = TINY_SCHEDULE.begin_end(si)
+        b, e = TINY_SCHEDULE.begin_ends[si]
         torch.testing.assert_close(logits, full[:, b:e], rtol=1e-4, atol=1e-4)
-        if si + 1 < len(TINY_SCHEDULE):
-            summed = vae.add_scale(summed, bits[si], TINY_SCHEDULE.final)
-            inp = model.scale_input(vae.scale_input(summed, TINY_SCHEDULE.scales[si + 1]))
+        if si + 1 < TINY_SCHEDULE.num_scales:
+            summed = vae.add_scale(summed, bits[si], TINY_SCHEDULE.grids[-1])
+            inp = model.scale_input(vae.scale_input(summed, TINY_SCHEDULE.grids[si + 1]))
     assert cache.length == TINY_SCHEDULE.seq_len
     with pytest.raises(ConfigError):  # a scale out of order
         model.forward_scale(inp, text, 1, TINY_SCHEDULE, cache)
@@ -47,7 +48,7 @@ def test_block_causal_and_text_padding():
     feats, mask = random_text()
     text = model.encode_text(feats, mask)
     ref = model(text, x, TINY_SCHEDULE)
-    b2, _ = TINY_SCHEDULE.begin_end(2)
+    b2, _ = TINY_SCHEDULE.begin_ends[2]
     x2 = x.clone()
     x2[:, b2 - 1:] += 1.0  # inputs of scales >= 2 (x has no start token: position p is x[p - 1])
     out = model(text, x2, TINY_SCHEDULE)
@@ -83,7 +84,7 @@ def test_uncond_features_use_each_prompt_length():
 def test_rope_positions_on_the_1m_grid():
     s = dynamic_schedule(1.0, "0.25M")  # final 32 x 32 placed on the 64 x 64 grid: even positions
     ang = rope_angles(s, head_dim=8)
-    b, e = s.begin_end(len(s) - 1)
+    b, e = s.begin_ends[-1]
     last = ang[b:e].view(32, 32, 4)
     inv0 = 1.0  # first frequency of each half
     torch.testing.assert_close(last[:, 0, 0], torch.arange(0, 64, 2).float() * inv0)

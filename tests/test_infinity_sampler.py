@@ -9,7 +9,7 @@ from infinity_helpers import TINY_SCHEDULE, random_text, tiny_infinity, tiny_vae
 from var.errors import AspectRatioError, ConfigError
 from var.kernels import H2O, HACK, FullCache, ScaleKV, SnapKV, StreamingLLM
 from var.samplers.infinity import calibrate_infinity, sample_infinity
-from var.tokenizers.scale_schedules import ScaleSchedule
+from var.utils.scales import ScaleSchedule
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def test_shapes_and_stats(pair):
     vae, model = pair
     out = sample_infinity(model, vae, random_text(3), schedule=TINY_SCHEDULE, cfg=2.0, tau=0.7, generator=_gen())
     assert out.images.shape == (3, 3, 16, 16) and 0 <= out.images.min() and out.images.max() <= 1
-    assert [tuple(b.shape) for b in out.tokens] == [(3, h, w, 6) for h, w in TINY_SCHEDULE.scales]
+    assert [tuple(b.shape) for b in out.tokens] == [(3, h, w, 6) for h, w in TINY_SCHEDULE.grids]
     s = out.stats
     assert s.forward_passes == 4 and s.tokens == TINY_SCHEDULE.seq_len and s.wall_time_s > 0
     full_bytes = 2 * 2 * 6 * 4 * TINY_SCHEDULE.seq_len * 16 * 4  # layers * (K,V) * rows * heads * L * D * fp32

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from infinity_helpers import tiny_infinity, tiny_vae
-from var.tokenizers.scale_schedules import ScaleSchedule
+from var.utils.scales import ScaleSchedule
 from var.train.data import ProceduralShapes
 from var.train.objectives_infinity import InfinityObjective, shape_captions
 from var.train.trainer import TrainConfig, Trainer

@@ -10,6 +10,7 @@ from var.kernels.policies.base import CacheLayout
 from var.kernels.policies.calibration import bundled_profile_path
 from var.kernels.policies.scalekv import allocate
 from var.samplers.next_scale import sample_next_scale
+from var.utils.scales import ScaleSchedule
 
 PATCH_NUMS = (1, 2, 4, 2)  # 21 tokens carried into the last scale
 
@@ -22,7 +23,7 @@ def _ctx():
     q = torch.tensor([1.0, 0, 0, 0]).expand(1, 1, 4, 4)
     return SelectionContext(layer=0, start=21, n_cur=4, scale=1.0, q_BHnD=q, k_cand_BHPD=k,
                             valid_BHP=torch.ones(1, 1, 25, dtype=torch.bool),
-                            pos_BHP=torch.arange(25).view(1, 1, 25), max_prefix=21, patch_nums=PATCH_NUMS)
+                            pos_BHP=torch.arange(25).view(1, 1, 25), max_prefix=21, schedule=ScaleSchedule(PATCH_NUMS))
 
 
 @pytest.mark.parametrize("policy_cls", [SnapKV, ScaleKV])
@@ -53,8 +54,8 @@ def test_drafters_get_more_than_refiners_when_budget_is_below_window():
         assert last[0] > budget > last[1] == last[2] == last[3] >= max(1, budget // 2)
         assert sum(last) <= 4 * budget
         for si in range(5):
-            assert sum(caps[si]) <= 4 * max(budget, 1) or layout.cumulative(si) <= budget
-            assert all(c <= layout.cumulative(si) for c in caps[si])
+            assert sum(caps[si]) <= 4 * max(budget, 1) or layout.schedule.tokens_through(si) <= budget
+            assert all(c <= layout.schedule.tokens_through(si) for c in caps[si])
 
 
 needs_bundled = pytest.mark.skipif(bundled_var_dir() is None or not bundled_profile_path().exists(),

@@ -6,8 +6,10 @@ from var.errors import ConfigError
 from var.kernels import CompressedKVCache, KVCache
 from var.kernels.selection import Selection
 from var.kernels.ragged_attention import ragged_attention_reference
+from var.utils.scales import ScaleSchedule
 
 SCALES = (1, 2, 3)  # 1 + 4 + 9 = 14 tokens
+SCHEDULE = ScaleSchedule(SCALES)
 
 
 def _scale_inputs(B, H, D, seed=0):
@@ -43,7 +45,7 @@ def test_matches_full_cache_exactly_without_policy():
     B, H, D = 2, 3, 16
     inputs = _scale_inputs(B, H, D)
     full = _run(KVCache(2, B, H, 14, D), inputs)
-    comp = CompressedKVCache(2, B, H, D, capacity=14, patch_nums=SCALES, backend="torch")
+    comp = CompressedKVCache(2, B, H, D, capacity=14, schedule=SCHEDULE, backend="torch")
     ours = _run(comp, inputs)
     for a_layers, b_layers in zip(full, ours):
         for a, b in zip(a_layers, b_layers):
@@ -54,7 +56,7 @@ def test_matches_full_cache_exactly_without_policy():
 
 def test_byte_accounting_matches_held_tensors_and_formula():
     B, H, D, layers = 2, 3, 16, 2
-    comp = CompressedKVCache(layers, B, H, D, capacity=14, patch_nums=SCALES, dtype=torch.bfloat16,
+    comp = CompressedKVCache(layers, B, H, D, capacity=14, schedule=SCHEDULE, dtype=torch.bfloat16,
                              k_dtype=torch.float32, backend="torch", keep_last_scale=True)
     assert comp.nbytes() == sum(t.numel() * t.element_size() for t in comp.held_tensors())
     _run(comp, [tuple(t.bfloat16() for t in x) for x in _scale_inputs(B, H, D)], layers)
@@ -72,7 +74,7 @@ def test_ragged_policy_attention_and_positions_are_consistent():
     next scale's attention equals the reference over exactly those rows."""
     B, H, D = 1, 4, 16
     inputs = _scale_inputs(B, H, D, seed=3)
-    comp = CompressedKVCache(1, B, H, D, capacity=14, patch_nums=SCALES, policy=RandomKeep(), backend="torch")
+    comp = CompressedKVCache(1, B, H, D, capacity=14, schedule=SCHEDULE, policy=RandomKeep(), backend="torch")
     all_k = torch.cat([k for _, k, _ in inputs], dim=2)
     all_v = torch.cat([v for _, _, v in inputs], dim=2)
     for si, (q, k, v) in enumerate(inputs):
@@ -97,12 +99,12 @@ def test_ragged_policy_attention_and_positions_are_consistent():
 def test_truncate_drops_later_positions():
     B, H, D = 1, 2, 16
     inputs = _scale_inputs(B, H, D)
-    comp = CompressedKVCache(2, B, H, D, capacity=14, patch_nums=SCALES, backend="torch", keep_last_scale=True)
+    comp = CompressedKVCache(2, B, H, D, capacity=14, schedule=SCHEDULE, backend="torch", keep_last_scale=True)
     _run(comp, inputs)
     comp.truncate(5)
     assert comp.length == 5 and comp.kept_tokens() == 2 * B * H * 5
     assert int(comp.pos_pool[0].max()) == 4
-    ref = CompressedKVCache(2, B, H, D, capacity=14, patch_nums=SCALES, backend="torch", keep_last_scale=True)
+    ref = CompressedKVCache(2, B, H, D, capacity=14, schedule=SCHEDULE, backend="torch", keep_last_scale=True)
     _run(ref, inputs[:2])
     q, k, v = inputs[2]
     torch.testing.assert_close(comp.attend(0, q, k, v, scale=0.8), ref.attend(0, q, k, v, scale=0.8))
@@ -111,7 +113,7 @@ def test_truncate_drops_later_positions():
 
 
 def test_truncate_into_unstored_last_scale_raises():
-    comp = CompressedKVCache(1, 1, 2, 16, capacity=14, patch_nums=SCALES, backend="torch")
+    comp = CompressedKVCache(1, 1, 2, 16, capacity=14, schedule=SCHEDULE, backend="torch")
     _run(comp, _scale_inputs(1, 2, 16), layers=1)
     with pytest.raises(ConfigError, match="not stored"):
         comp.truncate(8)

@@ -12,6 +12,7 @@ from var.kernels.policies.scalekv import allocate, classify_drafters
 from var.models import create
 from var.samplers.calibration import calibrate
 from var.samplers.next_scale import sample_next_scale
+from var.utils.scales import ScaleSchedule
 
 POLICIES = {"scalekv": ScaleKV, "hack": HACK, "snapkv": SnapKV, "h2o": H2O, "streamingllm": StreamingLLM}
 
@@ -146,11 +147,11 @@ def test_scalekv_paper_refiner_decay_keeps_the_uniform_average_and_reproduces_th
     layout, budget = CacheLayout(32, 16, 128, INFINITY_2B_1M), 650
     drafters = [set()] + [{0, 23}] * 12
     caps = allocate(layout, budget, drafters, window=16, refiner_start=600 / 650, refiner_decay=70 / 650)
-    compressed = [si for si in range(13) if layout.cumulative(si) > budget]
+    compressed = [si for si in range(13) if layout.schedule.tokens_through(si) > budget]
     for si in compressed:
         assert budget - 1 <= sum(caps[si]) / 32 <= budget  # the uniform budget on average (integer floors)
     refiners = [caps[si][1] for si in compressed[:4]]
-    assert [caps[si][0] for si in compressed[:4]] == [layout.cumulative(si) for si in compressed[:4]]
+    assert [caps[si][0] for si in compressed[:4]] == [layout.schedule.tokens_through(si) for si in compressed[:4]]
     assert refiners == [631, 593, 525, 418]
     assert all(abs(r - released) <= 2 for r, released in zip(refiners, (632, 594, 526, 420)))
     assert caps[compressed[4]][1] == 320 and caps[compressed[4]][0] == 5600  # 600 - 4 * 70: the drafters' turn
@@ -167,7 +168,7 @@ def test_grid_window_centres_and_fallback():
         return SelectionContext(layer=0, start=sum(p * p for p in range(1, pn)), n_cur=n, scale=1.0,
                                 q_BHnD=torch.zeros(1, 1, n, 4), k_cand_BHPD=torch.zeros(1, 1, n, 4),
                                 valid_BHP=torch.ones(1, 1, n, dtype=torch.bool), pos_BHP=torch.zeros(1, 1, n),
-                                max_prefix=0, patch_nums=tuple(range(1, 21)))
+                                max_prefix=0, schedule=ScaleSchedule(tuple(range(1, 21))))
     idx = grid_window(ctx(16), 16)
     assert sorted({int(i) // 16 for i in idx}) == [1, 5, 9, 13] and len(idx) == 16
     idx20 = grid_window(ctx(20), 16)
@@ -208,7 +209,7 @@ def test_hack_structural_fills_middle_by_score():
     q = torch.tensor([1.0, 0, 0, 0]).expand(1, 1, 4, 4)
     ctx = SelectionContext(layer=0, start=21, n_cur=4, scale=1.0, q_BHnD=q, k_cand_BHPD=k,
                            valid_BHP=torch.ones(1, 1, 25, dtype=torch.bool),
-                           pos_BHP=torch.arange(25).view(1, 1, 25), max_prefix=21, patch_nums=(1, 2, 4, 2))
+                           pos_BHP=torch.arange(25).view(1, 1, 25), max_prefix=21, schedule=ScaleSchedule((1, 2, 4, 2)))
     keep = policy.select(ctx).keep_BHP[0, 0]
     assert keep.nonzero().flatten().tolist() == [0, 1, 2, 3, 4, 12, 21, 22, 23, 24]
 
@@ -263,7 +264,7 @@ def test_cheap_precheck_agrees_with_select(models, profile, name):
     fast = _cache_after(models, policy)
     slow = _cache_after(models, None, cache=CompressedKVCache(
         2, 4, 2, 32, capacity=30, policy=_AlwaysSelect(policy.bind(CacheLayout.of(models[0]))),
-        patch_nums=(1, 2, 3, 4), backend="torch"))
+        schedule=ScaleSchedule((1, 2, 3, 4)), backend="torch"))
     for layer in range(2):
         assert torch.equal(fast.pos_pool[layer], slow.pos_pool[layer])
         assert torch.equal(fast.k_pool[layer], slow.k_pool[layer])

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from var.kernels import ScaleKV, SnapKV
 from var.kernels.selection import SelectionContext
 from var.kernels.policies.base import CacheLayout, grid_window, pool1d
+from var.utils.scales import ScaleSchedule
 
 PATCH_NUMS = (1, 2, 3, 4, 6)
 PREFIX, CUR = 30, 36
@@ -24,7 +25,7 @@ LAYOUT = CacheLayout(depth=1, num_heads=1, head_dim=4, patch_nums=PATCH_NUMS)
 def context(scores_P):
     ctx = SelectionContext(layer=0, start=PREFIX, n_cur=CUR, scale=1.0, q_BHnD=torch.zeros(1, 1, CUR, 4),
                            k_cand_BHPD=torch.zeros(1, 1, P, 4), valid_BHP=torch.ones(1, 1, P, dtype=torch.bool),
-                           pos_BHP=torch.arange(P).view(1, 1, P), max_prefix=PREFIX, patch_nums=PATCH_NUMS)
+                           pos_BHP=torch.arange(P).view(1, 1, P), max_prefix=PREFIX, schedule=ScaleSchedule(PATCH_NUMS))
     ctx.observation_scores = lambda idx, softmax=True: scores_P.view(1, 1, P).clone()  # fixed scores
     return ctx
 
@@ -131,7 +132,7 @@ def test_released_budget_file_gives_650_tokens_at_10_percent(tmp_path):
     policy = policy.bind(layout)
     assert sum(policy.caps[11]) / 32 == 650 and layout.budget_tokens(0.1) == 642
     assert policy.caps[11][0] == 6385 and policy.caps[10][0] == 4100 and policy.caps[10][1] == 420
-    assert policy.caps[9] == [layout.cumulative(9)] * 32  # no entry: not compressed
+    assert policy.caps[9] == [layout.schedule.tokens_through(9)] * 32  # no entry: not compressed
     assert policy.drafters[12] == {0} and policy.drafters[11] == {0}
     with pytest.raises(Exception, match="32 layers"):
         policy.bind(CacheLayout(depth=40, num_heads=2, head_dim=4, patch_nums=INFINITY_1024))

@@ -1,10 +1,14 @@
-"""One ScaleSchedule: token ranges, levels and scale lookup, shared by the model, tokenizer, cache layout, losses."""
+"""One ScaleSchedule (VAR squares and Infinity (h, w) grids): token ranges, levels and scale lookup, shared by the
+models, tokenizers, cache layout, losses and samplers."""
+import pytest
 import torch
 
 from var.kernels.policies.base import CacheLayout
 from var.models import create
 from var.train.objectives import split_scales
-from var.utils.scales import ScaleSchedule, as_schedule
+from var.errors import ConfigError
+from var.tokenizers.scale_schedules import dynamic_schedule
+from var.utils.scales import ScaleSchedule
 
 
 def test_ranges_levels_and_lookup():
@@ -16,7 +20,19 @@ def test_ranges_levels_and_lookup():
         [0, 1, 2, None, None, None]
     maps = sched.split(torch.arange(28).view(2, 14))
     assert [m.shape for m in maps] == [(2, 1, 1), (2, 2, 2), (2, 3, 3)] and maps[2][1, 0, 0] == 19
-    assert as_schedule((1, 2, 3)) == sched and as_schedule(sched) is sched
+    assert sched.grids == ((1, 1), (2, 2), (3, 3)) and sched.lengths == (1, 4, 9) and sched.rope_grid == (3, 3)
+
+
+def test_non_square_scales_are_h_w_and_square_ones_their_side():
+    sched = ScaleSchedule(((1, 1), (2, 3), [4, 4]), rope_grid=(8, 8))
+    assert sched.patch_nums == (1, (2, 3), 4) and sched.grids == ((1, 1), (2, 3), (4, 4))
+    assert sched == ScaleSchedule((1, (2, 3), 4), (8, 8)) and sched.begin_ends == ((0, 1), (1, 7), (7, 23))
+    assert [m.shape for m in sched.split(torch.zeros(2, 23))] == [(2, 1, 1), (2, 2, 3), (2, 4, 4)]
+    assert sched.prefix(2) == ScaleSchedule((1, (2, 3)), (8, 8)) and sched.image_size(4) == (16, 16)
+    wide = dynamic_schedule(0.5, "0.06M")  # Infinity's template, the same class
+    assert isinstance(wide, ScaleSchedule) and wide.grids[-1] == (11, 22) and wide.rope_grid == (45, 90)
+    with pytest.raises(ConfigError):
+        ScaleSchedule(((1, 1), (0, 2)))
 
 
 def test_every_user_reads_the_same_schedule():

@@ -154,7 +154,7 @@ def test_infinity_end_to_end(device, gen):
                             cache=StreamingLLM(budget=0.5)) for _ in range(2)]
     assert _same(*runs) and runs[0].images.device.type == device.type
     assert torch.isfinite(runs[0].images).all() and 0 <= runs[0].images.min() and runs[0].images.max() <= 1
-    assert runs[0].stats.forward_passes == len(TINY_SCHEDULE.scales) and runs[0].stats.peak_kv_live_bytes > 0
+    assert runs[0].stats.forward_passes == len(TINY_SCHEDULE.grids) and runs[0].stats.peak_kv_live_bytes > 0
 
 
 @pytest.fixture(scope="module")

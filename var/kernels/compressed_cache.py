@@ -18,8 +18,6 @@ attend to them later. ``keep_last_scale=True`` stores them anyway (e.g. to inspe
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
 from var.errors import ConfigError
@@ -28,6 +26,7 @@ from var.kernels.kv_cache import SequenceCursor
 from var.kernels.protocols import SelectionPolicy
 from var.kernels.ragged_attention import gather_prefix, ragged_attention
 from var.kernels.selection import NewTokens, Selection, SelectionContext
+from var.utils.scales import ScaleSchedule
 
 
 class CompressedKVCache(SequenceCursor):
@@ -37,7 +36,7 @@ class CompressedKVCache(SequenceCursor):
     supports_block_prefill = False  # a policy selects per VAR scale: one write must be one scale
 
     def __init__(self, num_layers: int, batch_size: int, num_heads: int, head_dim: int, *, capacity: int,
-                 policy=None, patch_nums: Sequence[int] | None = None, dtype: torch.dtype = torch.float32,
+                 policy=None, schedule: ScaleSchedule | None = None, dtype: torch.dtype = torch.float32,
                  k_dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
                  backend: str | None = None, keep_last_scale: bool = False):
         if min(num_layers, batch_size, num_heads, head_dim, capacity) <= 0:
@@ -49,7 +48,7 @@ class CompressedKVCache(SequenceCursor):
             raise ConfigError(f"policy {type(policy).__name__} lacks the SelectionPolicy interface "
                               "(tracks_scores, wants_selection, select)")
         self.policy = policy
-        self.patch_nums = tuple(patch_nums) if patch_nums else None
+        self.schedule = schedule  # lets policies see which scale a write is
         self.k_dtype, self.v_dtype = k_dtype or dtype, dtype
         self.device = torch.device(device)
         self.backend = backend
@@ -185,7 +184,7 @@ class CompressedKVCache(SequenceCursor):
             k_cand_BHPD=torch.cat((k_pre.to(k_new.dtype), k_new), dim=2),
             valid_BHP=torch.cat((valid_pre, valid_pre.new_ones(B, H, n)), dim=2),
             pos_BHP=torch.cat((pos_pre, pos_cur), dim=2), max_prefix=P0, acc_scores_BHP=acc,
-            patch_nums=self.patch_nums, v_pre_BHPD=v_pre, v_cur_BHnD=v_new)
+            schedule=self.schedule, v_pre_BHPD=v_pre, v_cur_BHnD=v_new)
 
     def _merge(self, layer, q, k_new, v_new, start, scale) -> None:
         B, H, n, D = q.shape

@@ -4,14 +4,9 @@ and :mod:`var.kernels.compressed_cache` (the cache that asks policies)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
-
 import torch
 
-
-def scale_tokens(pn) -> int:
-    """Tokens of one scale of ``patch_nums``: ``pn * pn`` for a square side, ``h * w`` for an ``(h, w)`` grid."""
-    return pn[0] * pn[1] if isinstance(pn, (tuple, list)) else pn * pn
+from var.utils.scales import ScaleSchedule
 
 
 @dataclass
@@ -56,7 +51,7 @@ class SelectionContext:
     pos_BHP: torch.Tensor           # sequence position of each candidate (-1 where invalid)
     max_prefix: int
     acc_scores_BHP: torch.Tensor | None = None
-    patch_nums: Sequence | None = None  # side per scale, or (h, w) for a non-square scale (Infinity)
+    schedule: ScaleSchedule | None = None  # the model's scales (None: writes are not known to be scales)
     v_pre_BHPD: torch.Tensor | None = field(default=None, repr=False)
     v_cur_BHnD: torch.Tensor | None = field(default=None, repr=False)
     _scale_index: int | None = field(default=None, repr=False)
@@ -76,21 +71,17 @@ class SelectionContext:
 
     @property
     def scale_index(self) -> int | None:
-        """Index of the VAR scale being written, when the write is exactly one scale of ``patch_nums``."""
-        if self._scale_index is None and self.patch_nums:
-            pos = 0
-            for si, pn in enumerate(self.patch_nums):
-                if pos == self.start and scale_tokens(pn) == self.n_cur:
-                    self._scale_index = si
-                pos += scale_tokens(pn)
+        """Index of the scale being written, when the write is exactly one scale of ``schedule``."""
+        if self._scale_index is None and self.schedule is not None:
+            self._scale_index = self.schedule.scale_index(self.start, self.n_cur)
         return self._scale_index
 
     @property
     def grid(self) -> int | None:
         """Side of the current square token map (None when the write is not one scale or the scale is not square)."""
         si = self.scale_index
-        pn = None if si is None else self.patch_nums[si]
-        return None if isinstance(pn, (tuple, list)) else pn
+        pn = None if si is None else self.schedule.patch_nums[si]
+        return None if isinstance(pn, tuple) else pn
 
     def observation_scores(self, query_idx: torch.Tensor, *, softmax: bool = True) -> torch.Tensor:
         """Sum over the selected current queries of their attention to each candidate: ``[B, H, P]`` fp32.

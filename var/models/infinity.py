@@ -1,6 +1,6 @@
 """Infinity: text-to-image bitwise next-scale transformer (Han et al., 2024; FoundationVision/Infinity).
 
-Each token of scale ``k`` (grid ``h_k x w_k`` of a :class:`~var.tokenizers.scale_schedules.ScaleSchedule`) predicts
+Each token of scale ``k`` (grid ``h_k x w_k`` of a :class:`~var.utils.scales.ScaleSchedule`) predicts
 ``d`` bits: the head outputs one logit pair per bit, ``logits [B, l, 2d]`` read as ``[B, l, d, 2]``. Conditioning:
 
 * T5 features ``[B, N, Ct5]`` (+ mask) -> ``text_norm`` (RMSNorm) -> attentive pool ``cond_BD`` (the start token
@@ -23,7 +23,7 @@ from var.errors import ConfigError
 from var.kernels.kv_cache import KVCache
 from var.models.infinity_layers import CrossAttnBlock, RMSNorm, TextAttentivePool, rope_angles
 from var.models.var_layers import AdaLNBeforeHead, init_linear_embedding_and_head
-from var.tokenizers.scale_schedules import ScaleSchedule
+from var.utils.scales import ScaleSchedule
 
 
 @dataclass
@@ -140,8 +140,8 @@ class Infinity(nn.Module):
         return cos[begin:end], sin[begin:end]
 
     def check_schedule(self, schedule: ScaleSchedule) -> None:
-        if len(schedule) > self.config.num_levels:
-            raise ConfigError(f"{len(schedule)} scales > the model's {self.config.num_levels} level embeddings")
+        if schedule.num_scales > self.config.num_levels:
+            raise ConfigError(f"{schedule.num_scales} scales > the model's {self.config.num_levels} level embeddings")
 
     def first_scale_input(self, text: TextCondition) -> torch.Tensor:
         """Start token ``[B, 1, C]`` = pooled text + ``pos_start`` (the level embedding is added by the blocks)."""
@@ -174,7 +174,7 @@ class Infinity(nn.Module):
                       kv_cache: KVCache, *, cfg_mix: tuple[int, float] | None = None) -> torch.Tensor:
         """One cached step over scale ``si``'s inputs ``[B, h*w, C]`` -> last hidden state ``[B, h*w, C]``."""
         self.check_schedule(schedule)
-        begin, end = schedule.begin_end(si)
+        begin, end = schedule.begin_ends[si]
         if kv_cache.length != begin:
             raise ConfigError(f"scale {si} starts at position {begin} but the cache holds {kv_cache.length} tokens")
         x = x_BlC + self.lvl_embed.weight[si]
@@ -191,7 +191,7 @@ class Infinity(nn.Module):
         if x_BLd_wo_first.shape[1] != L - 1:
             raise ConfigError(f"inputs have {x_BLd_wo_first.shape[1]} tokens, the schedule needs {L - 1}")
         x = torch.cat((self.first_scale_input(text), self.scale_input(x_BLd_wo_first)), dim=1)
-        levels = torch.cat([torch.full((n,), si, device=x.device) for si, n in enumerate(schedule.lengths)])
+        levels = schedule.levels().to(x.device)
         x = x + self.lvl_embed(levels)
         mask = levels[:, None] >= levels[None, :]  # block-causal: a scale sees itself and the coarser ones
         h = self.forward_blocks(x, text, self.rope(schedule, 0, L, x.device), attn_bias=mask)
@@ -232,7 +232,7 @@ class InfinityAtSchedule:
         self.model, self.schedule, self.head = model, schedule, model.head
         cfg = model.config
         self.config = SimpleNamespace(depth=cfg.depth, num_heads=cfg.num_heads, width=cfg.width,
-                                      patch_nums=tuple(h if h == w else (h, w) for h, w in schedule.scales))
+                                      patch_nums=schedule.patch_nums)
 
     def new_kv_cache(self, batch_size: int, *, dtype: torch.dtype | None = None, device=None,
                      k_dtype: torch.dtype | None = None) -> KVCache:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from var.errors import ConfigError
 from var.kernels.kv_cache import KVCache
 from var.models.var_layers import FFN, DropPath
-from var.tokenizers.scale_schedules import ScaleSchedule
+from var.utils.scales import ScaleSchedule
 
 ROPE_MAX_GRID = 128  # 2048 px / 16: the largest token grid the RoPE table covers
 
@@ -26,7 +26,7 @@ def rope_angles(schedule: ScaleSchedule, head_dim: int, base: float = 10000.0) -
     inv_freq = 1.0 / (base ** (torch.arange(0, half, 2, dtype=torch.int64).float() / half))  # [half / 2]
     H, W = schedule.rope_grid
     pieces = []
-    for h, w in schedule.scales:
+    for h, w in schedule.grids:
         rows = (torch.arange(h) * (H / h)).round().long()  # float32 product then round, like the original
         cols = (torch.arange(w) * (W / w)).round().long()
         if int(rows.max()) >= ROPE_MAX_GRID or int(cols.max()) >= ROPE_MAX_GRID:

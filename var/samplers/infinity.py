@@ -23,7 +23,8 @@ from var.models.text_encoder import PromptEmbeddings
 from var.samplers.logits import FiniteCheck, GeneratorArg, check_sampling_args, multinomial, rand_like_per_sample
 from var.samplers.logits import top_k_top_p_filter
 from var.samplers.stats import SampleOutput, SamplerStats
-from var.tokenizers.scale_schedules import ScaleSchedule, dynamic_schedule
+from var.tokenizers.scale_schedules import dynamic_schedule
+from var.utils.scales import ScaleSchedule
 
 
 def per_scale(name: str, value, num_scales: int) -> list[float]:
@@ -94,7 +95,7 @@ def sample_infinity(model: Infinity, vae, text, *, schedule: ScaleSchedule | Non
     if vae.codebook_dim != model.config.codebook_dim:
         raise ConfigError(f"VAE has {vae.codebook_dim} bits per token, the model {model.config.codebook_dim}")
     check_sampling_args(top_k, top_p, 1.0)
-    n = len(schedule)
+    n = schedule.num_scales
     cfgs, taus = per_scale("cfg", cfg, n), per_scale("tau", tau, n)
     if any(not t > 0 for t in taus):
         raise ConfigError(f"tau must be > 0 at every scale, got {taus}")
@@ -124,7 +125,7 @@ def sample_infinity(model: Infinity, vae, text, *, schedule: ScaleSchedule | Non
 
     x_BlC = model.first_scale_input(text_cond)
     summed, bits_list = None, []
-    for si, (h, w) in enumerate(schedule.scales):
+    for si, (h, w) in enumerate(schedule.grids):
         mix = (depth + cfg_insertion_layer, cfgs[si]) if guided and cfg_insertion_layer < 0 and cfgs[si] != 1 else None
         h_BlC = model.forward_scale(x_BlC, text_cond, si, schedule, kv_cache, cfg_mix=mix)
         stats.forward_passes += 1
@@ -138,9 +139,9 @@ def sample_infinity(model: Infinity, vae, text, *, schedule: ScaleSchedule | Non
         bits = draw_bits(logits, top_k=top_k, top_p=top_p, gumbel=gumbel, generator=generator,
                          finite=finite).view(B, h, w, -1)
         bits_list.append(bits)
-        summed = vae.add_scale(summed, bits, schedule.final)
+        summed = vae.add_scale(summed, bits, schedule.grids[-1])
         if si + 1 < n:
-            x_BlC = model.scale_input(vae.scale_input(summed, schedule.scales[si + 1]))
+            x_BlC = model.scale_input(vae.scale_input(summed, schedule.grids[si + 1]))
             if rows != B:
                 x_BlC = torch.cat((x_BlC, x_BlC))
     finite.raise_if_failed()
@@ -166,4 +167,4 @@ def calibrate_infinity(model: Infinity, vae, text, *, schedule: ScaleSchedule | 
                         decode=False, **sampler_kwargs)
 
     return record_profile(CacheLayout.of(view), run, topk_frac=topk_frac,
-                          meta={"family": "infinity", "scales": [list(hw) for hw in schedule.scales], "seed": seed})
+                          meta={"family": "infinity", "scales": [list(hw) for hw in schedule.grids], "seed": seed})

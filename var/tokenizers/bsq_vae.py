@@ -2,7 +2,7 @@
 
 Every token is ``d`` bits (``d = codebook_dim``: 16, 24, 32 or 64 for the released VAEs; vocabulary ``2^d``).
 Encoding an image ``[B, 3, H, W]`` in [-1, 1] gives one bit map ``[B, h_k, w_k, d]`` (int64 in {0, 1}) per scale of
-a :class:`~var.tokenizers.scale_schedules.ScaleSchedule`::
+a :class:`~var.utils.scales.ScaleSchedule`::
 
     residual = encoder(img)                              # [B, d, H/16, W/16]
     for (h, w) in schedule:
@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from var.errors import ConfigError, ImageSizeError
-from var.tokenizers.scale_schedules import ScaleSchedule
+from var.utils.scales import ScaleSchedule
 from var.tokenizers.vae_modules import Decoder, Encoder
 
 
@@ -114,18 +114,18 @@ class BSQVAE(nn.Module):
 
     # ---- bits -----------------------------------------------------------------------------------------------
     def _check_schedule(self, schedule: ScaleSchedule, latent_hw) -> None:
-        if tuple(schedule.final) != tuple(latent_hw):
-            raise ImageSizeError(f"the schedule ends at {schedule.final} tokens but the latent is {tuple(latent_hw)} "
+        if schedule.grids[-1] != tuple(latent_hw):
+            raise ImageSizeError(f"the schedule ends at {schedule.grids[-1]} tokens, the latent is {tuple(latent_hw)} "
                                  f"(image {latent_hw[0] * self.stride} x {latent_hw[1] * self.stride} px)")
 
     def quantize(self, latent_BdHW: torch.Tensor, schedule: ScaleSchedule) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Multi-scale residual BSQ: ``(bits per scale [B, h, w, d], summed codes [B, d, H, W])``."""
         self._check_schedule(schedule, latent_BdHW.shape[-2:])
-        final = schedule.final
+        final = schedule.grids[-1]
         residual = latent_BdHW.float()
         summed = torch.zeros_like(residual)
         bits_list = []
-        for hw in schedule.scales:
+        for hw in schedule.grids:
             bits, codes = quantize_bits(resize_latent(residual, hw, "area"))
             up = resize_latent(codes, final, "bilinear")
             residual = residual - up
@@ -139,9 +139,9 @@ class BSQVAE(nn.Module):
         return self.quantize(self.encode_latent(img_B3HW), schedule)[0]
 
     def check_bits(self, bits_list: Sequence[torch.Tensor], schedule: ScaleSchedule) -> None:
-        if len(bits_list) != len(schedule):
-            raise ConfigError(f"{len(bits_list)} bit maps for a {len(schedule)}-scale schedule")
-        for si, (bits, hw) in enumerate(zip(bits_list, schedule.scales)):
+        if len(bits_list) != schedule.num_scales:
+            raise ConfigError(f"{len(bits_list)} bit maps for a {schedule.num_scales}-scale schedule")
+        for si, (bits, hw) in enumerate(zip(bits_list, schedule.grids)):
             if bits.ndim != 4 or tuple(bits.shape[1:]) != (*hw, self.codebook_dim):
                 raise ConfigError(f"scale {si}: bits must be [B, {hw[0]}, {hw[1]}, {self.codebook_dim}], "
                                   f"got {tuple(bits.shape)}")
@@ -162,7 +162,7 @@ class BSQVAE(nn.Module):
         self.check_bits(bits_list, schedule)
         summed = None
         for bits in bits_list:
-            summed = self.add_scale(summed, bits, schedule.final)
+            summed = self.add_scale(summed, bits, schedule.grids[-1])
         return summed
 
     @torch.no_grad()
@@ -174,9 +174,9 @@ class BSQVAE(nn.Module):
         """Inputs of scales 1.. for teacher forcing: ``[B, L - 1, d]`` (what sampling builds step by step)."""
         self.check_bits(bits_list, schedule)
         summed, inputs = None, []
-        for si in range(len(schedule) - 1):
-            summed = self.add_scale(summed, bits_list[si], schedule.final)
-            inputs.append(self.scale_input(summed, schedule.scales[si + 1]))
+        for si in range(schedule.num_scales - 1):
+            summed = self.add_scale(summed, bits_list[si], schedule.grids[-1])
+            inputs.append(self.scale_input(summed, schedule.grids[si + 1]))
         if not inputs:
             return bits_list[0].new_zeros(bits_list[0].shape[0], 0, self.codebook_dim, dtype=torch.float32)
         return torch.cat(inputs, dim=1)

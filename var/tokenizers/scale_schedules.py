@@ -1,4 +1,5 @@
-"""Infinity's dynamic-resolution scale schedules: one token-grid list per aspect-ratio template.
+"""Infinity's dynamic-resolution scale schedules: one token-grid list per aspect-ratio template, each built as a
+:class:`~var.utils.scales.ScaleSchedule`.
 
 A schedule is a list of ``(h, w)`` token grids, coarse to fine; pixels = final grid x 16 (the VAE stride). Each
 template ``h/w`` has 13 scales at 1M pixels (1024 x 1024 for 1:1); smaller sizes take the first 7 / 10 / 12 scales
@@ -10,11 +11,10 @@ The transformer's 2-D RoPE places every scale on the template's 1M final grid (`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from var.errors import AspectRatioError, ConfigError
+from var.utils.scales import ScaleSchedule
 
-VAE_STRIDE = 16
 PIXEL_SCALES = {"0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}  # number of scales per total-pixel budget
 
 # h/w -> the 13 token grids (h, w) of that template (Infinity's released table)
@@ -48,50 +48,6 @@ def _all_templates() -> dict[float, list[tuple[int, int]]]:
 
 
 TEMPLATES: dict[float, list[tuple[int, int]]] = _all_templates()
-
-
-@dataclass(frozen=True)
-class ScaleSchedule:
-    """Token grids ``scales = ((h, w), ...)`` and the grid ``rope_grid`` that RoPE positions are normalised to
-    (the template's 1M final grid; defaults to the last scale for custom schedules)."""
-
-    scales: tuple
-    rope_grid: tuple | None = None
-
-    def __post_init__(self):
-        scales = tuple((int(h), int(w)) for h, w in self.scales)
-        if not scales or any(h < 1 or w < 1 for h, w in scales):
-            raise ConfigError(f"a scale schedule needs positive (h, w) grids, got {self.scales}")
-        object.__setattr__(self, "scales", scales)
-        object.__setattr__(self, "rope_grid", tuple(self.rope_grid) if self.rope_grid else scales[-1])
-
-    def __len__(self) -> int:
-        return len(self.scales)
-
-    @property
-    def lengths(self) -> tuple:
-        return tuple(h * w for h, w in self.scales)
-
-    @property
-    def seq_len(self) -> int:
-        return sum(self.lengths)
-
-    @property
-    def final(self) -> tuple:
-        return self.scales[-1]
-
-    def begin_end(self, si: int) -> tuple[int, int]:
-        """Sequence span of scale ``si``."""
-        begin = sum(self.lengths[:si])
-        return begin, begin + self.lengths[si]
-
-    def image_size(self, stride: int = VAE_STRIDE) -> tuple[int, int]:
-        """``(height, width)`` in pixels."""
-        return self.final[0] * stride, self.final[1] * stride
-
-    def prefix(self, num_scales: int) -> "ScaleSchedule":
-        """The first ``num_scales`` scales (same RoPE grid)."""
-        return ScaleSchedule(self.scales[:num_scales], self.rope_grid)
 
 
 def nearest_template(h_div_w: float, *, tolerance: float = 0.05) -> float:

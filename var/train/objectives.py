@@ -370,7 +370,7 @@ class VARObjective(Objective):
         weights = scale_loss_weights(core.config.patch_nums).to(ce_BL.device)
         loss = ce_BL.mul(weights).sum(dim=-1).mean()
         with torch.no_grad():
-            last = core.config.patch_nums[-1] ** 2
+            last = core.config.schedule.lengths[-1]
             pred = logits_BLV.argmax(-1)
             metrics = {"acc": (pred == gt_BL).float().mean().item(),
                        "acc_tail": (pred[:, -last:] == gt_BL[:, -last:]).float().mean().item()}

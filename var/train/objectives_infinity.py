@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from var.errors import ConfigError
 from var.models.text_encoder import PromptEmbeddings
-from var.tokenizers.scale_schedules import ScaleSchedule
+from var.utils.scales import ScaleSchedule
 from var.train.data import SHAPE_CLASSES
 from var.train.objectives import Objective, unwrap
 

@@ -5,13 +5,15 @@ import copy
 import functools
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 
 from var.errors import ConfigError
 from var.kernels.compressed_cache import CompressedKVCache
-from var.kernels.selection import Selection, SelectionContext, scale_tokens
+from var.kernels.selection import Selection, SelectionContext
+from var.utils.scales import ScaleSchedule
 
 
 def check_fraction(name: str, value, *, low_open: bool = True, high: float = 1.0) -> float:
@@ -40,18 +42,18 @@ class CacheLayout:
         config = model.config
         return cls(config.depth, config.num_heads, config.width // config.num_heads, tuple(config.patch_nums))
 
+    @cached_property
+    def schedule(self) -> ScaleSchedule:
+        return ScaleSchedule(self.patch_nums)
+
     @property
     def seq_len(self) -> int:
-        return sum(scale_tokens(pn) for pn in self.patch_nums)
+        return self.schedule.seq_len
 
     @property
     def full_carried(self) -> int:
         """Tokens per (layer, head) carried into the last scale by the full cache (the 100% reference)."""
-        return self.seq_len - scale_tokens(self.patch_nums[-1])
-
-    def cumulative(self, si: int) -> int:
-        """Tokens of scales ``0..si``."""
-        return sum(scale_tokens(pn) for pn in self.patch_nums[:si + 1])
+        return self.schedule.tokens_through(self.schedule.num_scales - 2)
 
     def budget_tokens(self, budget: float) -> int:
         """Average kept tokens per (layer, head) for a budget fraction (ScaleKV's definition, >= 1)."""
@@ -189,7 +191,7 @@ class CompressionPolicy:
         layout, param = bound.layout, model.head.weight
         dtype = self.dtype or dtype or param.dtype
         return CompressedKVCache(layout.depth, batch_size, layout.num_heads, layout.head_dim,
-                                 capacity=layout.seq_len, policy=bound, patch_nums=layout.patch_nums, dtype=dtype,
+                                 capacity=layout.seq_len, policy=bound, schedule=layout.schedule, dtype=dtype,
                                  k_dtype=self.k_dtype, device=device or param.device, backend=self.backend)
 
     def wants_selection(self, layer: int, start: int, n: int, max_key_len: int) -> bool:
@@ -200,12 +202,7 @@ class CompressionPolicy:
         """The VAR scale a write of ``n`` tokens at ``start`` is, or None."""
         if self.layout is None:
             raise ConfigError(f"{type(self).__name__} is not bound to a model: use policy.bind(layout) or new_cache")
-        pos = 0
-        for si, pn in enumerate(self.layout.patch_nums):
-            if pos == start and scale_tokens(pn) == n:
-                return si
-            pos += scale_tokens(pn)
-        return None
+        return self.layout.schedule.scale_index(start, n)
 
     def select(self, ctx: SelectionContext) -> Selection | None:
         raise NotImplementedError

@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 
 from var.errors import ConfigError
-from var.kernels.selection import scale_tokens
 from var.kernels.kv_cache import KVCache
 from var.kernels.policies.base import CacheLayout
 
@@ -112,12 +111,10 @@ class _RecordingCache(KVCache):
         return out
 
     def _scale_index(self, start: int, n: int) -> int:
-        pos = 0
-        for si, pn in enumerate(self.layout.patch_nums):
-            if pos == start:
-                return si
-            pos += scale_tokens(pn)
-        raise ConfigError(f"calibration expects one VAR scale per forward (got a write at position {start})")
+        si = self.layout.schedule.scale_index(start, n)
+        if si is None:
+            raise ConfigError(f"calibration expects one scale per forward (got {n} tokens at position {start})")
+        return si
 
 
 class _RecordingPolicy:
@@ -135,7 +132,7 @@ def record_profile(layout: CacheLayout, run, *, topk_frac: float = 0.1, meta: di
     whose model the policy's ``new_cache(model, batch)`` accepts: VAR, or Infinity at one schedule)."""
     if not 0 < topk_frac <= 1:
         raise ConfigError(f"topk_frac must be in (0, 1], got {topk_frac!r}")
-    num_scales = len(layout.patch_nums)
+    num_scales = layout.schedule.num_scales
     sums = {"asi": [[0.0] * num_scales for _ in range(layout.depth)],
             "asi_n": [[0] * num_scales for _ in range(layout.depth)],
             "var": [torch.zeros(layout.num_heads, dtype=torch.float64) for _ in range(layout.depth)],

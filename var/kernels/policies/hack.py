@@ -92,7 +92,7 @@ class HACK(CompressionPolicy):
         self.budget_structural, self.budget_contextual = b_s, max(1, min(full, b_c)) if alpha > 0 else 0
         self.caps_LH = torch.where(self.contextual, self.budget_contextual, self.budget_structural)
         self.min_cap_L = self.caps_LH.min(dim=1).values.tolist()  # on the host: the per-layer checks read no tensor
-        self.init_tokens = layout.cumulative(self.init_scales - 1) if self.init_scales else 0
+        self.init_tokens = layout.schedule.tokens_through(self.init_scales - 1)
 
     def wants_selection(self, layer: int, start: int, n: int, max_key_len: int) -> bool:
         return max_key_len > self.min_cap_L[layer]
@@ -108,7 +108,7 @@ class HACK(CompressionPolicy):
         contextual = self.contextual[ctx.layer].to(scores.device).view(1, -1, 1)
         priority = torch.where(contextual, scores, structural)
         keep = rank_keep(priority, caps_H.view(1, -1), ctx.valid_BHP)
-        last_stored = ctx.patch_nums is not None and ctx.scale_index == len(ctx.patch_nums) - 2
+        last_stored = ctx.schedule is not None and ctx.scale_index == ctx.schedule.num_scales - 2
         if self.merge and last_stored:
             evict = ctx.valid_BHP & ~keep & contextual
             if bool(evict.any()):

@@ -93,8 +93,8 @@ class ReleasedBudgets:
         if layout.depth != self.depth:
             raise ConfigError(f"the budget file is for {self.depth} layers, the model has {layout.depth}")
         caps = []
-        for si in range(len(layout.patch_nums)):
-            full = layout.cumulative(si)
+        for si in range(layout.schedule.num_scales):
+            full = layout.schedule.tokens_through(si)
             if si not in self.entries:
                 caps.append([full] * layout.depth)
                 continue
@@ -132,11 +132,11 @@ def allocate(layout: CacheLayout, budget_tokens: int, drafters: list[set], windo
     ``B_r(j) = (refiner_start - j * refiner_decay) * B`` (never below the floor ``min(window, B // 2)``) and the
     drafters the rest, at most the whole cache (then the refiners get what the drafters cannot take). Either way
     the per-layer average is the uniform budget ``B`` at every compressed scale."""
-    depth, num_scales = layout.depth, len(layout.patch_nums)
+    depth, num_scales = layout.depth, layout.schedule.num_scales
     r_min = min(window, max(1, budget_tokens // 2))
     caps, compressed = [], 0
     for si in range(num_scales):
-        S = layout.cumulative(si)
+        S = layout.schedule.tokens_through(si)
         role = drafters[si + 1] if si + 1 < num_scales else set()
         n_d = len(role)
         if S <= budget_tokens or n_d in (0, depth):
@@ -190,7 +190,7 @@ class ScaleKV(CompressionPolicy):
 
     def prepare(self, layout: CacheLayout) -> None:
         super().prepare(layout)
-        num_scales = len(layout.patch_nums)
+        num_scales = layout.schedule.num_scales
         if self.released_budgets is not None:  # the release's own per-layer caps (and drafters) replace ours
             self.caps = self.released_budgets.caps(layout)
             self.drafters = [set(self.released_budgets.entries.get(si - 1, (set(),))[0]) for si in range(num_scales)]
