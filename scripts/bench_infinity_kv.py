@@ -61,14 +61,14 @@ def main(argv=None):
     vae = BSQVAE(codebook_dim=16, ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1).eval().to(args.device)
     schedule = dynamic_schedule(1.0, args.pixels)
     prompts = text(args.num_images, 1)
-    profile = calibrate_infinity(model, vae, text(2, 2), schedule=schedule, cfg=3.0)
+    profile = calibrate_infinity(model, vae, text(2, 2), schedule=schedule, cfg_list=3.0)
     policies = [("full", FullCache())]
     for b in args.budgets:
         policies += [(f"ScaleKV {b:.0%}", ScaleKV(b, profile=profile)), (f"HACK {b:.0%}", HACK(b, profile=profile)),
                      (f"SnapKV {b:.0%}", SnapKV(b))]
     rows, ref = [], None
     for name, policy in policies:
-        kw = dict(schedule=schedule, cfg=3.0, tau=1.0, generator=torch.Generator(args.device).manual_seed(0),
+        kw = dict(schedule=schedule, cfg_list=3.0, tau_list=1.0, generator=torch.Generator(args.device).manual_seed(0),
                   cache=policy)
         sample_infinity(model, vae, text(1, 3), **{**kw, "generator": torch.Generator(args.device).manual_seed(9)})
         t0 = time.perf_counter()

@@ -281,7 +281,7 @@ def compare_sampling(orig, ours, orig_vae, ours_vae, schedule, text, args):
         B=args.batch, g_seed=args.seed, cfg_list=cfg_list, tau_list=tau_list, top_k=0, top_p=0.0,
         cfg_insertion_layer=[0], vae_type=args.bits, returns_vemb=1, ret_img=True, inference_mode=True)
     g = torch.Generator().manual_seed(args.seed)
-    out = sample_infinity(ours, ours_vae, (feats, mask), schedule=schedule, cfg=cfg_list, tau=tau_list,
+    out = sample_infinity(ours, ours_vae, (feats, mask), schedule=schedule, cfg_list=cfg_list, tau_list=tau_list,
                           top_k=0, top_p=0.0, generator=g)
     lfq.indices_to_codes = to_codes
     bits_orig = [b.reshape(args.batch, h, w, -1).long() for b, (h, w) in zip(recorded, schedule.grids)]

@@ -1,4 +1,5 @@
 """var-sample --family infinity on tiny saved models and an offline tiny T5; bad input gives named errors."""
+import json
 import pytest
 import torch
 
@@ -31,7 +32,7 @@ def test_writes_images_for_prompts_and_a_prompts_file(saved, tmp_path):
     (tmp_path / "p.txt").write_text("a red fox\na blue square on the sea\n")
     rc = main(_args(saved, "--prompt", "a cat", "--prompts-file", str(tmp_path / "p.txt"), "--out",
                     str(tmp_path / "grid.png"), "--out-dir", str(tmp_path / "png"), "--batch-size", "2",
-                    "--cfg", "2", "--tau", "0.5", "--embedding-cache", str(tmp_path / "cache")))
+                    "--cfg-list", "2", "--tau-list", "0.5,0.5,0.5,0.5,0.6,0.6,0.7", "--embedding-cache", str(tmp_path / "cache")))
     assert rc == 0 and (tmp_path / "grid.png").is_file()
     pngs = sorted((tmp_path / "png").glob("*.png"))
     assert len(pngs) == 3
@@ -51,6 +52,10 @@ def test_bad_input_is_named(saved, tmp_path, capsys):
               "--prompt", "a cat"])
     with pytest.raises(ConfigError, match="--prompt"):
         main(_args(saved))
+    with pytest.raises(ConfigError, match="--cfg-list"):  # VAR's --cfg (0 = none) is not Infinity's guidance
+        main(_args(saved, "--prompt", "a cat", "--cfg", "3"))
+    with pytest.raises(ConfigError, match="tau_list"):
+        main(_args(saved, "--prompt", "a cat", "--tau-list", "0"))
     with pytest.raises(CheckpointMismatchError):  # a VAR transformer given as the Infinity model
         main(_args(saved, "--prompt", "a cat").__add__(["--model", str(saved / "var_model")]))
     with pytest.raises(CheckpointMismatchError):  # the Infinity model given as a VAR transformer
@@ -68,8 +73,10 @@ def test_var_eval_sample_infinity_with_a_prompts_file(saved, tmp_path):
     rc = eval_main(["sample", "--sampler", "infinity", "--vae", str(saved / "vae"), "--model", str(saved / "model"),
                     "--text-encoder", str(saved / "t5"), "--prompts-file", str(tmp_path / "p.txt"), "--per-class",
                     "1", "--shard-size", "2", "--out", str(tmp_path / "eval"), "--device", "cpu",
-                    "--pixels", "0.06M"])
+                    "--pixels", "0.06M", "--cfg-list", "1,1,2,2,3,3,3", "--tau-list", "0.9"])
     assert rc == 0
+    record = json.loads((tmp_path / "eval" / "sampling.json").read_text())["settings"]
+    assert record["cfg_list"] == [1, 1, 2, 2, 3, 3, 3] and record["tau_list"] == 0.9
     assert len(list((tmp_path / "eval" / "images").glob("*.png"))) == 2
     assert np.load(tmp_path / "eval" / "images.npz")["arr_0"].shape == (2, 64, 64, 3)
     from var.errors import ConfigError

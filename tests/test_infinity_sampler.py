@@ -23,26 +23,27 @@ def _gen(seed=0):
 
 def test_shapes_and_stats(pair):
     vae, model = pair
-    out = sample_infinity(model, vae, random_text(3), schedule=TINY_SCHEDULE, cfg=2.0, tau=0.7, generator=_gen())
+    out = sample_infinity(model, vae, random_text(3), schedule=TINY_SCHEDULE, cfg_list=2.0, tau_list=0.7,
+                          generator=_gen())
     assert out.images.shape == (3, 3, 16, 16) and 0 <= out.images.min() and out.images.max() <= 1
     assert [tuple(b.shape) for b in out.tokens] == [(3, h, w, 6) for h, w in TINY_SCHEDULE.grids]
     s = out.stats
     assert s.forward_passes == 4 and s.tokens == TINY_SCHEDULE.seq_len and s.wall_time_s > 0
     full_bytes = 2 * 2 * 6 * 4 * TINY_SCHEDULE.seq_len * 16 * 4  # layers * (K,V) * rows * heads * L * D * fp32
     assert s.peak_kv_cache_bytes == full_bytes and s.peak_kv_live_bytes == full_bytes
-    unguided = sample_infinity(model, vae, random_text(3), schedule=TINY_SCHEDULE, cfg=1.0, generator=_gen())
+    unguided = sample_infinity(model, vae, random_text(3), schedule=TINY_SCHEDULE, cfg_list=1.0, generator=_gen())
     assert unguided.stats.peak_kv_cache_bytes == full_bytes // 2  # no unconditional rows
 
 
 def test_per_sample_generators_equal_single_runs(pair):
     vae, model = pair
     feats, mask = random_text(2)
-    both = sample_infinity(model, vae, (feats, mask), schedule=TINY_SCHEDULE, cfg=[1.5, 2, 3, 4], tau=0.9,
+    both = sample_infinity(model, vae, (feats, mask), schedule=TINY_SCHEDULE, cfg_list=[1.5, 2, 3, 4], tau_list=0.9,
                            top_p=0.9, generator=[_gen(1), _gen(2)])
     for b, seed in enumerate((1, 2)):
         n = int(mask[b].sum())
         one = sample_infinity(model, vae, (feats[b:b + 1, :n], mask[b:b + 1, :n]), schedule=TINY_SCHEDULE,
-                              cfg=[1.5, 2, 3, 4], tau=0.9, top_p=0.9, generator=[_gen(seed)])
+                              cfg_list=[1.5, 2, 3, 4], tau_list=0.9, top_p=0.9, generator=[_gen(seed)])
         assert all(torch.equal(x[b:b + 1], y) for x, y in zip(both.tokens, one.tokens))
 
 
@@ -53,8 +54,8 @@ def test_bits_follow_the_model_distribution(pair, gumbel):
     feats, mask = random_text(1)
     n = 2000
     schedule = ScaleSchedule(((1, 1),), rope_grid=(4, 4))
-    out = sample_infinity(model, vae, (feats.expand(n, -1, -1), mask.expand(n, -1)), schedule=schedule, cfg=1.0,
-                          tau=1.3, gumbel=gumbel, generator=_gen(), decode=False)
+    out = sample_infinity(model, vae, (feats.expand(n, -1, -1), mask.expand(n, -1)), schedule=schedule, cfg_list=1.0,
+                          tau_list=1.3, gumbel=gumbel, generator=_gen(), decode=False)
     text = model.encode_text(feats, mask)
     with torch.no_grad():
         h = model.forward_scale(model.first_scale_input(text), text, 0, schedule, model.new_kv_cache(1, schedule))
@@ -67,13 +68,13 @@ def test_bits_follow_the_model_distribution(pair, gumbel):
 def test_greedy_bits_are_the_teacher_forced_argmax(pair):
     vae, model = pair
     text = random_text(2)
-    out = sample_infinity(model, vae, text, schedule=TINY_SCHEDULE, cfg=1.0, top_k=1, generator=_gen())
+    out = sample_infinity(model, vae, text, schedule=TINY_SCHEDULE, cfg_list=1.0, top_k=1, generator=_gen())
     with torch.no_grad():
         logits = model(model.encode_text(*text), vae.teacher_forcing_input(out.tokens, TINY_SCHEDULE), TINY_SCHEDULE)
     greedy = logits.view(2, -1, 6, 2).argmax(-1)
     sampled = torch.cat([b.reshape(2, -1, 6) for b in out.tokens], 1)
     assert torch.equal(greedy, sampled)
-    gumbel = sample_infinity(model, vae, text, schedule=TINY_SCHEDULE, cfg=1.0, top_k=1, gumbel=True,
+    gumbel = sample_infinity(model, vae, text, schedule=TINY_SCHEDULE, cfg_list=1.0, top_k=1, gumbel=True,
                              generator=_gen(5))
     assert all(torch.equal(a, b) for a, b in zip(gumbel.tokens, out.tokens))
 
@@ -82,11 +83,11 @@ def test_greedy_bits_are_the_teacher_forced_argmax(pair):
 def test_guidance_with_identical_negative_is_no_guidance(pair, layer):
     vae, model = pair
     text = random_text(2)
-    plain = sample_infinity(model, vae, text, schedule=TINY_SCHEDULE, cfg=1.0, generator=_gen(3))
-    same = sample_infinity(model, vae, text, schedule=TINY_SCHEDULE, cfg=4.0, negative=text,
+    plain = sample_infinity(model, vae, text, schedule=TINY_SCHEDULE, cfg_list=1.0, generator=_gen(3))
+    same = sample_infinity(model, vae, text, schedule=TINY_SCHEDULE, cfg_list=4.0, negative=text,
                            cfg_insertion_layer=layer, generator=_gen(3))
     assert all(torch.equal(a, b) for a, b in zip(plain.tokens, same.tokens))
-    other = sample_infinity(model, vae, text, schedule=TINY_SCHEDULE, cfg=4.0, cfg_insertion_layer=layer,
+    other = sample_infinity(model, vae, text, schedule=TINY_SCHEDULE, cfg_list=4.0, cfg_insertion_layer=layer,
                             generator=_gen(3))
     assert not all(torch.equal(a, b) for a, b in zip(plain.tokens, other.tokens))
 
@@ -95,10 +96,10 @@ def test_bad_input(pair):
     vae, model = pair
     text = random_text(2)
     kw = dict(schedule=TINY_SCHEDULE, generator=_gen())
-    with pytest.raises(ConfigError, match="cfg has 2 values"):
-        sample_infinity(model, vae, text, cfg=[1, 2], **kw)
-    with pytest.raises(ConfigError, match="tau"):
-        sample_infinity(model, vae, text, tau=0.0, **kw)
+    with pytest.raises(ConfigError, match="cfg_list has 2 values"):
+        sample_infinity(model, vae, text, cfg_list=[1, 2], **kw)
+    with pytest.raises(ConfigError, match="tau_list"):
+        sample_infinity(model, vae, text, tau_list=0.0, **kw)
     with pytest.raises(ConfigError, match="cfg_insertion_layer"):
         sample_infinity(model, vae, text, cfg_insertion_layer=1, **kw)
     with pytest.raises(ConfigError, match="negative"):
@@ -116,16 +117,16 @@ def test_bad_input(pair):
 def test_every_cache_policy_runs_and_full_budget_is_exact(pair):
     vae, model = pair
     text = random_text(2)
-    profile = calibrate_infinity(model, vae, text, schedule=TINY_SCHEDULE, cfg=2.0)
+    profile = calibrate_infinity(model, vae, text, schedule=TINY_SCHEDULE, cfg_list=2.0)
     assert len(profile.asi) == 2 and profile.asi[0][0] is None and profile.asi[1][3] is not None
     assert profile.model["patch_nums"] == [1, 2, [2, 3], 4]
-    full = sample_infinity(model, vae, text, schedule=TINY_SCHEDULE, cfg=2.0, generator=_gen(7))
+    full = sample_infinity(model, vae, text, schedule=TINY_SCHEDULE, cfg_list=2.0, generator=_gen(7))
     for policy in (ScaleKV(1.0, profile=profile), HACK(1.0, profile=profile)):
-        out = sample_infinity(model, vae, text, schedule=TINY_SCHEDULE, cfg=2.0, generator=_gen(7), cache=policy)
+        out = sample_infinity(model, vae, text, schedule=TINY_SCHEDULE, cfg_list=2.0, generator=_gen(7), cache=policy)
         assert all(torch.equal(a, b) for a, b in zip(out.tokens, full.tokens)), policy
     for policy in (ScaleKV(0.3, profile=profile), HACK(0.3, profile=profile), SnapKV(0.3), H2O(0.3),
                    StreamingLLM(0.3)):
-        out = sample_infinity(model, vae, text, schedule=TINY_SCHEDULE, cfg=2.0, generator=_gen(7), cache=policy)
+        out = sample_infinity(model, vae, text, schedule=TINY_SCHEDULE, cfg_list=2.0, generator=_gen(7), cache=policy)
         assert out.images.shape == full.images.shape
         assert out.stats.peak_kv_live_bytes < full.stats.peak_kv_live_bytes, policy
 

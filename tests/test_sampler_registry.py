@@ -41,7 +41,7 @@ def test_registry_entries_are_consistent():
         assert list(params)[:len(spec.roles) + 1] == [*spec.model_roles, condition], name
         if spec.family != "text_to_image":
             assert spec.model_roles[-1] == "tokenizer", name  # one name for the tokenizer argument
-        guidance = "cfg_scale" if spec.family == "next_token" else "cfg"
+        guidance = {"next_token": "cfg_scale", "next_scale": "cfg", "text_to_image": "cfg_list"}[spec.family]
         assert guidance in spec.knob_index, name
         defaults = spec.defaults()
         for knob_name, value in defaults.items():

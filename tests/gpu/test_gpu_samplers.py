@@ -150,8 +150,8 @@ def test_infinity_end_to_end(device, gen):
     from var.samplers.infinity import sample_infinity
 
     vae, model = tiny_vae().to(device), tiny_infinity().to(device)
-    runs = [sample_infinity(model, vae, random_text(3), schedule=TINY_SCHEDULE, cfg=2.0, tau=0.7, generator=gen(4),
-                            cache=StreamingLLM(budget=0.5)) for _ in range(2)]
+    runs = [sample_infinity(model, vae, random_text(3), schedule=TINY_SCHEDULE, cfg_list=2.0, tau_list=0.7,
+                            generator=gen(4), cache=StreamingLLM(budget=0.5)) for _ in range(2)]
     assert _same(*runs) and runs[0].images.device.type == device.type
     assert torch.isfinite(runs[0].images).all() and 0 <= runs[0].images.min() and runs[0].images.max() <= 1
     assert runs[0].stats.forward_passes == len(TINY_SCHEDULE.grids) and runs[0].stats.peak_kv_live_bytes > 0

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from var.cli.sampling import per_scale_type
 from var.errors import ConfigError, TextEncoderError
 
-INFINITY_DEFAULTS = dict(cfg=3.0, tau=1.0, top_k=0, top_p=0.0)  # the release's CLI (cfg 3, tau 1, CFG on logits)
 
 
 def add_infinity_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,7 +27,11 @@ def add_infinity_arguments(p: argparse.ArgumentParser) -> None:
                    help="aspect ratio h/w (nearest of the templates; default 1.0)")
     g.add_argument("--pixels", default="1M", choices=("0.06M", "0.25M", "0.60M", "1M"),
                    help="image size: 256, 512, 768 or 1024 px for 1:1 (default 1M)")
-    g.add_argument("--tau", type=float, default=None, help="temperature (default 1.0)")
+    g.add_argument("--cfg-list", type=per_scale_type(float), default=None,
+                   help="guidance, one value for all scales or one per scale (comma-separated): Infinity's "
+                        "cfg cond + (1 - cfg) uncond, 1 = none (default 3)")
+    g.add_argument("--tau-list", type=per_scale_type(float), default=None,
+                   help="temperature, one value or one per scale (comma-separated; default 1)")
     g.add_argument("--cfg-insertion-layer", type=int, default=0,
                    help="0: guidance on the logits; -k: on the hidden states after block depth - k")
     g.add_argument("--gumbel", action="store_true", help="draw bits with the Gumbel-max trick")

@@ -11,7 +11,7 @@ Examples::
     var-sample --prompt "a pink star" --prompt "a teal square with horizontal stripes"   # bundled text-to-image
     var-sample --prompts-file prompts.txt --sampler sjd           # one prompt per line
     var-sample --family infinity --vae infinity_vae_d32reg.pth --model infinity_2b_reg.pth \
-        --text-encoder google/flan-t5-xl --prompt "a red fox in the snow" --cfg 3 --tau 0.5
+        --text-encoder google/flan-t5-xl --prompt "a red fox in the snow" --cfg-list 3 --tau-list 0.5
 
 The samplers, their settings and defaults come from one registry (var.samplers.registry): a setting the chosen
 sampler does not take is an error, never ignored.
@@ -198,8 +198,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def sample_infinity_main(args) -> int:
     """``--family infinity``: encode the prompts, sample in batches, write the grid (and PNGs)."""
-    from var.cli.infinity import (INFINITY_DEFAULTS, check_text_encoder, load_infinity_models, load_text_source,
-                                  negative_prompts)
+    from var.cli.infinity import check_text_encoder, load_infinity_models, load_text_source, negative_prompts
     from var.errors import ConfigError
     from var.samplers.infinity import sample_infinity
     from var.samplers.registry import SAMPLERS
@@ -210,14 +209,16 @@ def sample_infinity_main(args) -> int:
         raise ConfigError(f"--sampler {args.sampler} is not an Infinity sampler")
     if args.compile:
         raise ConfigError("--compile: the Infinity sampler has no compiled path")
-    for name in ("cfg", "top_k", "top_p"):  # the shared setting flags (absent unless given)
-        setattr(args, name, getattr(args, f"knob_{name}", None))
-    other = sorted(k for k in vars(args) if k.startswith("knob_") and k[5:] not in ("cfg", "top_k", "top_p"))
+    if hasattr(args, "knob_cfg"):
+        raise ConfigError("--cfg is VAR's guidance (0 = none): Infinity's is --cfg-list (1 = none; one value or one "
+                          "per scale)")
+    other = sorted(k for k in vars(args) if k.startswith("knob_") and k[5:] not in ("top_k", "top_p"))
     if other:
         raise ConfigError(f"--{other[0][5:].replace('_', '-')} is not a setting of Infinity")
-    for name, value in INFINITY_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    given = {"top_k": getattr(args, "knob_top_k", None), "top_p": getattr(args, "knob_top_p", None),
+             "cfg_list": args.cfg_list, "tau_list": args.tau_list, "gumbel": args.gumbel,
+             "cfg_insertion_layer": args.cfg_insertion_layer}  # None: not given, the sampler's own default
+    settings = SAMPLERS["infinity"].check_settings({k: v for k, v in given.items() if v is not None})
     check_cache_arguments(SAMPLERS["infinity"], args)
     prompts = read_prompts(args)
     if prompts is None:
@@ -238,9 +239,8 @@ def sample_infinity_main(args) -> int:
         check_text_encoder(model, emb)
         neg = encode(negatives[start:start + args.batch_size]) if negatives else None
         with autocast(args.device, args.dtype):
-            out = sample_infinity(model, vae, emb, schedule=schedule, cfg=args.cfg, tau=args.tau, top_k=args.top_k,
-                                  top_p=args.top_p, gumbel=args.gumbel, cfg_insertion_layer=args.cfg_insertion_layer,
-                                  negative=neg, generator=gen, cache=cache)
+            out = sample_infinity(model, vae, emb, schedule=schedule, negative=neg, generator=gen, cache=cache,
+                                  **settings)
         images.append(out.images.float().cpu())
         passes += out.stats.forward_passes
         if args.out_dir:  # each batch's PNGs as soon as it is done: a kill keeps what was sampled

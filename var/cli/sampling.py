@@ -49,6 +49,15 @@ def _optional(kind):
     return parse
 
 
+def per_scale_type(kind):
+    """An argparse type: ``3`` -> one value; ``4,4,3.5`` -> one value per scale (``kind`` each)."""
+    def parse(text: str):
+        values = [kind(v) for v in text.split(",")]
+        return values[0] if len(values) == 1 else values
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def add_sampler_arguments(parser: argparse.ArgumentParser, *, sampler_default_help: str,
                           samplers: dict[str, SamplerSpec] = CLI_SAMPLERS) -> None:
     """``--sampler`` (one of ``samplers``) and one option per knob flag of theirs (absent unless given, so the
@@ -70,7 +79,8 @@ def add_sampler_arguments(parser: argparse.ArgumentParser, *, sampler_default_he
         if knob.kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = _optional(knob.kind) if knob.optional else knob.kind
+            kwargs["type"] = _optional(knob.kind) if knob.optional else per_scale_type(knob.kind) if knob.per_scale \
+                else knob.kind
             kwargs["metavar"] = knob.kind.__name__.upper()
             if knob.choices:
                 kwargs["choices"] = knob.choices

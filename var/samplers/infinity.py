@@ -1,7 +1,8 @@
 """Infinity's bitwise next-scale sampler: one forward pass per scale, every bit of every token drawn at once.
 
 Per scale ``si`` (grid ``h x w``): the model gives logits ``[B, h*w, 2d]``, read as ``d`` binary choices per token;
-``tau[si]`` divides them, classifier-free guidance mixes the conditional and unconditional rows with ``cfg[si]``
+``tau_list[si]`` divides them, classifier-free guidance mixes the conditional and unconditional rows with
+``cfg_list[si]``
 (Infinity's convention ``cfg * cond + (1 - cfg) * uncond``: 1 = no guidance), top-k / top-p filter each bit's
 pair of logits, then one draw per bit. The bits become codes ``+-1/sqrt(d)``, are accumulated on the final grid
 and resized to the next scale's input (:class:`~var.tokenizers.bsq_vae.BSQVAE`).
@@ -65,7 +66,8 @@ def draw_bits(logits_Bl2d: torch.Tensor, *, top_k: int, top_p: float, gumbel: bo
 
 @torch.no_grad()
 def sample_infinity(model: Infinity, vae, text, *, schedule: ScaleSchedule | None = None, h_div_w: float = 1.0,
-                    pixels: str = "1M", cfg: float | Sequence[float] = 3.0, tau: float | Sequence[float] = 1.0,
+                    pixels: str = "1M", cfg_list: float | Sequence[float] = 3.0,
+                    tau_list: float | Sequence[float] = 1.0,
                     top_k: int = 0, top_p: float = 0.0, gumbel: bool = False, cfg_insertion_layer: int = 0,
                     negative=None, generator: GeneratorArg = None, cache=None, decode: bool = True) -> SampleOutput:
     """Sample one image per prompt with an Infinity model and its BSQ VAE.
@@ -73,8 +75,9 @@ def sample_infinity(model: Infinity, vae, text, *, schedule: ScaleSchedule | Non
     Args:
         text: the prompts' T5 features: :class:`PromptEmbeddings` or ``(features [B, N, Ct5], mask [B, N])``.
         schedule: token grids per scale; default ``dynamic_schedule(h_div_w, pixels)`` (13 scales at 1M).
-        cfg: guidance per scale (a scalar is broadcast), Infinity's ``cfg * cond + (1 - cfg) * uncond``; 1 = none.
-        tau: temperature per scale (logits are divided by it).
+        cfg_list: guidance per scale (a scalar is broadcast), Infinity's ``cfg * cond + (1 - cfg) * uncond``;
+            1 = none. The release's name and convention (not VAR's ``cfg``, where 0 = none).
+        tau_list: temperature per scale (logits are divided by it; a scalar is broadcast).
         top_k, top_p: filters over each bit's two logits (top_k >= 2 or 0 disables; top_p 0 or 1 disables).
         gumbel: draw with the Gumbel-max trick (same distribution, different random stream; the released code
             accepts this flag but ignores it).
@@ -96,9 +99,9 @@ def sample_infinity(model: Infinity, vae, text, *, schedule: ScaleSchedule | Non
         raise ConfigError(f"VAE has {vae.codebook_dim} bits per token, the model {model.config.codebook_dim}")
     check_sampling_args(top_k, top_p, 1.0)
     n = schedule.num_scales
-    cfgs, taus = per_scale("cfg", cfg, n), per_scale("tau", tau, n)
+    cfgs, taus = per_scale("cfg_list", cfg_list, n), per_scale("tau_list", tau_list, n)
     if any(not t > 0 for t in taus):
-        raise ConfigError(f"tau must be > 0 at every scale, got {taus}")
+        raise ConfigError(f"tau_list must be > 0 at every scale, got {taus}")
     depth = model.config.depth
     if cfg_insertion_layer > 0 or cfg_insertion_layer <= -depth:
         raise ConfigError(f"cfg_insertion_layer must be 0 (logits) or in [-{depth - 1}, -1] (hidden states after "
@@ -151,7 +154,7 @@ def sample_infinity(model: Infinity, vae, text, *, schedule: ScaleSchedule | Non
     return SampleOutput(images=images, tokens=bits_list, stats=stats)
 
 
-def calibrate_infinity(model: Infinity, vae, text, *, schedule: ScaleSchedule | None = None, cfg=3.0,
+def calibrate_infinity(model: Infinity, vae, text, *, schedule: ScaleSchedule | None = None, cfg_list=3.0,
                        seed: int = 0, topk_frac: float = 0.1, **sampler_kwargs):
     """ScaleKV/HACK calibration on Infinity: one full-cache run over a few prompts at ``schedule``; the profile
     is tied to that schedule's layout (pass the same schedule when sampling with the calibrated policy)."""
@@ -163,7 +166,7 @@ def calibrate_infinity(model: Infinity, vae, text, *, schedule: ScaleSchedule | 
     generator = torch.Generator(device=model.head.weight.device).manual_seed(seed)
 
     def run(policy):
-        sample_infinity(model, vae, text, schedule=schedule, cfg=cfg, generator=generator, cache=policy,
+        sample_infinity(model, vae, text, schedule=schedule, cfg_list=cfg_list, generator=generator, cache=policy,
                         decode=False, **sampler_kwargs)
 
     return record_profile(CacheLayout.of(view), run, topk_frac=topk_frac,

@@ -7,7 +7,8 @@ that names them, and so is a model it cannot drive.
 
 Guidance follows each original's convention and name: next-scale samplers take VAR's ``cfg`` (``(1 + t) cond -
 t uncond``, ramped to ``cfg`` at the last scale, 0 = none); next-token samplers take LlamaGen's ``cfg_scale``
-(``uncond + s (cond - uncond)``, 1 = none).
+(``uncond + s (cond - uncond)``, 1 = none); Infinity takes its release's per-scale ``cfg_list`` and ``tau_list``
+(``cfg cond + (1 - cfg) uncond``, 1 = none).
 """
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ from var.tokenizers.scale_schedules import PIXEL_SCALES
 FAMILIES = {
     "next_scale": "VAR next-scale prediction; guidance cfg (VAR: 0 = none)",
     "next_token": "next-token GPTs (LlamaGen) and their parallel decoders; guidance cfg_scale (LlamaGen: 1 = none)",
-    "text_to_image": "Infinity: bitwise next-scale prediction from T5 prompt features; guidance cfg per scale "
-                     "(Infinity: 1 = none)",
+    "text_to_image": "Infinity: bitwise next-scale prediction from T5 prompt features; guidance cfg_list, one value "
+                     "per scale (Infinity: 1 = none)",
 }
 
 
@@ -355,9 +356,9 @@ _SPECS = (
                     Knob("constrained", bool, "CTF: each fine code stays inside its coarse cluster")),
                 exact=True, summary="CTF: coarse labels token by token, then all fine codes in one pass"),
     SamplerSpec("infinity", sample_infinity, "text_to_image", (Role("model", (Infinity,)), Role("vae", (BSQVAE,))),
-                (Knob("cfg", float, "Infinity guidance cfg cond + (1 - cfg) uncond; 1 = none", minimum=0,
-                      per_scale=True),
-                 Knob("tau", float, "Infinity temperature", above=0, per_scale=True),
+                (Knob("cfg_list", float, "Infinity guidance per scale, cfg cond + (1 - cfg) uncond; 1 = none",
+                      minimum=0, per_scale=True),
+                 Knob("tau_list", float, "Infinity temperature per scale", above=0, per_scale=True),
                  Knob("top_k", int, "top-k over each bit's two logits; 0 = off", minimum=0),
                  Knob("top_p", float, "top-p over each bit's two logits; 0 or 1 = off", minimum=0, maximum=1),
                  Knob("gumbel", bool, "draw with the Gumbel-max trick"),
