@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from var.cli import command_line
+from var.cli.sample import read_prompts
 from var.cli.sampling import (CALIBRATION_CLASSES, CLI_SAMPLERS, DTYPES, add_cache_arguments, add_model_arguments,
                               add_sampler_arguments, autocast, calibrate_text_model, check_cache_arguments,
                               effective_settings, load_sampler_models, load_var_models, make_cache_from_arguments,
@@ -59,11 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "setting flags as var-sample).")
     add_model_arguments(s, "models (default: the bundled model of the sampler's family; --random-init: tiny random "
                            "presets)")
-    t = s.add_argument_group("text-to-image (--sampler infinity; --vae is then its BSQ VAE)")
+    t = s.add_argument_group("text-to-image (--sampler infinity, --vae is then its BSQ VAE; or a next-token sampler "
+                                         "with --prompts-file: a text-to-image GPT)")
     t.add_argument("--model", help="Infinity transformer: infinity_2b_reg.pth, .safetensors or saved directory")
     t.add_argument("--text-encoder", help="T5 encoder: google/flan-t5-xl or a local directory")
     t.add_argument("--prompts-file", help="one prompt per line; image i uses prompt i %% P (the prompts play the "
-                                          "classes: --per-class is images per prompt)")
+                                          "classes: --per-class is images per prompt). With a next-token sampler: "
+                                          "the text-to-image GPT (--vq/--gpt/--text-encoder, default the bundled "
+                                          "one)")
     add_sampler_arguments(s, sampler_default_help="default: next_scale", samplers=EVAL_SAMPLERS)
     add_cache_arguments(s)
     o = s.add_argument_group("set and output")
@@ -136,9 +140,13 @@ def _weight_digests(args, desc: str) -> dict:
     from var.hub import RELEASED_LLAMAGEN, RELEASED_VAR, resolve_checkpoint
     from var.utils.files import content_digest
     paths = [p for p in (args.vae, args.var, args.refiner, args.vq, args.gpt, args.stage2, args.model) if p]
+    if args.text_encoder and Path(args.text_encoder).exists():  # a local encoder (not a hub name) is weights too
+        paths.append(args.text_encoder)
     if not paths and desc.startswith("bundled"):
-        from var.assets import bundled_ar_dir, bundled_var_dir
-        paths = [p for p in (bundled_ar_dir() if "AR" in desc else bundled_var_dir(),) if p is not None]
+        from var.assets import bundled_ar_dir, bundled_t2i_dir, bundled_var_dir
+        bundled = bundled_t2i_dir() if "text-to-image" in desc else bundled_ar_dir() if "AR" in desc else \
+            bundled_var_dir()
+        paths = [p for p in (bundled,) if p is not None]
     released = {**RELEASED_VAR, **RELEASED_LLAMAGEN}  # a released file name resolves to its cached download
     return {str(p): content_digest(resolve_checkpoint(p, released)) for p in paths}
 
@@ -166,8 +174,11 @@ def run_sample(args) -> int:
         torch.cuda.set_device(env.local_rank)
     if spec.condition == "text":
         return _run_sample_text(args, spec, settings, env)
+    if args.prompts_file and spec.family == "next_token":
+        return _run_sample_captions(args, spec, settings, env)
     if args.model or args.text_encoder or args.prompts_file:
-        raise ConfigError(f"--model, --text-encoder and --prompts-file are for --sampler infinity, not {spec.name}")
+        raise ConfigError(f"--model is for --sampler infinity; --text-encoder and --prompts-file for infinity and "
+                          f"the next-token samplers (a text-to-image GPT), not {spec.name}")
     models, desc = load_sampler_models(spec, args)
     if models.get("tokenizer") is None:
         raise ConfigError("give --vq: the tokenizer that decodes the sampled tokens")
@@ -191,16 +202,13 @@ def run_sample(args) -> int:
 def _run_sample_text(args, spec, settings: dict, env) -> int:
     """``--sampler infinity``: the prompts of ``--prompts-file`` play the classes (image i uses prompt i % P)."""
     from var.cli.infinity import check_text_encoder, load_infinity_models, load_text_source
-    from var.eval.distributed import SamplingPlan, generate_samples
     class_flags = [f for f in ("var", "refiner", "vq", "gpt", "stage2", "image_size") if getattr(args, f) is not None]
     if class_flags or args.random_init:
         raise ConfigError(f"--{(class_flags or ['random_init'])[0].replace('_', '-')} is not used by sampler "
                           f"{spec.name} (give --vae, --model, --text-encoder, --prompts-file)")
-    if not args.prompts_file or not Path(args.prompts_file).is_file():
+    if not args.prompts_file:
         raise ConfigError(f"--sampler {spec.name} needs --prompts-file (one prompt per line)")
-    prompts = [line.strip() for line in Path(args.prompts_file).read_text(encoding="utf-8").splitlines()]
-    if not prompts or not all(prompts):
-        raise ConfigError(f"{args.prompts_file}: one non-empty prompt per line")
+    prompts = read_prompts(args)
     args.embedding_cache = None
     encode = load_text_source(args, args.device)
     vae, model, desc = load_infinity_models(args)
@@ -216,6 +224,35 @@ def _run_sample_text(args, spec, settings: dict, env) -> int:
             out = spec(models, embeddings.select(labels_B.tolist()), generator=generator, cache=cache, **settings)
         return out.images.float().cpu(), out.stats.as_dict()
 
+    return _sample_prompts(args, spec, settings, cache, env, fn, prompts, desc)
+
+
+def _run_sample_captions(args, spec, settings: dict, env) -> int:
+    """A next-token sampler with ``--prompts-file``: the text-to-image GPT (``--vq/--gpt/--text-encoder``, default
+    the bundled one) loaded and conditioned as ``var-sample --prompt`` does; image i uses prompt i % P."""
+    from var.cli.sample import load_t2i_models
+    if args.model:
+        raise ConfigError(f"--model is for --sampler infinity, not {spec.name} (give --vq and --gpt)")
+    prompts = read_prompts(args)
+    vq, gpt, encoder, desc = load_t2i_models(args)
+    models = {"model": gpt, "tokenizer": vq}
+    spec.check_models(models)
+    caption_len = gpt.config.caption_len
+    encoder.condition(prompts, caption_len)  # bad prompts fail before any sampling
+    cache = make_cache_from_arguments(spec, args, models, desc)
+
+    def fn(labels_B, generator):
+        cond = encoder.condition([prompts[i] for i in labels_B.tolist()], caption_len)
+        with autocast(args.device, args.dtype):
+            out = spec(models, cond, generator=generator, cache=cache, **settings)
+        return out.images.float().cpu(), out.stats.as_dict()
+
+    return _sample_prompts(args, spec, settings, cache, env, fn, prompts, desc)
+
+
+def _sample_prompts(args, spec, settings: dict, cache, env, fn, prompts: list[str], desc: str) -> int:
+    """Sample the plan of a prompts file (the prompts play the classes) with ``fn(prompt ids, generator)``."""
+    from var.eval.distributed import SamplingPlan, generate_samples
     plan = SamplingPlan(args.num_images or args.per_class * len(prompts), len(prompts), args.shard_size, args.seed)
     record = {"model": desc, "sampler": spec.name, **effective_settings(spec, settings), "prompts": prompts,
               "cache": repr(cache) if cache is not None else "full", "dtype": args.dtype,

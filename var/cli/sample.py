@@ -80,9 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
 def read_prompts(args) -> list[str] | None:
     """``--prompt`` values then the lines of ``--prompts-file``; None when neither is given."""
     from var.errors import PromptError
-    if args.prompt is None and not args.prompts_file:
+    given = getattr(args, "prompt", None)  # var-eval has --prompts-file only
+    if given is None and not args.prompts_file:
         return None
-    prompts = [p.strip() for p in args.prompt or []]
+    prompts = [p.strip() for p in given or []]
     if args.prompts_file:
         path = Path(args.prompts_file)
         if not path.is_file():
