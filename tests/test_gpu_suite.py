@@ -86,3 +86,26 @@ def test_original_sampler_is_timed_on_the_same_weights(tmp_path):
     rows = json.loads((out_dir / "var_sampling_quick.json").read_text())["rows"]
     original = [r for r in rows if r["sampler"] == "original VAR"]
     assert len(original) == 2 and all(r["ours_speedup"] > 0 for r in original)
+
+
+def test_full_tier_has_scalekv_and_hack_on_infinity_2b_shapes(monkeypatch):
+    """The --full tier's Infinity benchmark: 2B shapes on the GPU (checked on the meta device here), its body on the
+    CPU with the dry run's tiny Infinity: a full-cache row, then ScaleKV and HACK at 10 % with PSNR vs the full cache
+    and less live KV."""
+    import torch
+
+    from var.models.infinity import Infinity, InfinityConfig
+    gpu = gpu_suite.Setup.for_run(dry=False)
+    assert "infinity_kv" in [name for name, _ in gpu_suite.tier_benchmarks(gpu, "full")]
+    with torch.device("meta"):
+        model = Infinity(InfinityConfig(**gpu.infinity))
+    assert (model.config.depth, model.config.width, model.config.num_heads) == (32, 2048, 16)  # Infinity-2B
+    assert gpu.infinity_pixels == "1M"
+    monkeypatch.setenv("VAR_KERNELS", "torch")  # the interpreted Triton selection is minutes here (tested elsewhere)
+    rows = gpu_suite.bench_infinity_kv(gpu_suite.Setup.for_run(dry=True), [0.1], batches=(2,))
+    assert [(r["cache"], r["budget"]) for r in rows] == [("full cache", 1.0), ("ScaleKV", 0.1), ("HACK", 0.1)]
+    full, *compressed = rows
+    assert full["psnr_vs_full_db"] == float("inf") and full["bits_equal"] == 1.0
+    for r in compressed:
+        assert r["kv_live_mb"] < full["kv_live_mb"] and 0 < r["psnr_vs_full_db"] < float("inf")
+        assert 0 < r["bits_equal"] < 1 and r["images_per_s"] > 0

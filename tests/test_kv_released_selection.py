@@ -140,6 +140,27 @@ def test_released_budget_file_gives_650_tokens_at_10_percent(tmp_path):
         ReleasedBudgets.parse({"layers": {}})
 
 
+INFINITY_8B_10 = {9: (909, 629), 10: (1464, 584), 11: (2463, 503), 12: (4054, 374), 13: (6200, 200)}
+
+
+def test_released_8b_budget_file_gives_650_tokens_per_layer_at_every_compressed_scale(tmp_path):
+    """Infinity-8B's ``budgets/8b_10%_budget.json`` (40 blocks, drafters 0, 1, 2 at every compressed scale): the
+    per-layer average is 650 at each scale it names, drafters keep nearly the whole cache, refiners 200-629."""
+    import json
+
+    path = tmp_path / "8b_10%_budget.json"
+    path.write_text(json.dumps(released_file(40, {0, 1, 2}, INFINITY_8B_10)))
+    layout = CacheLayout(depth=40, num_heads=2, head_dim=4, patch_nums=INFINITY_1024)
+    policy = ScaleKV(0.1, released_budgets=path, backend="torch").bind(layout)
+    for k, (drafter_cap, refiner_cap) in INFINITY_8B_10.items():
+        caps = policy.caps[k - 2]
+        assert caps[:3] == [min(drafter_cap, layout.schedule.tokens_through(k - 2))] * 3 and caps[3:] == [refiner_cap] * 37
+        assert sum(caps) / 40 == 650
+        assert policy.drafters[k - 1] == {0, 1, 2}
+    assert policy.caps[6] == [layout.schedule.tokens_through(6)] * 40  # scales the file does not name: not compressed
+    assert policy.caps[12] == [layout.schedule.tokens_through(12)] * 40  # after the last scale: nothing to carry
+
+
 def test_default_drafter_count_follows_the_released_budgets():
     from var.kernels.policies.scalekv import default_drafters_per_scale
     assert default_drafters_per_scale(40) == 3 and default_drafters_per_scale(32) == 2  # 8B and 2B files

@@ -1,6 +1,6 @@
 """Benchmarks of the prepared GPU suite (``scripts/gpu_suite.sh``): VAR sampling eager vs compiled vs CUDA graphs (and
 the original VAR sampler on the same weights), the next-token decode step likewise, the ragged kernel vs SDPA,
-compressed caches, next-token pass cost, CoDe.
+compressed caches (on VAR, and ScaleKV / HACK on Infinity-2B shapes at 1024 px), next-token pass cost, CoDe.
 
 Every benchmark is a function returning rows (dicts); :func:`run_tier` runs a tier's list fail-fast and writes
 ``<out>/<name>.md`` + ``.json`` per benchmark, each naming the GPU, torch, triton and CUDA versions, then prints one
@@ -61,6 +61,11 @@ class Setup:
     quick_compile_batches: tuple = (1,)
     original: Path | None = None
     notes: list = field(default_factory=list)
+    # Infinity: InfinityConfig / BSQVAEConfig overrides ({} = Infinity-2B and the d32 VAE), pixels of the schedule
+    infinity: dict = field(default_factory=dict)
+    infinity_vae: dict = field(default_factory=dict)
+    infinity_pixels: str = "1M"
+    infinity_batches: tuple = (1, 4)
 
     @classmethod
     def for_run(cls, dry: bool, original: Path | None = None) -> "Setup":
@@ -69,7 +74,11 @@ class Setup:
         return cls(torch.device("cpu"), True, var_small="var_tiny", var_large="var_tiny", tokenizer="msvq_tiny",
                    gpt_models=("gpt_tiny",), batches=(1, 2), quick_batches=(1, 2), big_batches=(2, 4), repeats=1,
                    autocast=None, quick_compile_modes=(("dynamo, eager backend", CompileSpec(backend="eager")),),
-                   compile_modes=(("dynamo, eager backend", CompileSpec(backend="eager")),), original=original)
+                   compile_modes=(("dynamo, eager backend", CompileSpec(backend="eager")),), original=original,
+                   infinity=dict(depth=2, width=64, num_heads=4, codebook_dim=6, text_channels=16, text_maxlen=16,
+                                 pool_heads=2),
+                   infinity_vae=dict(codebook_dim=6, ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=4),
+                   infinity_pixels="0.06M", infinity_batches=(1, 2))
 
 
 def environment(device: torch.device) -> dict:
@@ -327,6 +336,73 @@ def bench_kv_policies(setup: Setup, preset: str, policies, budget: float, batche
     return rows
 
 
+# ---- Infinity: ScaleKV and HACK on their home model -----------------------------------------------------------
+def _infinity(setup: Setup):
+    """A random-weight Infinity (2B shapes unless the setup shrinks them), its BSQ VAE and the 1:1 schedule."""
+    from var.models.infinity import Infinity, InfinityConfig
+    from var.tokenizers.bsq_vae import BSQVAE, BSQVAEConfig
+    from var.tokenizers.scale_schedules import dynamic_schedule
+    torch.manual_seed(0)
+    model = Infinity(InfinityConfig(**{**setup.infinity, "drop_path_rate": 0.0})).eval()
+    model.init_weights(init_adaln_gamma=0.5, init_head=1.0)  # strong AdaLN/head: bits depend on the context
+    vae = BSQVAE(BSQVAEConfig(**setup.infinity_vae)).eval()
+    return model.to(setup.device), vae.to(setup.device), dynamic_schedule(1.0, setup.infinity_pixels)
+
+
+def _random_prompts(batch: int, model, device, seed: int):
+    """Random T5-like prompt features ``[B, N, C]`` (N = 32 or the model's text_maxlen) with N/4..N real tokens per
+    row: no text encoder needed."""
+    length, channels = min(32, model.config.text_maxlen), model.config.text_channels
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.arange(length) < torch.randint(length // 4, length + 1, (batch,), generator=g)[:, None]
+    return (torch.randn(batch, length, channels, generator=g) * mask[..., None]).to(device), mask.to(device)
+
+
+@torch.no_grad()
+def bench_infinity_kv(setup: Setup, budgets=(0.1,), batches=None) -> list[dict]:
+    """Infinity at 1024 px (13 scales, 10521 tokens; random weights): ScaleKV and HACK (calibrated on one
+    full-cache run of other prompts) at each budget vs the full cache, cfg 3 (CFG rows in the cache): images/s,
+    KV bytes allocated and live, PSNR of the decoded images vs the full cache's and the share of equal bits (the
+    papers' comparison; random weights measure the cache mechanics, not image quality)."""
+    from var.eval.bench_kv import psnr
+    from var.kernels import FullCache
+    from var.samplers.infinity import calibrate_infinity, sample_infinity
+    model, vae, schedule = _infinity(setup)
+    with _autocast(setup):
+        profile = calibrate_infinity(model, vae, _random_prompts(1, model, setup.device, seed=1),
+                                     schedule=schedule, cfg_list=3.0)
+    shape = f"depth {model.config.depth}, width {model.config.width}, {schedule.seq_len} tokens"
+    policies = [("full cache", None, FullCache)] + [
+        (cls.__name__, b, lambda cls=cls, b=b: cls(b, profile=profile)) for b in budgets for cls in (ScaleKV, HACK)]
+    rows = []
+    for batch in batches or setup.infinity_batches:
+        prompts = _random_prompts(batch, model, setup.device, seed=0)
+        ref = None
+        for name, budget, make in policies:
+            gen, out = torch.Generator(setup.device), {}
+
+            def run():
+                gen.manual_seed(0)
+                with _autocast(setup):
+                    out["o"] = sample_infinity(model, vae, prompts, schedule=schedule, cfg_list=3.0, tau_list=1.0,
+                                               generator=gen, cache=make())
+            try:
+                seconds, peak = timed(run, setup.device, max(1, setup.repeats - 2))
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                rows.append(dict(model=shape, cache=name, budget=budget, batch=batch, note="out of memory"))
+                break
+            o = out["o"]
+            ref = ref or o
+            bits = torch.cat([(a == b).flatten() for a, b in zip(o.tokens, ref.tokens)]).float().mean().item()
+            rows.append(dict(model=shape, cache=name, budget=1.0 if budget is None else budget, batch=batch,
+                             images_per_s=batch / seconds, peak_mem_mb=peak / 2 ** 20,
+                             kv_live_mb=o.stats.peak_kv_live_bytes / 2 ** 20,
+                             kv_allocated_mb=o.stats.peak_kv_cache_bytes / 2 ** 20,
+                             psnr_vs_full_db=psnr(o.images, ref.images), bits_equal=bits))
+    return rows
+
+
 # ---- next-token pass cost -----------------------------------------------------------------------------------------
 @torch.no_grad()
 def bench_next_token_pass(setup: Setup, presets, tokens_per_row=(1, 16, 32), batches=(1, 8)) -> list[dict]:
@@ -437,6 +513,7 @@ def tier_benchmarks(setup: Setup, tier: str) -> list[tuple[str, object]]:
                                                       setup.big_batches)),
             ("next_token_pass", lambda: bench_next_token_pass(setup, setup.gpt_models)),
             ("code", lambda: bench_code(setup, setup.quick_batches[-1])),
+            ("infinity_kv", lambda: bench_infinity_kv(setup, [0.1])),
         ]
     raise ValueError(f"unknown tier {tier!r} (quick or full)")
 
