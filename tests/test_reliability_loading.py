@@ -1,0 +1,108 @@
+"""Issue 13, loaders: weights, configs and files that used to load into a silently wrong model or end in a raw
+traceback (see docs/reliability.md)."""
+import pytest
+import torch
+
+from infinity_helpers import tiny_infinity, tiny_vae
+from var import hub
+from var.errors import CheckpointError, VarError
+from var.hub import infinity as hub_infinity
+from var.models import create
+
+
+# ---- loaders that guessed -------------------------------------------------------------------------------------
+def test_a_gpt_pt_of_another_width_needs_its_head_count(tmp_path):
+    """gpt_tiny (width 64, 4 heads) loaded from a .pt with a guessed n_head of 1: same shapes, wrong model."""
+    from var.errors import CheckpointError
+    torch.manual_seed(0)
+    gpt = create("gpt_tiny").eval()
+    torch.save(gpt.state_dict(), tmp_path / "gpt.pt")
+    with pytest.raises(CheckpointError, match="n_head"):
+        hub.load_llamagen_gpt(tmp_path / "gpt.pt", grid_size=4)
+    assert hub.load_llamagen_gpt(tmp_path / "gpt.pt", grid_size=4, n_head=4).config.n_head == 4
+
+
+def test_released_gpt_sizes_still_derive_their_heads():
+    from var.hub.llamagen import gpt_config_from_state_dict
+    for n_layer, n_head, dim in ((12, 12, 768), (24, 16, 1024), (24, 32, 3200)):
+        sd = {"tok_embeddings.weight": torch.empty(16384, dim, device="meta"),
+              "cls_embedding.embedding_table.weight": torch.empty(1001, dim, device="meta"),
+              "output.weight": torch.empty(16384, dim, device="meta"),
+              **{f"layers.{i}.feed_forward.w1.weight": torch.empty(8, dim, device="meta") for i in range(n_layer)}}
+        assert gpt_config_from_state_dict(sd).n_head == n_head
+
+
+def _encode(tok, seed=0, size=16):
+    images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return tok.encode(images) if not hasattr(tok, "img_to_idxBl") else tok.img_to_idxBl(images)
+
+
+def test_a_vq_pt_of_another_width_needs_its_group_count(tmp_path):
+    """vq_tiny (ch 16, 8 GroupNorm groups) loaded from a .pt guessed 16 groups: other tokens, no error."""
+    torch.manual_seed(0)
+    vq = create("vq_tiny").eval()
+    torch.save({"model": vq.state_dict()}, tmp_path / "vq.pt")
+    with pytest.raises(CheckpointError, match="norm_groups"):
+        hub.load_llamagen_vq(tmp_path / "vq.pt", image_size=16)
+    loaded = hub.load_llamagen_vq(tmp_path / "vq.pt", image_size=16, norm_groups=8)
+    assert torch.equal(_encode(loaded)[0], _encode(vq)[0])
+
+
+def test_a_multiscale_vqvae_pth_of_another_width_needs_its_group_count(tmp_path):
+    """A VQ-VAE of width 64 with 8 groups loaded with the released 32 groups: other tokens, no error."""
+    torch.manual_seed(0)
+    tok = create("msvq_tiny", ch=64).eval()
+    assert tok.config.norm_groups == 8
+    torch.save(tok.state_dict(), tmp_path / "tok.pth")
+    with pytest.raises(CheckpointError, match="norm_groups"):
+        hub.load_var_tokenizer(tmp_path / "tok.pth", patch_nums=tok.patch_nums)
+    loaded = hub.load_var_tokenizer(tmp_path / "tok.pth", patch_nums=tok.patch_nums, norm_groups=8)
+    assert all(torch.equal(a, b) for a, b in zip(_encode(loaded), _encode(tok)))
+
+
+def test_a_bsq_vae_pth_of_another_width_needs_its_group_count(tmp_path):
+    """A BSQ VAE of width 96 with 8 groups loaded with a guessed 32 groups: other bits, no error."""
+    from var.tokenizers.bsq_vae import BSQVAE, BSQVAEConfig
+    torch.manual_seed(0)
+    vae = BSQVAE(BSQVAEConfig(codebook_dim=6, ch=96, ch_mult=(1, 1), num_res_blocks=1, norm_groups=8)).eval()
+    torch.save({"vae": vae.state_dict()}, tmp_path / "vae.pth")
+    with pytest.raises(CheckpointError, match="norm_groups"):
+        hub.load_bsq_vae(tmp_path / "vae.pth")
+    loaded = hub.load_bsq_vae(tmp_path / "vae.pth", norm_groups=8)
+    assert loaded.config.norm_groups == 8
+
+
+def test_a_gpt_whose_grid_does_not_match_the_vq_is_refused(tmp_path):
+    """A GPT saved with a 4x4 grid and a VQ saved for 32 px images (8x8 tokens) loaded silently at 16 px."""
+    from var.errors import CheckpointMismatchError
+    torch.manual_seed(0)
+    hub.save_pretrained(create("gpt_tiny").eval(), tmp_path / "gpt")
+    hub.save_pretrained(create("vq_tiny", image_size=32).eval(), tmp_path / "vq")
+    with pytest.raises(CheckpointMismatchError, match="4x4.*8x8|8x8.*4x4"):
+        hub.load_llamagen(tmp_path / "vq", tmp_path / "gpt")
+
+
+def test_a_gpt_pt_without_image_size_is_refused_unless_its_released_name_says(tmp_path):
+    """The token grid is not stored in a .pt: it was 16x16 (256 px) whatever the model, e.g. for c2i_L_384.pt."""
+    torch.manual_seed(0)
+    vq, gpt = create("vq_tiny").eval(), create("gpt_tiny").eval()
+    hub.save_pretrained(vq, tmp_path / "vq")
+    torch.save(gpt.state_dict(), tmp_path / "gpt.pt")
+    with pytest.raises(CheckpointError, match="image_size"):
+        hub.load_llamagen(tmp_path / "vq", tmp_path / "gpt.pt", n_head=4)
+    _, loaded = hub.load_llamagen(tmp_path / "vq", tmp_path / "gpt.pt", image_size=16, n_head=4)
+    assert loaded.config.grid_size == 4
+    from var.hub.llamagen import released_grid_size
+    assert (released_grid_size("c2i_L_384.pt"), released_grid_size("c2i_B_256.pt"),
+            released_grid_size("t2i_XL_stage2_512.pt"), released_grid_size("my_gpt.pt")) == (24, 16, 32, None)
+
+
+@pytest.mark.parametrize("size", [0, -16, 18])
+def test_image_size_zero_negative_or_off_the_downsample_is_a_config_error(tmp_path, size):
+    """``--image-size 0`` meant 256 (``image_size or 256``)."""
+    from var.errors import ConfigError
+    torch.manual_seed(0)
+    hub.save_pretrained(create("gpt_tiny").eval(), tmp_path / "gpt")
+    hub.save_pretrained(create("vq_tiny").eval(), tmp_path / "vq")
+    with pytest.raises(ConfigError, match="image_size"):
+        hub.load_llamagen(tmp_path / "vq", tmp_path / "gpt", image_size=size)
