@@ -131,8 +131,9 @@ def test_llamagen_pickles_and_directories_load(tmp_path):
     torch.save({"model": gpt.state_dict(), "args": args, "steps": 3}, tmp_path / "gpt.pt")
     torch.save({"model": {**vq.state_dict()}, "args": args}, tmp_path / "vq.pt")
     assert set(read_llamagen_state_dict(tmp_path / "gpt.pt")) == set(gpt.state_dict())
-    vq2, gpt2 = hub.load_llamagen(tmp_path / "vq.pt", tmp_path / "gpt.pt", image_size=16, n_head=4)
+    vq2, gpt2 = hub.load_llamagen(tmp_path / "vq.pt", tmp_path / "gpt.pt", image_size=16, n_head=4, norm_groups=8)
     assert gpt2.config.grid_size == 4 and gpt2.config.ffn_hidden == gpt.config.ffn_hidden
+    assert vq2.config.norm_groups == vq.config.norm_groups
     labels, idx = torch.tensor([1, 2]), torch.randint(0, 64, (2, 16))
     torch.testing.assert_close(gpt2.teacher_forcing_logits(labels, idx), gpt.teacher_forcing_logits(labels, idx))
     hub.save_pretrained(gpt, tmp_path / "bundle" / "transformer")

@@ -53,7 +53,8 @@ def test_released_names_download_through_huggingface_hub(tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(hf_hub_download=fake_download))
     monkeypatch.chdir(tmp_path)  # the bare names are not local files here
-    vq2, gpt2 = hub.load_llamagen("vq_ds16_c2i.pt", "c2i_B_256.pt", image_size=16, n_head=gpt.config.n_head)
+    vq2, gpt2 = hub.load_llamagen("vq_ds16_c2i.pt", "c2i_B_256.pt", image_size=16, n_head=gpt.config.n_head,
+                                 norm_groups=vq.config.norm_groups)
     assert calls == [("FoundationVision/LlamaGen", "vq_ds16_c2i.pt"), ("FoundationVision/LlamaGen", "c2i_B_256.pt")]
     assert all(torch.equal(gpt2.state_dict()[k], v) for k, v in gpt.state_dict().items())
     assert hub.resolve_var_checkpoint(tmp_path / "hf" / "c2i_B_256.pt") == tmp_path / "hf" / "c2i_B_256.pt"

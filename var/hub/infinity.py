@@ -57,9 +57,13 @@ def convert_infinity_vae_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, to
     return out
 
 
-def bsq_vae_config_from_state_dict(sd: dict[str, torch.Tensor]) -> BSQVAEConfig:
-    """Bits per token, widths and depth of a converted VAE state dict (GroupNorm groups: 32, or 24 like the
-    original when 32 does not divide every width)."""
+# base width of every released Infinity VAE (d16/d24/d32/d64, ch_mult 1-2-4-4-4) -> its GroupNorm count
+RELEASED_BSQ_NORM_GROUPS = {128: 32}
+
+
+def bsq_vae_config_from_state_dict(sd: dict[str, torch.Tensor], norm_groups: int | None = None) -> BSQVAEConfig:
+    """Bits per token, widths and depth of a converted VAE state dict. The GroupNorm count is not stored:
+    ``norm_groups``, else the released one for the released width (:data:`RELEASED_BSQ_NORM_GROUPS`)."""
     require_keys(sd, ("encoder.conv_in.weight", "encoder.conv_out.weight", "decoder.conv_in.weight"),
                      "an Infinity BSQ VAE (is this a transformer's or VAR's file?)")
     if any(k.startswith("quantize.embedding") or k.startswith("quant_conv") for k in sd):
@@ -67,11 +71,11 @@ def bsq_vae_config_from_state_dict(sd: dict[str, torch.Tensor]) -> BSQVAEConfig:
     ch = sd["encoder.conv_in.weight"].shape[0]
     levels = count_indexed(sd, r"encoder\.down\.(\d+)\.")
     ch_mult = tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels))
-    widths = [ch * m for m in (1,) + ch_mult]
-    groups = next((g for g in (32, 24) if all(w % g == 0 for w in widths)), None)
-    if groups is None:
-        raise CheckpointError(f"widths {widths} fit neither 32 nor 24 GroupNorm groups (the original's only two): "
-                              "save such VAEs with var.hub.save_pretrained (config.json)")
+    groups = norm_groups or RELEASED_BSQ_NORM_GROUPS.get(ch)
+    if groups is None:  # a wrong count loads without a shape error
+        raise CheckpointError(f"a BSQ VAE of width {ch} is not a released Infinity VAE and a plain state dict does "
+                              "not store its GroupNorm count: pass norm_groups, or save the VAE with "
+                              "var.hub.save_pretrained (a directory with config.json)")
     return BSQVAEConfig(codebook_dim=sd["encoder.conv_out.weight"].shape[0], ch=ch, ch_mult=ch_mult,
                         num_res_blocks=count_indexed(sd, r"encoder\.down\.0\.block\.(\d+)\."),
                         norm_groups=groups)
@@ -82,14 +86,15 @@ def read_infinity_vae_state_dict(path: str | os.PathLike) -> dict[str, torch.Ten
     return read_state_dict(path, key="vae")
 
 
-def load_bsq_vae(path: str | os.PathLike, *, device="cpu") -> BSQVAE:
-    """The BSQ VAE from a released ``infinity_vae_d*.pth``, a safetensors file or a saved directory."""
+def load_bsq_vae(path: str | os.PathLike, *, device="cpu", norm_groups: int | None = None) -> BSQVAE:
+    """The BSQ VAE from a released ``infinity_vae_d*.pth``, a safetensors file or a saved directory
+    (``norm_groups``: the GroupNorm count of a non-released file)."""
     path = Path(path)
     if path.is_dir():
         vae = expect_type(load_pretrained(path, device=device), BSQVAE, path)
     else:
         sd = convert_infinity_vae_state_dict(read_infinity_vae_state_dict(path))
-        vae = load_strict(build_on_meta(BSQVAE, bsq_vae_config_from_state_dict(sd)), sd,
+        vae = load_strict(build_on_meta(BSQVAE, bsq_vae_config_from_state_dict(sd, norm_groups)), sd,
                           f"Infinity BSQ VAE ({path.name})")
     return vae.to(device).eval().requires_grad_(False)
 

@@ -50,10 +50,15 @@ def var_config_from_state_dict(sd: dict[str, torch.Tensor]) -> VARConfig:
                      mlp_ratio=sd["blocks.0.ffn.fc1.weight"].shape[0] / width)
 
 
+# (base width, width multipliers) of the released VQ-VAE (vae_ch160v4096z32.pth) -> its GroupNorm count
+RELEASED_VQVAE_NORM_GROUPS = {(160, (1, 1, 2, 2, 4)): 32}
+
+
 def vqvae_config_from_state_dict(sd: dict[str, torch.Tensor], patch_nums=None,
-                                 norm_groups: int = 32) -> MultiScaleVQVAEConfig:
-    """Tokenizer sizes of a multi-scale VQ-VAE state dict; ``patch_nums`` comes from the VAR model and the
-    GroupNorm group count is the released 32 (a plain state dict stores neither)."""
+                                 norm_groups: int | None = None) -> MultiScaleVQVAEConfig:
+    """Tokenizer sizes of a multi-scale VQ-VAE state dict. A plain state dict stores neither the schedule nor the
+    GroupNorm count: ``patch_nums`` comes from the VAR model, ``norm_groups`` is given or the released one for the
+    released width (:data:`RELEASED_VQVAE_NORM_GROUPS`); a wrong count loads without a shape error."""
     require_keys(sd, ("encoder.conv_in.weight", "quantize.embedding.weight", "quantize.ema_vocab_hit_SV"),
                  "a multi-scale VQ-VAE (is this a transformer's file?)")
     ch = sd["encoder.conv_in.weight"].shape[0]
@@ -67,9 +72,11 @@ def vqvae_config_from_state_dict(sd: dict[str, torch.Tensor], patch_nums=None,
         if num_scales != len(VAR_PATCH_NUMS_256):
             raise CheckpointError(f"tokenizer has {num_scales} scales: pass patch_nums explicitly")
         patch_nums = VAR_PATCH_NUMS_256
-    if ch % norm_groups:
-        raise CheckpointError(f"a plain tokenizer state dict with width {ch} cannot use {norm_groups} GroupNorm "
-                              "groups: save such tokenizers with var.hub.save_pretrained (config.json)")
+    norm_groups = norm_groups or RELEASED_VQVAE_NORM_GROUPS.get((ch, ch_mult))
+    if norm_groups is None:
+        raise CheckpointError(f"a tokenizer of width {ch} x {ch_mult} is not the released VQ-VAE and a plain state "
+                              "dict does not store its GroupNorm count: pass norm_groups, or save the tokenizer with "
+                              "var.hub.save_pretrained (a directory with config.json)")
     return MultiScaleVQVAEConfig(vocab_size=vocab, z_channels=z, ch=ch, ch_mult=ch_mult, num_res_blocks=num_res,
                                  using_sa="encoder.down.%d.attn.0.qkv.weight" % (levels - 1) in sd,
                                  using_mid_sa="encoder.mid.attn_1.qkv.weight" in sd, share_quant_resi=num_phi,
@@ -92,22 +99,24 @@ def load_var_transformer(path: str | os.PathLike, *, device="cpu", depth: int | 
     return model.to(device).eval()
 
 
-def load_var_tokenizer(path: str | os.PathLike, *, device="cpu", patch_nums=None) -> MultiScaleVQVAE:
-    """The multi-scale VQ-VAE from ``vae_ch160v4096z32.pth``, a safetensors file or a saved directory."""
+def load_var_tokenizer(path: str | os.PathLike, *, device="cpu", patch_nums=None,
+                       norm_groups: int | None = None) -> MultiScaleVQVAE:
+    """The multi-scale VQ-VAE from ``vae_ch160v4096z32.pth``, a safetensors file or a saved directory
+    (``norm_groups``: the GroupNorm count of a non-released plain state dict)."""
     path = resolve_var_checkpoint(path)
     if path.is_dir():
         tok = expect_type(load_pretrained(path, device=device), MultiScaleVQVAE, path)
     else:
         sd = read_state_dict(path)
-        config = vqvae_config_from_state_dict(sd, patch_nums)
+        config = vqvae_config_from_state_dict(sd, patch_nums, norm_groups)
         tok = load_strict(build_on_meta(MultiScaleVQVAE, config), sd, f"multi-scale VQ-VAE ({path.name})")
     return tok.to(device).eval().requires_grad_(False)
 
 
-def load_var(vae_path, var_path, *, device="cpu", depth: int | None = None):
+def load_var(vae_path, var_path, *, device="cpu", depth: int | None = None, norm_groups: int | None = None):
     """``(tokenizer, model)`` for sampling: strict loads, the model's schedule given to the tokenizer."""
     model = load_var_transformer(var_path, device=device, depth=depth)
-    tok = load_var_tokenizer(vae_path, device=device, patch_nums=model.config.patch_nums)
+    tok = load_var_tokenizer(vae_path, device=device, patch_nums=model.config.patch_nums, norm_groups=norm_groups)
     if tok.vocab_size != model.config.vocab_size or tok.embed_dim != model.config.latent_channels:
         raise CheckpointMismatchError(
             f"the VAR model (V={model.config.vocab_size}, Cvae={model.config.latent_channels}): the tokenizer has "
