@@ -106,3 +106,48 @@ def test_image_size_zero_negative_or_off_the_downsample_is_a_config_error(tmp_pa
     hub.save_pretrained(create("vq_tiny").eval(), tmp_path / "vq")
     with pytest.raises(ConfigError, match="image_size"):
         hub.load_llamagen(tmp_path / "vq", tmp_path / "gpt", image_size=size)
+def _poison(sd: dict, key: str, value: float) -> dict:
+    sd = {k: v.clone() for k, v in sd.items()}
+    sd[key].view(-1)[0] = value
+    return sd
+
+
+def _nan_cases():
+    """(name, module, key to poison, loader of a plain file, file name): every family's file loaders."""
+    torch.manual_seed(0)
+    gpt, vq, var_model = create("gpt_tiny").eval(), create("vq_tiny").eval(), create("var_tiny").eval()
+    n_head = gpt.config.n_head
+    return [
+        ("var", var_model, "head.weight", hub.load_var_transformer, "var.pth"),
+        ("gpt", gpt, "layers.1.attention.wqkv.weight",
+         lambda p: hub.load_llamagen_gpt(p, grid_size=4, n_head=n_head), "gpt.pt"),
+        ("vq", vq, "quantize.embedding.weight", lambda p: hub.load_llamagen_vq(p, image_size=16, norm_groups=8),
+         "vq.pt"),
+        ("bsq", tiny_vae(), "decoder.conv_in.weight", lambda p: hub.load_bsq_vae(p, norm_groups=4), "vae.pth"),
+        ("infinity", tiny_infinity(), "head.weight", hub.load_infinity_transformer, "inf.pth"),
+    ]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("case", range(5))
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, case, value):
+    """NaN decoder weights gave all-black PNGs with exit status 0: the loaders now refuse them, naming the tensor."""
+    name, module, key, load, file = _nan_cases()[case]
+    torch.save(_poison(module.state_dict(), key, value), tmp_path / file)
+    with pytest.raises(CheckpointError, match=key.replace(".", r"\.")) as info:
+        load(tmp_path / file)
+    assert type(info.value).__name__ == "NonFiniteWeightsError"
+    hub.save_pretrained(module, tmp_path / "dir")  # the saved-directory format goes through the same check
+    from safetensors.torch import save_file
+    save_file(_poison(module.state_dict(), key, value), str(tmp_path / "dir" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="dir") as info:
+        hub.load_pretrained(tmp_path / "dir")
+    assert type(info.value).__name__ == "NonFiniteWeightsError"
+
+
+def test_minus_inf_in_an_attention_mask_buffer_still_loads(tmp_path):
+    """VAR's released files carry ``attn_bias_for_masking`` with -inf entries: masked positions, not bad weights."""
+    model = create("var_tiny").eval()
+    assert torch.isinf(model.attn_bias_for_masking).any()
+    torch.save(model.state_dict(), tmp_path / "var.pth")
+    hub.load_var_transformer(tmp_path / "var.pth")
