@@ -25,6 +25,10 @@ class CheckpointMismatchError(CheckpointError):
         super().__init__("\n".join(lines))
 
 
+class NonFiniteWeightsError(CheckpointError):
+    """A checkpoint holds NaN or infinite weights (the message names the tensors): it would decode black images."""
+
+
 class ImageSizeError(VarError):
     """An image batch has the wrong shape or size for the tokenizer."""
 

@@ -4,7 +4,8 @@
   pickles). Pickles are read with ``torch.load(weights_only=True)``; ``argparse.Namespace`` (LlamaGen pickles its
   training arguments next to the weights) is the one class on the allow-list.
 * Training files wrap the weights: the first entry of :data:`UNWRAP_ORDER` present is used, for every family.
-* :func:`load_strict` requires identical keys and shapes and names what differs.
+* :func:`load_strict` requires identical keys and shapes and names what differs, and finite weights
+  (:func:`check_finite_weights`).
 * :func:`save_pretrained` / :func:`load_pretrained`: ``config.json`` + ``model.safetensors``.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from var.errors import CheckpointError, CheckpointMismatchError
+from var.errors import CheckpointError, CheckpointMismatchError, NonFiniteWeightsError
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
@@ -85,8 +86,30 @@ def read_state_dict(path: str | os.PathLike, key: str | None = None) -> dict[str
 
 
 # ---- strict loading -----------------------------------------------------------------------------------------
+def check_finite_weights(module: nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> None:
+    """Raise :class:`NonFiniteWeightsError` naming every tensor of ``state_dict`` with NaN or infinite values.
+
+    Parameters must be finite. Buffers may hold ``-inf`` (additive attention masks such as VAR's
+    ``attn_bias_for_masking`` mark blocked positions with it) but never NaN or ``+inf``.
+    """
+    buffers = {name for name, _ in module.named_buffers()}
+    bad = []
+    for key, t in state_dict.items():
+        if t.is_meta or not t.is_floating_point():
+            continue
+        nan, inf = int(t.isnan().sum()), int(t.isinf().sum())
+        if key in buffers:
+            inf = int((t == float("inf")).sum())
+        if nan or inf:
+            bad.append(f"{key} ({nan} NaN, {inf} inf of {t.numel()})")
+    if bad:
+        shown = ", ".join(bad[:12]) + (f" ... (+{len(bad) - 12} more)" if len(bad) > 12 else "")
+        raise NonFiniteWeightsError(f"{what} holds non-finite weights in {len(bad)} tensor(s): {shown}")
+
+
 def load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> nn.Module:
-    """Load ``state_dict`` into ``module`` requiring identical keys and shapes (else a named error)."""
+    """Load ``state_dict`` into ``module`` requiring identical keys and shapes (else a named error) and finite
+    weights (:func:`check_finite_weights`)."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -94,6 +117,7 @@ def load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], what: st
                   for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
     if missing or unexpected or mismatched:
         raise CheckpointMismatchError(what, missing, unexpected, mismatched)
+    check_finite_weights(module, state_dict, what)
     on_meta = any(t.is_meta for t in own.values())
     module.load_state_dict(state_dict, strict=True, assign=on_meta)
     return module
