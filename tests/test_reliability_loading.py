@@ -151,3 +151,72 @@ def test_minus_inf_in_an_attention_mask_buffer_still_loads(tmp_path):
     assert torch.isinf(model.attn_bias_for_masking).any()
     torch.save(model.state_dict(), tmp_path / "var.pth")
     hub.load_var_transformer(tmp_path / "var.pth")
+
+
+# ---- saved directories with a malformed config.json ------------------------------------------------------------
+def _saved_gpt(tmp_path):
+    import json
+    torch.manual_seed(0)
+    hub.save_pretrained(create("gpt_tiny").eval(), tmp_path / "gpt")
+    path = tmp_path / "gpt" / "config.json"
+    return path, json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("not json", "config.json.*JSON"),
+    ("list", "config.json.*object"),
+    ("no config", "config.json.*'config'"),
+    ("missing n_head", "config.json.*n_head"),
+    ("unknown key", "config.json.*num_heads"),
+    ("string n_head", "config.json.*n_head.*'4'"),
+    ("bool dim", "config.json.*dim"),
+    ("n_head 3", "config.json.*n_head"),
+])
+def test_a_malformed_config_json_names_the_file_and_the_key(tmp_path, case, expected):
+    """A truncated or hand-edited config.json gave a JSONDecodeError/KeyError/TypeError traceback, and a missing
+    key silently took the default (``n_head`` 12 for a 4-head model)."""
+    import json
+    path, meta = _saved_gpt(tmp_path)
+    cfg = meta["config"]
+    if case == "not json":
+        text = path.read_text()[:40]
+    elif case == "list":
+        text = "[1, 2]"
+    else:
+        if case == "no config":
+            del meta["config"]
+        elif case == "missing n_head":
+            del cfg["n_head"]
+        elif case == "unknown key":
+            cfg["num_heads"] = 4
+        elif case == "string n_head":
+            cfg["n_head"] = "4"
+        elif case == "bool dim":
+            cfg["dim"] = True
+        elif case == "n_head 3":
+            cfg["n_head"] = 3
+        text = json.dumps(meta)
+    path.write_text(text)
+    with pytest.raises(CheckpointError, match=expected):
+        hub.load_pretrained(path.parent)
+    with pytest.raises(CheckpointError, match=expected):
+        hub.load_llamagen_gpt(path.parent)
+
+
+def test_a_malformed_classifier_config_names_the_file(tmp_path):
+    from var.eval.classifier import ClassifierConfig, ShapeClassifier, load_classifier, save_classifier
+    save_classifier(ShapeClassifier(ClassifierConfig()), tmp_path / "clf")
+    (tmp_path / "clf" / "config.json").write_text("{")
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_classifier(tmp_path / "clf")
+
+
+def test_a_malformed_config_is_one_error_line_on_the_command_line(tmp_path, capsys):
+    from var.cli.sample import cli
+    path, _ = _saved_gpt(tmp_path)
+    hub.save_pretrained(create("vq_tiny").eval(), tmp_path / "vq")
+    path.write_text("{not json")
+    assert cli(["--family", "ar", "--vq", str(tmp_path / "vq"), "--gpt", str(path.parent),
+                "--out", str(tmp_path / "o.png"), "--classes", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "config.json" in err and "Traceback" not in err
