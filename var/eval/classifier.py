@@ -155,18 +155,16 @@ def bundled_classifier_dir() -> Path | None:
 
 def load_classifier(directory: str | os.PathLike | None = None, *, device="cpu") -> ShapeClassifier:
     """Load a saved classifier (default: the bundled one trained on ``ProceduralShapes(seed=0)``), eval mode."""
-    from var.hub import load_strict, read_state_dict
+    from var.hub import config_from_dict, load_strict, read_config_json, read_state_dict
     if directory is None:
         directory = bundled_classifier_dir()
         if directory is None:
             raise CheckpointError("no bundled classifier in var/assets/classifier: train one with "
                                   "`python scripts/eval_bundled.py --train-classifier`")
     directory = Path(directory)
-    if not (directory / CONFIG_NAME).exists():
-        raise CheckpointError(f"{directory} is not a saved classifier (no {CONFIG_NAME})")
-    meta = json.loads((directory / CONFIG_NAME).read_text())
-    if meta.get("_class_name") != "ShapeClassifier":
-        raise CheckpointError(f"{directory} holds a {meta.get('_class_name')!r}, not a ShapeClassifier")
-    model = ShapeClassifier(ClassifierConfig(**meta["config"]))
+    meta = read_config_json(directory)
+    if meta["_class_name"] != "ShapeClassifier":
+        raise CheckpointError(f"{directory} holds a {meta['_class_name']!r}, not a ShapeClassifier")
+    model = ShapeClassifier(config_from_dict(ClassifierConfig, meta["config"], directory / CONFIG_NAME))
     load_strict(model, read_state_dict(directory), f"ShapeClassifier in {directory}")
     return model.to(device).eval().requires_grad_(False)

@@ -6,11 +6,13 @@
 * Training files wrap the weights: the first entry of :data:`UNWRAP_ORDER` present is used, for every family.
 * :func:`load_strict` requires identical keys and shapes and names what differs, and finite weights
   (:func:`check_finite_weights`).
-* :func:`save_pretrained` / :func:`load_pretrained`: ``config.json`` + ``model.safetensors``.
+* :func:`save_pretrained` / :func:`load_pretrained`: ``config.json`` + ``model.safetensors``;
+  :func:`read_config_json` / :func:`config_from_dict` check that file (every key present, known and of its type).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from var.errors import CheckpointError, CheckpointMismatchError, NonFiniteWeightsError
+from var.errors import CheckpointError, CheckpointMismatchError, NonFiniteWeightsError, VarError
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
@@ -164,17 +166,69 @@ def save_pretrained(module: nn.Module, directory: str | os.PathLike) -> Path:
     return directory
 
 
+def read_config_json(directory: str | os.PathLike) -> dict:
+    """The ``{"_class_name": str, "config": dict}`` object of a saved directory's ``config.json``, or a
+    :class:`CheckpointError` naming the file and what is wrong with it."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a saved model directory (no {CONFIG_NAME})")
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON (truncated or hand-edited?): {e}") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not {type(meta).__name__}")
+    for key, kind in (("_class_name", str), ("config", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise CheckpointError(f"{path} needs the key {key!r} holding a JSON {'string' if kind is str else 'object'}"
+                                  f", got {meta.get(key)!r}")
+    return meta
+
+
+def _json_kind_ok(value, example) -> bool:
+    """Whether a JSON ``value`` has the kind of the field default ``example`` (JSON has lists, not tuples)."""
+    if example is None:
+        return True
+    if isinstance(example, bool):
+        return isinstance(value, bool)
+    if isinstance(example, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(example, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(example, (tuple, list)):
+        return isinstance(value, (tuple, list))
+    return isinstance(value, type(example))
+
+
+def config_from_dict(config_cls, values: dict, path) -> object:
+    """``config_cls(**values)`` for the ``config`` of ``path``: every field present (a missing key would silently
+    take its default), no unknown key, each of its default's JSON kind; errors name ``path`` and the key."""
+    fields = {f.name: f for f in dataclasses.fields(config_cls) if f.init}
+    missing = sorted(set(fields) - set(values))
+    unknown = sorted(set(values) - set(fields))
+    if missing or unknown:
+        parts = ([f"missing keys {missing}"] if missing else []) + ([f"unknown keys {unknown}"] if unknown else [])
+        raise CheckpointError(f"{path}: the {config_cls.__name__} has {' and '.join(parts)}")
+    for name, f in fields.items():
+        example = (f.default if f.default is not dataclasses.MISSING else
+                   f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if not _json_kind_ok(values[name], example):
+            raise CheckpointError(f"{path}: key {name!r} must be a {type(example).__name__}, got {values[name]!r}")
+    try:
+        return config_cls(**values)
+    except (VarError, TypeError, ValueError) as e:  # the config's own range checks
+        raise CheckpointError(f"{path}: {e}") from e
+
+
 def load_pretrained(directory: str | os.PathLike, *, device="cpu") -> nn.Module:
     """Rebuild a module written by :func:`save_pretrained` and load its weights strictly."""
     directory = Path(directory)
-    config_path = directory / CONFIG_NAME
-    if not config_path.exists():
-        raise CheckpointError(f"{directory} is not a saved model directory (no {CONFIG_NAME})")
-    meta = json.loads(config_path.read_text())
+    meta = read_config_json(directory)
     classes = saved_model_classes()
-    if meta.get("_class_name") not in classes:
-        raise CheckpointError(f"{config_path}: unknown model class {meta.get('_class_name')!r}")
+    if meta["_class_name"] not in classes:
+        raise CheckpointError(f"{directory / CONFIG_NAME}: unknown model class {meta['_class_name']!r} "
+                              f"(known: {', '.join(classes)})")
     cls, config_cls = classes[meta["_class_name"]]
-    module = build_on_meta(cls, config_cls(**meta["config"]))
+    module = build_on_meta(cls, config_from_dict(config_cls, meta["config"], directory / CONFIG_NAME))
     load_strict(module, read_state_dict(directory), f"{cls.__name__} saved in {directory}")
     return module.to(device).eval()
