@@ -220,3 +220,49 @@ def test_a_malformed_config_is_one_error_line_on_the_command_line(tmp_path, caps
                 "--out", str(tmp_path / "o.png"), "--classes", "1", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "config.json" in err and "Traceback" not in err
+
+
+# ---- files that torch.load(weights_only=True) refuses --------------------------------------------------------
+class _RunsCode:
+    """Unpickling this calls ``open(marker, "w")``: the file it creates proves the pickle ran code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _no_unsafe_advice(message: str) -> None:
+    assert "weights_only=False" not in message.replace("`", "") and "likely succeed" not in message
+
+
+def test_random_bytes_are_named_a_corrupt_file_without_the_weights_only_advice(tmp_path):
+    (tmp_path / "bad.pth").write_bytes(b"not a pickle at all \x00\x01\x02" * 10)
+    with pytest.raises(CheckpointError, match="bad.pth.*not a readable PyTorch checkpoint") as info:
+        hub.read_state_dict(tmp_path / "bad.pth")
+    _no_unsafe_advice(str(info.value))
+
+
+def test_a_pickled_code_call_is_refused_by_name_and_never_run(tmp_path):
+    marker = tmp_path / "ran"
+    torch.save({"model": {"w": torch.ones(2)}, "hook": _RunsCode(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match=r"evil.pt.*io\.open.*safetensors") as info:
+        hub.read_state_dict(tmp_path / "evil.pt")
+    _no_unsafe_advice(str(info.value))
+    assert not marker.exists()
+
+
+def test_a_training_checkpoint_with_a_pickled_code_call_gets_the_same_message(tmp_path):
+    import hashlib
+    import io
+    from var.train.checkpoint import MAGIC, load_checkpoint
+    marker = tmp_path / "ran"
+    buf = io.BytesIO()
+    torch.save({"hook": _RunsCode(marker)}, buf)
+    payload = buf.getvalue()
+    (tmp_path / "ckpt_00000001.pt").write_bytes(MAGIC + hashlib.sha256(payload).digest() + payload)
+    with pytest.raises(CheckpointError, match=r"ckpt_00000001.pt.*io\.open") as info:
+        load_checkpoint(tmp_path / "ckpt_00000001.pt")
+    _no_unsafe_advice(str(info.value))
+    assert not marker.exists()
