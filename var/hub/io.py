@@ -51,6 +51,31 @@ def saved_model_classes() -> dict:
 
 
 # ---- reading files ------------------------------------------------------------------------------------------
+_REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global")
+
+
+def torch_load_weights_only(source, path, allowed=()):
+    """``torch.load(source, weights_only=True)`` with ``allowed`` classes on the allow-list, never anything less
+    safe. A refusal is a :class:`CheckpointError` naming ``path`` and what to do, without torch's advice to rerun
+    with ``weights_only=False`` (which would let the file run code)."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as e:
+        refused = _REFUSED_GLOBAL.search(str(e))
+        if refused:
+            raise CheckpointError(
+                f"{path} pickles {refused.group(1)}, which var does not unpickle: unpickling it could run code, and "
+                "var never falls back to an unsafe load. If you trust the file, extract its tensors in a separate "
+                "session and save them with safetensors.torch.save_file; var reads .safetensors files directly") \
+                from None
+        # torch's own text of the cause, without its paragraphs of advice
+        parts = [p.strip() for p in str(e).split("WeightsUnpickler error:")[-1].split("\n\n") if p.strip()]
+        reason = parts[0].splitlines()[0].split(". ")[0][:200] if parts else type(e).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: not a readable PyTorch checkpoint (corrupt, truncated "
+                              f"or another format): {reason}") from None
+
+
 def _is_state_dict(obj) -> bool:
     return isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
@@ -67,14 +92,13 @@ def read_state_dict(path: str | os.PathLike, key: str | None = None) -> dict[str
         path = path / WEIGHTS_NAME
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors":
+        try:
             from safetensors.torch import load_file
             return load_file(str(path))
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, corrupt, not a checkpoint, or pickles a class outside the allow-list
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+        except Exception as e:  # truncated, corrupt or not a safetensors file
+            raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    obj = torch_load_weights_only(path, path, allowed=(argparse.Namespace,))
     if key is not None and not _is_state_dict(obj):
         if not isinstance(obj, dict) or key not in obj:
             entries = sorted(obj) if isinstance(obj, dict) else type(obj).__name__

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from var.errors import CheckpointError
+from var.hub.io import torch_load_weights_only
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +72,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if hashlib.sha256(payload).digest() != digest:
         raise CheckpointError(f"{path} is corrupt or partially written (SHA-256 mismatch over "
                               f"{len(payload)} payload bytes)")
-    try:
-        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot unpickle {path}: {type(e).__name__}: {e}") from e
+    state = torch_load_weights_only(io.BytesIO(payload), path)
     missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{path} lacks the training-state entries {missing}")
