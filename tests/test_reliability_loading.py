@@ -266,3 +266,38 @@ def test_a_training_checkpoint_with_a_pickled_code_call_gets_the_same_message(tm
         load_checkpoint(tmp_path / "ckpt_00000001.pt")
     _no_unsafe_advice(str(info.value))
     assert not marker.exists()
+
+
+# ---- offline wording -----------------------------------------------------------------------------------------
+def test_missing_torch_fidelity_names_the_evaluator_flag_that_exists(monkeypatch):
+    """The message suggested ``var-eval metrics --offline``, a flag that does not exist (it is --evaluator offline)."""
+    import re
+    import sys
+    from var.cli.eval import build_parser
+    from var.eval.metrics import _import_torch_fidelity
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)
+    with pytest.raises(VarError) as info:
+        _import_torch_fidelity()
+    message = str(info.value)
+    metrics = build_parser()._subparsers._group_actions[0].choices["metrics"]
+    known = {s for a in metrics._actions for s in a.option_strings}
+    assert set(re.findall(r"--[a-z][a-z-]*", message)) <= known and "--evaluator offline" in message
+
+
+def test_a_released_name_offline_says_it_is_not_cached_and_how_to_get_it(tmp_path, monkeypatch):
+    """Offline, the error was huggingface_hub's 'check your connection' with no word on what var can do instead."""
+    import sys
+    import types
+
+    class LocalEntryNotFoundError(Exception):
+        pass
+
+    def offline(repo_id, filename, cache_dir=None):
+        raise LocalEntryNotFoundError("cannot find the requested files in the local cache")
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(hf_hub_download=offline))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError) as info:
+        hub.load_var_transformer("var_d16.pth")
+    message = str(info.value)
+    assert "not in the local Hugging Face cache" in message and "FoundationVision/var" in message
+    assert "local path" in message and "--offline" not in message
