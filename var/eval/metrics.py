@@ -229,7 +229,7 @@ def _import_torch_fidelity():
         import torch_fidelity
     except ImportError as e:
         raise ConfigError("torch-fidelity is not installed: pip install 'var-toolkit[eval]' (or torch-fidelity); "
-                          "use `var-eval metrics --offline` for the download-free evaluator") from e
+                          "use `var-eval metrics --evaluator offline` for the download-free evaluator") from e
     return torch_fidelity
 
 

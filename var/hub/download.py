@@ -32,5 +32,10 @@ def download_released(repo_id: str, filename: str, cache_dir: str | None = None)
     try:
         return Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir))
     except Exception as e:  # offline, unknown repo/file, HTTP errors: one named error with the cause
+        if type(e).__name__ == "LocalEntryNotFoundError":  # no network (or HF_HUB_OFFLINE=1) and not cached
+            raise CheckpointError(
+                f"{filename} is not in the local Hugging Face cache and cannot be downloaded from {repo_id} "
+                f"(offline or no network): pass a local path to the file, or fetch it once on a machine with network "
+                f"(huggingface_hub.hf_hub_download({repo_id!r}, {filename!r})) and copy the cache (HF_HOME)") from e
         raise CheckpointError(f"{filename} could not be downloaded from the Hugging Face repo {repo_id}: "
                               f"{type(e).__name__}: {e}") from e
