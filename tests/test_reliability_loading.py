@@ -106,6 +106,9 @@ def test_image_size_zero_negative_or_off_the_downsample_is_a_config_error(tmp_pa
     hub.save_pretrained(create("vq_tiny").eval(), tmp_path / "vq")
     with pytest.raises(ConfigError, match="image_size"):
         hub.load_llamagen(tmp_path / "vq", tmp_path / "gpt", image_size=size)
+    if size <= 0:
+        with pytest.raises(ConfigError, match="image_size"):
+            hub.load_llamagen_vq(tmp_path / "vq", image_size=size)
 def _poison(sd: dict, key: str, value: float) -> dict:
     sd = {k: v.clone() for k, v in sd.items()}
     sd[key].view(-1)[0] = value

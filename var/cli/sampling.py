@@ -247,7 +247,7 @@ def _tokenizer_or_tiny(args):
     from var.hub import load_llamagen_vq
     from var.models import create
     if args.vq:
-        return load_llamagen_vq(args.vq, image_size=args.image_size or 256, device=args.device)
+        return load_llamagen_vq(args.vq, image_size=args.image_size, device=args.device)
     if not args.random_init:
         raise ConfigError("give --vq: the tokenizer that decodes the sampled tokens")
     return create("vq_tiny").eval().to(args.device)

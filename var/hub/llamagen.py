@@ -171,6 +171,9 @@ def load_llamagen_vq(path: str | os.PathLike, *, image_size: int | None = None, 
                      device="cpu") -> SingleScaleVQ:
     """The single-scale VQ from ``vq_ds16_c2i.pt``, a safetensors file or a saved directory. A file's nominal
     image size is ``image_size`` (default 256, the released one; the VQ codes any multiple of its downsample)."""
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                   or image_size <= 0):  # 0 used to mean 256 (``image_size or 256``)
+        raise ConfigError(f"image_size must be a positive number of pixels, got {image_size!r}")
     path = resolve_llamagen_checkpoint(path)
     if path.is_dir():
         vq = expect_type(load_pretrained(path, device=device), SingleScaleVQ, path)
@@ -186,9 +189,6 @@ def load_llamagen(vq_path, gpt_path, *, image_size: int | None = None, n_head: i
     """``(vq, gpt)`` for sampling, both strict. ``image_size`` sets the GPT's token grid; without it a GPT file
     takes its released name's and a directory its saved grid, which must match a VQ directory's image size.
     ``n_head`` / ``norm_groups`` are the head and GroupNorm counts of non-released ``.pt`` files."""
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
-                                   or image_size <= 0):
-        raise ConfigError(f"image_size must be a positive number of pixels, got {image_size!r}")
     vq = load_llamagen_vq(vq_path, image_size=image_size, norm_groups=norm_groups, device=device)
     if image_size is not None and image_size % vq.downsample:
         raise ConfigError(f"image_size {image_size} is not a multiple of the tokenizer's downsample {vq.downsample}")
