@@ -144,3 +144,14 @@ def test_var_bench_never_writes_into_benchmarks_by_default_and_unknown_families_
     with pytest.raises(ConfigError, match="nope"):
         main(["--families", "nope", "--device", "cpu"])
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("sampler", ["sjd", "mcsjd", "lantern", "gsd", "zipar"])
+def test_samplers_without_a_cache_policy_refuse_cache_flags_by_name(tmp_path, capsys, sampler):
+    """SJD with ``--cache`` crashed inside the sampler (it writes the dense cache's K/V buffers): now one error line
+    naming the sampler and the flag, status 2, before any model is loaded."""
+    from var.cli.sample import cli
+    status = cli(["--random-init", "--device", "cpu", "--sampler", sampler, "--cache", "SnapKV", "--budget", "0.5",
+                  "--out", str(tmp_path / "g.png")])
+    err = capsys.readouterr().err
+    assert status == 2 and "error:" in err and sampler in err and "--cache" in err and "Traceback" not in err
