@@ -93,3 +93,19 @@ def test_merge_reports_joins_rows_and_refuses_other_machines(report):
     assert not any(x["sampler"] == "next_scale" for x in merged["skipped"])  # it ran in the other report
     with pytest.raises(ConfigError):
         merge_reports([rep, {**rep, "machine": "another box"}])
+
+
+def test_quality_columns_carry_95_percent_intervals_and_a_small_sample_warning(report):
+    """Issue 13: with the smallest settings the full cache ranked worse than every compressed cache; every fd/kid
+    now has its interval (bootstrap for fd, scaled subset std for kid) and few images add a warning."""
+    from var.eval.report import to_markdown
+    rep, _ = report
+    for r in rep["rows"]:
+        for key in ("fd", "kid"):
+            lo, hi = r[f"{key}_ci95"]
+            assert np.isfinite(lo) and np.isfinite(hi) and lo <= hi, (key, r)
+        assert r["kid_ci95"][0] <= r["kid"] <= r["kid_ci95"][1]
+    assert "noise" in rep["warning"]
+    text = to_markdown(rep)
+    assert "95%" in text and rep["warning"] in text
+    assert any("[" in line and "fd" not in line for line in text.splitlines() if line.startswith("| var_tiny"))
