@@ -15,6 +15,8 @@ each budget. Per row:
 * ``fd``: Frechet distance on offline features (:mod:`var.eval.features`) to the setup's reference images --
   the real offline dataset for trained (bundled) models, else the reference sampler's images drawn with another
   seed (so the reference row shows the noise floor of the estimate);
+* ``fd_ci95`` / ``kid_ci95``: 95% intervals (:func:`var.eval.metrics.bootstrap_interval`,
+  :func:`var.eval.metrics.kid_interval`); below ``MIN_RELIABLE_SAMPLES`` images the report carries a ``warning``.
 * ``kid``: kernel distance (unbiased MMD^2, cubic kernel) on the same features and reference: unlike ``fd`` it
   has no small-sample bias (FD needs N >> feature dim), so it can come out negative; values near the reference
   row's are within noise, and its scale depends on the feature magnitudes;
@@ -295,7 +297,8 @@ def run_benchmark(*, device="cpu", num_images: int = 64, batch: int = 16, repeat
     if kv_profile not in KV_PROFILES:
         raise ConfigError(f"kv_profile must be one of {', '.join(KV_PROFILES)}, got {kv_profile!r}")
     from var.eval.features import extract_features, load_offline_extractor
-    from var.eval.metrics import frechet_distance_features, kernel_distance
+    from var.eval.metrics import (MIN_RELIABLE_SAMPLES, _frechet_of_features, bootstrap_interval,
+                                  frechet_distance_features, kid_interval)
     from var.utils.images import to_uint8_hwc
 
     unknown = sorted(set(samplers) - set(SAMPLERS)) + sorted(set(policies) - set(cache_policies()))
@@ -336,11 +339,13 @@ def run_benchmark(*, device="cpu", num_images: int = 64, batch: int = 16, repeat
         run = min(runs, key=lambda r: r.seconds)  # same seed: same images; best-of time
         run.peak_mem = max((r.peak_mem or 0) for r in runs) or None
         feats = extract_features(ext, to_uint8_hwc(run.images))
+        kid, _, kid_ci = kid_interval(feats, ref_feats, num_subsets=50, subset_size=min(len(feats), 1000))
         rows.append({"family": setup.name, "sampler": spec.name, "cache": cache_name, "budget": budget,
                      "passes": run.passes, "images_per_s": len(labels) / run.seconds, "latency_s": latency,
                      "peak_mem_bytes": run.peak_mem, "cache_bytes": run.cache_bytes,
                      "fd": frechet_distance_features(feats, ref_feats),
-                     "kid": kernel_distance(feats, ref_feats, num_subsets=50, subset_size=min(len(feats), 1000))[0],
+                     "fd_ci95": bootstrap_interval(_frechet_of_features, feats, ref_feats, seed=seed),
+                     "kid": kid, "kid_ci95": kid_ci,
                      "token_agreement": agreement(run.tokens, ref_tokens), "compiled": compiled,
                      "is_reference": spec.name == setup.reference and cache_name == "full"})
 
@@ -371,4 +376,7 @@ def run_benchmark(*, device="cpu", num_images: int = 64, batch: int = 16, repeat
                          "sampler_settings": {spec.name: {**spec.defaults(), **setup.settings_for(spec.name)}
                                               for spec, setup in pairs}},
             "evaluator": f"offline:{ext.name}", "references": references, "rows": rows, "skipped": skipped,
-            "samplers": list(SAMPLERS), "policies": list(cache_policies())}
+            "samplers": list(SAMPLERS), "policies": list(cache_policies()),
+            **({"warning": f"{num_images} images per row (< {MIN_RELIABLE_SAMPLES}): fd/kid differences inside their "
+                           "95% intervals are noise; do not rank rows on them"}
+               if num_images < MIN_RELIABLE_SAMPLES else {})}

@@ -22,6 +22,14 @@ def _k(x):
     return None if x is None else 1e3 * x
 
 
+def _with_interval(value, interval, fmt: str, scale: float = 1.0) -> str:
+    """``value [lo, hi]`` (the row's 95% interval; older reports have none)."""
+    if value is None:
+        return "–"
+    text = fmt.format(scale * value)
+    return text if not interval else f"{text} [{fmt.format(scale * interval[0])}, {fmt.format(scale * interval[1])}]"
+
+
 def to_markdown(report: dict) -> str:
     s = report["settings"]
     lines = [f"# Sampler benchmark ({report['date']})", "",
@@ -35,8 +43,8 @@ def to_markdown(report: dict) -> str:
              f"`kid` = kernel distance on the same features (unbiased, so it can be negative: values near the "
              f"reference row's are within noise; its scale depends on the features); `agree` = "
              f"token agreement with the family's reference sampler for the same "
-             f"seed. Peak memory is {'CUDA peak allocation' if report['device'].startswith('cuda') else 'process peak RSS (includes Python and torch; compare rows)'}.",
-             "",
+             f"seed. Brackets: 95% intervals (bootstrap for fd, subset spread for kid). Peak memory is {'CUDA peak allocation' if report['device'].startswith('cuda') else 'process peak RSS (includes Python and torch; compare rows)'}.",
+             "", *([f"**Warning:** {report['warning']}", ""] if report.get("warning") else []),
              "| family | sampler | cache | budget | passes | images/s | latency (s) | peak mem (MiB) | KV cache (MiB) "
              "| fd ↓ | kid×1e3 ↓ | agree |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -45,7 +53,8 @@ def to_markdown(report: dict) -> str:
         name += " (compiled)" if r.get("compiled") else ""
         lines.append(f"| {r['family']} | {name} | {r['cache']} | {_num(r['budget'], '{:.0%}')} | {r['passes']} | "
                      f"{r['images_per_s']:.1f} | {r['latency_s']:.4f} | {_mib(r['peak_mem_bytes'])} | "
-                     f"{_mib(r['cache_bytes'])} | {_num(r['fd'], '{:.3f}')} | {_num(_k(r.get('kid')), '{:.2f}')} | "
+                     f"{_mib(r['cache_bytes'])} | {_with_interval(r['fd'], r.get('fd_ci95'), '{:.3f}')} | "
+                     f"{_with_interval(r.get('kid'), r.get('kid_ci95'), '{:.2f}', 1e3)} | "
                      f"{_num(r['token_agreement'], '{:.3f}')} |")
     lines += ["", "References (bold rows are the reference samplers; their `fd` is the noise floor when the reference "
               "is the same sampler with another seed):", ""]
