@@ -50,22 +50,61 @@ def test_original_subcommand_refuses_a_folder_that_is_no_checkout(tmp_path):
         main(["original", "--original", str(tmp_path)])
 
 
-@pytest.mark.parametrize("script, command", [("bench_kv.py", "kv"), ("bench_samplers.py", "ar"),
-                                             ("bench_code_nar_ctf.py", "code-nar-ctf"), ("bench_var.py", "var-speed"),
-                                             ("eval_bundled.py", "bundled"), ("compare_with_original.py", "original")])
+BENCH_SCRIPTS = {"bench_kv.py": "kv", "bench_samplers.py": "ar", "bench_code_nar_ctf.py": "code-nar-ctf",
+                 "bench_var.py": "var-speed", "eval_bundled.py": "bundled", "compare_with_original.py": "original",
+                 "bench_infinity_kv.py": "infinity-kv", "compare_infinity_with_original.py": "original-infinity",
+                 "compare_llamagen_t2i.py": "original-llamagen-t2i", "eval_t2i_bundled.py": "t2i-bundled"}
+
+
+@pytest.mark.parametrize("script, command", sorted(BENCH_SCRIPTS.items()))
 def test_scripts_are_thin_wrappers(script, command, monkeypatch, capsys):
     text = (SCRIPTS / script).read_text()
-    assert len(text.splitlines()) <= 8 and "sys.path" not in text and command in SUBCOMMANDS
+    assert f'cli(["{command}", ' in text and command in SUBCOMMANDS
     monkeypatch.setattr(sys, "argv", [script, "--help"])
     with pytest.raises(SystemExit) as exit_:
         runpy.run_path(str(SCRIPTS / script), run_name="__main__")
     assert exit_.value.code == 0 and f"var-bench {command}" in capsys.readouterr().out
 
 
-def test_no_benchmark_script_edits_the_import_path():
-    scripts = ["bench.py", "bench_kv.py", "bench_samplers.py", "bench_code_nar_ctf.py", "bench_var.py", "eval.py",
-               "eval_bundled.py", "compare_with_original.py", "sample.py", "train.py"]
-    assert not [name for name in scripts if "sys.path" in (SCRIPTS / name).read_text()]
+def test_every_script_is_a_few_lines_without_import_path_edits():
+    scripts = sorted(SCRIPTS.glob("*.py"))
+    assert len(scripts) >= len(BENCH_SCRIPTS) + 4  # + bench, eval, sample, train
+    for path in scripts:
+        text = path.read_text()
+        assert len(text.splitlines()) <= 8 and "sys.path" not in text, path.name
+        assert "from var.cli." in text and "sys.exit(cli(" in text, path.name
+    assert set(SUBCOMMANDS) == set(BENCH_SCRIPTS.values())  # every subcommand keeps its script name
+
+
+def test_infinity_kv_subcommand(tmp_path):
+    assert main(["infinity-kv", "--num-images", "1", "--budgets", "0.5", "--depth", "2", "--out-dir",
+                 str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "infinity_kv_cpu.json").read_text())
+    assert [r["policy"] for r in report["rows"]] == ["full", "ScaleKV 50%", "HACK 50%", "SnapKV 50%"]
+    full = report["rows"][0]
+    assert full["bits_agree"] == 1.0 and full["psnr_vs_full_db"] == float("inf")
+    assert all(r["peak_kv_live_mib"] <= full["peak_kv_live_mib"] for r in report["rows"])
+    assert (tmp_path / "infinity_kv_cpu.md").read_text().startswith("# KV-cache policies")
+
+
+@pytest.mark.parametrize("command, package", [("original-infinity", "Infinity"),
+                                              ("original-llamagen-t2i", "LlamaGen")])
+def test_original_comparisons_refuse_a_folder_that_is_no_checkout(command, package, tmp_path):
+    with pytest.raises(ConfigError, match=f"not a checkout of FoundationVision/{package}"):
+        main([command, "--original", str(tmp_path)])
+
+
+def test_t2i_bundled_subcommand(tmp_path):
+    from var.assets import bundled_t2i_dir
+    if bundled_t2i_dir() is None:
+        pytest.skip("no bundled text-to-image model installed")
+    assert main(["t2i-bundled", "--samplers", "--only", "next_token", "--max-prompts", "2", "--out-dir",
+                 str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "t2i_bundled_samplers.json").read_text())
+    assert report["prompts"] == 4 and [r["sampler"] for r in report["rows"]] == ["next_token"]
+    assert 0 <= report["rows"][0]["seen"] <= 1 and report["rows"][0]["passes_per_batch"] > 1
+    with pytest.raises(ConfigError, match="--accuracy"):
+        main(["t2i-bundled", "--out-dir", str(tmp_path)])
 
 
 @pytest.mark.slow  # ~1 min on a loaded 2-core CPU: the classifier runs on 1000 held-out images

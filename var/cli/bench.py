@@ -23,7 +23,8 @@ import tempfile
 import torch
 
 from var.cli import command_line
-from var.eval import bench_ar, bench_code_nar_ctf, bench_kv, bench_var, bundled_quality, compare_original
+from var.eval import (bench_ar, bench_code_nar_ctf, bench_infinity_kv, bench_kv, bench_t2i_bundled, bench_var,
+                      bundled_quality, compare_infinity_original, compare_llamagen_original, compare_original)
 
 log = logging.getLogger("var.cli.bench")
 # var-bench SUBCOMMAND: module with add_arguments(parser) and run(args), and what it measures
@@ -34,6 +35,12 @@ SUBCOMMANDS = {
     "var-speed": (bench_var, "VAR sampling: no cache vs KV cache vs a compiled step vs bf16"),
     "bundled": (bundled_quality, "class accuracy of the bundled models' samples, PSNR of their tokenizers"),
     "original": (compare_original, "our VAR stack against a checkout of the original VAR code (--original DIR)"),
+    "infinity-kv": (bench_infinity_kv, "KV-cache policies on a small random Infinity: PSNR vs full, bytes, speed"),
+    "original-infinity": (compare_infinity_original,
+                          "our Infinity stack against a checkout of the original Infinity code (--original DIR)"),
+    "original-llamagen-t2i": (compare_llamagen_original,
+                              "our text-to-image GPT against a checkout of the original LlamaGen (--original DIR)"),
+    "t2i-bundled": (bench_t2i_bundled, "attribute classifier and prompt accuracy of the bundled text-to-image model"),
 }
 
 

@@ -82,7 +82,7 @@ def load_attribute_classifier(directory=None, *, device="cpu") -> ShapeClassifie
     directory = directory or bundled_attribute_classifier_dir()
     if directory is None:
         raise CheckpointError("no bundled attribute classifier in var/assets/attribute_classifier: train one with "
-                              "`python scripts/eval_t2i_bundled.py --train-classifier`")
+                              "`var-bench t2i-bundled --train-classifier`")
     model = load_classifier(directory, device=device)
     if model.config.num_classes != sum(HEADS):
         raise CheckpointError(f"{directory} has {model.config.num_classes} outputs, not the {sum(HEADS)} "
