@@ -8,6 +8,7 @@ import torch
 
 from var.errors import CheckpointError, ConfigError
 from var.models import create
+from var.models.infinity import Infinity, InfinityConfig
 from var.train.checkpoint import (checkpoint_path, latest_valid_checkpoint, list_checkpoints, load_checkpoint,
                                   save_checkpoint)
 from var.train.data import ProceduralShapes
@@ -133,8 +134,21 @@ def test_no_decay_keywords_name_existing_parameters():
     with torch.device("meta"):
         for model_name in list_models():
             names |= {n for n, _ in create(model_name).named_parameters()}
+        names |= {n for n, _ in Infinity(InfinityConfig(depth=2, width=64, num_heads=4)).named_parameters()}
     unused = [k for k in NO_DECAY_KEYWORDS if not any(k in n for n in names)]
     assert not unused, f"no-decay keywords matching no parameter: {unused}"
+
+
+def test_infinity_matrices_without_decay_are_the_releases():
+    """Infinity's release (nowd >= 1) keeps its null caption, start token, level embedding, AdaLN gains, attention
+    scales and the text pool's query out of weight decay; so does the trainer."""
+    with torch.device("meta"):
+        model = Infinity(InfinityConfig(depth=2, width=64, num_heads=4))
+    params = dict(model.named_parameters())
+    _, no_decay = decay_parameter_names(model)
+    assert sorted(n for n in no_decay if params[n].ndim >= 2) == sorted(
+        ["cfg_uncond", "pos_start", "lvl_embed.weight", "text_proj_for_sos.ca.mat_q"]
+        + [f"blocks.{i}.{p}" for i in range(2) for p in ("ada_gss", "sa.scale_mul_1H11")])
 
 
 def test_precision_and_config_errors(tmp_path):

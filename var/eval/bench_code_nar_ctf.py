@@ -252,7 +252,7 @@ def bench_quality(args) -> dict:
     K = args.coarse
     stage1 = GPT(GPTConfig(**{**base, "vocab_size": K}))
     stage2 = CTFStage2(CTFStage2Config(**base, num_coarse=K))
-    stage2.set_clusters(kmeans_codebook(vq.quantize.codebook(), K))
+    stage2.set_clusters(kmeans_codebook(vq.codebook(), K))
     train_log["ctf_stage1"] = _train("CTF stage 1", lambda lab, tok: stage1_loss(stage1, lab, tok, stage2.cluster_of),
                                      list(stage1.parameters()), steps, bs, data, 3, lr)
     train_log["ctf_stage2"] = _train("CTF stage 2", lambda lab, tok: stage2_loss(stage2, lab, tok),

@@ -40,9 +40,11 @@ from var.utils.checks import (AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, PR
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# matrices never decayed (vectors and biases never are): VAR's learned positions, start tokens, level embedding,
-# shared AdaLN gains and attention scales; each names a parameter of a registered model (tested)
-NO_DECAY_KEYWORDS = ("pos_1LC", "pos_start", "lvl_embed", "ada_gss", "scale_mul")
+# matrices never decayed (vectors and biases never are), as in the VAR and Infinity releases: learned positions,
+# start tokens, level embedding, shared AdaLN gains, attention scales, Infinity's null caption and text-pool query;
+# each names a parameter of VAR or Infinity (tested)
+NO_DECAY_KEYWORDS = ("pos_1LC", "pos_start", "lvl_embed", "ada_gss", "scale_mul", "cfg_uncond",
+                     "text_proj_for_sos.ca.mat_q")
 
 
 @dataclass
