@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from var.cli.bench import SUBCOMMANDS, main
 from var.errors import ConfigError
@@ -85,6 +86,7 @@ def test_infinity_kv_subcommand(tmp_path):
     assert full["bits_agree"] == 1.0 and full["psnr_vs_full_db"] == float("inf")
     assert all(r["peak_kv_live_mib"] <= full["peak_kv_live_mib"] for r in report["rows"])
     assert (tmp_path / "infinity_kv_cpu.md").read_text().startswith("# KV-cache policies")
+    assert torch.is_grad_enabled()  # the caller's grad mode is left as it was
 
 
 @pytest.mark.parametrize("command, package", [("original-infinity", "Infinity"),

@@ -89,9 +89,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                                                  "(default benchmarks)")
 
 
+@torch.no_grad()  # in-process callers (tests, var-bench) keep their grad mode
 def run(args: argparse.Namespace) -> int:
     """``var-bench infinity-kv``: the table of ScaleKV, HACK and SnapKV against the full cache on Infinity."""
-    torch.set_grad_enabled(False)
     model, vae = random_models(args.device, depth=args.depth)
     schedule = dynamic_schedule(1.0, args.pixels)
     profile = calibrate_infinity(model, vae, random_text(2, 2), schedule=schedule, cfg_list=CFG)

@@ -233,9 +233,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
 
 
+@torch.no_grad()  # in-process callers (tests, var-bench) keep their grad mode
 def run(args: argparse.Namespace) -> int:
     """``var-bench original-infinity``: our Infinity stack against the original code, same weights, same seed."""
-    torch.set_grad_enabled(False)
     orig_inf, vae_model, BSC = import_original(args.original.resolve())
     schedule = dynamic_schedule(1.0, "0.06M")
     orig_vae, ours_vae, img, bits, report_vae = compare_vae(vae_model, BSC, schedule, args.bits, args.seed,

@@ -141,9 +141,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, help="write the report as JSON here")
 
 
+@torch.no_grad()  # in-process callers (tests, var-bench) keep their grad mode
 def run(args: argparse.Namespace) -> int:
     """``var-bench original-llamagen-t2i``: our text-to-image GPT against the original code, same weights."""
-    torch.set_grad_enabled(False)
     orig_gpt, orig_generate = import_original(args.original.resolve())
     orig, ours = build_pair(orig_gpt, args.size, args.grid, args.seed)
     cond = captions([7, 25], args.seed + 1)
