@@ -19,7 +19,9 @@ setup(
     extras_require={
         "triton": ["triton"],
         "hub": ["huggingface_hub"],  # downloads released checkpoints by name (var.hub.download)
-        "eval": ["torch-fidelity", "scipy"],
+        # torch-fidelity imports torchvision, which must be the build made for the installed torch: name the pair on
+        # the same pip command line (docs/install.md, "Evaluation extra"), or pip upgrades torch to the newest
+        "eval": ["torch-fidelity>=0.4", "scipy"],
         "t2i": ["transformers>=4.40", "tokenizers", "sentencepiece"],  # text encoder of Infinity / LlamaGen T2I
         "dev": ["pytest", "scipy", "triton==3.9.0", "mkdocs>=1.6", "mkdocstrings[python]>=0.28", "transformers>=4.40",
                 "tokenizers"],

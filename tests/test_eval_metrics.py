@@ -118,11 +118,12 @@ def test_torch_fidelity_wrapper_maps_keys_and_names_evaluator(tmp_path, monkeypa
     fake = types.SimpleNamespace(calculate_metrics=calculate_metrics, __version__="0.0-fake")
     monkeypatch.setitem(sys.modules, "torch_fidelity", fake)
     weights = tmp_path / "inception.pth"
-    weights.write_bytes(b"0")
+    torch.save({"fc.weight": torch.zeros(2, 2)}, weights)
     res = metrics.fidelity_metrics(tmp_path / "samples", tmp_path / "ref", weights_path=weights, cuda=False,
                                    input2_cache_name="ref-cache")
     assert calls["feature_extractor_weights_path"] == str(weights) and calls["input2_cache_name"] == "ref-cache"
     assert calls["fid"] and calls["isc"] and calls["kid"] and calls["prc"]
+    assert calls["feature_extractor"] == "inception-v3-compat"  # also for precision/recall (default: VGG-16)
     assert res["fid"] == 3.3 and res["is_mean"] == 274.4 and res["recall"] == 0.51
     assert res["evaluator"].startswith("torch-fidelity 0.0-fake")
     with pytest.raises(ConfigError):
@@ -157,3 +158,95 @@ def test_auto_extractor_prefers_the_offline_classifier_and_falls_back(monkeypatc
     assert load_offline_extractor("auto").name.startswith("random-conv")
     with pytest.raises(ConfigError):
         load_offline_extractor("classifier")
+
+
+# ---- choosing the evaluator and the Inception weights (fake torch-fidelity modules; the real one runs in
+# tests/test_eval_fidelity_venv.py) ------------------------------------------------------------------------------
+def _fake_torch_fidelity(monkeypatch, calls=None):
+    import sys
+    import types
+    fake = types.ModuleType("torch_fidelity")
+    fake.__version__ = "0.0-fake"
+    fake.calculate_metrics = lambda **kw: (calls.update(kw) if calls is not None else None) or {
+        "frechet_inception_distance": 1.0}
+    sub = types.ModuleType("torch_fidelity.feature_extractor_inceptionv3")
+    sub.URL_INCEPTION_V3 = "https://example.invalid/" + metrics.INCEPTION_WEIGHTS_FILE
+    monkeypatch.setitem(sys.modules, "torch_fidelity", fake)
+    monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", sub)
+    return fake
+
+
+def test_auto_evaluator_falls_back_to_offline_without_weights(tmp_path, monkeypatch, caplog):
+    """No --inception-weights and nothing cached: one warning line and the offline evaluator, never a download."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    _fake_torch_fidelity(monkeypatch)
+    with caplog.at_level("INFO", logger="var.eval.metrics"):
+        assert metrics.choose_evaluator("auto") == "offline"
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "no --inception-weights" in lines[0] and "\n" not in lines[0], lines
+    weights = tmp_path / "w.pth"
+    torch.save({"fc.weight": torch.zeros(1)}, weights)
+    assert metrics.choose_evaluator("auto", weights) == "torch-fidelity"
+    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / metrics.INCEPTION_WEIGHTS_FILE
+    cached.parent.mkdir(parents=True)
+    torch.save({"fc.weight": torch.zeros(1)}, cached)
+    assert metrics.choose_evaluator("auto") == "torch-fidelity"
+    assert metrics.inception_weights() == str(cached)  # the cached file is what torch-fidelity is given
+    assert metrics.choose_evaluator("offline", weights) == "offline"
+    with pytest.raises(ConfigError, match="unknown evaluator"):
+        metrics.choose_evaluator("inception")
+
+
+def test_auto_evaluator_without_or_with_a_broken_torch_fidelity(tmp_path, monkeypatch):
+    """Not installed, or installed beside a torchvision of another torch (RuntimeError at import): auto takes the
+    offline evaluator, an explicit torch-fidelity is one ConfigError naming the cause."""
+    import sys
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # import raises ImportError
+    assert metrics.choose_evaluator("auto") == "offline"
+    with pytest.raises(ConfigError, match="not installed"):
+        metrics.choose_evaluator("torch-fidelity")
+    broken = tmp_path / "broken" / "torch_fidelity"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
+    monkeypatch.delitem(sys.modules, "torch_fidelity")
+    monkeypatch.syspath_prepend(str(broken.parent))
+    assert metrics.choose_evaluator("auto") == "offline"
+    with pytest.raises(ConfigError, match="torchvision::nms.*torchvision must be the build"):
+        metrics.choose_evaluator("torch-fidelity")
+
+
+def test_inception_weights_are_checked_and_a_failed_download_is_one_line(tmp_path, monkeypatch):
+    import pickle
+    import urllib.error
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    _fake_torch_fidelity(monkeypatch)
+
+    def offline(url, dst, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(ConfigError, match="could not download the Inception weights.*--inception-weights") as err:
+        metrics.inception_weights()
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="not found"):
+        metrics.inception_weights(tmp_path / "missing.pth")
+    code = tmp_path / "code.pth"  # a pickle that would run code when torch-fidelity unpickles it
+    code.write_bytes(pickle.dumps(Exception("not weights"), protocol=2))
+    with pytest.raises(ConfigError, match="not a plain state dict"):
+        metrics.inception_weights(code)
+    with pytest.raises(ConfigError, match="not a plain state dict"):
+        metrics.fidelity_metrics(tmp_path, tmp_path, weights_path=code)
+
+
+def test_fidelity_kid_subsets_and_is_splits_shrink_to_small_folders(tmp_path, monkeypatch):
+    """torch-fidelity refuses KID subsets larger than a set (its default 1000) and gives NaN for IS splits with no
+    image (10 splits): small sets must still run."""
+    calls = {}
+    _fake_torch_fidelity(monkeypatch, calls)
+    weights = tmp_path / "w.pth"
+    torch.save({"fc.weight": torch.zeros(1)}, weights)
+    for name, n in (("a", 12), ("b", 7)):
+        (tmp_path / name / "sub").mkdir(parents=True)
+        for i in range(n):
+            (tmp_path / name / "sub" / f"{i}.png").write_bytes(b"")
+    metrics.fidelity_metrics(tmp_path / "a", tmp_path / "b", weights_path=weights, cuda=False)
+    assert calls["kid_subset_size"] == 7 and calls["isc_splits"] == 6  # IS of the samples (a): 2 images a split

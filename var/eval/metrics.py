@@ -3,8 +3,8 @@
 Two evaluators, never mixed in one table (every result carries ``evaluator``):
 
 * ``torch-fidelity`` (optional extra ``pip install var-toolkit[eval]``): FID, IS, KID, precision/recall on the
-  TF-ported Inception-v3 that the ADM suite also uses. Give ``weights_path`` to run offline (it downloads its
-  weights otherwise). Published VAR numbers come from OpenAI's ADM evaluator on the packed ``.npz``
+  TF-ported Inception-v3 that the ADM suite also uses. :func:`choose_evaluator` takes it only when it imports and
+  Inception weights are at hand (``weights_path`` or the download cache); :func:`inception_weights` checks them. Published VAR numbers come from OpenAI's ADM evaluator on the packed ``.npz``
   (see :mod:`var.eval.export`); torch-fidelity agrees with it closely but is not the same program.
 * ``offline`` (:func:`offline_metrics`): the same formulas on the features of an offline extractor
   (:mod:`var.eval.features`); FID-style numbers that need no download, comparable only with themselves.
@@ -224,37 +224,123 @@ def _frechet_of_features(f1: np.ndarray, f2: np.ndarray) -> float:
 
 
 # ---- torch-fidelity (Inception) -------------------------------------------------------------------------------
+# torch-fidelity's inception-v3-compat weights: the name its download (torch.hub) caches them under
+INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_EXTRACTOR = "inception-v3-compat"  # torch-fidelity's TF-ported Inception-v3 (the ADM suite's network)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what torch-fidelity reads from a folder
+
+
 def _import_torch_fidelity():
     try:
         import torch_fidelity
     except ImportError as e:
         raise ConfigError("torch-fidelity is not installed: pip install 'var-toolkit[eval]' (or torch-fidelity); "
                           "use `var-eval metrics --evaluator offline` for the download-free evaluator") from e
+    except Exception as e:  # torchvision built for another torch fails at import ("operator torchvision::nms ...")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"torch-fidelity does not import ({type(e).__name__}: {first}): torchvision must be the "
+                          f"build made for torch {torch.__version__} (docs/install.md, 'Evaluation extra')") from e
     return torch_fidelity
 
 
-def _check_weights(weights_path) -> str | None:
+def cached_inception_weights() -> Path | None:
+    """The Inception weights in torch-fidelity's download cache (``torch.hub.get_dir()/checkpoints``), if there."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
+    return path if path.is_file() else None
+
+
+def choose_evaluator(requested: str = "auto", weights_path: str | os.PathLike | None = None) -> str:
+    """``"torch-fidelity"`` or ``"offline"`` for ``requested`` in ``auto`` / ``torch-fidelity`` / ``offline``.
+
+    ``auto`` takes torch-fidelity only when it imports and Inception weights are at hand (``weights_path`` or the
+    download cache); otherwise it falls back to the offline evaluator with one log line saying why, instead of a
+    download that fails on a machine without network. An explicit ``torch-fidelity`` must import (ConfigError)."""
+    if requested not in ("auto", "torch-fidelity", "offline"):
+        raise ConfigError(f"unknown evaluator {requested!r}: use auto, torch-fidelity or offline")
+    if requested == "offline":
+        return "offline"
+    if requested == "torch-fidelity":
+        _import_torch_fidelity()
+        return "torch-fidelity"
+    try:
+        _import_torch_fidelity()
+    except ConfigError as e:
+        log.info("evaluator: offline (%s)", str(e).split(":")[0])
+        return "offline"
+    if weights_path is None and cached_inception_weights() is None:
+        log.warning("evaluator: offline, not torch-fidelity: no --inception-weights given and no cached Inception "
+                    "weights in %s (pass --inception-weights FILE, or --evaluator torch-fidelity to download them)",
+                    Path(torch.hub.get_dir()) / "checkpoints")
+        return "offline"
+    return "torch-fidelity"
+
+
+def inception_weights(weights_path: str | os.PathLike | None = None) -> str:
+    """A checked local Inception weights file: ``weights_path``, else the cached download, else downloaded once
+    into the cache (a failed download is one ConfigError line). The file must load as plain tensors
+    (``weights_only``): torch-fidelity unpickles it without that guard."""
     if weights_path is None:
-        log.warning("no --inception-weights given: torch-fidelity will download the Inception weights")
+        weights_path = cached_inception_weights() or _download_inception_weights()
+    path = Path(weights_path)
+    if not path.is_file():
+        raise ConfigError(f"Inception weights not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a pickle with code in it, or not a torch file at all
+        raise ConfigError(f"{path} is not a plain state dict of Inception weights ({type(e).__name__})") from e
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ConfigError(f"{path} is not a state dict (name -> tensor) of Inception weights")
+    return str(path)
+
+
+def _download_inception_weights() -> Path:
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+    target = Path(torch.hub.get_dir()) / "checkpoints" / Path(URL_INCEPTION_V3).name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("downloading the Inception weights to %s", target)
+    try:
+        torch.hub.download_url_to_file(URL_INCEPTION_V3, str(target), progress=False)
+    except OSError as e:  # URLError, timeouts, a full disk: one line, not a traceback
+        raise ConfigError(f"could not download the Inception weights ({getattr(e, 'reason', e)}): pass "
+                          f"--inception-weights FILE (a local copy of {Path(URL_INCEPTION_V3).name}) or use "
+                          f"--evaluator offline") from e
+    return target
+
+
+def count_images(folder: str | os.PathLike) -> int | None:
+    """Images that torch-fidelity finds in ``folder`` (recursively); None for a non-folder input (a dataset name)."""
+    folder = Path(folder)
+    if not folder.is_dir():
         return None
-    if not Path(weights_path).is_file():
-        raise ConfigError(f"Inception weights not found: {weights_path}")
-    return str(weights_path)
+    return sum(1 for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def fidelity_metrics(input1: str | os.PathLike, input2: str | os.PathLike | None = None, *,
                      weights_path: str | os.PathLike | None = None, cuda: bool | None = None, isc: bool = True,
                      fid: bool = True, kid: bool = True, prc: bool = True, input2_cache_name: str | None = None,
-                     kid_subset_size: int = 1000, batch_size: int = 64, verbose: bool = False) -> dict:
+                     kid_subset_size: int = 1000, isc_splits: int = 10, batch_size: int = 64,
+                     verbose: bool = False) -> dict:
     """FID / IS / KID / precision / recall via ``torch_fidelity.calculate_metrics`` on two image folders (or a
-    folder and a registered dataset name). ``input2_cache_name`` caches the reference features between calls."""
+    folder and a registered dataset name). ``input2_cache_name`` caches the reference features between calls.
+    Small folders get smaller KID subsets and fewer IS splits (torch-fidelity refuses KID subsets larger than a
+    set and returns NaN for IS splits without images)."""
     tf = _import_torch_fidelity()
     if input2 is None:
         fid = kid = prc = False
+    n1, n2 = count_images(input1), count_images(input2) if input2 is not None else None
+    counts = [n for n in (n1, n2) if n]
+    if kid and counts and min(counts) < kid_subset_size:
+        kid_subset_size = min(counts)
+        log.info("KID subsets of %d images (the smaller set)", kid_subset_size)
+    if isc and n1 and n1 < 2 * isc_splits:
+        isc_splits = max(1, n1 // 2)  # at least two images per split
+        log.info("Inception score over %d splits (%d images)", isc_splits, n1)
     cuda = torch.cuda.is_available() if cuda is None else cuda
+    # one extractor for every metric: torch-fidelity's default for precision/recall is VGG-16, which would load
+    # the Inception weights file (and fail) or download VGG weights
     kwargs = dict(input1=str(input1), cuda=cuda, isc=isc, fid=fid, kid=kid, prc=prc, verbose=verbose,
                   batch_size=batch_size, samples_find_deep=True, kid_subset_size=kid_subset_size,
-                  feature_extractor_weights_path=_check_weights(weights_path))
+                  isc_splits=isc_splits, feature_extractor=INCEPTION_EXTRACTOR, feature_extractor_weights_path=inception_weights(weights_path))
     if input2 is not None:
         kwargs["input2"] = str(input2)
         if input2_cache_name:
@@ -273,8 +359,8 @@ def inception_features(images, *, weights_path=None, device=None, batch_size: in
     _import_torch_fidelity()
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
-                                      feature_extractor_weights_path=_check_weights(weights_path)).to(device)
+    net = FeatureExtractorInceptionV3(INCEPTION_EXTRACTOR, ["2048"],
+                                      feature_extractor_weights_path=inception_weights(weights_path)).to(device)
     feats = []
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
