@@ -65,3 +65,23 @@ def test_sample_cli_next_token_uses_the_bundled_ar_model_with_llamagen_defaults(
     assert settings["model"].startswith("bundled AR model")
     assert (settings["cfg_scale"], settings["top_k"], settings["top_p"]) == (2.0, 0, 0.0)  # the sampler's defaults
     assert np.load(out / "images.npz")["arr_0"].shape == (2, 32, 32, 3)
+
+
+def test_metrics_cli_auto_without_inception_weights_uses_offline(tmp_path, monkeypatch, caplog):
+    """The issue's case: torch-fidelity installed, no --inception-weights, nothing cached, `--ref procedural`: one
+    warning line and offline numbers, never a download (a download would fail on this fake module)."""
+    import sys
+    import types
+    fake = types.ModuleType("torch_fidelity")
+    fake.calculate_metrics = lambda **kw: pytest.fail("torch-fidelity must not run without weights")
+    monkeypatch.setitem(sys.modules, "torch_fidelity", fake)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "s.npz", arr_0=rng.integers(0, 256, size=(8, 16, 16, 3), dtype=np.uint8))
+    out = tmp_path / "m.json"
+    with caplog.at_level("WARNING", logger="var.eval.metrics"):
+        assert main(["metrics", str(tmp_path / "s.npz"), "--ref", "procedural", "--extractor", "random-conv",
+                     "--json", str(out), "--device", "cpu"]) == 0
+    assert json.loads(out.read_text())["evaluator"].startswith("offline:random-conv")
+    lines = [r.getMessage() for r in caplog.records if r.name == "var.eval.metrics" and "evaluator" in r.getMessage()]
+    assert len(lines) == 1 and "no --inception-weights" in lines[0], lines

@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ref-stats", help="precomputed mu/sigma .npz (ADM reference batch or --save-ref-stats file)")
     q.add_argument("--save-ref-stats", help="write the reference's mu/sigma to this .npz")
     q.add_argument("--evaluator", choices=("auto", "torch-fidelity", "offline"), default="auto",
-                   help="auto: torch-fidelity when installed, else offline")
+                   help="auto: torch-fidelity when it imports and Inception weights are given or cached, else offline")
     q.add_argument("--inception-weights", help="local Inception weights (.pth) for torch-fidelity (no download)")
     q.add_argument("--extractor", choices=("auto", "classifier", "random-conv"), default="auto",
                    help="offline feature extractor")
@@ -290,13 +290,8 @@ def _procedural_reference(count: int, size: int) -> np.ndarray:
 
 def run_metrics(args) -> int:
     from var.eval import metrics
-    evaluator = args.evaluator
-    if evaluator == "auto":
-        try:
-            import torch_fidelity  # noqa: F401
-            evaluator = "torch-fidelity"
-        except ImportError:
-            evaluator = "offline"
+    # auto: torch-fidelity only when it imports and Inception weights are at hand, else offline (one line says why)
+    evaluator = metrics.choose_evaluator(args.evaluator, args.inception_weights)
     if not (args.ref or args.ref_stats) and evaluator == "offline":
         raise ConfigError("the offline evaluator needs --ref or --ref-stats")
     folders_only = (evaluator == "torch-fidelity" and not args.ref_stats and args.limit is None
