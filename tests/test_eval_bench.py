@@ -55,8 +55,9 @@ def test_every_registered_sampler_runs_on_the_setups_whose_models_it_drives():
     placed = {}
     for spec, setup in pairs:
         placed.setdefault(spec.name, set()).add(setup.name)
-    text_samplers = {name for name, spec in SAMPLERS.items() if spec.condition != "labels"}
-    assert {s["sampler"] for s in skipped} == text_samplers and set(placed) == set(SAMPLERS) - text_samplers
+    assert skipped == [] and set(placed) == set(SAMPLERS)
+    assert placed["infinity"] == {"infinity_tiny + tiny T5 (random)"}  # text-to-image: prompts play the classes
+    assert "bundled text-to-image GPT (t2i_bundled)" in placed["sjd"]
     assert "gpt_tiny (random)" in placed["sjd"] and "nar_tiny (random)" not in placed["sjd"]  # a NAR is no GPT here
     assert placed["nar"] >= {"nar_tiny (random)"} and placed["collaborative"] >= {"var_tiny drafter + d1 refiner "
                                                                                    "(random)"}

@@ -5,6 +5,7 @@ Examples::
     var-bench                                   # CPU, tiny random-weight families (+ the bundled model if installed)
     var-bench --device cuda --models var_d16 var_d30 --num-images 256 --batch 64
     var-bench --samplers next_scale --policies ScaleKV HACK --budgets 0.5 0.1
+    var-bench --families infinity text-to-image --prompts-file prompts.txt --budgets 0.1   # text-to-image rows
     var-bench kv --images 8                     # subcommands: one benchmark each (var-bench SUBCOMMAND --help)
     var-bench original --original ~/src/VAR     # our VAR stack against a checkout of the original
 
@@ -70,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extractor", choices=("auto", "classifier", "random-conv"), default="auto",
                    help="offline feature extractor of the fd/kid columns")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled batches")
+    p.add_argument("--prompts-file", default=None,
+                   help="prompts of the text-to-image setups (Infinity, the bundled text-to-image GPT), one per line; "
+                        "image i answers prompt i %% P (default: the bundled model's seen and held-out evaluation "
+                        "prompts)")
     p.add_argument("--compile", action="store_true",
                    help="samplers with a compiled path run it (torch.compile of the per-step forward, CUDA graphs "
                         "on CUDA; the warm-up call compiles)")
@@ -106,11 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     from var.eval.benchmark import run_benchmark
     import json
     from var.eval.report import merge_reports, to_markdown, write_report
+    from var.cli.sample import read_prompts
     report = run_benchmark(device=args.device, num_images=args.num_images, batch=args.batch, repeats=args.repeats,
                            budgets=tuple(args.budgets), seed=args.seed, models=tuple(args.models),
                            extractor=args.extractor, samplers=tuple(args.samplers), policies=tuple(args.policies),
                            timed_runs=args.timed_runs, families=tuple(args.families), compile=args.compile,
-                           kv_profile=args.kv_profile)
+                           kv_profile=args.kv_profile, prompts=read_prompts(args))
     if args.merge:
         report = merge_reports([json.loads(open(p).read()) for p in args.merge] + [report])
     out_dir = args.out_dir or tempfile.mkdtemp(prefix="var-bench-")

@@ -23,6 +23,18 @@ log = logging.getLogger(__name__)
 HEADS = (len(COLOURS), len(SHAPES), len(TEXTURES))
 
 
+def prompt_accuracy(model: ShapeClassifier, images_B3HW: torch.Tensor, prompts: list[str]) -> float | None:
+    """Share of images (in [-1, 1]) whose colour and shape, as the classifier sees them, are the ones their prompt
+    names; None when a prompt is not of the bundled grammar (``a <colour> <shape> [with <texture>]``)."""
+    from var.errors import ConfigError
+    try:
+        want = attribute_targets([Attributes.parse(p) for p in prompts])
+    except ConfigError:
+        return None
+    pred = predict_attributes(model, images_B3HW)
+    return ((pred[:, 0] == want[:, 0]) & (pred[:, 1] == want[:, 1])).float().mean().item()
+
+
 def split_logits(logits_BK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return tuple(logits_BK.split(HEADS, dim=-1))
 

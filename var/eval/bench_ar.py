@@ -88,14 +88,18 @@ def load(args):
 
 
 @torch.no_grad()
-def token_nll(gpt, labels, tokens, args) -> float:
-    """Mean per-token NLL of ``tokens`` under the processed (CFG, top-k/p, temperature) distribution."""
-    cond = gpt(labels, tokens)
-    logits = cond
-    if args.cfg_scale > 1:
-        uncond = gpt(torch.full_like(labels, gpt.null_class), tokens)
-        logits = args.cfg_scale * cond - (args.cfg_scale - 1) * uncond
-    logp = processed_logits(logits, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+def token_nll(gpt, cond, tokens, *, cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int = 0,
+              top_p: float = 0.0) -> float:
+    """Mean per-token NLL of ``tokens [B, L]`` under the processed (CFG, top-k/p, temperature) distribution;
+    ``cond``: class ids or a :class:`~var.models.conditioning.CaptionCondition` (CFG against the null class or
+    caption, as the samplers)."""
+    tokens = tokens.reshape(tokens.shape[0], -1).to(gpt.output.weight.device)
+    guided = cfg_scale > 1
+    logits = gpt(gpt.condition_rows(cond, guided), torch.cat((tokens, tokens)) if guided else tokens)
+    if guided:
+        c, u = logits.chunk(2)
+        logits = cfg_scale * c - (cfg_scale - 1) * u
+    logp = processed_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
     logp = logp.log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
     return float(-logp.clamp_min(-1e4).mean())
 
@@ -139,7 +143,8 @@ def run_setting(gpt, vq, labels, sampler, knobs, args):
         elapsed += best
         passes += out.stats.forward_passes
         tokens.append(out.tokens)
-        nll.append(token_nll(gpt, batch, out.tokens, args) * len(batch))
+        nll.append(token_nll(gpt, batch, out.tokens, cfg_scale=args.cfg_scale, temperature=args.temperature,
+                             top_k=args.top_k, top_p=args.top_p) * len(batch))
         if out.images is not None:
             images.append(out.images)
         if "mean_accepted_per_iteration" in out.stats.extra:

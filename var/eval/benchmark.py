@@ -22,7 +22,21 @@ each budget. Per row:
   row's are within noise, and its scale depends on the feature magnitudes;
 * ``token_agreement``: share of tokens equal to the reference sampler's with the same seed and batches (1.0 for
   exact-replay paths such as a 100 % cache budget; low for samplers that draw randomness differently even when
-  they are exact in distribution -- judge those by ``fd``).
+  they are exact in distribution -- judge those by ``fd``);
+* ``kv_live_bytes``: the peak K/V bytes holding live tokens (``cache_bytes`` is what was allocated);
+* ``psnr_vs_full_db``: on compressed-cache rows, PSNR of the images vs the full cache's with the same seed (the
+  ScaleKV/HACK papers' measure);
+* ``nll``: on next-token setups, the mean per-token NLL of the sampled tokens under the model's processed
+  distribution with the row's settings (CFG, top-k/p, temperature; teacher forced): exact samplers match the
+  reference within noise;
+* ``attr_acc``: on the bundled text-to-image GPT, the share of images whose colour and shape the bundled
+  attribute classifier finds as the prompt names them.
+
+Text-to-image setups take prompts (``prompts``, default: the bundled model's seen and held-out evaluation
+prompts) that play the classes: image ``i`` answers prompt ``i % P``. They are the bundled text-to-image GPT (every
+next-token sampler, conditioned as ``var-sample --prompt`` does) and a small random Infinity with a tiny random T5
+built from a ``transformers`` config (no download; skipped without ``transformers``), whose reference sampler
+also runs with every compression policy (ScaleKV and HACK calibrated on it).
 """
 from __future__ import annotations
 
@@ -31,6 +45,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -53,9 +68,18 @@ class Setup:
     num_classes: int
     compress: bool = False  # the reference sampler also runs with every compression policy
     per_sampler: dict = field(default_factory=dict)  # sampler name -> settings it needs here (CoDe's draft_steps)
+    prompts: list | None = None  # text-to-image: the prompts that play the classes (num_classes = len(prompts))
+    encode: Callable | None = None  # prompts -> the sampler's condition (captions, prompt embeddings)
+    calibrate: Callable | None = None  # () -> ScaleKV/HACK calibration profile (default: VAR's calibrate)
 
     def settings_for(self, sampler: str) -> dict:
         return dict(self.per_sampler.get(sampler, {}))
+
+    def condition(self, ids_B: torch.Tensor, device):
+        """The sampler's condition of ids ``[B]``: class ids, or the encoded prompts ``i % P``."""
+        if self.encode is None:
+            return ids_B.to(device)
+        return self.encode([self.prompts[i] for i in ids_B.tolist()])
 
     def fits(self, spec) -> bool:
         """True when ``spec`` drives exactly these models."""
@@ -76,11 +100,16 @@ def _num_classes(model) -> int:
     return int(model.config.num_classes)
 
 
-def build_setups(device="cpu", *, models: tuple[str, ...] = (), seed: int = 0) -> list[Setup]:
-    """The bundled VAR and AR models when installed, random-weight tiny presets of every family, and any extra
-    random-weight VAR presets named in ``models`` (e.g. ``var_d16`` on a GPU, for memory and speed)."""
+def build_setups(device="cpu", *, models: tuple[str, ...] = (), seed: int = 0,
+                 prompts: list[str] | None = None) -> list[Setup]:
+    """The bundled VAR, AR and text-to-image models when installed, random-weight tiny presets of every family (a
+    small Infinity with a tiny random T5 among them), and any extra random-weight VAR presets named in ``models``
+    (e.g. ``var_d16`` on a GPU, for memory and speed). ``prompts``: those of the text-to-image setups."""
     from var.models import create
-    setups = [s for s in (_bundled_var(), _bundled_ar()) if s is not None]
+    if prompts is None:
+        from var.eval.bench_t2i_bundled import evaluation_prompts
+        prompts = [a.caption for group in evaluation_prompts() for a in group]
+    setups = [s for s in (_bundled_var(), _bundled_ar(), _bundled_t2i(prompts, device)) if s is not None]
 
     def seeded(*presets, **overrides):
         torch.manual_seed(seed)
@@ -101,6 +130,9 @@ def build_setups(device="cpu", *, models: tuple[str, ...] = (), seed: int = 0) -
     setups.append(tiny("nar_tiny (random)", "nar", tokenizer="vq_tiny", model="nar_tiny"))
     setups.append(tiny("ctf_tiny (random)", "coarse_to_fine", tokenizer="vq_tiny", stage1="ctf_stage1_tiny",
                        stage2="ctf_stage2_tiny"))
+    infinity = _tiny_infinity(prompts, device, seed)
+    if infinity is not None:
+        setups.append(infinity)
     for preset in models:
         model, = seeded(preset)
         tok = create("msvq_var", patch_nums=tuple(model.config.patch_nums)).eval()
@@ -129,6 +161,54 @@ def _bundled_ar() -> Setup | None:
     vq, gpt = hub.load_pretrained(path / "tokenizer"), hub.load_pretrained(path / "transformer")
     return Setup(f"bundled AR ({path.name})", {"model": gpt.eval(), "tokenizer": vq.eval()}, "next_token", True,
                  _num_classes(gpt))
+
+
+def _bundled_t2i(prompts: list[str], device) -> Setup | None:
+    """The bundled text-to-image GPT, its prompts encoded by its caption encoder (as ``var-sample --prompt``)."""
+    from var import hub
+    from var.assets import bundled_t2i_dir
+    path = bundled_t2i_dir()
+    if path is None:
+        return None
+    vq, gpt, encoder = hub.load_t2i_bundle(path, device=device)
+    caption_len = gpt.config.caption_len
+    encoder.condition(prompts, caption_len)  # bad prompts fail before any timing
+    return Setup(f"bundled text-to-image GPT ({path.name})", {"model": gpt.eval(), "tokenizer": vq.eval()},
+                 "next_token", False, len(prompts), prompts=list(prompts),
+                 encode=lambda batch: encoder.condition(batch, caption_len))
+
+
+INFINITY_TINY = dict(depth=3, width=64, num_heads=4, codebook_dim=16, text_maxlen=32, pool_heads=2,
+                     drop_path_rate=0.0)
+INFINITY_TINY_VAE = dict(codebook_dim=16, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8)
+INFINITY_TINY_PIXELS = "0.06M"  # 7 scales, 521 tokens; the VAE's stride 4 makes 64 px images
+
+
+def _tiny_infinity(prompts: list[str], device, seed: int) -> Setup | None:
+    """A random Infinity (3 blocks, width 64, d = 16 bits), a random stride-4 BSQ VAE and a tiny random T5 over
+    the prompts' words (``transformers`` config, no download); None without ``transformers``."""
+    from var.errors import MissingDependencyError
+    from var.models.infinity import Infinity, InfinityConfig
+    from var.models.text_encoder import random_t5_encoder
+    from var.samplers.infinity import calibrate_infinity
+    from var.tokenizers.bsq_vae import BSQVAE, BSQVAEConfig
+    try:
+        encoder = random_t5_encoder(sorted({w for p in prompts for w in p.lower().split()}), seed=seed, d_model=32,
+                                    max_length=INFINITY_TINY["text_maxlen"])
+    except MissingDependencyError as e:
+        log.warning("no Infinity setup: %s", e)
+        return None
+    torch.manual_seed(seed)
+    model = Infinity(InfinityConfig(**INFINITY_TINY, text_channels=32)).eval()
+    model.init_weights(init_adaln_gamma=0.5, init_head=1.0)  # strong AdaLN/head: the bits depend on the context
+    vae = BSQVAE(BSQVAEConfig(**INFINITY_TINY_VAE)).eval()
+    encoder.model.to(device)
+    models = {"model": model.to(device), "vae": vae.to(device)}
+    encode = encoder.encode
+    return Setup("infinity_tiny + tiny T5 (random)", models, "infinity", False, len(prompts), compress=True,
+                 per_sampler={"infinity": {"pixels": INFINITY_TINY_PIXELS}}, prompts=list(prompts), encode=encode,
+                 calibrate=lambda: calibrate_infinity(model, vae, encode(prompts[:4]), pixels=INFINITY_TINY_PIXELS,
+                                                      seed=1234))
 
 
 # ---- measurement ------------------------------------------------------------------------------------------------
@@ -172,6 +252,7 @@ class RunResult:
     cache_bytes: int
     seconds: float
     peak_mem: int | None
+    live_bytes: int = 0
     extra: dict = field(default_factory=dict)
 
 
@@ -179,22 +260,23 @@ def run_batches(spec, setup: Setup, *, labels: torch.Tensor, batch: int, seed: i
                 device="cpu", compile: bool = False) -> RunResult:
     """Sample ``labels`` in batches with one generator seeded ``seed``; timed, with peak memory."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    images, tokens, passes, cache_bytes = [], [], 0, 0
+    images, tokens, passes, cache_bytes, live_bytes = [], [], 0, 0, 0
     _sync(device)
     _reset_peak(device)
     t0 = time.perf_counter()
     for start in range(0, len(labels), batch):
         cache = cache_factory() if cache_factory else None
-        out = spec(setup.models, labels[start:start + batch].to(device), generator=gen, cache=cache,
+        out = spec(setup.models, setup.condition(labels[start:start + batch], device), generator=gen, cache=cache,
                    compile=compile and spec.takes_compile, **setup.settings_for(spec.name))
         images.append(out.images.float().cpu())
         tokens.append(_flat_tokens(out.tokens) if out.tokens is not None else None)
         passes = max(passes, out.stats.forward_passes)
         cache_bytes = max(cache_bytes, out.stats.peak_kv_cache_bytes)
+        live_bytes = max(live_bytes, out.stats.peak_kv_live_bytes)
     _sync(device)
     seconds = time.perf_counter() - t0
     toks = torch.cat(tokens) if all(t is not None for t in tokens) else None
-    return RunResult(torch.cat(images), toks, passes, cache_bytes, seconds, _peak(device))
+    return RunResult(torch.cat(images), toks, passes, cache_bytes, seconds, _peak(device), live_bytes)
 
 
 def batch1_latency(spec, setup: Setup, *, repeats: int, seed: int, cache_factory=None, device="cpu",
@@ -204,7 +286,7 @@ def batch1_latency(spec, setup: Setup, *, repeats: int, seed: int, cache_factory
     times = []
     for r in range(repeats + 1):
         gen = torch.Generator(device=device).manual_seed(seed + r)
-        label = torch.tensor([r % setup.num_classes], device=device)
+        label = setup.condition(torch.tensor([r % setup.num_classes]), device)
         cache = cache_factory() if cache_factory else None
         _sync(device)
         t0 = time.perf_counter()
@@ -274,7 +356,9 @@ def _policy_factories(setup: Setup, budgets, device, only=None, kv_profile: str 
             continue
         extra = {}
         if name in ("ScaleKV", "HACK"):
-            if profile is None:
+            if profile is None and setup.calibrate is not None:
+                profile = setup.calibrate()
+            elif profile is None:
                 from var.samplers.calibration import calibrate
                 labels = torch.arange(min(4, setup.num_classes), device=device)
                 profile = calibrate(setup.models["model"], setup.models["tokenizer"], labels, seed=1234)
@@ -289,23 +373,29 @@ def _policy_factories(setup: Setup, budgets, device, only=None, kv_profile: str 
 def run_benchmark(*, device="cpu", num_images: int = 64, batch: int = 16, repeats: int = 3,
                   budgets=(0.5, 0.25, 0.1), seed: int = 0, models: tuple[str, ...] = (), extractor: str = "auto",
                   samplers: tuple[str, ...] = (), policies: tuple[str, ...] = (), timed_runs: int = 2,
-                  families: tuple[str, ...] = (), compile: bool = False, kv_profile: str = "calibrate") -> dict:
+                  families: tuple[str, ...] = (), compile: bool = False, kv_profile: str = "calibrate",
+                  prompts: list[str] | None = None) -> dict:
     """Measure every (setup, sampler[, cache policy, budget]) row; returns the report dict (see module doc).
     ``compile``: samplers with a compiled path run it on the full cache (row column ``compiled``).
     ``kv_profile``: ScaleKV/HACK's profiles, ``"calibrate"`` (each VAR setup calibrated before its rows) or
     ``"bundled"`` (the shipped profile on the bundled VAR; the random-weight setups are still calibrated)."""
     if kv_profile not in KV_PROFILES:
         raise ConfigError(f"kv_profile must be one of {', '.join(KV_PROFILES)}, got {kv_profile!r}")
+    from var.eval.attributes import bundled_attribute_classifier_dir, load_attribute_classifier, prompt_accuracy
+    from var.eval.bench_ar import token_nll
+    from var.eval.bench_kv import psnr
     from var.eval.features import extract_features, load_offline_extractor
     from var.eval.metrics import (MIN_RELIABLE_SAMPLES, _frechet_of_features, bootstrap_interval,
                                   frechet_distance_features, kid_interval)
+    from var.models.gpt import GPT
+    from var.models.gpt_t2i import GPTT2I
     from var.utils.images import to_uint8_hwc
 
     unknown = sorted(set(samplers) - set(SAMPLERS)) + sorted(set(policies) - set(cache_policies()))
     if unknown:
         raise ConfigError(f"unknown samplers or cache policies {unknown}; samplers: {', '.join(SAMPLERS)}; "
                           f"policies: {', '.join(cache_policies())}")
-    setups = build_setups(device, models=models, seed=seed)
+    setups = build_setups(device, models=models, seed=seed, prompts=prompts)
     if families:
         unknown = [f for f in families if not any(f in s.name for s in setups)]
         if unknown:  # a typo used to give an empty table with exit status 0
@@ -315,6 +405,7 @@ def run_benchmark(*, device="cpu", num_images: int = 64, batch: int = 16, repeat
     pairs, skipped = assign(setups, only=set(samplers) or None)
     rows, references = [], {}
     ref_cache: dict[str, tuple] = {}
+    judge: dict = {}  # the attribute classifier, loaded once when a text-to-image GPT row needs it
 
     def setup_reference(setup: Setup):
         if setup.name not in ref_cache:
@@ -325,11 +416,28 @@ def run_benchmark(*, device="cpu", num_images: int = 64, batch: int = 16, repeat
             ref_imgs, desc = reference_images(setup, ref_spec, labels=labels, batch=batch, seed=seed,
                                               device=device, size=size)
             references[setup.name] = desc
-            ref_cache[setup.name] = (labels, ref_run.tokens, extract_features(ext, ref_imgs))
+            ref_cache[setup.name] = (labels, ref_run.tokens, extract_features(ext, ref_imgs), ref_run.images)
         return ref_cache[setup.name]
 
+    def quality(spec, setup: Setup, labels, run: RunResult) -> dict:
+        """The next-token NLL and the text-to-image attribute accuracy of a row (None where they do not apply)."""
+        out = {"nll": None, "attr_acc": None}
+        model = setup.models.get("model")
+        if spec.family == "next_token" and isinstance(model, GPT) and run.tokens is not None:
+            knobs = {**spec.defaults(), **setup.settings_for(spec.name)}
+            nll = [token_nll(model, setup.condition(labels[i:i + batch], device), run.tokens[i:i + batch],
+                             **{k: knobs[k] for k in ("cfg_scale", "temperature", "top_k", "top_p") if k in knobs})
+                   * len(labels[i:i + batch]) for i in range(0, len(labels), batch)]
+            out["nll"] = sum(nll) / len(labels)
+        if isinstance(model, GPTT2I) and setup.prompts is not None and bundled_attribute_classifier_dir():
+            if "clf" not in judge:
+                judge["clf"] = load_attribute_classifier()
+            out["attr_acc"] = prompt_accuracy(judge["clf"], run.images * 2 - 1,
+                                              [setup.prompts[i] for i in labels.tolist()])
+        return out
+
     def measure(spec, setup: Setup, cache_name="full", budget=None, factory=None):
-        labels, ref_tokens, ref_feats = setup_reference(setup)
+        labels, ref_tokens, ref_feats, ref_images = setup_reference(setup)
         log.info("bench: %s | %s | %s %s", setup.name, spec.name, cache_name, budget if budget is not None else "")
         compiled = compile and spec.takes_compile and factory is None  # compressed caches have no compiled path
         latency = batch1_latency(spec, setup, repeats=repeats, seed=seed, cache_factory=factory, device=device,
@@ -347,6 +455,10 @@ def run_benchmark(*, device="cpu", num_images: int = 64, batch: int = 16, repeat
                      "fd_ci95": bootstrap_interval(_frechet_of_features, feats, ref_feats, seed=seed),
                      "kid": kid, "kid_ci95": kid_ci,
                      "token_agreement": agreement(run.tokens, ref_tokens), "compiled": compiled,
+                     "kv_live_bytes": run.live_bytes,
+                     "psnr_vs_full_db": (psnr(run.images, ref_images) if cache_name != "full"
+                                         and run.images.shape == ref_images.shape else None),
+                     **quality(spec, setup, labels, run),
                      "is_reference": spec.name == setup.reference and cache_name == "full"})
 
     def attempt(what: str, *args):
@@ -371,6 +483,7 @@ def run_benchmark(*, device="cpu", num_images: int = 64, batch: int = 16, repeat
     return {"machine": machine_description(device), "device": str(device), "load": load, "kv_profile": kv_profile,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "settings": {"num_images": num_images, "batch": batch, "repeats": repeats, "timed_runs": timed_runs,
+                         "prompts": next((s.prompts for s in setups if s.prompts), None),
                          "budgets": list(budgets), "compile": compile,
                          "seed": seed,
                          "sampler_settings": {spec.name: {**spec.defaults(), **setup.settings_for(spec.name)}

@@ -45,17 +45,24 @@ def to_markdown(report: dict) -> str:
              f"token agreement with the family's reference sampler for the same "
              f"seed. Brackets: 95% intervals (bootstrap for fd, subset spread for kid). Peak memory is {'CUDA peak allocation' if report['device'].startswith('cuda') else 'process peak RSS (includes Python and torch; compare rows)'}.",
              "", *([f"**Warning:** {report['warning']}", ""] if report.get("warning") else []),
+             "`KV live` = peak K/V bytes of live tokens (`KV cache` = allocated); `PSNR` = compressed-cache images vs "
+             "the full cache's (same seed); `NLL` = next-token NLL of the samples under the processed distribution; "
+             "`attr` = share of text-to-image samples whose colour and shape the attribute classifier finds as "
+             "prompted.",
+             "",
              "| family | sampler | cache | budget | passes | images/s | latency (s) | peak mem (MiB) | KV cache (MiB) "
-             "| fd ↓ | kid×1e3 ↓ | agree |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| KV live (MiB) | fd ↓ | kid×1e3 ↓ | agree | PSNR (dB) | NLL | attr |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         name = f"**{r['sampler']}**" if r.get("is_reference") else r["sampler"]
         name += " (compiled)" if r.get("compiled") else ""
         lines.append(f"| {r['family']} | {name} | {r['cache']} | {_num(r['budget'], '{:.0%}')} | {r['passes']} | "
                      f"{r['images_per_s']:.1f} | {r['latency_s']:.4f} | {_mib(r['peak_mem_bytes'])} | "
-                     f"{_mib(r['cache_bytes'])} | {_with_interval(r['fd'], r.get('fd_ci95'), '{:.3f}')} | "
+                     f"{_mib(r['cache_bytes'])} | {_mib(r.get('kv_live_bytes'))} | "
+                     f"{_with_interval(r['fd'], r.get('fd_ci95'), '{:.3f}')} | "
                      f"{_with_interval(r.get('kid'), r.get('kid_ci95'), '{:.2f}', 1e3)} | "
-                     f"{_num(r['token_agreement'], '{:.3f}')} |")
+                     f"{_num(r['token_agreement'], '{:.3f}')} | {_num(r.get('psnr_vs_full_db'), '{:.2f}')} | "
+                     f"{_num(r.get('nll'), '{:.3f}')} | {_num(r.get('attr_acc'), '{:.3f}')} |")
     lines += ["", "References (bold rows are the reference samplers; their `fd` is the noise floor when the reference "
               "is the same sampler with another seed):", ""]
     lines += [f"- {fam}: {desc}" for fam, desc in report["references"].items()]

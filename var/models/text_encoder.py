@@ -192,6 +192,29 @@ class TextEncoder:
         return PromptEmbeddings(feats, mask.sum(-1).long(), tuple(prompts))
 
 
+def random_t5_encoder(words: Sequence[str], *, seed: int = 0, d_model: int = 16, max_length: int = 16,
+                      name: str = "tiny-t5") -> TextEncoder:
+    """A random-weight ``T5EncoderModel`` (gated-GELU like flan-t5, 2 layers) built from a ``transformers`` config,
+    with a word-level tokenizer over ``words`` (others map to ``<unk>``): nothing is downloaded. For tests and CPU
+    benchmarks of the text-to-image families, never for images."""
+    transformers = require_transformers()
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(["<pad>", "</s>", "<unk>", *words]))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>",
+                                                     unk_token="<unk>")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        config = transformers.T5Config(vocab_size=len(vocab), d_model=d_model, d_kv=4, num_heads=4,
+                                       d_ff=2 * d_model, num_layers=2, feed_forward_proj="gated-gelu",
+                                       relative_attention_num_buckets=8, relative_attention_max_distance=16)
+        model = transformers.T5EncoderModel(config)
+    return TextEncoder(model, tokenizer, max_length=max_length, name=name)
+
+
 def _version_tuple(version: str) -> tuple[int, ...]:
     parts = []
     for p in version.split(".")[:2]:
