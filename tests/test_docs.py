@@ -61,13 +61,15 @@ def test_readme_relative_links_resolve():
     assert not broken, f"README links that do not resolve: {broken}"
 
 
-def test_readme_quick_start_runs(capsys, monkeypatch):
+def test_readme_quick_start_runs(capsys, monkeypatch, tmp_path):
     # as on a user's CPU: conftest's TRITON_INTERPRET=1 would route the compressed cache through the slow interpreter
     monkeypatch.setenv("VAR_KERNELS", "torch")
+    monkeypatch.chdir(tmp_path)  # it writes var_grid.png
     code = code_block(README, "## Quick start")
     exec(compile(code, "README.md quick start", "exec"), {"__name__": "readme_quick_start"})
     out = capsys.readouterr().out
     assert out.count("torch.Size([4, 3, 32, 32])") == 2, out
+    assert (tmp_path / "var_grid.png").stat().st_size > 0
 
 
 def test_training_quick_start_commands_run(tmp_path, monkeypatch):

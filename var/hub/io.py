@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from var.errors import CheckpointError, CheckpointMismatchError, NonFiniteWeightsError, VarError
+from var.errors import CheckpointError, CheckpointMismatchError, ConfigError, NonFiniteWeightsError, VarError
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
@@ -256,3 +256,15 @@ def load_pretrained(directory: str | os.PathLike, *, device="cpu") -> nn.Module:
     module = build_on_meta(cls, config_from_dict(config_cls, meta["config"], directory / CONFIG_NAME))
     load_strict(module, read_state_dict(directory), f"{cls.__name__} saved in {directory}")
     return module.to(device).eval()
+
+
+def bundled_pair(first, second, names: tuple[str, str], bundle_dir, what: str):
+    """``(first, second)`` paths, or the bundled ``tokenizer`` / ``transformer`` directories when both are None
+    (``bundle_dir``: :mod:`var.assets`' directory of that bundle, None when it is not installed)."""
+    if first is None and second is None:
+        if bundle_dir is None:
+            raise ConfigError(f"no bundled {what} is installed: give the {names[0]} and {names[1]} files")
+        return bundle_dir / "tokenizer", bundle_dir / "transformer"
+    if first is None or second is None:
+        raise ConfigError(f"give both {names[0]} and {names[1]} (or neither, for the bundled {what})")
+    return first, second

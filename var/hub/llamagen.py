@@ -25,7 +25,7 @@ import torch
 
 from var.errors import CheckpointError, CheckpointMismatchError, ConfigError
 from var.hub.download import resolve_checkpoint
-from var.hub.io import (build_on_meta, count_indexed, expect_type, load_pretrained, load_strict, read_state_dict,
+from var.hub.io import (build_on_meta, bundled_pair, count_indexed, expect_type, load_pretrained, load_strict, read_state_dict,
                         require_keys)
 from var.models.gpt import GPT, GPTConfig
 from var.models.gpt_presets import GPT_SIZES
@@ -184,11 +184,14 @@ def load_llamagen_vq(path: str | os.PathLike, *, image_size: int | None = None, 
     return vq.to(device).eval().requires_grad_(False)
 
 
-def load_llamagen(vq_path, gpt_path, *, image_size: int | None = None, n_head: int | None = None,
+def load_llamagen(vq_path=None, gpt_path=None, *, image_size: int | None = None, n_head: int | None = None,
                   norm_groups: int | None = None, device="cpu"):
     """``(vq, gpt)`` for sampling, both strict. ``image_size`` sets the GPT's token grid; without it a GPT file
     takes its released name's and a directory its saved grid, which must match a VQ directory's image size.
-    ``n_head`` / ``norm_groups`` are the head and GroupNorm counts of non-released ``.pt`` files."""
+    ``n_head`` / ``norm_groups`` are the head and GroupNorm counts of non-released ``.pt`` files.
+    ``load_llamagen()`` with no paths loads the bundled next-token model (``var/assets/ar_bundled``)."""
+    from var.assets import bundled_ar_dir
+    vq_path, gpt_path = bundled_pair(vq_path, gpt_path, ("vq_path", "gpt_path"), bundled_ar_dir(), "next-token model")
     vq = load_llamagen_vq(vq_path, image_size=image_size, norm_groups=norm_groups, device=device)
     if image_size is not None and image_size % vq.downsample:
         raise ConfigError(f"image_size {image_size} is not a multiple of the tokenizer's downsample {vq.downsample}")

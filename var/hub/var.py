@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from var.errors import CheckpointError, CheckpointMismatchError
 from var.hub.download import resolve_checkpoint
-from var.hub.io import (build_on_meta, count_indexed, expect_type, load_pretrained, load_strict, read_state_dict,
+from var.hub.io import (build_on_meta, bundled_pair, count_indexed, expect_type, load_pretrained, load_strict, read_state_dict,
                         require_keys)
 from var.models.registry import create
 from var.models.var_model import VAR, VARConfig
@@ -113,8 +113,12 @@ def load_var_tokenizer(path: str | os.PathLike, *, device="cpu", patch_nums=None
     return tok.to(device).eval().requires_grad_(False)
 
 
-def load_var(vae_path, var_path, *, device="cpu", depth: int | None = None, norm_groups: int | None = None):
-    """``(tokenizer, model)`` for sampling: strict loads, the model's schedule given to the tokenizer."""
+def load_var(vae_path=None, var_path=None, *, device="cpu", depth: int | None = None,
+             norm_groups: int | None = None):
+    """``(tokenizer, model)`` for sampling: strict loads, the model's schedule given to the tokenizer.
+    ``load_var()`` with no paths loads the bundled VAR (``var/assets/var_bundled``)."""
+    from var.assets import bundled_var_dir
+    vae_path, var_path = bundled_pair(vae_path, var_path, ("vae_path", "var_path"), bundled_var_dir(), "VAR")
     model = load_var_transformer(var_path, device=device, depth=depth)
     tok = load_var_tokenizer(vae_path, device=device, patch_nums=model.config.patch_nums, norm_groups=norm_groups)
     if tok.vocab_size != model.config.vocab_size or tok.embed_dim != model.config.latent_channels:

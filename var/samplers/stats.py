@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from var.errors import NonFiniteImagesError
+from var.errors import ConfigError, NonFiniteImagesError
 
 
 @dataclass
@@ -40,6 +40,21 @@ class SampleOutput:
     images: torch.Tensor | None
     tokens: object
     stats: SamplerStats
+
+    def save(self, path, *, nrow: int | None = None):
+        """Write the images as one grid PNG/JPEG at ``path`` (``nrow`` per row; default about the square root)."""
+        from var.utils.images import save_image_grid
+        return save_image_grid(self._decoded(), path, nrow=nrow)
+
+    def save_images(self, directory, start_index: int = 0):
+        """Write each image as a lossless ``{index:06d}.png`` into ``directory``; returns the paths."""
+        from var.utils.images import save_images
+        return save_images(self._decoded(), directory, start_index=start_index)
+
+    def _decoded(self) -> torch.Tensor:
+        if self.images is None:
+            raise ConfigError("this output has no images (sampled with decode=False): decode the tokens first")
+        return self.images.float().cpu()
 
     def __post_init__(self):
         # NaN/inf decoder weights or codebook entries would otherwise be written as black images with exit 0
