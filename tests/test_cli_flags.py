@@ -53,3 +53,18 @@ def test_var_sample_refuses_compile_for_a_sampler_without_a_compiled_path(tmp_pa
     with pytest.raises(REFUSED, match="--compile"):
         sample_main(["--family", "ar", "--random-init", "--sampler", "zipar", "--classes", "1",
                      "--out", str(tmp_path / "g.png"), "--compile"])
+
+
+def test_var_sample_takes_class_names_and_images_per_class(tmp_path, caplog):
+    import logging
+
+    from var.cli.sample import class_labels, main
+    assert class_labels(["pink_star", "0"], per_class=2).tolist() == [9, 9, 0, 0]
+    with pytest.raises(ConfigError, match="red_disc, orange_square"):
+        class_labels(["purple_star"])
+    with pytest.raises(ConfigError, match="per-class"):
+        class_labels(["1"], per_class=0)
+    with caplog.at_level(logging.INFO):
+        assert main(["--random-init", "--device", "cpu", "--classes", "red_disc", "teal_hstripes", "--per-class",
+                     "2", "--out", str(tmp_path / "g.png"), "--out-dir", str(tmp_path / "pngs")]) == 0
+    assert "classes [0, 0, 5, 5]" in caplog.text and len(list((tmp_path / "pngs").iterdir())) == 4

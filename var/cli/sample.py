@@ -53,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampler_arguments(p, sampler_default_help="default: next_scale, or next_token with --family ar")
     add_cache_arguments(p)
     gen = p.add_argument_group("what to sample")
-    gen.add_argument("--classes", type=int, nargs="*", help="class ids (default: --num-images random classes)")
+    gen.add_argument("--classes", nargs="*", metavar="CLASS",
+                     help="class ids, or names of the procedural shapes classes of the bundled models (red_disc, "
+                          "orange_square, ..., pink_star) (default: --num-images random classes)")
+    gen.add_argument("--per-class", type=int, default=1, help="images of each --classes entry (default 1)")
     gen.add_argument("--prompt", action="append", default=None,
                      help="text prompt (repeatable): samples the bundled text-to-image model (--family ar)")
     gen.add_argument("--prompts-file", help="text prompts, one per line (empty lines are an error)")
@@ -168,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         if models.get("tokenizer") is None:
             raise ConfigError("give --vq: the tokenizer that decodes the sampled tokens")
         if args.classes:
-            labels = torch.tensor(args.classes, dtype=torch.long)
+            labels = class_labels(args.classes, args.per_class)
         else:
             labels = torch.randint(0, num_classes_of(models), (args.num_images or 16,),
                                    generator=torch.Generator().manual_seed(args.seed))
@@ -253,6 +256,24 @@ def sample_infinity_main(args) -> int:
     if args.out_dir:
         log.info("wrote %d PNGs to %s", len(images), Path(args.out_dir))
     return 0
+
+
+def class_labels(classes: list[str], per_class: int = 1) -> torch.Tensor:
+    """``--classes`` (ids, or names of the procedural shapes classes) as ids, each repeated ``per_class`` times."""
+    from var.train.data import SHAPE_CLASSES
+    names = [c.name for c in SHAPE_CLASSES]
+    if per_class < 1:
+        raise ConfigError(f"--per-class must be >= 1, got {per_class}")
+    ids = []
+    for value in classes:
+        if value.lstrip("-").isdigit():
+            ids.append(int(value))
+        elif value in names:
+            ids.append(names.index(value))
+        else:
+            raise ConfigError(f"--classes {value!r} is neither a class id nor a class name; names (the procedural "
+                              f"shapes dataset of the bundled models): {', '.join(names)}")
+    return torch.tensor(ids, dtype=torch.long).repeat_interleave(per_class)
 
 
 def check_outputs(args) -> None:
