@@ -235,7 +235,8 @@ def sample_infinity_main(args) -> int:
     cache = make_cache_from_arguments(
         SAMPLERS["infinity"], args, {"model": model, "vae": vae}, desc,
         calibrate_on=lambda: calibrate_text_model({"model": model, "vae": vae}, encode(prompts[:CALIBRATION_CLASSES]),
-                                                  {"h_div_w": args.h_div_w, "pixels": args.pixels}, args.seed))
+                                                  {**settings, "h_div_w": args.h_div_w, "pixels": args.pixels},
+                                                  args.seed))
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     images, passes = [], 0
     for start in tqdm(range(0, len(prompts), args.batch_size), desc=f"sampling {desc}", unit="batch"):

@@ -342,7 +342,7 @@ def _profile(spec: SamplerSpec, args, models: dict, desc: str, calibrate_on):
 
 
 def calibrate_text_model(models: dict, text, settings: dict, seed: int):
-    """``--kv-profile calibrate`` for Infinity: one full-cache run over ``text`` at the sampling run's schedule."""
+    """``--kv-profile calibrate`` for Infinity: one full-cache run over ``text`` with the sampling run's settings
+    (its schedule, guidance and temperatures)."""
     from var.samplers.infinity import calibrate_infinity
-    at_schedule = {k: settings[k] for k in ("h_div_w", "pixels") if k in settings}
-    return calibrate_infinity(models["model"], models["vae"], text, seed=seed, **at_schedule)
+    return calibrate_infinity(models["model"], models["vae"], text, seed=seed, **settings)
