@@ -1,6 +1,7 @@
 """Issue 13: a command-line flag that the chosen sampler (or command) does not use is an error naming the flag,
 never silently ignored."""
 import pytest
+import torch
 
 from var.cli.eval import main as eval_main
 from var.cli.sample import main as sample_main
@@ -68,3 +69,18 @@ def test_var_sample_takes_class_names_and_images_per_class(tmp_path, caplog):
         assert main(["--random-init", "--device", "cpu", "--classes", "red_disc", "teal_hstripes", "--per-class",
                      "2", "--out", str(tmp_path / "g.png"), "--out-dir", str(tmp_path / "pngs")]) == 0
     assert "classes [0, 0, 5, 5]" in caplog.text and len(list((tmp_path / "pngs").iterdir())) == 4
+
+
+def test_var_sample_writes_labels_under_the_grid_tiles(tmp_path):
+    from PIL import Image
+
+    from var.cli.sample import class_names, main
+    assert class_names(torch.tensor([0, 9]), 10) == ["red_disc", "pink_star"]
+    assert class_names(torch.tensor([3]), 1000) == ["3"]
+    argv = ["--random-init", "--device", "cpu", "--classes", "0", "1", "2", "--nrow", "3"]
+    main([*argv, "--out", str(tmp_path / "plain.png")])
+    main([*argv, "--labels", "--out", str(tmp_path / "labelled.png")])
+    plain, labelled = Image.open(tmp_path / "plain.png"), Image.open(tmp_path / "labelled.png")
+    assert labelled.width == plain.width and labelled.height == plain.height + 12  # one caption strip per row
+    strip = torch.from_numpy(__import__("numpy").asarray(labelled)[plain.height - 2:])
+    assert int(strip.max()) > 200  # light text in the strip

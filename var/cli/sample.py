@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--out", default="samples.png", help="grid PNG path (default samples.png)")
     out.add_argument("--out-dir", help="also write each image as a PNG into this folder (default: none)")
     out.add_argument("--nrow", type=int, default=None, help="images per grid row (default: about the square root)")
+    out.add_argument("--labels", action="store_true",
+                     help="write each image's class (name for the bundled models' classes, else id) or prompt "
+                          "under its grid tile")
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     out.add_argument("--device", default=default_device, help=f"torch device (default {default_device})")
     out.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
@@ -192,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.out_dir:
             save_images(images[-1], args.out_dir, start_index=start)
     images = torch.cat(images)
-    path = save_image_grid(images, args.out, nrow=args.nrow)
+    captions = (list(labels) if text_encoder is not None else class_names(labels, num_classes_of(models))
+                ) if args.labels else None
+    path = save_image_grid(images, args.out, nrow=args.nrow, labels=captions)
     what = f"prompts {labels}" if text_encoder is not None else f"classes {labels.tolist()}"
     log.info("wrote %s (%d images, %s, %s sampler, %d forward passes)", path, len(images), what, spec.name, passes)
     if args.out_dir:
@@ -251,7 +256,7 @@ def sample_infinity_main(args) -> int:
         if args.out_dir:  # each batch's PNGs as soon as it is done: a kill keeps what was sampled
             save_images(images[-1], args.out_dir, start_index=start)
     images = torch.cat(images)
-    path = save_image_grid(images, args.out, nrow=args.nrow)
+    path = save_image_grid(images, args.out, nrow=args.nrow, labels=prompts if args.labels else None)
     log.info("wrote %s (%d images of %dx%d px, %d forward passes)", path, len(images), images.shape[-2],
              images.shape[-1], passes)
     if args.out_dir:
@@ -275,6 +280,14 @@ def class_labels(classes: list[str], per_class: int = 1) -> torch.Tensor:
             raise ConfigError(f"--classes {value!r} is neither a class id nor a class name; names (the procedural "
                               f"shapes dataset of the bundled models): {', '.join(names)}")
     return torch.tensor(ids, dtype=torch.long).repeat_interleave(per_class)
+
+
+def class_names(labels_B: torch.Tensor, num_classes: int) -> list[str]:
+    """Captions of class ids: the procedural shapes names for a model with their class count, else the ids."""
+    from var.train.data import SHAPE_CLASSES
+    if num_classes == len(SHAPE_CLASSES):
+        return [SHAPE_CLASSES[i].name if 0 <= i < num_classes else str(i) for i in labels_B.tolist()]
+    return [str(i) for i in labels_B.tolist()]
 
 
 def check_outputs(args) -> None:

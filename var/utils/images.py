@@ -60,13 +60,35 @@ def save_image_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
 
 
 def save_image_grid(images_B3HW: torch.Tensor, path: str | os.PathLike, nrow: int | None = None,
-                    min_side: int = 256) -> Path:
-    """Save a grid image; small images are enlarged (nearest) so the grid is at least ``min_side`` px wide."""
+                    min_side: int = 256, labels: list[str] | None = None) -> Path:
+    """Save a grid image; small images are enlarged (nearest) so the grid is at least ``min_side`` px wide.
+    ``labels``: one caption per image, written under its tile (cut to the tile's width)."""
     grid = Image.fromarray(make_grid(images_B3HW, nrow))
-    if grid.width < min_side:
-        factor = math.ceil(min_side / grid.width)
-        grid = grid.resize((grid.width * factor, grid.height * factor), Image.NEAREST)
+    factor = math.ceil(min_side / grid.width) if grid.width < min_side else 1
+    grid = grid.resize((grid.width * factor, grid.height * factor), Image.NEAREST)
+    if labels is not None:
+        if len(labels) != len(images_B3HW):
+            raise ConfigError(f"{len(labels)} labels for {len(images_B3HW)} images")
+        grid = _with_labels(grid, labels, images_B3HW.shape[-1], nrow or math.ceil(math.sqrt(len(labels))), factor)
     return save_image_atomic(grid, path)
+
+
+def _with_labels(grid: Image.Image, labels: list[str], side: int, nrow: int, factor: int,
+                 padding: int = 2, strip: int = 12) -> Image.Image:
+    """``grid`` (tiles of ``side`` px, ``padding`` apart, enlarged ``factor`` times) with a caption strip under
+    every row of tiles."""
+    from PIL import ImageDraw
+    step, rows = (side + padding) * factor, math.ceil(len(labels) / nrow)
+    out = Image.new("RGB", (grid.width, grid.height + rows * strip))
+    draw = ImageDraw.Draw(out)
+    max_chars = max(1, side * factor // 6)  # PIL's default bitmap font is about 6 px per character
+    for r in range(rows):
+        top = r * (step + strip)
+        out.paste(grid.crop((0, r * step, grid.width, (r + 1) * step + padding * factor)), (0, top))
+        for c, text in enumerate(labels[r * nrow:(r + 1) * nrow]):
+            draw.text((padding * factor + c * step, top + step + padding * factor - 1), text[:max_chars],
+                      fill=(230, 230, 230))
+    return out
 
 
 def save_images(images_B3HW: torch.Tensor, directory: str | os.PathLike, start_index: int = 0) -> list[Path]:
