@@ -7,7 +7,9 @@
 #   bash scripts/gpu_suite.sh --dry-run       # CPU, < 1 min: gpu tests' bodies on the CPU + tiny benchmarks
 #   bash scripts/gpu_suite.sh --original third_party/VAR   # also the original VAR sampler on the same weights
 #
-# Runs on the machine's own torch/triton: installs nothing but this package (pip install --no-deps -e .).
+# Runs on the machine's own torch/triton: installs nothing but this package (pip install --no-deps -e ., without
+# build isolation: the GPU machine has no network to fetch setuptools). The interpreter is $PYTHON, else python3
+# (the GPU image's plain `python3` holds its torch; a bare `python` may be another one or missing).
 # Tables: benchmarks/gpu/*.md + .json (dry run: a temporary folder). Code: var/eval/gpu_suite.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +25,7 @@ while [ $# -gt 0 ]; do
   shift
 done
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PIP_DISABLE_PIP_VERSION_CHECK=1
+py="${PYTHON:-python3}"
 status=()
 finish() {  # the one short table, printed last whatever happened
   echo
@@ -46,16 +49,17 @@ tier() {  # tier NAME CMD...: a tier stops at its own first failure (-x), the ne
 }
 if [ "$dry" = 1 ]; then
   out="$(mktemp -d)"
-  step "python imports var" python -c "import var, var.eval.gpu_suite"
+  step "python imports var" "$py" -c "import var, var.eval.gpu_suite"
   tier "gpu tests (bodies on the CPU)" env VAR_GPU_TESTS_ON_CPU=1 VAR_KERNELS=torch \
-    python -m pytest -q -x -p no:cacheprovider -m gpu tests/gpu
-  tier "benchmarks $tier (tiny, CPU)" python -m var.eval.gpu_suite --tier "$tier" --dry-run --out "$out" "${original[@]}"
+    "$py" -m pytest -q -x -p no:cacheprovider -m gpu tests/gpu
+  tier "benchmarks $tier (tiny, CPU)" "$py" -m var.eval.gpu_suite --tier "$tier" --dry-run --out "$out" "${original[@]}"
   status+=("| reports | $(ls "$out" | tr '\n' ' ') |")
   exit "$failed"
 fi
 unset TRITON_INTERPRET  # compiled kernels
-step "install (no deps)" pip install -q --no-deps -e .
-step "environment" python -c "import torch, triton, platform; print('GPU', torch.cuda.get_device_name(0), '| torch', torch.__version__, '| triton', triton.__version__, '| CUDA', torch.version.cuda, '| Python', platform.python_version())"
-tier "gpu tests" python -m pytest -q -x -p no:cacheprovider -m gpu tests/gpu
-tier "benchmarks $tier" python -m var.eval.gpu_suite --tier "$tier" --out "$out" "${original[@]}"
+# PYTHONPATH already imports the checkout: a failed install (say, an old setuptools) costs the console scripts only
+tier "install (no deps)" "$py" -m pip install -q --no-deps --no-build-isolation -e .
+step "environment" "$py" -c "import torch, triton, platform; print('GPU', torch.cuda.get_device_name(0), '| torch', torch.__version__, '| triton', triton.__version__, '| CUDA', torch.version.cuda, '| Python', platform.python_version())"
+tier "gpu tests" "$py" -m pytest -q -x -p no:cacheprovider -m gpu tests/gpu
+tier "benchmarks $tier" "$py" -m var.eval.gpu_suite --tier "$tier" --out "$out" "${original[@]}"
 exit "$failed"
