@@ -23,7 +23,7 @@ setup(
         # the same pip command line (docs/install.md, "Evaluation extra"), or pip upgrades torch to the newest
         "eval": ["torch-fidelity>=0.4", "scipy"],
         "t2i": ["transformers>=4.40", "tokenizers", "sentencepiece"],  # text encoder of Infinity / LlamaGen T2I
-        "dev": ["pytest", "scipy", "triton==3.9.0", "mkdocs>=1.6", "mkdocstrings[python]>=0.28", "transformers>=4.40",
+        "dev": ["pytest", "scipy", "triton==3.8.0", "mkdocs>=1.6", "mkdocstrings[python]>=0.28", "transformers>=4.40",
                 "tokenizers"],
     },
     entry_points={
