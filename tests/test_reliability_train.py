@@ -126,6 +126,54 @@ def test_resume_auto_without_a_usable_checkpoint_does_not_duplicate_metric_rows(
     assert [int(r.split(",")[0]) for r in rows[1:]] == [1, 2]
 
 
+@pytest.mark.parametrize("where", ["model", "optimizer"])
+@pytest.mark.parametrize("resume", ["auto", "path"])
+def test_resume_refuses_a_checkpoint_with_non_finite_tensors(tmp_path, where, resume):
+    from var.errors import NonFiniteWeightsError
+    from var.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+    _trainer(tmp_path, steps=2).fit()
+    path = list_checkpoints(tmp_path)[0]
+    state = load_checkpoint(path)
+    if where == "model":
+        name = "head.weight"
+        state["model"][name][0, 0] = float("nan")
+    else:  # AdamW's second moment of the first parameter of the first group
+        index = state["optimizer"]["param_groups"][0]["params"][0]
+        state["optimizer"]["state"][index]["exp_avg_sq"][..., 0] = float("inf")
+        trainer = _trainer(tmp_path / "names")
+        name = next(n for n, p in trainer.model.named_parameters()
+                    if p is trainer.optimizer.param_groups[0]["params"][0]) + ".exp_avg_sq"
+    save_checkpoint(state, path)
+    resumed = _trainer(tmp_path, steps=4, resume="auto" if resume == "auto" else str(path))
+    with pytest.raises(NonFiniteWeightsError, match=rf"{path.name}.*{where}\.{name}"):
+        resumed.fit()
+    assert resumed.step == 0 and list_checkpoints(tmp_path) == [path]  # nothing trained, nothing written
+
+
+def test_a_diverged_step_stops_training_before_a_non_finite_checkpoint_is_written(tmp_path):
+    """A finite loss with NaN gradients (here: d sqrt(x)/dx at 0) would put NaN into every weight; the run stops
+    at that step, so the last checkpoint is finite and a resume continues from it."""
+    from var.train.checkpoint import list_checkpoints, load_checkpoint
+    trainer = _trainer(tmp_path, steps=4, ckpt_every=1, keep_checkpoints=5)
+    objective_forward = trainer.objective.forward
+
+    def poisoned(model, batch):
+        loss, metrics = objective_forward(model, batch)
+        if trainer.step == 2:
+            first = next(p for p in model.parameters() if p.requires_grad)
+            loss = loss + (first * 0).sum().sqrt()  # value 0, gradient 0 * inf = NaN
+        return loss, metrics
+    trainer.objective.forward = poisoned
+    with pytest.raises(FloatingPointError, match="step 2"):
+        trainer.fit()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_00000002.pt", "ckpt_00000001.pt"]
+    state = load_checkpoint(list_checkpoints(tmp_path)[0])
+    assert all(torch.isfinite(state["model"][name]).all() for name, _ in trainer.model.named_parameters())
+    resumed = _trainer(tmp_path, steps=4, ckpt_every=1, keep_checkpoints=5, resume="auto")
+    resumed.fit()
+    assert resumed.step == 4 and all(torch.isfinite(p).all() for p in resumed.model.parameters())
+
+
 def _folder_with_a_truncated_png(root):
     import numpy as np
     from PIL import Image

@@ -112,25 +112,35 @@ def read_state_dict(path: str | os.PathLike, key: str | None = None) -> dict[str
 
 
 # ---- strict loading -----------------------------------------------------------------------------------------
-def check_finite_weights(module: nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> None:
-    """Raise :class:`NonFiniteWeightsError` naming every tensor of ``state_dict`` with NaN or infinite values.
-
-    Parameters must be finite. Buffers may hold ``-inf`` (additive attention masks such as VAR's
-    ``attn_bias_for_masking`` mark blocked positions with it) but never NaN or ``+inf``.
-    """
-    buffers = {name for name, _ in module.named_buffers()}
+def non_finite_tensors(tensors: dict[str, torch.Tensor], buffers=frozenset()) -> list[str]:
+    """``"name (n NaN, m inf of N)"`` of every floating-point tensor holding NaN or infinite values; the names in
+    ``buffers`` may hold ``-inf`` (additive attention masks such as VAR's ``attn_bias_for_masking`` mark blocked
+    positions with it) but never NaN or ``+inf``."""
     bad = []
-    for key, t in state_dict.items():
-        if t.is_meta or not t.is_floating_point():
+    for key, t in tensors.items():
+        if not torch.is_tensor(t) or t.is_meta or not t.is_floating_point():
             continue
         nan, inf = int(t.isnan().sum()), int(t.isinf().sum())
         if key in buffers:
             inf = int((t == float("inf")).sum())
         if nan or inf:
             bad.append(f"{key} ({nan} NaN, {inf} inf of {t.numel()})")
+    return bad
+
+
+def raise_non_finite(bad: list[str], what: str) -> None:
+    """Raise :class:`NonFiniteWeightsError` naming the tensors of :func:`non_finite_tensors` (when any)."""
     if bad:
         shown = ", ".join(bad[:12]) + (f" ... (+{len(bad) - 12} more)" if len(bad) > 12 else "")
         raise NonFiniteWeightsError(f"{what} holds non-finite weights in {len(bad)} tensor(s): {shown}")
+
+
+def check_finite_weights(module: nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> None:
+    """Raise :class:`NonFiniteWeightsError` naming every tensor of ``state_dict`` with NaN or infinite values.
+
+    Parameters must be finite; buffers of ``module`` may hold ``-inf`` (:func:`non_finite_tensors`).
+    """
+    raise_non_finite(non_finite_tensors(state_dict, {name for name, _ in module.named_buffers()}), what)
 
 
 def load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> nn.Module:

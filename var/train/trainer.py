@@ -471,6 +471,22 @@ class Trainer:
                               f"Only {', '.join(TrainConfig.RESUMABLE_CHANGES)} may change on a resume; use the "
                               f"original settings, or start a new run in another --out-dir")
 
+    def check_finite_state(self, state: dict, path) -> None:
+        """Refuse a checkpoint whose model, optimizer or EMA state holds NaN or infinite values (training on from
+        it would only produce NaNs): :class:`NonFiniteWeightsError` naming the file and each tensor."""
+        from var.hub.io import non_finite_tensors, raise_non_finite
+        bad = [f"model.{entry}" for entry in non_finite_tensors(
+            state["model"], {name for name, _ in self.model.named_buffers()})]
+        ordered = [p for group in self.optimizer.param_groups for p in group["params"]]
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        param_names = {i: names.get(id(p), str(i)) for i, p in enumerate(ordered)}
+        for key, slots in state["optimizer"].get("state", {}).items():  # keyed by index, or by name under FSDP
+            name = key if isinstance(key, str) else param_names.get(key, str(key))
+            bad += [f"optimizer.{name}.{entry}" for entry in non_finite_tensors(slots)]
+        if state.get("ema"):
+            bad += [f"ema.{entry}" for entry in non_finite_tensors(state["ema"]["shadow"])]
+        raise_non_finite(bad, f"training checkpoint {path}")
+
     def load_state_dict(self, state: dict) -> None:
         if state["world_size"] != self.env.world_size:
             raise CheckpointError(f"checkpoint was written by {state['world_size']} ranks; this run has "
@@ -521,6 +537,7 @@ class Trainer:
             path, state = found
         else:
             path, state = Path(resume), load_checkpoint(resume)
+        self.check_finite_state(state, path)
         self.check_resume_settings(state, path)
         self.load_state_dict(state)
         self._apply_schedule_length()
@@ -587,6 +604,10 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.clip_grad if config.clip_grad > 0 else float("inf"))
+        grad_norm = float(_full(grad_norm)) if torch.is_tensor(grad_norm) else float(grad_norm)
+        if not math.isfinite(grad_norm) and not self.scaler.is_enabled():  # (fp16: the scaler skips the step)
+            # the optimizer step would write NaN into the weights and the next checkpoint would keep them
+            raise FloatingPointError(f"non-finite gradient norm {grad_norm} at step {self.step}")
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -594,7 +615,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model)
         sums.update(self.objective.after_step(self.step))
-        sums["grad_norm"] = float(_full(grad_norm)) if torch.is_tensor(grad_norm) else float(grad_norm)
+        sums["grad_norm"] = grad_norm
         self.step += 1
         return sums
 
