@@ -3,6 +3,7 @@ from pathlib import Path
 
 import torch
 
+from helpers import key_spec
 from var.tokenizers.bsq_vae import BSQVAE, BSQVAEConfig
 from var.utils.scales import ScaleSchedule
 
@@ -17,13 +18,8 @@ def tiny_vae(seed: int = 0, codebook_dim: int = 6) -> BSQVAE:
 
 
 def spec_state_dict(filename: str) -> dict:
-    """Meta tensors with the keys/shapes of a key dump (``key (shape)`` per line)."""
-    sd = {}
-    for line in (DATA / filename).read_text().splitlines():
-        if line.strip():
-            key, shape = line.split(" ", 1)
-            sd[key] = torch.empty(eval(shape), device="meta")
-    return sd
+    """Meta tensors with the keys/shapes of a released key dump in ``tests/data/infinity``."""
+    return key_spec(DATA / filename)
 
 
 def tiny_infinity(seed: int = 0, **overrides):

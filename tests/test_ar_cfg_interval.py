@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from var.errors import ConfigError
-from var.models import GPT, GPTConfig, create
+from helpers import tiny_gpt
+from var.models import create
 from var.models import nar_ctf_presets  # noqa: F401  (registers nar_tiny)
 from var.samplers.jacobi import sample_sjd
 from var.samplers.logits import apply_cfg
@@ -16,10 +17,7 @@ CFG, LABELS = 4.0, torch.tensor([0, 3, 7])
 
 @pytest.fixture(scope="module")
 def gpt():
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(dim=64, n_layer=2, n_head=4, multiple_of=32, num_classes=10, vocab_size=64, grid_size=4))
-    torch.nn.init.normal_(model.output.weight, std=0.5)
-    return model.eval()
+    return tiny_gpt(output_std=0.5)
 
 
 def teacher_forced_argmax(model, tokens, guided_N):

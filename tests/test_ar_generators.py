@@ -6,7 +6,8 @@ so a sample's random stream does not depend on which other samples share its bat
 import pytest
 import torch
 
-from var.models import GPT, GPTConfig, create
+from helpers import tiny_gpt
+from var.models import create
 from var.samplers.jacobi import sample_gsd, sample_lantern, sample_mcsjd, sample_sjd
 from var.samplers.neighbor import sample_zipar
 from var.samplers.next_token import sample_next_token
@@ -16,10 +17,7 @@ SEEDS, LABELS = (3, 5, 8), [1, 7, 4]
 
 @pytest.fixture(scope="module")
 def pair():
-    torch.manual_seed(0)
-    gpt = GPT(GPTConfig(dim=64, n_layer=2, n_head=4, multiple_of=32, num_classes=10, vocab_size=64, grid_size=4))
-    torch.nn.init.normal_(gpt.output.weight, std=0.3)
-    return gpt.eval(), create("vq_tiny").eval()
+    return tiny_gpt(), create("vq_tiny").eval()
 
 
 SAMPLERS = {

@@ -4,7 +4,8 @@ The output distribution of one position is computed in closed form from the rule
 import pytest
 import torch
 
-from var.models import GPT, GPTConfig, create
+from helpers import tiny_gpt
+from var.models import create
 from var.samplers import jacobi
 from var.samplers.jacobi import LanternAcceptance, sample_lantern
 
@@ -59,9 +60,7 @@ def test_carried_drafts_break_the_bound():
 
 
 def test_lantern_in_sjd_records_every_draft_one_hot(monkeypatch):
-    torch.manual_seed(0)
-    gpt = GPT(GPTConfig(dim=64, n_layer=2, n_head=4, multiple_of=32, num_classes=10, vocab_size=64, grid_size=4))
-    torch.nn.init.normal_(gpt.output.weight, std=0.3)
+    gpt = tiny_gpt()
     vq = create("vq_tiny").eval()
     seen = []
     original = LanternAcceptance.ratio_and_residual

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from var.errors import ConfigError
-from var.models import GPT, GPTConfig, create
+from helpers import tiny_gpt
+from var.models import create
 from var.samplers.jacobi import (ExactAcceptance, GroupedAcceptance, LanternAcceptance, sample_gsd, sample_lantern,
                                  sample_sjd)
 from var.samplers.neighbor import sample_zipar
@@ -13,10 +14,7 @@ from var.samplers.next_token import sample_next_token
 
 @pytest.fixture(scope="module")
 def pair():
-    torch.manual_seed(0)
-    gpt = GPT(GPTConfig(dim=64, n_layer=2, n_head=4, multiple_of=32, num_classes=10, vocab_size=64, grid_size=4))
-    torch.nn.init.normal_(gpt.output.weight, std=0.3)
-    return gpt.eval(), create("vq_tiny").eval()
+    return tiny_gpt(), create("vq_tiny").eval()
 
 
 KNOBS = dict(cfg_scale=2.0, top_k=20, top_p=0.95, temperature=1.1)
@@ -81,10 +79,7 @@ def test_bad_knobs_raise():
 
 
 def test_zipar_full_window_is_next_token_and_steps_follow_the_schedule():
-    torch.manual_seed(0)
-    gpt = GPT(GPTConfig(dim=64, n_layer=2, n_head=4, multiple_of=32, num_classes=10, vocab_size=64, grid_size=5))
-    torch.nn.init.normal_(gpt.output.weight, std=0.3)
-    gpt.eval()
+    gpt = tiny_gpt(grid_size=5)
     labels = torch.tensor([1, 5, 10])
     for seed in (0, 1):
         ref = sample_next_token(gpt, None, labels, generator=_gen(seed), **KNOBS)

@@ -1,8 +1,6 @@
 """LlamaGen text-to-image GPT: released key sets, caption prefix and padding mask, CFG null caption, feature
 files, and every next-token sampler conditioned on captions (SJD / MC-SJD exact, statistically)."""
 import argparse
-import itertools
-import math
 from pathlib import Path
 
 import numpy as np
@@ -20,19 +18,10 @@ from var.samplers.neighbor import sample_zipar
 from var.samplers.next_token import sample_next_token
 from var.samplers.registry import get_sampler
 
-from test_ar_exactness import ALPHA, chi_square_pvalue
+from helpers import chi_square_pvalue, exact_distribution, key_spec, preset_gpt
+from test_ar_exactness import ALPHA
 
 DATA = Path(__file__).parent / "data"
-
-
-def key_spec(filename: str) -> dict:
-    """Meta tensors from a ``key (shape)`` dump printed from the original LlamaGen modules."""
-    sd = {}
-    for line in (DATA / filename).read_text().splitlines():
-        if line.strip():
-            key, shape = line.split(" ", 1)
-            sd[key] = torch.empty(eval(shape), device="meta")
-    return sd
 
 
 def meta(name: str, **overrides):
@@ -41,10 +30,7 @@ def meta(name: str, **overrides):
 
 
 def tiny_t2i(seed=0, **overrides) -> GPTT2I:
-    torch.manual_seed(seed)
-    model = create("gpt_tiny_t2i", **overrides).eval()
-    torch.nn.init.normal_(model.output.weight, std=0.5)  # LlamaGen zero-inits the head: make logits matter
-    return model
+    return preset_gpt("gpt_tiny_t2i", seed, **overrides)
 
 
 def captions(lengths, dim=16, length=8, seed=0) -> CaptionCondition:
@@ -55,7 +41,7 @@ def captions(lengths, dim=16, length=8, seed=0) -> CaptionCondition:
 # ---- released key specifications ------------------------------------------------------------------------------
 @pytest.mark.parametrize("grid", [16, 32])  # t2i_XL_stage1_256.pt and t2i_XL_stage2_512.pt share one key set
 def test_released_t2i_xl_keys_load_strictly(grid):
-    sd = key_spec("llamagen_t2i_xl_keys.txt")
+    sd = key_spec(DATA / "llamagen_t2i_xl_keys.txt")
     assert len(sd) == 258 and tuple(sd["cls_embedding.uncond_embedding"].shape) == (120, 2048)
     config = gpt_config_from_state_dict(sd, grid_size=grid)
     assert isinstance(config, GPTT2IConfig)
@@ -66,7 +52,7 @@ def test_released_t2i_xl_keys_load_strictly(grid):
 
 
 def test_released_vq_ds16_t2i_keys_load_strictly():
-    sd = key_spec("llamagen_vq_ds16_t2i_keys.txt")
+    sd = key_spec(DATA / "llamagen_vq_ds16_t2i_keys.txt")
     assert len(sd) == 344
     config = vq_config_from_state_dict(sd)
     assert (config.codebook_size, config.codebook_embed_dim, config.z_channels, config.ch_mult) == (
@@ -75,7 +61,7 @@ def test_released_vq_ds16_t2i_keys_load_strictly():
 
 
 def test_c2i_and_t2i_files_are_not_interchangeable():
-    t2i = key_spec("llamagen_t2i_xl_keys.txt")
+    t2i = key_spec(DATA / "llamagen_t2i_xl_keys.txt")
     with pytest.raises(CheckpointMismatchError, match="cls_embedding.cap_proj.fc1.weight"):
         hub.load_strict(meta("gpt_xl"), t2i, "c2i XL")
     with pytest.raises(CheckpointMismatchError, match="uncond_embedding"):
@@ -221,18 +207,13 @@ def exact_model():
     return model.eval()
 
 
-def exact_t2i_distribution(model, cond, cfg_scale, temperature, top_k):
-    """``{sequence: probability}`` for one caption, by teacher forcing all V^N sequences (written out here)."""
-    seqs = torch.tensor(list(itertools.product(range(V), repeat=GRID * GRID)))
-    n = len(seqs)
-    rows = CaptionCondition(cond.features_BTC.expand(n, -1, -1), cond.mask_BT.expand(n, -1))
-    null = CaptionCondition(model.cls_embedding.uncond_embedding.expand(n, -1, -1), rows.mask_BT)
-    with torch.no_grad():
-        logits = (model(null, seqs) + cfg_scale * (model(rows, seqs) - model(null, seqs))) / temperature
-    kth = logits.sort(dim=-1, descending=True).values[..., top_k - 1:top_k]
-    logits = logits.masked_fill(logits < kth, -math.inf)
-    logp = logits.log_softmax(-1).gather(-1, seqs[..., None])[..., 0].sum(-1)
-    return {tuple(s.tolist()): p for s, p in zip(seqs, logp.exp().tolist())}
+def exact_t2i_distribution(model, cond, **settings):
+    """``{sequence: probability}`` for one caption (:func:`helpers.exact_distribution`; null caption: the model's
+    learned unconditional embedding under the caption's mask)."""
+    def rows(n):
+        caption = CaptionCondition(cond.features_BTC.expand(n, -1, -1), cond.mask_BT.expand(n, -1))
+        return caption, CaptionCondition(model.cls_embedding.uncond_embedding.expand(n, -1, -1), caption.mask_BT)
+    return exact_distribution(model, rows, **settings)
 
 
 @pytest.mark.parametrize("name, sampler, kwargs", [

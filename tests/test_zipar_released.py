@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from var.errors import ConfigError
-from var.models import GPT, GPTConfig
+from helpers import tiny_gpt
 from var.samplers.neighbor import released_schedule, sample_zipar
 
 
@@ -25,10 +25,7 @@ def test_released_rows_are_seeded_from_two_rows_above():
 
 
 def test_released_sampler_runs_the_schedule_and_zero_slots_matter():
-    torch.manual_seed(0)
-    gpt = GPT(GPTConfig(dim=64, n_layer=2, n_head=4, multiple_of=32, num_classes=10, vocab_size=64, grid_size=6))
-    torch.nn.init.normal_(gpt.output.weight, std=0.5)
-    gpt.eval()
+    gpt = tiny_gpt(output_std=0.5, grid_size=6)
     out = sample_zipar(gpt, None, [1, 2], schedule="released", window=2, cfg_scale=2.0, decode=False,
                        generator=torch.Generator().manual_seed(0))
     assert out.stats.forward_passes == 1 + 5 + len(released_schedule(6, 6, 2))

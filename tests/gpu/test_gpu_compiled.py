@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from helpers import HostReads, tiny_var_pair
-from var.models import create
+from helpers import HostReads, preset_gpt, tiny_var_pair
 from var.models.compiled import DecodeStep, decode_cache
 from var.samplers import sample_next_scale
 
@@ -65,10 +64,7 @@ def test_compiled_next_scale_sampling_matches_eager_and_replays_cuda_graphs(devi
 @torch.no_grad()
 def test_compiled_decode_step_matches_eager_and_replays_cuda_graphs(device):
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    gpt = create("gpt_tiny").eval()
-    torch.nn.init.normal_(gpt.output.weight, std=0.5)
-    gpt = gpt.to(device)
+    gpt = preset_gpt().to(device)
     labels = torch.tensor([1, 2, 3], device=device)
     idx = torch.randint(0, gpt.vocab_size, (3, gpt.seq_len), device=device)
     skips0 = counters["inductor"]["cudagraph_skips"]
@@ -110,10 +106,7 @@ def test_compiled_next_token_sampling_matches_eager_and_synchronises_twice(devic
     from var.samplers import sample_next_token
 
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    gpt = create("gpt_tiny").eval()
-    torch.nn.init.normal_(gpt.output.weight, std=0.5)
-    gpt = gpt.to(device)
+    gpt = preset_gpt().to(device)
     labels = torch.tensor([1, 2, 3], device=device)
     skips0 = counters["inductor"]["cudagraph_skips"]
     for top_k in (1, 20):
@@ -135,10 +128,7 @@ def test_compiled_sjd_window_matches_eager_and_synchronises_once_per_pass(device
     from var.samplers import sample_sjd
 
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    gpt = create("gpt_tiny").eval()
-    torch.nn.init.normal_(gpt.output.weight, std=0.5)
-    gpt = gpt.to(device)
+    gpt = preset_gpt().to(device)
     labels = torch.tensor([1, 2, 3], device=device)
     skips0, graphs0 = counters["inductor"]["cudagraph_skips"], counters["stats"]["unique_graphs"]
     eager, compiled = (sample_sjd(gpt, None, labels, window=6, top_k=1, generator=gen(0), decode=False,
