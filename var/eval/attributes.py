@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from var.errors import CheckpointError
-from var.eval.classifier import (ClassifierConfig, ShapeClassifier, load_classifier, save_classifier,
-                                 warmup_cosine_schedule)
+from var.eval.classifier import ClassifierConfig, ShapeClassifier, fit_classifier, load_classifier, save_classifier
 from var.train.data import COLOURS, SHAPES, TEXTURES, Attributes
 
 log = logging.getLogger(__name__)
@@ -61,26 +60,14 @@ def train_attribute_classifier(dataset, *, steps: int = 800, batch_size: int = 1
     they would not change the labels, but keep the judge's input distribution the renderer's)."""
     images, attrs = dataset.tensors()
     targets = attribute_targets(attrs)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = ShapeClassifier(ClassifierConfig(num_classes=sum(HEADS), image_size=images.shape[-1]))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = warmup_cosine_schedule(opt, steps)
-    model.train()
-    for step in range(steps):
-        idx = torch.randint(0, len(images), (batch_size,), generator=gen)
+
+    def batch_loss(model, idx, gen):
         dx, dy = torch.randint(-2, 3, (2,), generator=gen).tolist()
-        x = torch.roll(images[idx], shifts=(dy, dx), dims=(2, 3))
-        heads = split_logits(model(x))
-        loss = sum(F.cross_entropy(h, targets[idx, k]) for k, h in enumerate(heads))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 100 == 0 or step == steps - 1:
-            log.info("attribute classifier step %d/%d loss %.4f", step, steps, loss.item())
-    return model.eval()
+        heads = split_logits(model(torch.roll(images[idx], shifts=(dy, dx), dims=(2, 3))))
+        return sum(F.cross_entropy(h, targets[idx, k]) for k, h in enumerate(heads))
+    return fit_classifier(ClassifierConfig(num_classes=sum(HEADS), image_size=images.shape[-1]), batch_loss,
+                          num_images=len(images), steps=steps, batch_size=batch_size, lr=lr,
+                          weight_decay=weight_decay, seed=seed, what="attribute classifier")
 
 
 def bundled_attribute_classifier_dir() -> Path | None:

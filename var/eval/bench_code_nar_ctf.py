@@ -357,26 +357,25 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     c.add_argument("--code-drafter", default=None, help="VAR bundle dir (tokenizer/ + transformer/); default bundled")
 
 
+def write_json(path, report: dict) -> None:
+    """``report`` after the machine, torch version and date, as JSON at ``path``."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine(), "torch": torch.__version__,
+                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **report}, indent=2))
+    print(f"wrote {out}")
+
+
 def run(args: argparse.Namespace) -> int:
     """``var-bench code-nar-ctf``: CoDe per draft_steps, NAR and CTF against the plain samplers."""
     if args.code_refiner:
         torch.set_num_threads(args.threads)
-        result = bench_code_quality(args)
-        out = Path(args.out or "benchmarks/code_quality_shapes.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"machine": machine(), "torch": torch.__version__,
-                                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **result}, indent=2))
-        print(f"wrote {out}")
+        write_json(args.out or "benchmarks/code_quality_shapes.json", bench_code_quality(args))
         return 0
     if args.quality_tokenizer:
         if not torch.cuda.is_available():
             torch.set_num_threads(args.threads)
-        result = bench_quality(args)
-        out = Path(args.out or "benchmarks/nar_ctf_quality_shapes.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"machine": machine(), "torch": torch.__version__,
-                                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **result}, indent=2))
-        print(f"wrote {out}")
+        write_json(args.out or "benchmarks/nar_ctf_quality_shapes.json", bench_quality(args))
         return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
@@ -399,13 +398,8 @@ def run(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['sampler']:36s} {r['forward_passes']:6d} {r['images_per_s']:8.3f} {r['latency_s']:7.3f} "
               f"{r['peak_kv_cache_mb']:8.2f} {r['params_mb']:9.1f} {r['quality_proxy_nll']:7.3f}")
-    out = Path(args.out or f"benchmarks/code_nar_ctf_{args.size}_{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine(), "device": device.type, "size": args.size,
-                               "config": {k: v for k, v in size.items()}, "compute_dtype": str(dtype),
-                               "repeats": args.repeats, "torch": torch.__version__,
-                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                               "cpu_threads": torch.get_num_threads(), "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    write_json(args.out or f"benchmarks/code_nar_ctf_{args.size}_{device.type}.json",
+               {"device": device.type, "size": args.size, "config": dict(size), "compute_dtype": str(dtype),
+                "repeats": args.repeats, "cpu_threads": torch.get_num_threads(), "rows": rows})
     return 0
 

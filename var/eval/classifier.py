@@ -101,14 +101,12 @@ def warmup_cosine_schedule(opt: torch.optim.Optimizer, steps: int) -> torch.opti
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
 
 
-def train_classifier(dataset, *, steps: int = 600, batch_size: int = 128, lr: float = 2e-3,
-                     weight_decay: float = 0.05, seed: int = 0, device="cpu", augment: bool = True,
-                     config: ClassifierConfig | None = None) -> ShapeClassifier:
-    """Train on every image of ``dataset`` (a :class:`~var.train.data.ProceduralShapes` or any dataset with
-    ``tensors()``) with AdamW, linear warm-up then cosine decay; random flips and +-2 px shifts when
-    ``augment``. Deterministic for a given ``seed``."""
-    images, labels = dataset.tensors()
-    config = config or ClassifierConfig(num_classes=int(dataset.num_classes), image_size=images.shape[-1])
+def fit_classifier(config: ClassifierConfig, batch_loss, *, num_images: int, steps: int, batch_size: int,
+                   lr: float, weight_decay: float, seed: int, device="cpu", what: str = "classifier") -> ShapeClassifier:
+    """A :class:`ShapeClassifier` of ``config`` (weights seeded by ``seed``; the global RNG is left as it was)
+    trained for ``steps`` AdamW steps, linear warm-up then cosine decay, on random batches of the ``num_images``
+    training images: ``batch_loss(model, idx_B, gen)`` is the loss of the images at ``idx_B``; ``gen`` (seeded by
+    ``seed``) draws the indices and any augmentation, so the result is deterministic for a given ``seed``."""
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -117,21 +115,35 @@ def train_classifier(dataset, *, steps: int = 600, batch_size: int = 128, lr: fl
     sched = warmup_cosine_schedule(opt, steps)
     model.train()
     for step in range(steps):
-        idx = torch.randint(0, len(images), (batch_size,), generator=gen)
-        x, y = images[idx], labels[idx]
-        if augment:
-            flip = torch.rand(batch_size, generator=gen) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            dx, dy = torch.randint(-2, 3, (2,), generator=gen).tolist()
-            x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
-        loss = F.cross_entropy(model(x.to(device)), y.to(device))
+        loss = batch_loss(model, torch.randint(0, num_images, (batch_size,), generator=gen), gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         if step % 100 == 0 or step == steps - 1:
-            log.info("classifier step %d/%d loss %.4f", step, steps, loss.item())
+            log.info("%s step %d/%d loss %.4f", what, step, steps, loss.item())
     return model.eval()
+
+
+def train_classifier(dataset, *, steps: int = 600, batch_size: int = 128, lr: float = 2e-3,
+                     weight_decay: float = 0.05, seed: int = 0, device="cpu", augment: bool = True,
+                     config: ClassifierConfig | None = None) -> ShapeClassifier:
+    """Train on every image of ``dataset`` (a :class:`~var.train.data.ProceduralShapes` or any dataset with
+    ``tensors()``) with AdamW, linear warm-up then cosine decay; random flips and +-2 px shifts when
+    ``augment``. Deterministic for a given ``seed``."""
+    images, labels = dataset.tensors()
+    config = config or ClassifierConfig(num_classes=int(dataset.num_classes), image_size=images.shape[-1])
+
+    def batch_loss(model, idx, gen):
+        x, y = images[idx], labels[idx]
+        if augment:
+            flip = torch.rand(len(idx), generator=gen) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            dx, dy = torch.randint(-2, 3, (2,), generator=gen).tolist()
+            x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+        return F.cross_entropy(model(x.to(device)), y.to(device))
+    return fit_classifier(config, batch_loss, num_images=len(images), steps=steps, batch_size=batch_size, lr=lr,
+                          weight_decay=weight_decay, seed=seed, device=device)
 
 
 def save_classifier(model: ShapeClassifier, directory: str | os.PathLike) -> Path:

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from var.errors import CheckpointError, CheckpointMismatchError
-from var.hub.io import (build_on_meta, count_indexed, expect_type, load_pretrained, load_strict, read_state_dict,
-                        require_keys)
+from var.hub.io import (build_on_meta, count_indexed, encoder_sizes, expect_type, load_pretrained, load_strict,
+                        read_state_dict, released_norm_groups, require_keys)
 from var.tokenizers.bsq_vae import BSQVAE, BSQVAEConfig
 
 # modules the original wraps: Conv(...).conv, Normalize(...).norm
@@ -68,17 +68,11 @@ def bsq_vae_config_from_state_dict(sd: dict[str, torch.Tensor], norm_groups: int
                      "an Infinity BSQ VAE (is this a transformer's or VAR's file?)")
     if any(k.startswith("quantize.embedding") or k.startswith("quant_conv") for k in sd):
         raise CheckpointMismatchError("an Infinity BSQ VAE: this is a VQ-VAE with a codebook (VAR's tokenizer?)")
-    ch = sd["encoder.conv_in.weight"].shape[0]
-    levels = count_indexed(sd, r"encoder\.down\.(\d+)\.")
-    ch_mult = tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels))
-    groups = norm_groups or RELEASED_BSQ_NORM_GROUPS.get(ch)
-    if groups is None:  # a wrong count loads without a shape error
-        raise CheckpointError(f"a BSQ VAE of width {ch} is not a released Infinity VAE and a plain state dict does "
-                              "not store its GroupNorm count: pass norm_groups, or save the VAE with "
-                              "var.hub.save_pretrained (a directory with config.json)")
+    ch, ch_mult, num_res = encoder_sizes(sd, "down", "block")
+    groups = released_norm_groups(norm_groups, RELEASED_BSQ_NORM_GROUPS, ch,
+                                  f"a BSQ VAE of width {ch} is not a released Infinity VAE")
     return BSQVAEConfig(codebook_dim=sd["encoder.conv_out.weight"].shape[0], ch=ch, ch_mult=ch_mult,
-                        num_res_blocks=count_indexed(sd, r"encoder\.down\.0\.block\.(\d+)\."),
-                        norm_groups=groups)
+                        num_res_blocks=num_res, norm_groups=groups)
 
 
 def read_infinity_vae_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -185,6 +185,27 @@ def count_indexed(sd: dict[str, torch.Tensor], pattern: str) -> int:
     return 1 + max(int(m.group(1)) for k in sd if (m := re.match(pattern, k)))
 
 
+def encoder_sizes(sd: dict[str, torch.Tensor], levels: str, blocks: str) -> tuple[int, tuple[int, ...], int]:
+    """``(ch, ch_mult, num_res_blocks)`` of a VQGAN-style convolutional encoder: the base width of
+    ``encoder.conv_in``, one multiplier per level ``encoder.<levels>.<i>`` (its first residual block's width / ch)
+    and the residual blocks ``encoder.<levels>.0.<blocks>.<j>`` of a level."""
+    ch = sd["encoder.conv_in.weight"].shape[0]
+    num_levels = count_indexed(sd, rf"encoder\.{levels}\.(\d+)\.")
+    ch_mult = tuple(sd[f"encoder.{levels}.{i}.{blocks}.0.conv1.weight"].shape[0] // ch for i in range(num_levels))
+    return ch, ch_mult, count_indexed(sd, rf"encoder\.{levels}\.0\.{blocks}\.(\d+)\.")
+
+
+def released_norm_groups(norm_groups: int | None, released: dict, key, what: str) -> int:
+    """``norm_groups`` when given, else the released GroupNorm count for ``key`` (a width) in ``released``; a plain
+    state dict does not store the count and a wrong one loads without a shape error, so an unknown ``what`` (a
+    phrase naming the model and its width) is refused."""
+    groups = norm_groups or released.get(key)
+    if groups is None:
+        raise CheckpointError(f"{what} and a plain state dict does not store its GroupNorm count: pass norm_groups, "
+                              "or save the model with var.hub.save_pretrained (a directory with config.json)")
+    return groups
+
+
 # ---- our own format -----------------------------------------------------------------------------------------
 def save_pretrained(module: nn.Module, directory: str | os.PathLike) -> Path:
     """Write ``config.json`` (class name + config) and ``model.safetensors`` (atomic rename)."""

@@ -25,8 +25,8 @@ import torch
 
 from var.errors import CheckpointError, CheckpointMismatchError, ConfigError
 from var.hub.download import resolve_checkpoint
-from var.hub.io import (build_on_meta, bundled_pair, count_indexed, expect_type, load_pretrained, load_strict, read_state_dict,
-                        require_keys)
+from var.hub.io import (build_on_meta, bundled_pair, count_indexed, encoder_sizes, expect_type, load_pretrained,
+                        load_strict, read_state_dict, released_norm_groups, require_keys)
 from var.models.gpt import GPT, GPTConfig
 from var.models.gpt_presets import GPT_SIZES
 from var.models.gpt_t2i import GPTT2I, GPTT2IConfig
@@ -112,17 +112,11 @@ def vq_config_from_state_dict(sd: dict[str, torch.Tensor], image_size: int = 256
     ``norm_groups``, else the released one for a released width (:data:`RELEASED_VQ_NORM_GROUPS`)."""
     require_keys(sd, ("encoder.conv_in.weight", "quantize.embedding.weight", "quant_conv.weight"),
                      "a LlamaGen VQ tokenizer (is this a GPT's file?)")
-    ch = sd["encoder.conv_in.weight"].shape[0]
-    levels = count_indexed(sd, r"encoder\.conv_blocks\.(\d+)\.")
-    ch_mult = tuple(sd[f"encoder.conv_blocks.{i}.res.0.conv1.weight"].shape[0] // ch for i in range(levels))
-    num_res = count_indexed(sd, r"encoder\.conv_blocks\.0\.res\.(\d+)\.")
+    ch, ch_mult, num_res = encoder_sizes(sd, "conv_blocks", "res")
     vocab, dim = sd["quantize.embedding.weight"].shape
     usage = sd.get("quantize.codebook_used")
-    norm_groups = norm_groups or RELEASED_VQ_NORM_GROUPS.get((ch, ch_mult))
-    if norm_groups is None:
-        raise CheckpointError(f"a VQ of width {ch} x {ch_mult} is not a released LlamaGen VQ and a plain state dict "
-                              "does not store its GroupNorm count: pass norm_groups, or save the tokenizer with "
-                              "var.hub.save_pretrained (a directory with config.json)")
+    norm_groups = released_norm_groups(norm_groups, RELEASED_VQ_NORM_GROUPS, (ch, ch_mult),
+                                       f"a VQ of width {ch} x {ch_mult} is not a released LlamaGen VQ")
     return SingleScaleVQConfig(codebook_size=vocab, codebook_embed_dim=dim, z_channels=sd["quant_conv.weight"].shape[1],
                                ch=ch, ch_mult=ch_mult, num_res_blocks=num_res, norm_groups=norm_groups,
                                usage_window=usage.numel() if usage is not None else 65536, image_size=image_size)

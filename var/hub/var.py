@@ -15,8 +15,8 @@ import torch.nn as nn
 
 from var.errors import CheckpointError, CheckpointMismatchError
 from var.hub.download import resolve_checkpoint
-from var.hub.io import (build_on_meta, bundled_pair, count_indexed, expect_type, load_pretrained, load_strict, read_state_dict,
-                        require_keys)
+from var.hub.io import (build_on_meta, bundled_pair, count_indexed, encoder_sizes, expect_type, load_pretrained,
+                        load_strict, read_state_dict, released_norm_groups, require_keys)
 from var.models.registry import create
 from var.models.var_model import VAR, VARConfig
 from var.tokenizers.multiscale_vqvae import VAR_PATCH_NUMS_256, MultiScaleVQVAE, MultiScaleVQVAEConfig
@@ -61,10 +61,7 @@ def vqvae_config_from_state_dict(sd: dict[str, torch.Tensor], patch_nums=None,
     released width (:data:`RELEASED_VQVAE_NORM_GROUPS`); a wrong count loads without a shape error."""
     require_keys(sd, ("encoder.conv_in.weight", "quantize.embedding.weight", "quantize.ema_vocab_hit_SV"),
                  "a multi-scale VQ-VAE (is this a transformer's file?)")
-    ch = sd["encoder.conv_in.weight"].shape[0]
-    levels = count_indexed(sd, r"encoder\.down\.(\d+)\.")
-    ch_mult = tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels))
-    num_res = count_indexed(sd, r"encoder\.down\.0\.block\.(\d+)\.")
+    ch, ch_mult, num_res = encoder_sizes(sd, "down", "block")
     vocab, z = sd["quantize.embedding.weight"].shape
     num_phi = sum(1 for k in sd if re.match(r"quantize\.quant_resi\.qresi_ls\.\d+\.weight", k))
     num_scales = sd["quantize.ema_vocab_hit_SV"].shape[0]
@@ -72,13 +69,10 @@ def vqvae_config_from_state_dict(sd: dict[str, torch.Tensor], patch_nums=None,
         if num_scales != len(VAR_PATCH_NUMS_256):
             raise CheckpointError(f"tokenizer has {num_scales} scales: pass patch_nums explicitly")
         patch_nums = VAR_PATCH_NUMS_256
-    norm_groups = norm_groups or RELEASED_VQVAE_NORM_GROUPS.get((ch, ch_mult))
-    if norm_groups is None:
-        raise CheckpointError(f"a tokenizer of width {ch} x {ch_mult} is not the released VQ-VAE and a plain state "
-                              "dict does not store its GroupNorm count: pass norm_groups, or save the tokenizer with "
-                              "var.hub.save_pretrained (a directory with config.json)")
+    norm_groups = released_norm_groups(norm_groups, RELEASED_VQVAE_NORM_GROUPS, (ch, ch_mult),
+                                       f"a tokenizer of width {ch} x {ch_mult} is not the released VQ-VAE")
     return MultiScaleVQVAEConfig(vocab_size=vocab, z_channels=z, ch=ch, ch_mult=ch_mult, num_res_blocks=num_res,
-                                 using_sa="encoder.down.%d.attn.0.qkv.weight" % (levels - 1) in sd,
+                                 using_sa="encoder.down.%d.attn.0.qkv.weight" % (len(ch_mult) - 1) in sd,
                                  using_mid_sa="encoder.mid.attn_1.qkv.weight" in sd, share_quant_resi=num_phi,
                                  patch_nums=tuple(patch_nums), norm_groups=norm_groups)
 

@@ -22,7 +22,7 @@ import torch.nn as nn
 from var.errors import ConfigError
 from var.kernels.kv_cache import KVCache
 from var.models.infinity_layers import CrossAttnBlock, RMSNorm, TextAttentivePool, rope_angles
-from var.models.var_layers import AdaLNBeforeHead, init_linear_embedding_and_head
+from var.models.var_layers import AdaLNBeforeHead, default_init_std, init_next_scale_weights
 from var.utils.scales import ScaleSchedule
 
 
@@ -82,7 +82,7 @@ class Infinity(nn.Module):
         config = config or InfinityConfig(**overrides)
         self.config = config
         C, Ct5 = config.width, config.text_channels
-        init_std = (1 / C / 3) ** 0.5
+        init_std = default_init_std(C)
         g = torch.Generator().manual_seed(0)  # the original's fixed initialisation of the unconditional text
         uncond = torch.nn.init.trunc_normal_(torch.empty(config.text_maxlen, Ct5), std=1.2, generator=g)
         self.cfg_uncond = nn.Parameter(uncond / Ct5 ** 0.5)
@@ -209,14 +209,9 @@ class Infinity(nn.Module):
     @torch.no_grad()
     def init_weights(self, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02,
                      init_std: float = -1.0) -> None:
-        C, depth = self.config.width, self.config.depth
-        std = init_std if init_std >= 0 else (1 / C / 3) ** 0.5
-        init_linear_embedding_and_head(self, std=std, init_head=init_head, init_adaln=init_adaln)
-        for block in self.blocks:
-            for lin in (block.sa.proj, block.ca.proj, block.ffn.fc2):
-                lin.weight.div_((2 * depth) ** 0.5)
-            block.ada_gss[:, :, 2:].mul_(init_adaln)
-            block.ada_gss[:, :, :2].mul_(init_adaln_gamma)
+        init_next_scale_weights(self, lambda block: (block.sa.proj, block.ca.proj, block.ffn.fc2),
+                                init_adaln=init_adaln, init_adaln_gamma=init_adaln_gamma, init_head=init_head,
+                                init_std=init_std)
 
 
 class InfinityAtSchedule:

@@ -141,10 +141,24 @@ class AdaLNBeforeHead(nn.Module):
         return self.ln_wo_grad(h_BLC).mul(scale.add(1)).add_(shift)
 
 
+def default_init_std(width: int) -> float:
+    """VAR's and Infinity's truncated-normal initialisation std, sqrt(1 / (3 width))."""
+    return (1 / width / 3) ** 0.5
+
+
 @torch.no_grad()
-def init_linear_embedding_and_head(model: nn.Module, *, std: float, init_head: float, init_adaln: float) -> None:
-    """The part of VAR's released ``init_weights`` that VAR and Infinity share: truncated-normal Linear and
-    Embedding weights with zero biases, then the head and the head's AdaLN scaled down."""
+def init_next_scale_weights(model: nn.Module, residual_outputs, *, init_adaln: float, init_adaln_gamma: float,
+                            init_head: float, init_std: float) -> None:
+    """The released ``init_weights`` of VAR and Infinity (training from scratch; released checkpoints overwrite it).
+
+    Truncated-normal Linear and Embedding weights (std ``init_std``; negative: :func:`default_init_std`) with zero
+    biases; the head times ``init_head`` and the head's AdaLN times ``init_adaln``; in every block the residual
+    output projections ``residual_outputs(block)`` divided by sqrt(2 depth), the AdaLN scales/shifts times
+    ``init_adaln`` and its gammas times ``init_adaln_gamma`` (the block's ``ada_gss`` when it shares the AdaLN
+    projection, else its own ``ada_lin``).
+    """
+    C, depth = model.config.width, model.config.depth
+    std = init_std if init_std >= 0 else default_init_std(C)
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=std)
@@ -156,3 +170,14 @@ def init_linear_embedding_and_head(model: nn.Module, *, std: float, init_head: f
     model.head.bias.zero_()
     model.head_nm.ada_lin[-1].weight.mul_(init_adaln)
     model.head_nm.ada_lin[-1].bias.zero_()
+    for block in model.blocks:
+        for lin in residual_outputs(block):
+            lin.weight.div_((2 * depth) ** 0.5)
+        if hasattr(block, "ada_gss"):  # [1, 1, 6, C]: gamma1, gamma2, then scales and shifts
+            block.ada_gss[:, :, 2:].mul_(init_adaln)
+            block.ada_gss[:, :, :2].mul_(init_adaln_gamma)
+        else:  # rows [6C, C] in the same order
+            lin = block.ada_lin[-1]
+            lin.weight[2 * C:].mul_(init_adaln)
+            lin.weight[:2 * C].mul_(init_adaln_gamma)
+            lin.bias.zero_()

@@ -14,7 +14,7 @@ import torch.nn as nn
 from var.errors import ConfigError
 from var.models.conditioning import check_class_labels
 from var.kernels.kv_cache import KVCache
-from var.models.var_layers import AdaLNBeforeHead, AdaLNSelfAttn, init_linear_embedding_and_head
+from var.models.var_layers import AdaLNBeforeHead, AdaLNSelfAttn, default_init_std, init_next_scale_weights
 from var.tokenizers.multiscale_vqvae import VAR_PATCH_NUMS_256
 from var.utils.scales import ScaleSchedule
 
@@ -63,7 +63,7 @@ class VAR(nn.Module):
         config = config or VARConfig(**overrides)
         self.config = config
         C, L = config.width, config.seq_len
-        init_std = (1 / C / 3) ** 0.5
+        init_std = default_init_std(C)
         self.schedule = config.schedule
         self.begin_ends = self.schedule.begin_ends  # (begin, end) token range of each scale
 
@@ -173,17 +173,5 @@ class VAR(nn.Module):
     def init_weights(self, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02,
                      init_std: float = -1.0) -> None:
         """The original initialisation for training from scratch (released checkpoints overwrite it)."""
-        C, depth = self.config.width, self.config.depth
-        std = init_std if init_std >= 0 else (1 / C / 3) ** 0.5
-        init_linear_embedding_and_head(self, std=std, init_head=init_head, init_adaln=init_adaln)
-        for block in self.blocks:
-            block.attn.proj.weight.div_((2 * depth) ** 0.5)
-            block.ffn.fc2.weight.div_((2 * depth) ** 0.5)
-            if self.config.shared_aln:
-                block.ada_gss[:, :, 2:].mul_(init_adaln)
-                block.ada_gss[:, :, :2].mul_(init_adaln_gamma)
-            else:
-                lin = block.ada_lin[-1]
-                lin.weight[2 * C:].mul_(init_adaln)
-                lin.weight[:2 * C].mul_(init_adaln_gamma)
-                lin.bias.zero_()
+        init_next_scale_weights(self, lambda block: (block.attn.proj, block.ffn.fc2), init_adaln=init_adaln,
+                                init_adaln_gamma=init_adaln_gamma, init_head=init_head, init_std=init_std)

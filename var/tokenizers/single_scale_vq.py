@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from var.errors import ConfigError, ImageSizeError
 from var.tokenizers.base import VQTokenizerBase
-from var.tokenizers.vae_modules import Downsample, ResnetBlock, Upsample, group_norm
+from var.tokenizers.vae_modules import Downsample, ResnetBlock, Upsample, group_norm, run_level
 
 
 @dataclass
@@ -103,12 +103,7 @@ class VQEncoder(nn.Module):
     def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x_BChw)
         for level in self.conv_blocks:
-            for j, res in enumerate(level.res):
-                h = res(h)
-                if len(level.attn):
-                    h = level.attn[j](h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
+            h = run_level(h, level.res, level.attn, getattr(level, "downsample", None))
         for block in self.mid:
             h = block(h)
         return self.conv_out(F.silu(self.norm_out(h)))
@@ -142,12 +137,7 @@ class VQDecoder(nn.Module):
         for block in self.mid:
             h = block(h)
         for level in self.conv_blocks:
-            for j, res in enumerate(level.res):
-                h = res(h)
-                if len(level.attn):
-                    h = level.attn[j](h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
+            h = run_level(h, level.res, level.attn, getattr(level, "upsample", None))
         return self.conv_out(F.silu(self.norm_out(h)))
 
 

@@ -81,6 +81,17 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x_BChw, scale_factor=2.0, mode="nearest"))
 
 
+def run_level(h: torch.Tensor, blocks: nn.ModuleList, attn: nn.ModuleList,
+              resample: nn.Module | None = None) -> torch.Tensor:
+    """One resolution level of an encoder or decoder: each residual block (followed by its attention block when the
+    level has them), then the level's down- or upsampling when it has one."""
+    for j, block in enumerate(blocks):
+        h = block(h)
+        if len(attn):
+            h = attn[j](h)
+    return h if resample is None else resample(h)
+
+
 def _maybe_attn(channels: int, enabled: bool, num_groups: int) -> nn.Module:
     return AttnBlock(channels, num_groups) if enabled else nn.Identity()
 
@@ -119,12 +130,7 @@ class Encoder(nn.Module):
     def forward(self, img_BChw: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(img_BChw)
         for level in self.down:
-            for i_block, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn) > 0:
-                    h = level.attn[i_block](h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
+            h = run_level(h, level.block, level.attn, getattr(level, "downsample", None))
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -169,10 +175,5 @@ class Decoder(nn.Module):
     def forward(self, z_BChw: torch.Tensor) -> torch.Tensor:
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z_BChw))))
         for level in reversed(self.up):
-            for i_block, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn) > 0:
-                    h = level.attn[i_block](h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
+            h = run_level(h, level.block, level.attn, getattr(level, "upsample", None))
         return self.conv_out(F.silu(self.norm_out(h)))
