@@ -150,6 +150,24 @@ def test_resume_refuses_a_checkpoint_with_non_finite_tensors(tmp_path, where, re
     assert resumed.step == 0 and list_checkpoints(tmp_path) == [path]  # nothing trained, nothing written
 
 
+def test_var_train_resume_of_a_non_finite_checkpoint_exits_2_naming_file_and_tensor(tmp_path, capsys):
+    from var.cli.train import cli
+    from var.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+    args = ["tokenizer-ms", "--image-size", "16", "--num-images", "16", "--vocab-size", "16", "--z-channels", "4",
+            "--ch", "8", "--ch-mult", "1", "2", "--norm-groups", "4", "--patch-nums", "1", "8", "--batch-size", "4",
+            "--no-progress", "--out-dir", str(tmp_path)]
+    assert cli([*args, "--steps", "1"]) == 0
+    path = list_checkpoints(tmp_path)[0]
+    state = load_checkpoint(path)
+    slots = next(iter(state["optimizer"]["state"].values()))
+    slots["exp_avg"].view(-1)[0] = float("nan")
+    save_checkpoint(state, path)
+    assert cli([*args, "--steps", "2", "--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "optimizer." in err and ".exp_avg (1 NaN" in err
+    assert list_checkpoints(tmp_path) == [path]
+
+
 def test_a_diverged_step_stops_training_before_a_non_finite_checkpoint_is_written(tmp_path):
     """A finite loss with NaN gradients (here: d sqrt(x)/dx at 0) would put NaN into every weight; the run stops
     at that step, so the last checkpoint is finite and a resume continues from it."""
