@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from infinity_helpers import TINY_SCHEDULE, random_text, tiny_infinity, tiny_vae
+from released_budgets import RELEASED_2B_10, released_file
 from var.errors import AspectRatioError, ConfigError
 from var.kernels import H2O, HACK, FullCache, ScaleKV, SnapKV, StreamingLLM
 from var.samplers.infinity import calibrate_infinity, sample_infinity
@@ -131,24 +132,23 @@ def test_every_cache_policy_runs_and_full_budget_is_exact(pair):
         assert out.stats.peak_kv_live_bytes < full.stats.peak_kv_live_bytes, policy
 
 
-def test_released_scalekv_budgets_on_the_infinity_layout(tmp_path):
-    """The released 2b_10%_budget.json layout (numbers from the notes) on Infinity-2B's 1M schedule, whose layout
+def test_released_scalekv_budgets_on_the_infinity_layout(tmp_path, caplog):
+    """The released 2b_10%_budget.json (tests/released_budgets.py) on Infinity-2B's 1M schedule, whose layout
     comes from InfinityAtSchedule (as sample_infinity builds it)."""
     from var.kernels.policies.base import CacheLayout
     from var.models.infinity import Infinity, InfinityAtSchedule
     from var.tokenizers.scale_schedules import dynamic_schedule
 
-    table = {9: (920, 632, {0, 23}), 10: (1490, 594, {0, 23}), 11: (2510, 526, {0, 23}), 12: (4100, 420, {0, 23}),
-             13: (6385, 465, {0})}
-    data = {f"Scale {n}": {**{f"Block {l}": int(l in d) for l in range(32)}, "High": len(d), "Max": mx, "Min": mn,
-                           "Limit": 0} for n, (mx, mn, d) in table.items()}
-    (tmp_path / "2b.json").write_text(json.dumps(data))
+    (tmp_path / "2b.json").write_text(json.dumps(released_file(32, RELEASED_2B_10)))
     with torch.device("meta"):
         model = Infinity()
     layout = CacheLayout.of(InfinityAtSchedule(model, dynamic_schedule(1.0, "1M")))
     assert (layout.depth, layout.num_heads, layout.head_dim, layout.seq_len) == (32, 16, 128, 10521)
     policy = ScaleKV(0.1, released_budgets=tmp_path / "2b.json")
-    policy = policy.bind(layout)
+    with caplog.at_level("WARNING"):
+        policy = policy.bind(layout)
+    assert "another schedule" not in caplog.text  # the file's Limits match this schedule
     assert policy.caps[7][0] == policy.caps[7][23] == 920 and policy.caps[7][5] == 632
     assert policy.caps[8][23] == 1490 and policy.caps[3] == [57] * 32
-    assert all(sum(policy.caps[si]) / 32 == pytest.approx(650, abs=1) for si in range(7, 11))
+    assert all(sum(policy.caps[si]) == 650 * 32 for si in range(7, 12))
+    assert policy.drafters[12] == {0} and policy.drafters[11] == {0, 23}

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from released_budgets import RELEASED_2B_10, RELEASED_8B_10, released_file
 from var.kernels import ScaleKV, SnapKV
 from var.kernels.selection import SelectionContext
 from var.kernels.policies.base import CacheLayout, grid_window, pool1d
@@ -109,62 +110,85 @@ def test_scalekv_score_modes(scores):
         ScaleKV(0.5, scores="raw")
 
 
-# ---- budgets -------------------------------------------------------------------------------------------------
+# ---- budgets ------------------------------------------------------------------------------------------------
 INFINITY_1024 = (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64)
-
-
-def released_file(depth, drafters, entries):
-    """A budget file in the release's format; ``entries``: {scale k: (Max, Min)} (numbers of the 2B file)."""
-    return {f"Scale {k}": {**{f"Block {b}": int(b in drafters) for b in range(depth)}, "High": len(drafters),
-                           "Max": mx, "Min": mn, "Limit": 0} for k, (mx, mn) in entries.items()}
-
-
-def test_released_budget_file_gives_650_tokens_at_10_percent(tmp_path):
-    """Infinity-2B's ``budgets/2b_10%_budget.json``: at the last compression block 0 keeps 6385 tokens and the 31
-    others 465: 650 on average (``round(0.1 * 6425)`` = 642 is what the uniform definition gives)."""
+def write_released(tmp_path, name, depth, table):
     import json
-
-    from var.kernels.policies.scalekv import ReleasedBudgets
-    path = tmp_path / "2b_10%_budget.json"
-    path.write_text(json.dumps(released_file(32, {0}, {12: (4100, 420), 13: (6385, 465)})))
-    layout = CacheLayout(depth=32, num_heads=2, head_dim=4, patch_nums=INFINITY_1024)
-    policy = ScaleKV(0.1, released_budgets=path, backend="torch")
-    policy = policy.bind(layout)
-    assert sum(policy.caps[11]) / 32 == 650 and layout.budget_tokens(0.1) == 642
-    assert policy.caps[11][0] == 6385 and policy.caps[10][0] == 4100 and policy.caps[10][1] == 420
-    assert policy.caps[9] == [layout.schedule.tokens_through(9)] * 32  # no entry: not compressed
-    assert policy.drafters[12] == {0} and policy.drafters[11] == {0}
-    with pytest.raises(Exception, match="32 layers"):
-        policy.bind(CacheLayout(depth=40, num_heads=2, head_dim=4, patch_nums=INFINITY_1024))
-    with pytest.raises(Exception, match="Scale"):
-        ReleasedBudgets.parse({"layers": {}})
+    path = tmp_path / name
+    path.write_text(json.dumps(released_file(depth, table)))
+    return path
 
 
-INFINITY_8B_10 = {9: (909, 629), 10: (1464, 584), 11: (2463, 503), 12: (4054, 374), 13: (6200, 200)}
+@pytest.mark.parametrize("name, depth, table", [("2b_10%_budget.json", 32, RELEASED_2B_10),
+                                                ("8b_10%_budget.json", 40, RELEASED_8B_10)])
+def test_released_budget_files_give_their_caps_and_drafters_at_every_named_scale(tmp_path, name, depth, table,
+                                                                                caplog):
+    """Each ``Scale k`` entry caps the cache carried into the k-th scale (1-based; the release's
+    ``cache_sizes[scale_ind + 2]``): drafters (flag 1) keep ``Max``, refiners ``Min``, the per-layer average is
+    650 tokens at every compressed scale (``base_capacity=650`` in the release's ``infer_{2b,8b}.py``; the uniform
+    10% of 6425 would be 642); scales the file does not name (key length <= 650) are not compressed. ``Limit`` is
+    what a drafter holds when the rule runs (previous Max + the scale's tokens): the 1024 px schedule matches it, so
+    nothing is reported."""
+    layout = CacheLayout(depth=depth, num_heads=2, head_dim=4, patch_nums=INFINITY_1024)
+    with caplog.at_level("WARNING"):
+        policy = ScaleKV(0.1, released_budgets=write_released(tmp_path, name, depth, table), backend="torch")
+        policy = policy.bind(layout)
+    assert "another schedule" not in caplog.text
+    assert layout.budget_tokens(0.1) == 642
+    for k, (drafter_cap, refiner_cap, limit, high, drafters) in table.items():
+        si = k - 2
+        assert policy.caps[si] == [drafter_cap if b in drafters else refiner_cap for b in range(depth)], k
+        assert sum(policy.caps[si]) == 650 * depth, k
+        assert policy.drafters[si + 1] == drafters and len(drafters) == high, k  # role at the scale it feeds
+        held = (policy.caps[si - 1][min(drafters)] if si - 1 >= 0 else 0) + layout.schedule.lengths[si]
+        assert held == limit and drafter_cap <= limit < layout.schedule.tokens_through(si) + 1, k
+    for si in range(7):  # key length 521 or less after these scales: not compressed, no drafters
+        assert policy.caps[si] == [layout.schedule.tokens_through(si)] * depth and not policy.drafters[si + 1]
+    assert layout.schedule.tokens_through(6) <= 650 < layout.schedule.tokens_through(7)
+    assert policy.caps[12] == [layout.schedule.tokens_through(12)] * depth  # after the last scale: nothing to carry
+    assert policy.floor == min(r[1] for r in table.values())
 
 
-def test_released_8b_budget_file_gives_650_tokens_per_layer_at_every_compressed_scale(tmp_path):
-    """Infinity-8B's ``budgets/8b_10%_budget.json`` (40 blocks, drafters 0, 1, 2 at every compressed scale): the
-    per-layer average is 650 at each scale it names, drafters keep nearly the whole cache, refiners 200-629."""
-    import json
-
-    path = tmp_path / "8b_10%_budget.json"
-    path.write_text(json.dumps(released_file(40, {0, 1, 2}, INFINITY_8B_10)))
-    layout = CacheLayout(depth=40, num_heads=2, head_dim=4, patch_nums=INFINITY_1024)
-    policy = ScaleKV(0.1, released_budgets=path, backend="torch").bind(layout)
-    for k, (drafter_cap, refiner_cap) in INFINITY_8B_10.items():
-        caps = policy.caps[k - 2]
-        assert caps[:3] == [min(drafter_cap, layout.schedule.tokens_through(k - 2))] * 3 and caps[3:] == [refiner_cap] * 37
-        assert sum(caps) / 40 == 650
-        assert policy.drafters[k - 1] == {0, 1, 2}
-    assert policy.caps[6] == [layout.schedule.tokens_through(6)] * 40  # scales the file does not name: not compressed
-    assert policy.caps[12] == [layout.schedule.tokens_through(12)] * 40  # after the last scale: nothing to carry
-
-
-def test_default_drafter_count_follows_the_released_budgets():
-    from var.kernels.policies.scalekv import default_drafters_per_scale
-    assert default_drafters_per_scale(40) == 3 and default_drafters_per_scale(32) == 2  # 8B and 2B files
+def test_the_2b_file_has_two_drafters_then_one_and_the_8b_file_three():
+    """What the docs and ``default_drafters_per_scale`` claim about the real files."""
+    from var.kernels.policies.scalekv import ReleasedBudgets, default_drafters_per_scale
+    b2 = ReleasedBudgets.parse(released_file(32, RELEASED_2B_10))
+    b8 = ReleasedBudgets.parse(released_file(40, RELEASED_8B_10))
+    assert [len(b2.entries[k - 2][0]) for k in range(9, 14)] == [2, 2, 2, 2, 1]
+    assert [len(b8.entries[k - 2][0]) for k in range(9, 14)] == [3] * 5
+    assert default_drafters_per_scale(32) == 2 and default_drafters_per_scale(40) == 3
     assert default_drafters_per_scale(16) == 1 and default_drafters_per_scale(30) == 2
+    assert b2.limits == {k - 2: v[2] for k, v in RELEASED_2B_10.items()}
+
+
+def test_released_budget_file_errors(tmp_path, caplog):
+    from var.errors import ConfigError
+    from var.kernels.policies.scalekv import ReleasedBudgets
+    good = released_file(32, RELEASED_2B_10)
+    path = write_released(tmp_path, "2b.json", 32, RELEASED_2B_10)
+    with pytest.raises(ConfigError, match="32 layers"):
+        ScaleKV(0.1, released_budgets=path).bind(CacheLayout(depth=40, num_heads=2, head_dim=4,
+                                                             patch_nums=INFINITY_1024))
+    with pytest.raises(ConfigError, match="Scale 13.*10 scales"):  # a 10-scale schedule has no scale 13
+        ScaleKV(0.1, released_budgets=path).bind(CacheLayout(32, 2, 4, INFINITY_1024[:10]))
+    with pytest.raises(ConfigError, match="Scale"):
+        ReleasedBudgets.parse({"layers": {}})
+    with pytest.raises(ConfigError, match="High=3"):
+        ReleasedBudgets.parse({**good, "Scale 9": {**good["Scale 9"], "High": 3}})
+    with pytest.raises(ConfigError, match="exceeds Limit"):
+        ReleasedBudgets.parse({**good, "Scale 9": {**good["Scale 9"], "Max": 1000}})
+    with pytest.raises(ConfigError, match="flags"):
+        ReleasedBudgets.parse({**good, "Scale 9": {**good["Scale 9"], "Block 3": 2}})
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="JSON object"):
+        ReleasedBudgets.load(tmp_path / "list.json")
+    with pytest.raises(ConfigError, match="cannot read"):
+        ReleasedBudgets.load(tmp_path / "missing.json")
+    # another schedule (a 1:2 one of 13 scales): the caps are used as they are, and the mismatch is logged
+    other = CacheLayout(32, 2, 4, tuple((p, 2 * p) for p in INFINITY_1024[:12]) + ((64, 128),))
+    with caplog.at_level("WARNING"):
+        ScaleKV(0.1, released_budgets=path).bind(other)
+    assert "another schedule" in caplog.text and "Limit 921" in caplog.text
 
 
 # ---- PyramidKV -----------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import json
 import logging
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from var.errors import ConfigError
@@ -43,8 +43,8 @@ SCORES = ("softmax", "logits")  # the paper's softmax attention, or the release'
 
 
 def default_drafters_per_scale(depth: int) -> int:
-    """Drafter layers per scale: ``ceil(depth / 16)``, as the released budgets (2 of Infinity-2B's 32 blocks, 3 of
-    Infinity-8B's 40)."""
+    """Drafter layers per scale: ``ceil(depth / 16)``, as the released budgets mostly have (Infinity-8B's 40 blocks:
+    3 at every compressed scale; Infinity-2B's 32: 2 at the release's scales 9-12, but 1 at scale 13)."""
     return max(1, math.ceil(depth / 16))
 
 
@@ -54,10 +54,18 @@ class ReleasedBudgets:
     are drafters (flag 1) and the per-layer caps of drafters (``Max``) and refiners (``Min``).
 
     The release's entry ``"Scale k"`` caps the cache carried into the ``k``-th scale (1-based; its
-    ``cache_sizes[scale_ind + 2]``), i.e. ``caps[k - 2]`` here; scales without an entry are not compressed."""
+    ``cache_sizes[scale_ind + 2]``), i.e. ``caps[k - 2]`` here; scales without an entry are not compressed (the
+    released files name every scale whose cache exceeds the release's ``base_capacity`` of 650 tokens, 9-13).
+
+    The release reads only the block flags, ``Max`` and ``Min`` (``enable_scale_kv_{2b,8b}.py``); its two other
+    fields are checked here, not used: ``High`` is the number of drafters (must match the flags) and ``Limit`` the
+    tokens a drafter holds when that scale's compression runs (the previous scale's ``Max`` plus the scale's
+    tokens, on the 1:1 1024 px schedule the file was made for): ``Max <= Limit``, and a schedule whose drafters
+    hold other counts is reported (the caps are then absolute token counts made for another schedule)."""
 
     depth: int
     entries: dict  # scale index si (cache kept after scale si) -> (drafter blocks, drafter cap, refiner cap)
+    limits: dict = field(default_factory=dict)  # si -> the file's Limit (where given)
 
     @classmethod
     def load(cls, path) -> "ReleasedBudgets":
@@ -65,14 +73,17 @@ class ReleasedBudgets:
             raw = json.loads(Path(path).read_text())
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read a ScaleKV budget file from {path}: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a ScaleKV budget file is a JSON object of 'Scale <k>' entries")
         return cls.parse(raw, source=str(path))
 
     @classmethod
     def parse(cls, raw: dict, source: str = "budget file") -> "ReleasedBudgets":
-        entries, depth = {}, None
+        entries, limits, depth = {}, {}, None
         for key, scale in raw.items():
-            if not key.startswith("Scale ") or not isinstance(scale, dict):
-                raise ConfigError(f"{source}: unexpected entry {key!r} (want 'Scale <k>' objects)")
+            k = key[len("Scale "):] if key.startswith("Scale ") else ""
+            if not k.isdigit() or int(k) < 2 or not isinstance(scale, dict):
+                raise ConfigError(f"{source}: unexpected entry {key!r} (want 'Scale <k>' objects, k >= 2)")
             blocks = sorted(int(name.split()[1]) for name in scale if name.startswith("Block "))
             if blocks != list(range(len(blocks))) or not blocks:
                 raise ConfigError(f"{source}: {key} must list 'Block 0'..'Block <L-1>'")
@@ -82,24 +93,48 @@ class ReleasedBudgets:
             missing = {"Max", "Min"} - set(scale)
             if missing:
                 raise ConfigError(f"{source}: {key} lacks {sorted(missing)}")
-            drafters = frozenset(b for b in blocks if scale[f"Block {b}"])
-            entries[int(key.split()[1]) - 2] = (drafters, int(scale["Max"]), int(scale["Min"]))
+            flags = {b: scale[f"Block {b}"] for b in blocks}
+            if any(flag not in (0, 1) for flag in flags.values()):
+                raise ConfigError(f"{source}: {key}: block flags must be 0 (refiner) or 1 (drafter)")
+            drafters = frozenset(b for b, flag in flags.items() if flag)
+            drafter_cap, refiner_cap = int(scale["Max"]), int(scale["Min"])
+            if "High" in scale and scale["High"] != len(drafters):
+                raise ConfigError(f"{source}: {key} says High={scale['High']} drafters but flags {len(drafters)}")
+            if "Limit" in scale and drafters and drafter_cap > scale["Limit"]:
+                raise ConfigError(f"{source}: {key}: Max={drafter_cap} exceeds Limit={scale['Limit']}")
+            if min(drafter_cap, refiner_cap) < 1:
+                raise ConfigError(f"{source}: {key}: caps must be >= 1 token (Max={drafter_cap}, Min={refiner_cap})")
+            si = int(k) - 2
+            entries[si] = (drafters, drafter_cap, refiner_cap)
+            if "Limit" in scale:
+                limits[si] = int(scale["Limit"])
         if depth is None:
             raise ConfigError(f"{source}: no 'Scale <k>' entries")
-        return cls(depth, entries)
+        return cls(depth, entries, limits)
 
     def caps(self, layout: CacheLayout) -> list[list[int]]:
-        """``caps[si][l]`` for ``layout`` (its depth must match the file's)."""
+        """``caps[si][l]`` for ``layout`` (its depth must match the file's, and it must have every named scale)."""
         if layout.depth != self.depth:
             raise ConfigError(f"the budget file is for {self.depth} layers, the model has {layout.depth}")
-        caps = []
-        for si in range(layout.schedule.num_scales):
+        num_scales = layout.schedule.num_scales
+        if max(self.entries) > num_scales - 2:
+            raise ConfigError(f"the budget file names Scale {max(self.entries) + 2}, but a schedule of {num_scales} "
+                              f"scales carries a cache into scales 2..{num_scales} only")
+        caps, off = [], []
+        for si in range(num_scales):
             full = layout.schedule.tokens_through(si)
             if si not in self.entries:
                 caps.append([full] * layout.depth)
                 continue
             drafters, drafter_cap, refiner_cap = self.entries[si]
+            if drafters and si in self.limits:  # what a drafter holds here: its previous cap + this scale's tokens
+                held = max(caps[si - 1][l] if si else 0 for l in drafters) + layout.schedule.lengths[si]
+                if held != self.limits[si]:
+                    off.append(f"Scale {si + 2}: {held} vs Limit {self.limits[si]}")
             caps.append([min(full, drafter_cap if l in drafters else refiner_cap) for l in range(layout.depth)])
+        if off:
+            log.warning("the ScaleKV budget file was made for another schedule (drafters hold %s); its caps are "
+                        "used as absolute token counts", ", ".join(off))
         return caps
 
 
@@ -194,7 +229,7 @@ class ScaleKV(CompressionPolicy):
         if self.released_budgets is not None:  # the release's own per-layer caps (and drafters) replace ours
             self.caps = self.released_budgets.caps(layout)
             self.drafters = [set(self.released_budgets.entries.get(si - 1, (set(),))[0]) for si in range(num_scales)]
-            self.floor = min(min(caps) for caps in self.caps)
+            self.floor = min(min(self.caps[si]) for si in self.released_budgets.entries)  # fewer keys: never cut
             return
         if self.profile is None:
             log.warning("ScaleKV without a calibration profile: every layer gets the uniform budget")
