@@ -20,6 +20,7 @@ def saved(tmp_path_factory):
     hub.save_pretrained(tiny_infinity(), d / "model")  # 16-d text features, like the tiny T5
     save_tiny_t5(d / "t5")
     hub.save_pretrained(create("var_tiny"), d / "var_model")
+    hub.save_pretrained(create("msvq_tiny"), d / "msvq")
     return d
 
 
@@ -62,6 +63,45 @@ def test_bad_input_is_named(saved, tmp_path, capsys):
         main(["--vae", str(saved / "vae"), "--var", str(saved / "model"), "--device", "cpu"])
     assert cli(_args(saved)) == 2
     assert "error:" in capsys.readouterr().err
+    # these fail before any file is read (the model path does not exist)
+    missing_model = ["--family", "infinity", "--vae", str(saved / "vae"), "--model", str(tmp_path / "none.pth"),
+                     "--pixels", "0.06M", "--device", "cpu", "--prompt", "a cat"]
+    with pytest.raises(TextEncoderError, match="needs --text-encoder"):
+        main(missing_model)
+    with pytest.raises(ConfigError, match="cfg_list has 2 values for 7 scales"):
+        main([*missing_model, "--text-encoder", str(saved / "t5"), "--cfg-list", "3,3"])
+    with pytest.raises(AspectRatioError, match="no scale-schedule template"):
+        main([*missing_model, "--text-encoder", str(saved / "t5"), "--h-div-w", "5"])
+    with pytest.raises(TextEncoderError, match="does not exist"):
+        main(_args(saved, "--prompt", "a cat").__add__(["--text-encoder", str(tmp_path / "no_t5")]))
+
+
+def test_a_var_file_given_as_an_infinity_file_and_the_reverse_is_named_in_one_line(saved, tmp_path, capsys):
+    """Plain state dicts (as released: var_d16.pth, infinity_2b_reg.pth, vae_ch160v4096z32.pth) given for the
+    other family: the CLI names what the file is, in one line."""
+    torch.save(create("var_tiny").state_dict(), tmp_path / "var_d.pth")
+    torch.save(tiny_infinity().state_dict(), tmp_path / "infinity.pth")
+    torch.save(create("msvq_tiny").state_dict(), tmp_path / "vae_ch.pth")
+    torch.save({"vae": tiny_vae().state_dict()}, tmp_path / "infinity_vae.pth")
+    t5 = ["--text-encoder", str(saved / "t5"), "--prompt", "a cat", "--device", "cpu"]
+    cases = [
+        (["--family", "infinity", "--vae", str(saved / "vae"), "--model", str(tmp_path / "var_d.pth"), *t5],
+         "an Infinity transformer: var_d.pth is a VAR transformer file"),
+        (["--family", "infinity", "--vae", str(tmp_path / "vae_ch.pth"), "--model", str(tmp_path / "infinity.pth"), *t5],
+         "an Infinity BSQ VAE: vae_ch.pth is VAR's multi-scale VQ-VAE file"),
+        (["--vae", str(saved / "msvq"), "--var", str(tmp_path / "infinity.pth"), "--device", "cpu"],
+         "a VAR transformer: infinity.pth is an Infinity transformer file"),
+        (["--family", "infinity", "--vae", str(saved / "vae"), "--model", str(saved / "var_model"), *t5],
+         "an Infinity: .* holds a VAR"),
+        (["--vae", str(tmp_path / "infinity_vae.pth"), "--var", str(tmp_path / "var_d.pth"), "--device", "cpu"],
+         r"infinity_vae.pth does not hold a state dict of tensors \(it holds the entries \['vae'\]\)"),
+    ]
+    import re
+    for argv, message in cases:
+        capsys.readouterr()
+        assert cli(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and re.search(message, err[0]), err
 
 
 def test_var_eval_sample_infinity_with_a_prompts_file(saved, tmp_path):

@@ -201,7 +201,7 @@ def run_sample(args) -> int:
 
 def _run_sample_text(args, spec, settings: dict, env) -> int:
     """``--sampler infinity``: the prompts of ``--prompts-file`` play the classes (image i uses prompt i % P)."""
-    from var.cli.infinity import check_text_encoder, load_infinity_models, load_text_source
+    from var.cli.infinity import check_text_encoder, check_text_source, load_infinity_models, load_text_source
     class_flags = [f for f in ("var", "refiner", "vq", "gpt", "stage2", "image_size") if getattr(args, f) is not None]
     if class_flags or args.random_init:
         raise ConfigError(f"--{(class_flags or ['random_init'])[0].replace('_', '-')} is not used by sampler "
@@ -210,8 +210,9 @@ def _run_sample_text(args, spec, settings: dict, env) -> int:
         raise ConfigError(f"--sampler {spec.name} needs --prompts-file (one prompt per line)")
     prompts = read_prompts(args)
     args.embedding_cache = None
+    check_text_source(args)
+    vae, model, desc = load_infinity_models(args)  # a wrong file fails before the (large) text encoder loads
     encode = load_text_source(args, args.device)
-    vae, model, desc = load_infinity_models(args)
     models = {"model": model, "vae": vae}
     spec.check_models(models)
     embeddings = encode(prompts)

@@ -48,20 +48,23 @@ def negative_prompts(args, num_prompts: int) -> list[str] | None:
     return list(neg)
 
 
+def check_text_source(args) -> None:
+    """A missing ``--text-encoder`` fails before any model is loaded."""
+    if not args.text_encoder:
+        if args.embedding_cache:
+            raise TextEncoderError("--embedding-cache without --text-encoder needs the encoder's name: give "
+                                   "--text-encoder (nothing is encoded for prompts already cached)")
+        raise TextEncoderError("--family infinity needs --text-encoder (google/flan-t5-xl or a local directory)")
+
+
 def load_text_source(args, device):
     """A callable ``prompts -> PromptEmbeddings``: the text encoder, through the embedding cache when given."""
     from var.models.text_encoder import PromptEmbeddingCache, TextEncoder
 
-    encoder = None
-    if args.text_encoder:
-        encoder = TextEncoder.from_pretrained(args.text_encoder, device=device)
+    check_text_source(args)
+    encoder = TextEncoder.from_pretrained(args.text_encoder, device=device)
     if args.embedding_cache:
-        if encoder is None:
-            raise TextEncoderError("--embedding-cache without --text-encoder needs the encoder's name: give "
-                                   "--text-encoder (nothing is encoded for prompts already cached)")
         return PromptEmbeddingCache(args.embedding_cache, encoder).encode
-    if encoder is None:
-        raise TextEncoderError("--family infinity needs --text-encoder (google/flan-t5-xl or a local directory)")
     return encoder.encode
 
 

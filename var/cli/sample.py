@@ -207,9 +207,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def sample_infinity_main(args) -> int:
     """``--family infinity``: encode the prompts, sample in batches, write the grid (and PNGs)."""
-    from var.cli.infinity import check_text_encoder, load_infinity_models, load_text_source, negative_prompts
+    from var.cli.infinity import (check_text_encoder, check_text_source, load_infinity_models, load_text_source,
+                                  negative_prompts)
     from var.errors import ConfigError
-    from var.samplers.infinity import sample_infinity
+    from var.samplers.infinity import per_scale, sample_infinity
     from var.samplers.registry import SAMPLERS
     from var.tokenizers.scale_schedules import dynamic_schedule
     from var.utils.images import save_image_grid, save_images
@@ -235,8 +236,12 @@ def sample_infinity_main(args) -> int:
     prompts = [p for p in prompts for _ in range(args.images_per_prompt)]
     negatives = negative_prompts(args, len(prompts))
     schedule = dynamic_schedule(args.h_div_w, args.pixels)  # named error for an aspect ratio with no template
+    for name in ("cfg_list", "tau_list"):  # per-scale lists of the wrong length fail before any loading
+        if name in settings:
+            per_scale(name, settings[name], schedule.num_scales)
+    check_text_source(args)
+    vae, model, desc = load_infinity_models(args)  # a wrong file fails before the (large) text encoder loads
     encode = load_text_source(args, args.device)
-    vae, model, desc = load_infinity_models(args)
     cache = make_cache_from_arguments(
         SAMPLERS["infinity"], args, {"model": model, "vae": vae}, desc,
         calibrate_on=lambda: calibrate_text_model({"model": model, "vae": vae}, encode(prompts[:CALIBRATION_CLASSES]),

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from var.errors import CheckpointError, CheckpointMismatchError
-from var.hub.io import (build_on_meta, count_indexed, encoder_sizes, expect_type, load_pretrained, load_strict,
-                        read_state_dict, released_norm_groups, require_keys)
+from var.hub.io import (build_on_meta, check_file_kind, count_indexed, encoder_sizes, expect_type, load_pretrained,
+                        load_strict, read_state_dict, released_norm_groups, require_keys)
 from var.tokenizers.bsq_vae import BSQVAE, BSQVAEConfig
 
 # modules the original wraps: Conv(...).conv, Normalize(...).norm
@@ -87,7 +87,9 @@ def load_bsq_vae(path: str | os.PathLike, *, device="cpu", norm_groups: int | No
     if path.is_dir():
         vae = expect_type(load_pretrained(path, device=device), BSQVAE, path)
     else:
-        sd = convert_infinity_vae_state_dict(read_infinity_vae_state_dict(path))
+        sd = read_infinity_vae_state_dict(path)
+        check_file_kind(sd, "an Infinity BSQ VAE", path)
+        sd = convert_infinity_vae_state_dict(sd)
         vae = load_strict(build_on_meta(BSQVAE, bsq_vae_config_from_state_dict(sd, norm_groups)), sd,
                           f"Infinity BSQ VAE ({path.name})")
     return vae.to(device).eval().requires_grad_(False)
@@ -149,7 +151,9 @@ def load_infinity_transformer(path: str | os.PathLike, *, device="cpu"):
     path = Path(path)
     if path.is_dir():
         return expect_type(load_pretrained(path, device=device), Infinity, path).eval()
-    sd, chunks = convert_infinity_state_dict(read_state_dict(path))
+    sd = read_state_dict(path)
+    check_file_kind(sd, "an Infinity transformer", path)
+    sd, chunks = convert_infinity_state_dict(sd)
     model = load_strict(build_on_meta(Infinity, infinity_config_from_state_dict(sd, chunks)), sd,
                         f"Infinity ({path.name})")
     return model.to(device).eval()

@@ -107,7 +107,8 @@ def read_state_dict(path: str | os.PathLike, key: str | None = None) -> dict[str
     elif isinstance(obj, dict) and not _is_state_dict(obj):
         obj = next((obj[k] for k in UNWRAP_ORDER if isinstance(obj.get(k), dict)), obj)
     if not _is_state_dict(obj):
-        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+        held = f" (it holds the entries {sorted(map(str, obj))})" if isinstance(obj, dict) else ""
+        raise CheckpointError(f"{path} does not hold a state dict of tensors{held}")
     return obj
 
 
@@ -165,11 +166,32 @@ def build_on_meta(cls, config):
         return cls(config)
 
 
+def _a(name: str) -> str:
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
 def expect_type(module: nn.Module, cls: type, path) -> nn.Module:
     """``module`` if it is a ``cls``, else a :class:`CheckpointMismatchError` naming what ``path`` holds."""
     if not isinstance(module, cls):
-        raise CheckpointMismatchError(f"a {cls.__name__}: {path} holds a {type(module).__name__}")
+        raise CheckpointMismatchError(f"{_a(cls.__name__)}: {path} holds {_a(type(module).__name__)}")
     return module
+
+
+# Keys that only one kind of file holds (released or saved by ``var``): a file given as another kind is named in
+# one line, instead of a list of the missing keys of the model that was asked for.
+FILE_KINDS = {
+    "a VAR transformer": ("class_emb.weight", "pos_1LC"),
+    "an Infinity transformer": ("cfg_uncond", "text_proj_for_sos.ca.mat_q"),
+    "VAR's multi-scale VQ-VAE": ("quantize.embedding.weight",),
+    "an Infinity BSQ VAE": ("quantize.lfq.mask", "quantizer.lfq.mask"),
+}
+
+
+def check_file_kind(sd: dict[str, torch.Tensor], want: str, path) -> None:
+    """Raise :class:`CheckpointMismatchError` if ``sd`` is a file of a :data:`FILE_KINDS` kind other than ``want``."""
+    for kind, markers in FILE_KINDS.items():
+        if kind != want and any(key in sd for key in markers):
+            raise CheckpointMismatchError(f"{want}: {Path(path).name} is {kind} file")
 
 
 # ---- config inference helpers -------------------------------------------------------------------------------

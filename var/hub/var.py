@@ -15,8 +15,8 @@ import torch.nn as nn
 
 from var.errors import CheckpointError, CheckpointMismatchError
 from var.hub.download import resolve_checkpoint
-from var.hub.io import (build_on_meta, bundled_pair, count_indexed, encoder_sizes, expect_type, load_pretrained,
-                        load_strict, read_state_dict, released_norm_groups, require_keys)
+from var.hub.io import (build_on_meta, bundled_pair, check_file_kind, count_indexed, encoder_sizes, expect_type,
+                        load_pretrained, load_strict, read_state_dict, released_norm_groups, require_keys)
 from var.models.registry import create
 from var.models.var_model import VAR, VARConfig
 from var.tokenizers.multiscale_vqvae import VAR_PATCH_NUMS_256, MultiScaleVQVAE, MultiScaleVQVAEConfig
@@ -87,6 +87,7 @@ def load_var_transformer(path: str | os.PathLike, *, device="cpu", depth: int | 
         model = expect_type(load_pretrained(path, device=device), VAR, path)
     else:
         sd = read_state_dict(path, key)
+        check_file_kind(sd, "a VAR transformer", path)
         model = load_strict(build_on_meta(VAR, var_config_from_state_dict(sd)), sd, f"VAR ({path.name})")
     if depth is not None and model.config.depth != depth:
         raise CheckpointMismatchError(f"VAR-d{depth}: {path} holds a depth-{model.config.depth} model")
@@ -102,6 +103,7 @@ def load_var_tokenizer(path: str | os.PathLike, *, device="cpu", patch_nums=None
         tok = expect_type(load_pretrained(path, device=device), MultiScaleVQVAE, path)
     else:
         sd = read_state_dict(path)
+        check_file_kind(sd, "VAR's multi-scale VQ-VAE", path)
         config = vqvae_config_from_state_dict(sd, patch_nums, norm_groups)
         tok = load_strict(build_on_meta(MultiScaleVQVAE, config), sd, f"multi-scale VQ-VAE ({path.name})")
     return tok.to(device).eval().requires_grad_(False)

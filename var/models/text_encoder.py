@@ -158,6 +158,8 @@ class TextEncoder:
         if Path(src).suffix in (".pth", ".pt", ".safetensors", ".bin") and Path(src).is_file():
             raise TextEncoderError(f"{src} is a weights file; the text encoder is a transformers directory or hub "
                                    f"name holding config.json, the weights and the tokenizer (e.g. google/flan-t5-xl)")
+        if src.startswith(("/", "./", "../", "~")) and not Path(src).expanduser().exists():
+            raise TextEncoderError(f"no text encoder at {src}: the directory does not exist")
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(src, local_files_only=local_files_only)
             # transformers >= 4.56 names the argument dtype; older releases call it torch_dtype
