@@ -134,3 +134,22 @@ def test_scalekv_on_infinity_needs_a_profile_or_calibrates_on_the_fly(saved, tmp
                       "calibrate", "--out", str(tmp_path / "scalekv.png")))
     assert full == kept == 0
     assert (tmp_path / "full.png").read_bytes() == (tmp_path / "scalekv.png").read_bytes()  # 100%: the full cache
+
+
+def test_scalekv_with_a_released_budget_file(saved, tmp_path):
+    """--kv-budgets: a budget file in the release's format (here for the 2-block model and the 7-scale schedule)
+    replaces the profile; a file for another depth, another policy or a profile as well are named errors."""
+    budgets = {"Scale 6": {"Block 0": 1, "Block 1": 0, "High": 1, "Max": 100, "Min": 20, "Limit": 121},
+               "Scale 7": {"Block 0": 0, "Block 1": 1, "High": 1, "Max": 200, "Min": 40, "Limit": 244}}
+    (tmp_path / "b.json").write_text(json.dumps(budgets))
+    (tmp_path / "b3.json").write_text(json.dumps({k: {**v, "Block 2": 0} for k, v in budgets.items()}))
+    flags = ["--prompt", "a cat", "--cache", "ScaleKV", "--budget", "0.1"]
+    assert main(_args(saved, *flags, "--kv-budgets", str(tmp_path / "b.json"), "--out", str(tmp_path / "k.png"))) == 0
+    assert (tmp_path / "k.png").is_file()
+    with pytest.raises(ConfigError, match="for 3 layers, the model has 2"):
+        main(_args(saved, *flags, "--kv-budgets", str(tmp_path / "b3.json")))
+    with pytest.raises(ConfigError, match="needs --cache ScaleKV, not HACK"):
+        main(_args(saved, "--prompt", "a cat", "--cache", "HACK", "--budget", "0.1", "--kv-budgets",
+                   str(tmp_path / "b.json")))
+    with pytest.raises(ConfigError, match="give --kv-profile or --kv-budgets"):
+        main(_args(saved, *flags, "--kv-budgets", str(tmp_path / "b.json"), "--kv-profile", "calibrate"))

@@ -286,6 +286,10 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
                         f"full-cache run over {CALIBRATION_CLASSES} classes or prompts before sampling). Default: "
                         "'bundled' for the bundled VAR; any other model needs one (ScaleKV/HACK without a profile "
                         "would run uncalibrated)")
+    c.add_argument("--kv-budgets", default=None, metavar="PATH",
+                   help="a budget file of the ScaleKV release (budgets/2b_10%%_budget.json, 8b_10%%_...): --cache "
+                        "ScaleKV then keeps the file's per-layer caps and drafters as they are, instead of a "
+                        "profile's (e.g. --cache ScaleKV --budget 0.1 --kv-budgets 2b_10%%_budget.json)")
 
 
 def check_cache_arguments(spec: SamplerSpec, args) -> None:
@@ -297,6 +301,12 @@ def check_cache_arguments(spec: SamplerSpec, args) -> None:
     if args.kv_profile is not None and args.cache not in PROFILED_POLICIES:
         raise ConfigError(f"--kv-profile is the calibration profile of --cache {' or '.join(PROFILED_POLICIES)}, "
                           f"not of {args.cache or 'the full cache'}")
+    if getattr(args, "kv_budgets", None) is not None:
+        if args.cache != "ScaleKV":
+            raise ConfigError(f"--kv-budgets is a budget file of ScaleKV's release: it needs --cache ScaleKV, not "
+                              f"{args.cache or 'the full cache'}")
+        if args.kv_profile is not None:
+            raise ConfigError("--kv-budgets replaces the calibration profile: give --kv-profile or --kv-budgets")
     if args.cache in PROFILED_POLICIES and spec.name not in ("next_scale", "infinity"):
         raise ConfigError(f"--cache {args.cache} calibrates on one VAR or Infinity model; sampler {spec.name} is "
                           f"not supported from the command line (collaborative: give drafter_cache= / "
@@ -312,6 +322,13 @@ def make_cache_from_arguments(spec: SamplerSpec, args, models: dict, desc: str, 
     check_cache_arguments(spec, args)
     if args.cache not in PROFILED_POLICIES:
         return make_cache_policy(args.cache, args.budget)
+    if getattr(args, "kv_budgets", None) is not None:
+        from var.kernels.policies.scalekv import ReleasedBudgets
+        budgets = ReleasedBudgets.load(args.kv_budgets)
+        depth = models["model"].config.depth
+        if budgets.depth != depth:  # named now, not at the first batch
+            raise ConfigError(f"--kv-budgets {args.kv_budgets} is for {budgets.depth} layers, the model has {depth}")
+        return make_cache_policy(args.cache, args.budget, released_budgets=budgets)
     return make_cache_policy(args.cache, args.budget, profile=_profile(spec, args, models, desc, calibrate_on))
 
 
