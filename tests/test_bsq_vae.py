@@ -88,6 +88,8 @@ def test_teacher_forcing_input_is_the_stepwise_next_scale_input():
 @pytest.mark.parametrize("name,d", [("vae_d16.txt", 16), ("vae_d24.txt", 24), ("vae_d32.txt", 32),
                                     ("vae_d64.txt", 64)])
 def test_released_vae_keys_load_strictly(name, d):
+    """The key specs of the released VAEs; ``infinity_vae_d32reg.pth`` (Infinity-2B's) is built by the same
+    ``vae_model(vae_type=32)`` as ``infinity_vae_d32.pth``, so ``vae_d32.txt`` is its spec too."""
     released = spec_state_dict(name)
     released["quantizer.lfq.mask"] = released["quantize.lfq.mask"] = 2 ** torch.arange(d - 1, -1, -1)
     sd = hub_infinity.convert_infinity_vae_state_dict(released)

@@ -128,6 +128,28 @@ def test_wrong_files_are_named(tmp_path):
         hub_infinity.load_bsq_vae(tmp_path / "inf.pth")
 
 
+def test_released_key_sets_are_told_apart():
+    """check_file_kind on the released key specs: each file is accepted as its own kind and named as what it is
+    when given as another."""
+    from pathlib import Path
+
+    from var.hub.io import FILE_KINDS, check_file_kind
+    def keys(name):  # the VAR key dumps: "key<TAB>shape<TAB>dtype" per line
+        return {line.split()[0]: None for line in (Path(__file__).parent / "data" / name).read_text().splitlines()
+                if line.strip()}
+    specs = {"an Infinity transformer": spec_state_dict("infinity_2b.txt"),
+             "an Infinity BSQ VAE": spec_state_dict("vae_d32.txt"),
+             "a VAR transformer": keys("var_keys_d16.txt"), "VAR's multi-scale VQ-VAE": keys("vae_ch160v4096z32_keys.txt")}
+    assert set(specs) == set(FILE_KINDS)
+    for kind, sd in specs.items():
+        for want in FILE_KINDS:
+            if want == kind:
+                check_file_kind(sd, want, "f.pth")
+            else:
+                with pytest.raises(CheckpointMismatchError, match=f"{want}: f.pth is {kind} file"):
+                    check_file_kind(sd, want, "f.pth")
+
+
 def test_save_pretrained_round_trip(tmp_path):
     model, vae = tiny_infinity(), tiny_vae()
     hub.save_pretrained(model, tmp_path / "m")
