@@ -1,10 +1,15 @@
 """The prepared GPU suite (scripts/gpu_suite.sh, var.eval.gpu_suite) checked on the CPU: its dry run, fail-fast
-tiers with the summary printed last, the reports, and the --original plumbing on a stand-in checkout."""
+tiers with the summary printed last, time budgets, the combined reports written after every section (what the device
+tool can bring back: at most 8 files, plain names), reruns of some sections, the goal columns, and the --original
+plumbing on a stand-in checkout."""
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -20,32 +25,138 @@ def _env():
     return env
 
 
-def test_dry_run_checks_the_suite_on_the_cpu():
-    proc = subprocess.run(["bash", "scripts/gpu_suite.sh", "--dry-run"], cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=600)
+def _numbers(row, *cols):
+    return all(isinstance(row.get(c), (int, float)) and math.isfinite(row[c]) and row[c] > 0 for c in cols)
+
+
+def test_dry_run_checks_the_suite_on_the_cpu(tmp_path):
+    proc = subprocess.run(["bash", "scripts/gpu_suite.sh", "--dry-run", "--out", str(tmp_path)], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     table = out[out.rindex("| gpu_suite step | result |"):]  # the one short table comes last
-    for step in ("gpu tests (bodies on the CPU) | ok", "benchmarks quick (tiny, CPU) | ok", "var_sampling_quick.md",
-                 "ragged_kernel_quick.md", "kv_policies_quick.md"):
+    for step in ("gpu tests (bodies on the CPU) | ok", "benchmarks quick (tiny, CPU) | ok", "quick-cpu.md",
+                 "quick-cpu.json", "gpu_suite-quick.log"):
         assert step in table, out
+    files = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())  # what the device tool brings back from $OUT
+    assert files == ["gpu_suite-quick.log", "quick-cpu.json", "quick-cpu.md"]
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", f) for f in files)
+    assert "| gpu_suite step | result |" in (tmp_path / "gpu_suite-quick.log").read_text()
+    sections = json.loads((tmp_path / "quick-cpu.json").read_text())["sections"]
+    assert list(sections) == [name for name, _, _ in gpu_suite.tier_benchmarks(gpu_suite.Setup.for_run(True), "quick")]
+    assert all(s["status"] == "ok" for s in sections.values()), sections
+    # the goals' numbers are computed in the tables: (c) the kernel at 10 % vs SDPA over the full cache and its KV share
+    kernel = next(r for r in sections["ragged_kernel_quick"]["rows"] if r["method"].startswith("ragged kernel"))
+    assert kernel["budget"] == 0.1 and _numbers(kernel, "speedup_vs_full_sdpa", "ms")
+    assert abs(kernel["cached_kv_pct_of_full"] - 10) < 1
+    # (b) the large VAR's transformer FLOPs and % of the measured matmul ceiling and of the datasheet's 989 TFLOP/s
+    ceiling, eager = sections["var_d30_roofline_quick"]["rows"]
+    assert _numbers(ceiling, "tflops_per_s") and ceiling["pct_of_measured_matmul"] == 100
+    assert _numbers(eager, "transformer_gflop", "tflops_per_s", "pct_of_measured_matmul", "pct_of_datasheet_989")
+    assert eager["pct_of_measured_matmul"] == pytest.approx(100 * eager["tflops_per_s"] / ceiling["tflops_per_s"])
+    # compile time in its own column; goal (a), the ratio to the original: the --original test below
+    compiled = [r for r in sections["var_sampling_quick"]["rows"] if r["sampler"] != "ours (eager)"]
+    assert compiled and all(_numbers(r, "compile_s", "graphs") for r in compiled)
+
+
+def test_transformer_flops_are_counted_with_attention():
+    """The FLOP count of goal (b) includes attention (SDPA's math path) and no tokenizer convolution: on the tiny VAR
+    with CFG rows it equals the count by hand."""
+    import torch
+
+    setup = gpu_suite.Setup.for_run(dry=True)
+    model, tok = gpu_suite._var_pair(setup, "var_tiny")
+    c, labels = model.config, 2
+    rows = 2 * labels  # CFG doubles the rows
+    lens = [pn * pn for pn in tok.patch_nums]
+    seen = [sum(lens[:i + 1]) for i in range(len(lens))]
+    C, V, hidden = c.width, c.vocab_size, int(c.mlp_ratio * c.width)
+    per_token = c.depth * 2 * (3 * C * C + C * C + 2 * hidden * C) + 2 * C * V  # qkv, proj, fc1, fc2; the head
+    tokens = sum(rows * n * per_token for n in lens)
+    attention = sum(rows * c.depth * 4 * n * s * C for n, s in zip(lens, seen))  # q k^T and p v
+    adaln = len(lens) * rows * (c.depth * 2 * C * 6 * C + 2 * C * 2 * C)  # per scale and row: blocks' and head's
+    word_embed = labels * sum(lens[1:]) * 2 * c.latent_channels * C  # the next scale's input, before the CFG copy
+    assert gpu_suite.transformer_flops(setup, model, tok, torch.tensor([1, 2])) == tokens + attention + adaln + \
+        word_embed
 
 
 def test_a_failing_benchmark_stops_the_tier_after_the_summary(tmp_path, monkeypatch, capsys):
     setup = gpu_suite.Setup.for_run(dry=True)
 
     def broken():
+        setup.start_rows().append(dict(a=2.0))  # a row measured before the failure is kept
+        assert (tmp_path / "quick-cpu.md").exists(), "the first section's report is written before the next starts"
         raise RuntimeError("boom")
-    monkeypatch.setattr(gpu_suite, "tier_benchmarks", lambda s, t: [("first", lambda: [dict(a=1.5, b="x")]),
-                                                                    ("second", broken), ("third", lambda: [])])
+    monkeypatch.setattr(gpu_suite, "tier_benchmarks", lambda s, t: [("first", 10, lambda: [dict(a=1.5, b="x")]),
+                                                                    ("second", 10, broken), ("third", 10, lambda: [])])
     with pytest.raises(RuntimeError, match="boom"):
         gpu_suite.run_tier(setup, "quick", tmp_path)
     printed = capsys.readouterr().out
     assert "| first | ok |" in printed and "FAILED: RuntimeError: boom" in printed and "third" not in printed
-    report = json.loads((tmp_path / "first.json").read_text())
-    assert report["rows"] == [dict(a=1.5, b="x")] and {"gpu", "torch", "triton", "cuda"} <= set(report["environment"])
-    assert "GPU: none (CPU dry run" in (tmp_path / "first.md").read_text()
-    assert not (tmp_path / "third.md").exists()
+    report = json.loads((tmp_path / "quick-cpu.json").read_text())
+    assert {"gpu", "torch", "triton", "cuda"} <= set(report["environment"]) and list(report["sections"]) == [
+        "first", "second"]
+    assert report["sections"]["first"]["rows"] == [dict(a=1.5, b="x")]
+    assert report["sections"]["second"]["rows"] == [dict(a=2.0)]
+    assert report["sections"]["second"]["status"].startswith("FAILED: RuntimeError: boom")
+    assert "GPU: none (CPU dry run" in (tmp_path / "quick-cpu.md").read_text()
+
+
+def test_sections_run_under_time_budgets(tmp_path, monkeypatch):
+    """Past its deadline a section starts no new measurement (``skipped: time budget`` rows); one still running
+    ``grace_s`` later is stopped with its rows kept; the tier moves on, and a spent tier budget skips the rest."""
+    setup = gpu_suite.Setup.for_run(dry=True)
+
+    def polite():  # checks the budget before each measurement
+        rows = setup.start_rows()
+        for i in range(100):
+            if setup.out_of_time(dict(i=i)):
+                break
+            time.sleep(0.05)
+            rows.append(dict(i=i, s=0.05))
+        return rows
+
+    def stuck():  # a measurement that never ends (a compilation, say)
+        setup.start_rows().append(dict(i=0, s=0.0))
+        time.sleep(30)
+    def rest():  # uses up the tier's budget (its own deadline is the tier's end) without checking it
+        time.sleep(max(0.0, setup.deadline - time.monotonic()) + 0.05)
+        return [dict(ok=1)]
+    monkeypatch.setattr(gpu_suite, "tier_benchmarks", lambda s, t: [
+        ("polite", 0.2, polite), ("stuck", 0.2, stuck), ("after", 60, rest), ("late", 60, lambda: [dict(ok=2)])])
+    t0 = time.monotonic()
+    summary = gpu_suite.run_tier(setup, "quick", tmp_path, budget_s=3.0, grace_s=0.3)
+    assert time.monotonic() - t0 < 6
+    sections = json.loads((tmp_path / "quick-cpu.json").read_text())["sections"]
+    assert sections["polite"]["status"] == "partial: time budget"
+    assert sections["polite"]["rows"][-1]["note"] == gpu_suite.SKIPPED and 1 <= len(sections["polite"]["rows"]) < 10
+    assert sections["stuck"]["status"] == "partial: time budget" and sections["stuck"]["rows"][0] == dict(i=0, s=0.0)
+    assert sections["stuck"]["rows"][-1]["note"].startswith(gpu_suite.SKIPPED)
+    assert sections["after"]["status"] == "ok"
+    assert sections["late"]["status"] == gpu_suite.SKIPPED and [s["benchmark"] for s in summary][-1] == "late"
+
+
+def test_only_reruns_sections_into_the_existing_report(tmp_path):
+    """``--only`` (what a second device call runs after a failure) replaces those sections in the report already in
+    --out and keeps the others; an unknown section name is refused."""
+    assert gpu_suite.main(["--dry-run", "--out", str(tmp_path), "--only", "ragged_kernel_quick,kv_policies_quick"]) == 0
+    path = tmp_path / "quick-cpu.json"
+    first = json.loads(path.read_text())["sections"]
+    assert list(first) == ["ragged_kernel_quick", "kv_policies_quick"]
+    assert gpu_suite.main(["--dry-run", "--out", str(tmp_path), "--only", "ragged_kernel_quick"]) == 0
+    again = json.loads(path.read_text())["sections"]
+    assert again["kv_policies_quick"] == first["kv_policies_quick"]
+    assert again["ragged_kernel_quick"]["seconds"] != first["ragged_kernel_quick"]["seconds"]
+    assert gpu_suite.main(["--dry-run", "--out", str(tmp_path), "--only", "nope"]) == 2
+
+
+def test_shell_reruns_one_section_without_the_test_tier(tmp_path):
+    proc = subprocess.run(["bash", "scripts/gpu_suite.sh", "--dry-run", "--no-tests", "--only", "ragged_kernel_quick",
+                           "--out", str(tmp_path), "--budget-s", "120"], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "gpu tests" not in out[out.rindex("| gpu_suite step | result |"):], out
+    assert list(json.loads((tmp_path / "quick-cpu.json").read_text())["sections"]) == ["ragged_kernel_quick"]
 
 
 def test_cli_refuses_a_real_run_without_cuda_and_a_bad_original(tmp_path, capsys):
@@ -83,9 +194,12 @@ def test_original_sampler_is_timed_on_the_same_weights(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "var.eval.gpu_suite", "--dry-run", "--original", str(repo),
                            "--out", str(out_dir)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = json.loads((out_dir / "var_sampling_quick.json").read_text())["rows"]
+    rows = json.loads((out_dir / "quick-cpu.json").read_text())["sections"]["var_sampling_quick"]["rows"]
     original = [r for r in rows if r["sampler"] == "original VAR"]
     assert len(original) == 2 and all(r["ours_speedup"] > 0 for r in original)
+    ours = {(r["sampler"], r["batch"]): r["s_per_batch"] for r in rows if r["sampler"] != "original VAR"}
+    for r in original:  # the ratio is the original's time over our best mode's at that batch size
+        assert r["ours_speedup"] == pytest.approx(r["s_per_batch"] / ours[(f"ours ({r['ours_best']})", r["batch"])])
 
 
 def test_full_tier_has_scalekv_and_hack_on_infinity_2b_shapes(monkeypatch):
@@ -96,7 +210,7 @@ def test_full_tier_has_scalekv_and_hack_on_infinity_2b_shapes(monkeypatch):
 
     from var.models.infinity import Infinity, InfinityConfig
     gpu = gpu_suite.Setup.for_run(dry=False)
-    assert "infinity_kv" in [name for name, _ in gpu_suite.tier_benchmarks(gpu, "full")]
+    assert "infinity_kv" in [name for name, _, _ in gpu_suite.tier_benchmarks(gpu, "full")]
     with torch.device("meta"):
         model = Infinity(InfinityConfig(**gpu.infinity))
     assert (model.config.depth, model.config.width, model.config.num_heads) == (32, 2048, 16)  # Infinity-2B
