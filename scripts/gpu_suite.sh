@@ -36,7 +36,12 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-[ ${#test_paths[@]} -gt 0 ] || test_paths=(tests/gpu)
+if [ ${#test_paths[@]} -eq 0 ]; then  # the kernel and the samplers first, the compiled (experimental) steps last
+  test_paths=(tests/gpu/test_gpu_kernel.py tests/gpu/test_gpu_samplers.py)
+  for f in tests/gpu/test_*.py; do
+    case " ${test_paths[*]} " in *" $f "*) ;; *) test_paths+=("$f") ;; esac
+  done
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PIP_DISABLE_PIP_VERSION_CHECK=1
 py="${PYTHON:-python3}"
 status=()

@@ -292,10 +292,8 @@ def load_original(repo: Path, ours, device: torch.device):
         sys.modules["dist"] = dist_mod
     import models as orig_models  # noqa: PLC0415  (the checkout's package)
 
-    with device:  # built where it runs (VAR-d30 has 2B parameters)
-        _, var = orig_models.build_vae_var(device=device, depth=ours.config.depth, shared_aln=ours.config.shared_aln,
-                                          flash_if_available=device.type == "cuda",
-                                          fused_if_available=device.type == "cuda")
+    _, var = orig_models.build_vae_var(device=device, depth=ours.config.depth, shared_aln=ours.config.shared_aln,
+                                      flash_if_available=device.type == "cuda", fused_if_available=device.type == "cuda")
     var.load_state_dict(ours.state_dict(), strict=True)
     return var.eval().to(device)
 
