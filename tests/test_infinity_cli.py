@@ -153,3 +153,31 @@ def test_scalekv_with_a_released_budget_file(saved, tmp_path):
                    str(tmp_path / "b.json")))
     with pytest.raises(ConfigError, match="give --kv-profile or --kv-budgets"):
         main(_args(saved, *flags, "--kv-budgets", str(tmp_path / "b.json"), "--kv-profile", "calibrate"))
+
+
+def test_embedding_cache_loads_the_text_encoder_only_for_new_prompts(saved, tmp_path):
+    """var-sample and var-eval sample --embedding-cache: a rerun whose prompts are all cached never loads the text
+    encoder (its directory is gone here: loading it would fail); a new prompt needs it."""
+    import shutil
+
+    from var.cli.eval import main as eval_main
+    t5 = tmp_path / "t5"
+    shutil.copytree(saved / "t5", t5)
+    (tmp_path / "p.txt").write_text("a red fox\na blue square on the sea\n")
+    cache = ["--embedding-cache", str(tmp_path / "cache")]
+    sample = ["--family", "infinity", "--vae", str(saved / "vae"), "--model", str(saved / "model"), "--text-encoder",
+              str(t5), "--pixels", "0.06M", "--device", "cpu", "--prompts-file", str(tmp_path / "p.txt"), *cache]
+    evaluate = ["sample", "--sampler", "infinity", "--vae", str(saved / "vae"), "--model", str(saved / "model"),
+                "--text-encoder", str(t5), "--prompts-file", str(tmp_path / "p.txt"), "--per-class", "1",
+                "--device", "cpu", "--pixels", "0.06M", *cache]
+    assert main([*sample, "--out", str(tmp_path / "a.png")]) == 0
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+    shutil.rmtree(t5)
+    assert main([*sample, "--out", str(tmp_path / "b.png")]) == 0
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert eval_main([*evaluate, "--out", str(tmp_path / "eval")]) == 0
+    assert len(list((tmp_path / "eval" / "images").glob("*.png"))) == 2
+    with pytest.raises(TextEncoderError, match="does not exist"):  # a prompt not in the cache needs the encoder
+        main([*sample, "--prompt", "a green circle", "--out", str(tmp_path / "c.png")])
+    with pytest.raises(ConfigError, match="--embedding-cache is for --sampler infinity"):
+        eval_main(["sample", "--sampler", "next_scale", "--random-init", "--out", str(tmp_path / "v"), *cache])

@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "with --prompts-file: a text-to-image GPT)")
     t.add_argument("--model", help="Infinity transformer: infinity_2b_reg.pth, .safetensors or saved directory")
     t.add_argument("--text-encoder", help="T5 encoder: google/flan-t5-xl or a local directory")
+    t.add_argument("--embedding-cache", help="folder of precomputed prompt embeddings (--sampler infinity): read, and "
+                                             "written for prompts not in it (the encoder is loaded only then)")
     t.add_argument("--prompts-file", help="one prompt per line; image i uses prompt i %% P (the prompts play the "
                                           "classes: --per-class is images per prompt). With a next-token sampler: "
                                           "the text-to-image GPT (--vq/--gpt/--text-encoder, default the bundled "
@@ -174,6 +176,8 @@ def run_sample(args) -> int:
         torch.cuda.set_device(env.local_rank)
     if spec.condition == "text":
         return _run_sample_text(args, spec, settings, env)
+    if args.embedding_cache:
+        raise ConfigError(f"--embedding-cache is for --sampler infinity (T5 prompt features), not {spec.name}")
     if args.prompts_file and spec.family == "next_token":
         return _run_sample_captions(args, spec, settings, env)
     if args.model or args.text_encoder or args.prompts_file:
@@ -209,7 +213,6 @@ def _run_sample_text(args, spec, settings: dict, env) -> int:
     if not args.prompts_file:
         raise ConfigError(f"--sampler {spec.name} needs --prompts-file (one prompt per line)")
     prompts = read_prompts(args)
-    args.embedding_cache = None
     check_text_source(args)
     vae, model, desc = load_infinity_models(args)  # a wrong file fails before the (large) text encoder loads
     encode = load_text_source(args, args.device)

@@ -58,14 +58,20 @@ def check_text_source(args) -> None:
 
 
 def load_text_source(args, device):
-    """A callable ``prompts -> PromptEmbeddings``: the text encoder, through the embedding cache when given."""
-    from var.models.text_encoder import PromptEmbeddingCache, TextEncoder
+    """A callable ``prompts -> PromptEmbeddings``: the text encoder, through the embedding cache when given (the
+    encoder is then loaded only if a prompt is missing from the cache: an evaluation rerun never loads it)."""
+    from var.models.text_encoder import T5_MAX_LENGTH, PromptEmbeddingCache, TextEncoder
 
     check_text_source(args)
-    encoder = TextEncoder.from_pretrained(args.text_encoder, device=device)
-    if args.embedding_cache:
-        return PromptEmbeddingCache(args.embedding_cache, encoder).encode
-    return encoder.encode
+    if not args.embedding_cache:
+        return TextEncoder.from_pretrained(args.text_encoder, device=device).encode
+    cache = PromptEmbeddingCache(args.embedding_cache, encoder_name=args.text_encoder, max_length=T5_MAX_LENGTH)
+
+    def encode(prompts):
+        if cache.encoder is None and not all(cache.path(p).is_file() for p in prompts):
+            cache.encoder = TextEncoder.from_pretrained(args.text_encoder, device=device)
+        return cache.encode(prompts)
+    return encode
 
 
 def load_infinity_models(args):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -109,8 +110,10 @@ class PromptEmbeddings:
         meta = {"format": "var.PromptEmbeddings"}
         if self.prompts is not None:
             meta["prompts"] = json.dumps(list(self.prompts))
+        tmp = Path(f"{path}.{os.getpid()}.tmp")  # atomic: ranks of a distributed run may fill one cache together
         save_file({"features_BNC": self.features_BNC.contiguous().cpu(), "lengths_B": self.lengths_B.cpu()},
-                  str(path), metadata=meta)
+                  str(tmp), metadata=meta)
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | Path, device=None) -> "PromptEmbeddings":
