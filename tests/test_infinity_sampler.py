@@ -99,6 +99,8 @@ def test_bad_input(pair):
     kw = dict(schedule=TINY_SCHEDULE, generator=_gen())
     with pytest.raises(ConfigError, match="cfg_list has 2 values"):
         sample_infinity(model, vae, text, cfg_list=[1, 2], **kw)
+    with pytest.raises(ConfigError, match="tau_list has 5 values for 4 scales"):  # not cut silently
+        sample_infinity(model, vae, text, tau_list=[1, 1, 1, 1, 1], **kw)
     with pytest.raises(ConfigError, match="tau_list"):
         sample_infinity(model, vae, text, tau_list=0.0, **kw)
     with pytest.raises(ConfigError, match="cfg_insertion_layer"):

@@ -29,14 +29,14 @@ from var.utils.scales import ScaleSchedule
 
 
 def per_scale(name: str, value, num_scales: int) -> list[float]:
-    """A scalar broadcast to every scale, or a list with at least one value per scale (extra values ignored,
-    like the original)."""
+    """A scalar broadcast to every scale, or a list with one value per scale (the original ignores extra values;
+    here they are an error, as for VAR's per-scale lists: a 13-scale list given to a smaller schedule is a mistake)."""
     if isinstance(value, (int, float)):
         return [float(value)] * num_scales
     values = [float(v) for v in value]
-    if len(values) < num_scales:
+    if len(values) != num_scales:
         raise ConfigError(f"{name} has {len(values)} values for {num_scales} scales")
-    return values[:num_scales]
+    return values
 
 
 def text_tensors(text, device) -> tuple[torch.Tensor, torch.Tensor]:
