@@ -8,8 +8,9 @@ import torch
 from infinity_helpers import TINY_SCHEDULE, random_text, tiny_infinity, tiny_vae
 from released_budgets import RELEASED_2B_10, released_file
 from var.errors import AspectRatioError, ConfigError
-from var.kernels import H2O, HACK, FullCache, ScaleKV, SnapKV, StreamingLLM
+from var.kernels import HACK, ScaleKV
 from var.samplers.infinity import calibrate_infinity, sample_infinity
+from var.samplers.registry import cache_policies
 from var.utils.scales import ScaleSchedule
 
 
@@ -127,8 +128,10 @@ def test_every_cache_policy_runs_and_full_budget_is_exact(pair):
     for policy in (ScaleKV(1.0, profile=profile), HACK(1.0, profile=profile)):
         out = sample_infinity(model, vae, text, schedule=TINY_SCHEDULE, cfg_list=2.0, generator=_gen(7), cache=policy)
         assert all(torch.equal(a, b) for a, b in zip(out.tokens, full.tokens)), policy
-    for policy in (ScaleKV(0.3, profile=profile), HACK(0.3, profile=profile), SnapKV(0.3), H2O(0.3),
-                   StreamingLLM(0.3)):
+    policies = {name: cls for name, cls in cache_policies().items() if name != "FullCache"}
+    assert {"ScaleKV", "HACK", "SnapKV", "PyramidKV", "H2O", "StreamingLLM"} <= set(policies)  # every one of them
+    for name, cls in policies.items():
+        policy = cls(0.3, profile=profile) if name in ("ScaleKV", "HACK") else cls(0.3)
         out = sample_infinity(model, vae, text, schedule=TINY_SCHEDULE, cfg_list=2.0, generator=_gen(7), cache=policy)
         assert out.images.shape == full.images.shape
         assert out.stats.peak_kv_live_bytes < full.stats.peak_kv_live_bytes, policy
