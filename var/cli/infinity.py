@@ -18,8 +18,8 @@ def add_infinity_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("text-to-image Infinity (--family infinity)")
     g.add_argument("--model", help="Infinity transformer: infinity_2b_reg.pth, .safetensors or saved directory "
                                    "(--vae is then the BSQ VAE: infinity_vae_d32reg.pth ...)")
-    g.add_argument("--embedding-cache", help="folder of precomputed prompt embeddings (read, and written when "
-                                             "--text-encoder is given)")
+    g.add_argument("--embedding-cache", help="folder of precomputed prompt embeddings: read, and written for prompts "
+                                             "not in it (--text-encoder names them; it is loaded only then)")
     g.add_argument("--negative-prompt", action="append", default=None,
                    help="negative prompt(s): one for all prompts or one per prompt (default: the learned "
                         "unconditional text)")
