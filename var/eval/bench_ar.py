@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import time
 from pathlib import Path
 
 import torch
 
+from var.utils.machine import machine_description
 from var.assets import bundled_ar_dir
 from var.hub import load_llamagen
 from var.models import create
@@ -161,12 +161,6 @@ def run_setting(gpt, vq, labels, sampler, knobs, args):
     }
 
 
-def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def run(args: argparse.Namespace) -> int:
     """``var-bench ar``: the next-token samplers' passes, speed and quality proxies on one GPT."""
     vq, gpt, desc, trained = load(args)
@@ -190,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
         results[label] = res
         log.info("%-18s passes/batch %7.1f  tok/pass %5.2f  img/s %8.2f  nll %.4f", label,
                  res["forward_passes_per_batch"], res["tokens_per_pass"], res["images_per_s"], res["nll"])
-    meta = {"model": desc, "trained_weights": trained, "machine": machine(), "device": args.device,
+    meta = {"model": desc, "trained_weights": trained, "machine": machine_description(), "device": args.device,
             "torch": torch.__version__, "grid": gpt.config.grid_size, "vocab": gpt.vocab_size,
             "num_images": args.num_images, "batch_size": args.batch_size, "repeats": args.repeats,
             "cfg_scale": args.cfg_scale, "top_k": args.top_k, "top_p": args.top_p, "temperature": args.temperature,

@@ -63,10 +63,6 @@ SIZES = {
 }
 
 
-def machine() -> str:
-    return machine_description("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def param_bytes(*models) -> int:
     return sum(p.numel() * p.element_size() for m in models for p in m.parameters())
 
@@ -361,7 +357,7 @@ def write_json(path, report: dict) -> None:
     """``report`` after the machine, torch version and date, as JSON at ``path``."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine(), "torch": torch.__version__,
+    out.write_text(json.dumps({"machine": machine_description(), "torch": torch.__version__,
                                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **report}, indent=2))
     print(f"wrote {out}")
 
@@ -393,7 +389,7 @@ def run(args: argparse.Namespace) -> int:
     if args.only in (None, "nar_ctf"):
         rows += bench_nar_ctf(size, device, args.repeats, args.seed)
     header = f"{'sampler':36s} {'passes':>6s} {'img/s':>8s} {'lat s':>7s} {'KV MB':>8s} {'param MB':>9s} {'NLL':>7s}"
-    print(f"machine: {machine()}  size={args.size} batch={size['batch']} dtype={dtype}")
+    print(f"machine: {machine_description()}  size={args.size} batch={size['batch']} dtype={dtype}")
     print(header)
     for r in rows:
         print(f"{r['sampler']:36s} {r['forward_passes']:6d} {r['images_per_s']:8.3f} {r['latency_s']:7.3f} "

@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
+from var.utils.machine import machine_description
 from var.kernels import CalibrationProfile, bundled_profile
 from var.samplers.calibration import calibrate
 from var.kernels.kv_cache import FullCache
@@ -36,17 +35,6 @@ from var.samplers.registry import cache_policies
 from var.tokenizers.multiscale_vqvae import MultiScaleVQVAE, MultiScaleVQVAEConfig
 
 POLICIES = {name.lower(): cls for name, cls in cache_policies().items() if name != "FullCache"}
-
-
-def machine() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        cpu = next((l.split(":", 1)[1].strip() for l in lscpu.splitlines() if l.startswith("Model name")), "")
-    except (OSError, subprocess.SubprocessError):
-        cpu = ""
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.platform()}; CPU {cpu or platform.processor()} ({torch.get_num_threads()} threads); "
-            f"{gpu}; torch {torch.__version__}")
 
 
 class Recorder:
@@ -312,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-    meta = {"machine": machine(), "images": args.images, "seed": args.seed, "device": str(device)}
+    meta = {"machine": machine_description(), "images": args.images, "seed": args.seed, "device": str(device)}
     with torch.no_grad():
         model_name, rows, labels, roles = ("-", [], [], {}) if args.skip_fidelity else fidelity_table(args, device)
     meta["model"], meta["labels"], meta["roles"] = model_name, labels, roles

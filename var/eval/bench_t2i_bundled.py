@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -29,14 +28,9 @@ from var.eval.attributes import (attribute_targets, load_attribute_classifier, p
 from var.hub import load_llamagen_vq, load_t2i_bundle
 from var.samplers.registry import get_sampler
 from var.train.data import Attributes, CompositionalShapes, all_attributes
-from var.utils.machine import cpu_model, load_average
+from var.utils.machine import machine_description
 
 AR_SAMPLERS = ("next_token", "sjd", "mcsjd", "lantern", "gsd", "zipar")
-
-
-def machine() -> str:
-    return (f"{cpu_model()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, "
-            f"Python {platform.python_version()}, load average {load_average()}")
 
 
 def evaluation_prompts(num_seen: int = 32, max_prompts: int | None = None) -> tuple[list[Attributes],
@@ -62,7 +56,7 @@ def train_classifier(args) -> None:
     save_classifier(clf, ASSETS_DIR / "attribute_classifier")
     train_s = time.perf_counter() - t0
     vq = load_llamagen_vq(bundled_ar_dir() / "tokenizer")
-    report = {"machine": machine(), "train_seconds": round(train_s), "train_images": args.classifier_images,
+    report = {"machine": machine_description(with_load=True), "train_seconds": round(train_s), "train_images": args.classifier_images,
               "steps": args.classifier_steps, "test_images_per_split": args.test_images}
     for split, held in (("seen pairs", False), ("held-out pairs", True)):
         images, attrs = CompositionalShapes(args.test_images, seed=2, held_out=held).tensors()
@@ -118,7 +112,7 @@ def accuracy(args) -> None:
             save_image_grid(grid, args.grid, nrow=8)
     summary = {k: (float(np.mean([r[k] for r in per_seed])), float(np.std([r[k] for r in per_seed])))
                for k in ("seen", "held_out", "seen_colour", "held_colour", "seen_shape", "held_shape")}
-    report = {"machine": machine(), "sampler": "next_token", "cfg_scale": args.cfg_scale, "images_per_prompt_per_seed":
+    report = {"machine": machine_description(with_load=True), "sampler": "next_token", "cfg_scale": args.cfg_scale, "images_per_prompt_per_seed":
               args.per_prompt, "seeds": args.seeds, "num_seen_prompts": len(seen), "num_held_out_prompts": len(held),
               "summary_mean_std_over_seeds": summary, "per_seed": per_seed,
               "per_prompt_mean_over_seeds": {p: float(np.mean(v)) for p, v in per_prompt.items()},
@@ -153,7 +147,7 @@ def samplers(args) -> None:
         batches = -(-len(prompts) // args.batch)
         rows.append(dict(sampler=name, passes_per_batch=passes / batches, images_per_s=len(prompts) / seconds,
                          seen=s_seen["colour_and_shape"], held_out=s_held["colour_and_shape"]))
-    report = {"machine": machine(), "cfg_scale": args.cfg_scale, "prompts": len(prompts), "batch": args.batch,
+    report = {"machine": machine_description(with_load=True), "cfg_scale": args.cfg_scale, "prompts": len(prompts), "batch": args.batch,
               "rows": rows}
     (args.out_dir / "t2i_bundled_samplers.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = ["# Next-token samplers on the bundled text-to-image model", "",

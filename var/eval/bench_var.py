@@ -18,7 +18,7 @@ import torch
 from var.models import create
 from var.samplers import sample_next_scale
 from var.samplers.stats import SampleOutput
-from var.utils.machine import load_average, machine_description
+from var.utils.machine import machine_description
 from var.utils.memory import PeakMemory
 
 log = logging.getLogger("var.eval.bench_var")
@@ -57,10 +57,6 @@ def _patch_forward_scale_for_recompute(model):
         return model.logits(h[:, L - x_BlC.shape[1]:], cond_BD)
 
     model.forward_scale = forward_scale
-
-
-def machine_name() -> str:
-    return machine_description("cuda" if torch.cuda.is_available() else "cpu")
 
 
 MODES = ("recompute", "cached", "compiled", "bf16")
@@ -128,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
                              peak_mem_mb=peak / 2 ** 20, kv_cache_mb=out.stats.peak_kv_cache_bytes / 2 ** 20,
                              same_tokens_as_first_mode=agreement == 1.0, token_agreement=agreement))
             log.info("%s", rows[-1])
-    write_report(rows, args, f"{machine_name()}; load average at the end of the run {load_average()}")
+    write_report(rows, args, machine_description(with_load=True))
     return 0
 
 

@@ -52,7 +52,7 @@ import torch
 
 from var.errors import ConfigError
 from var.samplers.registry import SAMPLERS, cache_policies, make_cache_policy
-from var.utils.machine import load_average, machine_description as describe_machine
+from var.utils.machine import load_average, machine_description
 
 log = logging.getLogger(__name__)
 
@@ -297,10 +297,6 @@ def batch1_latency(spec, setup: Setup, *, repeats: int, seed: int, cache_factory
             times.append(time.perf_counter() - t0)
     return min(times)
 
-
-def machine_description(device) -> str:
-    """CPU model and core count, or the GPU name; plus torch version."""
-    return describe_machine(device)
 
 
 def agreement(tokens: torch.Tensor | None, ref: torch.Tensor | None) -> float | None:

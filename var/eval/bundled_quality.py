@@ -26,10 +26,6 @@ from var.utils.machine import machine_description
 log = logging.getLogger("var.eval.bundled_quality")
 
 
-def machine() -> str:
-    return machine_description("cpu")
-
-
 def psnr_01(a_B3HW: torch.Tensor, b_B3HW: torch.Tensor) -> float:
     """PSNR (dB) of images in [0, 1], averaged over images."""
     mse = (a_B3HW - b_B3HW).pow(2).flatten(1).mean(1).clamp_min(1e-10)
@@ -97,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         save_classifier(clf, ASSETS_DIR / "classifier")
         log.info("classifier trained in %.0f s", time.time() - t0)
     clf = load_classifier()
-    report = {"machine": machine(), "classifier": {"real_heldout_accuracy": round(accuracy(clf, x_real, y_real), 4),
+    report = {"machine": machine_description("cpu"), "classifier": {"real_heldout_accuracy": round(accuracy(clf, x_real, y_real), 4),
                                                    "num_images": len(x_real)}}
     x_rec, y_rec = x_real[:args.recon_images], y_real[:args.recon_images]
 

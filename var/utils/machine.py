@@ -19,13 +19,17 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_description(device: str | torch.device = "cpu") -> str:
-    """``"CPU <model>, <n> cores, <t> torch threads; torch <v>; Python <v>"`` or the GPU name for CUDA devices."""
+def machine_description(device: str | torch.device | None = None, with_load: bool = False) -> str:
+    """``"CPU <model>, <n> cores, <t> torch threads; torch <v>; Python <v>"`` or the GPU name for CUDA devices
+    (``device`` None: CUDA where available, else the CPU); ``with_load`` appends the load average (shared machines)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if str(device).startswith("cuda"):
         hw = f"{torch.cuda.get_device_name(torch.device(device))} (CUDA {torch.version.cuda})"
     else:
         hw = f"CPU {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-    return f"{hw}; torch {torch.__version__}; Python {platform.python_version()}"
+    load = f"; load average {load_average()}" if with_load else ""
+    return f"{hw}; torch {torch.__version__}; Python {platform.python_version()}{load}"
 
 
 def load_average() -> str:
