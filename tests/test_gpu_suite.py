@@ -169,8 +169,10 @@ def test_cli_refuses_a_real_run_without_cuda_and_a_bad_original(tmp_path, capsys
 
 
 def test_original_sampler_is_timed_on_the_same_weights(tmp_path):
-    """A stand-in for the original checkout (``models.build_vae_var`` and ``autoregressive_infer_cfg``): the suite
-    imports it, loads our weights into it strictly and reports its speed as a ratio."""
+    """A stand-in for the original checkout with the release's constructor signatures (``models.VQVAE``,
+    ``models.VAR``; ``build_vae_var`` would fix width = 64 * depth and V = 4096, which the tiny model lacks) and
+    ``autoregressive_infer_cfg``, whose top-k fails above V as the release's does: the suite builds it with our
+    sizes, loads our weights into it strictly and reports its speed as a ratio."""
     repo = tmp_path / "VAR"
     (repo / "models").mkdir(parents=True)
     (repo / "models" / "__init__.py").write_text(textwrap.dedent('''
@@ -178,17 +180,29 @@ def test_original_sampler_is_timed_on_the_same_weights(tmp_path):
         from var.models import create
         from var.samplers import sample_next_scale
 
-        class OriginalVAR(type(create("var_tiny"))):
+        class VQVAE:
+            def __init__(self, vocab_size=4096, z_channels=32, ch=128, dropout=0.0, beta=0.25, using_znorm=False,
+                         quant_conv_ks=3, quant_resi=0.5, share_quant_resi=4, default_qresi_counts=0,
+                         v_patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), test_mode=True):
+                self.vocab_size, self.Cvae, self.patch_nums = vocab_size, z_channels, v_patch_nums
+
+        class VAR(type(create("var_tiny"))):
+            def __init__(self, vae_local, num_classes=1000, depth=16, embed_dim=1024, num_heads=16, mlp_ratio=4.,
+                         drop_rate=0., attn_drop_rate=0., drop_path_rate=0., norm_eps=1e-6, shared_aln=False,
+                         cond_drop_rate=0.1, attn_l2_norm=False, patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+                         flash_if_available=True, fused_if_available=True):
+                ref = create("var_tiny").config
+                assert (vae_local.vocab_size, vae_local.Cvae, depth, embed_dim, num_heads, num_classes,
+                        tuple(patch_nums)) == (ref.vocab_size, ref.latent_channels, ref.depth, ref.width,
+                                               ref.num_heads, ref.num_classes, tuple(ref.patch_nums))
+                super().__init__(ref)
+
             def autoregressive_infer_cfg(self, B, label_B, g_seed, cfg, top_k, top_p):
+                assert top_k <= self.config.vocab_size, "selected index k out of range"
                 tok = create("msvq_tiny").eval()
                 out = sample_next_scale(self, tok, label_B, cfg=cfg, top_k=top_k, top_p=top_p,
                                         generator=torch.Generator().manual_seed(g_seed))
                 return out.images
-
-        def build_vae_var(device, depth, shared_aln, flash_if_available, fused_if_available):
-            ref = create("var_tiny")
-            assert depth == ref.config.depth
-            return None, OriginalVAR(ref.config).to(device)
         '''))
     out_dir = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "var.eval.gpu_suite", "--dry-run", "--original", str(repo),

@@ -221,7 +221,9 @@ def bench_var_sampling(setup: Setup, presets, batches, compile_modes, compile_ba
                     dict(model=preset, sampler="original VAR", batch=batch)):
                 def run_original():
                     with _autocast(setup):
-                        return original.autoregressive_infer_cfg(B=batch, label_B=labels, g_seed=0, **PAPER)
+                        # the release's top-k takes no more than V (the dry run's tiny vocabulary is smaller)
+                        return original.autoregressive_infer_cfg(B=batch, label_B=labels, g_seed=0, **{
+                            **PAPER, "top_k": min(PAPER["top_k"], model.config.vocab_size)})
                 seconds, peak = timed(run_original, setup.device, setup.repeats)
                 best_mode = min(results, key=results.get)
                 rows.append(dict(model=preset, sampler="original VAR", batch=batch, images_per_s=batch / seconds,
@@ -279,7 +281,7 @@ def bench_decode_step(setup: Setup, presets, compile_modes, batches=(1, 8), step
 
 def load_original(repo: Path, ours, device: torch.device):
     """The original FoundationVision/VAR model from a checkout (its ``models`` package, git-ignored in
-    ``third_party/``), built at our model's depth with our weights loaded (identical state-dict keys)."""
+    ``third_party/``), built with our model's sizes and our weights loaded (identical state-dict keys)."""
     if importlib.util.find_spec("huggingface_hub") is None:  # only a mixin base of an unused subclass
         hub_mod = types.ModuleType("huggingface_hub")
         hub_mod.PyTorchModelHubMixin = type("PyTorchModelHubMixin", (), {})
@@ -292,8 +294,15 @@ def load_original(repo: Path, ours, device: torch.device):
         sys.modules["dist"] = dist_mod
     import models as orig_models  # noqa: PLC0415  (the checkout's package)
 
-    _, var = orig_models.build_vae_var(device=device, depth=ours.config.depth, shared_aln=ours.config.shared_aln,
-                                      flash_if_available=device.type == "cuda", fused_if_available=device.type == "cuda")
+    c = ours.config
+    # the release's VAR class, not build_vae_var: that fixes width = 64 * depth and V = 4096 (the dry run's tiny
+    # model has neither); its VQ-VAE (the release's 256 px one) only decodes the sampled tokens
+    vae = orig_models.VQVAE(vocab_size=c.vocab_size, z_channels=c.latent_channels, ch=160, test_mode=True,
+                            share_quant_resi=4, v_patch_nums=c.patch_nums)
+    var = orig_models.VAR(vae_local=vae, num_classes=c.num_classes, depth=c.depth, embed_dim=c.width,
+                          num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, norm_eps=c.norm_eps, shared_aln=c.shared_aln,
+                          attn_l2_norm=c.attn_l2_norm, patch_nums=c.patch_nums,
+                          flash_if_available=device.type == "cuda", fused_if_available=device.type == "cuda")
     var.load_state_dict(ours.state_dict(), strict=True)
     return var.eval().to(device)
 
