@@ -410,9 +410,10 @@ def _infinity(setup: Setup):
     from var.tokenizers.bsq_vae import BSQVAE, BSQVAEConfig
     from var.tokenizers.scale_schedules import dynamic_schedule
     torch.manual_seed(0)
-    model = Infinity(InfinityConfig(**{**setup.infinity, "drop_path_rate": 0.0})).eval()
-    model.init_weights(init_adaln_gamma=0.5, init_head=1.0)  # strong AdaLN/head: bits depend on the context
-    vae = BSQVAE(BSQVAEConfig(**setup.infinity_vae)).eval()
+    with setup.device:  # built where it runs, as VAR-d30 (initialising 2B parameters on a CPU takes long)
+        model = Infinity(InfinityConfig(**{**setup.infinity, "drop_path_rate": 0.0})).eval()
+        model.init_weights(init_adaln_gamma=0.5, init_head=1.0)  # strong AdaLN/head: bits depend on the context
+        vae = BSQVAE(BSQVAEConfig(**setup.infinity_vae)).eval()
     return model.to(setup.device), vae.to(setup.device), dynamic_schedule(1.0, setup.infinity_pixels)
 
 

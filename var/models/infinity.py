@@ -83,8 +83,10 @@ class Infinity(nn.Module):
         self.config = config
         C, Ct5 = config.width, config.text_channels
         init_std = default_init_std(C)
-        g = torch.Generator().manual_seed(0)  # the original's fixed initialisation of the unconditional text
-        uncond = torch.nn.init.trunc_normal_(torch.empty(config.text_maxlen, Ct5), std=1.2, generator=g)
+        # the original's fixed initialisation of the unconditional text, drawn on the CPU (same values when the
+        # model is built under a CUDA device context)
+        g = torch.Generator().manual_seed(0)
+        uncond = torch.nn.init.trunc_normal_(torch.empty(config.text_maxlen, Ct5, device="cpu"), std=1.2, generator=g)
         self.cfg_uncond = nn.Parameter(uncond / Ct5 ** 0.5)
         self.pos_start = nn.Parameter(torch.empty(1, 1, C))
         self.text_norm = RMSNorm(Ct5, eps=config.norm_eps)
