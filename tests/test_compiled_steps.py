@@ -284,3 +284,30 @@ def test_var_sample_compile_flag_end_to_end(tmp_path):
         assert main(["--random-init", "--classes", "1", "2", "--out", str(tmp_path / f"g{len(flag)}.png"), *flag,
                      "--device", "cpu"]) == 0
     assert (tmp_path / "g0.png").read_bytes() == (tmp_path / "g1.png").read_bytes()
+
+
+def test_var_bench_compile_flag_compiles_the_full_cache_rows(tmp_path, monkeypatch):
+    """``var-bench --compile``: the full-cache rows of a sampler with a compiled path run it (column ``compiled``),
+    compressed-cache rows stay eager. torch.compile is forced to dynamo's ``eager`` backend (inductor on a CPU takes
+    minutes) and counted."""
+    import json
+
+    from var.cli.bench import main
+
+    calls = []
+    real_compile = torch.compile
+
+    def eager_compile(fn, **kwargs):
+        calls.append(kwargs)
+        return real_compile(fn, **{**kwargs, "backend": "eager", "mode": None})
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    monkeypatch.setattr("var.models.compiled._COMPILED", {})  # no wrapper an earlier test compiled
+    monkeypatch.setenv("VAR_KERNELS", "torch")
+    torch._dynamo.reset()
+    assert main(["--device", "cpu", "--num-images", "4", "--batch", "2", "--repeats", "1", "--timed-runs", "1",
+                 "--budgets", "0.25", "--extractor", "random-conv", "--samplers", "next_scale", "--policies",
+                 "StreamingLLM", "--families", "var_tiny (random)", "--compile", "--out-dir", str(tmp_path),
+                 "--tag", "t"]) == 0
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert {(r["cache"], r["compiled"]) for r in rows} == {("full", True), ("StreamingLLM", False)}
+    assert calls and all(c.get("backend") == "inductor" for c in calls)  # what --compile asks for
