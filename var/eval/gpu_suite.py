@@ -186,6 +186,17 @@ def timed_compiled(fn, device, repeats: int) -> dict:
                 graphs=graphs1 - graphs0, cudagraph_skips=skips1 - skips0)
 
 
+def _time_next_scale(setup: Setup, model, tok, labels, spec, decode: bool = True) -> dict:
+    """:func:`timed_compiled` of one :func:`sample_next_scale` batch at the paper's settings (seed 0 each run)."""
+    gen = torch.Generator(setup.device)
+
+    def run():
+        gen.manual_seed(0)
+        with _autocast(setup):
+            return sample_next_scale(model, tok, labels, generator=gen, compile=spec, decode=decode, **PAPER)
+    return timed_compiled(run, setup.device, setup.repeats)
+
+
 @torch.no_grad()
 def bench_var_sampling(setup: Setup, presets, batches, compile_modes, compile_batches=None) -> list[dict]:
     """Images/s of :func:`sample_next_scale` (paper settings, bf16 autocast, decode included) eager vs compiled scale
@@ -204,13 +215,7 @@ def bench_var_sampling(setup: Setup, presets, batches, compile_modes, compile_ba
                 if setup.out_of_time(dict(model=preset, sampler=f"ours ({mode})", batch=batch),
                                      needs_s=setup.compile_reserve_s if spec is not None else 0.0):
                     continue
-                gen = torch.Generator(setup.device)
-
-                def run():
-                    gen.manual_seed(0)
-                    with _autocast(setup):
-                        return sample_next_scale(model, tok, labels, generator=gen, compile=spec, **PAPER)
-                r = timed_compiled(run, setup.device, setup.repeats)
+                r = _time_next_scale(setup, model, tok, labels, spec)
                 results[mode] = r["seconds"]
                 rows.append(dict(model=preset, sampler=f"ours ({mode})", batch=batch,
                                  images_per_s=batch / r["seconds"], s_per_batch=r["seconds"],
@@ -607,13 +612,7 @@ def bench_var_roofline(setup: Setup, preset: str, batch: int, compile_modes) -> 
         if setup.out_of_time(dict(model=preset, mode=mode, batch=batch),
                              needs_s=setup.compile_reserve_s if spec is not None else 0.0):
             continue
-        gen = torch.Generator(setup.device)
-
-        def run():
-            gen.manual_seed(0)
-            with _autocast(setup):
-                sample_next_scale(model, tok, labels, generator=gen, compile=spec, decode=False, **PAPER)
-        r = timed_compiled(run, setup.device, setup.repeats)
+        r = _time_next_scale(setup, model, tok, labels, spec, decode=False)
         achieved = flops / r["seconds"] / 1e12
         rows.append(dict(model=preset, mode=mode, batch=batch, transformer_gflop=flops / 1e9,
                          s_per_batch=r["seconds"], images_per_s=batch / r["seconds"], tflops_per_s=achieved,
