@@ -1,4 +1,5 @@
 """Issue 14: one-line loading of the bundled models (no paths) and saving a sampler's output."""
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -32,7 +33,7 @@ def test_sampler_output_saves_a_grid_and_one_png_per_image(tmp_path):
     assert Image.open(grid).size[0] >= 3 * out.images.shape[-1]
     paths = out.save_images(tmp_path / "pngs")
     assert [p.name for p in paths] == ["000000.png", "000001.png", "000002.png"]
-    first = torch.from_numpy(__import__("numpy").asarray(Image.open(paths[0]))).permute(2, 0, 1).float() / 255
+    first = torch.from_numpy(np.array(Image.open(paths[0]))).permute(2, 0, 1).float() / 255  # array: a writable copy
     assert (first - out.images[0]).abs().max() <= 1 / 255 + 1e-6  # lossless up to 8-bit rounding
     empty = sample_next_scale(model, tok, [0], generator=torch.Generator().manual_seed(0), decode=False)
     with pytest.raises(ConfigError, match="decode=False"):
