@@ -301,7 +301,7 @@ def check_cache_arguments(spec: SamplerSpec, args) -> None:
     if args.kv_profile is not None and args.cache not in PROFILED_POLICIES:
         raise ConfigError(f"--kv-profile is the calibration profile of --cache {' or '.join(PROFILED_POLICIES)}, "
                           f"not of {args.cache or 'the full cache'}")
-    if getattr(args, "kv_budgets", None) is not None:
+    if args.kv_budgets is not None:
         if args.cache != "ScaleKV":
             raise ConfigError(f"--kv-budgets is a budget file of ScaleKV's release: it needs --cache ScaleKV, not "
                               f"{args.cache or 'the full cache'}")
@@ -322,12 +322,10 @@ def make_cache_from_arguments(spec: SamplerSpec, args, models: dict, desc: str, 
     check_cache_arguments(spec, args)
     if args.cache not in PROFILED_POLICIES:
         return make_cache_policy(args.cache, args.budget)
-    if getattr(args, "kv_budgets", None) is not None:
+    if args.kv_budgets is not None:
         from var.kernels.policies.scalekv import ReleasedBudgets
         budgets = ReleasedBudgets.load(args.kv_budgets)
-        depth = models["model"].config.depth
-        if budgets.depth != depth:  # named now, not at the first batch
-            raise ConfigError(f"--kv-budgets {args.kv_budgets} is for {budgets.depth} layers, the model has {depth}")
+        budgets.check_depth(models["model"].config.depth, f"--kv-budgets {args.kv_budgets}")  # now, not at a batch
         return make_cache_policy(args.cache, args.budget, released_budgets=budgets)
     return make_cache_policy(args.cache, args.budget, profile=_profile(spec, args, models, desc, calibrate_on))
 

@@ -112,10 +112,14 @@ class ReleasedBudgets:
             raise ConfigError(f"{source}: no 'Scale <k>' entries")
         return cls(depth, entries, limits)
 
+    def check_depth(self, depth: int, source: str = "the budget file") -> None:
+        """A :class:`ConfigError` unless the file is for a model of ``depth`` layers."""
+        if depth != self.depth:
+            raise ConfigError(f"{source} is for {self.depth} layers, the model has {depth}")
+
     def caps(self, layout: CacheLayout) -> list[list[int]]:
         """``caps[si][l]`` for ``layout`` (its depth must match the file's, and it must have every named scale)."""
-        if layout.depth != self.depth:
-            raise ConfigError(f"the budget file is for {self.depth} layers, the model has {layout.depth}")
+        self.check_depth(layout.depth)
         num_scales = layout.schedule.num_scales
         if max(self.entries) > num_scales - 2:
             raise ConfigError(f"the budget file names Scale {max(self.entries) + 2}, but a schedule of {num_scales} "
