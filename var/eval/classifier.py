@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from var.errors import CheckpointError, ImageSizeError
+from var.utils.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +154,8 @@ def save_classifier(model: ShapeClassifier, directory: str | os.PathLike) -> Pat
     directory.mkdir(parents=True, exist_ok=True)
     meta = {"_class_name": "ShapeClassifier", "config": model.config_dict()}
     (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
-    tmp = directory / (WEIGHTS_NAME + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, directory / WEIGHTS_NAME)
+    with atomic_path(directory / WEIGHTS_NAME) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
     return directory
 
 

@@ -36,6 +36,7 @@ except ImportError:  # not POSIX: no lock (Windows)
 
 from var.errors import ConfigError
 from var.eval.export import PNG_NAME, list_pngs, pack_npz, write_pngs
+from var.utils.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +106,7 @@ def init_distributed(device: str = "cpu") -> DistEnv:
 
 # ---- files --------------------------------------------------------------------------------------------------
 def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 def _differing_keys(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -41,6 +41,7 @@ from var.models import create
 from var.models.compiled import CompileSpec, DecodeStep, decode_cache
 from var.samplers import sample_next_scale
 from var.samplers.collaborative import sample_collaborative
+from var.utils.files import write_text_atomic
 from var.utils.memory import PeakMemory
 
 PAPER = dict(cfg=1.5, top_k=900, top_p=0.96)  # VAR's sampling settings
@@ -684,12 +685,6 @@ def load_sections(json_path: Path, env: dict) -> dict:
     return earlier.get("sections", {}) if earlier.get("environment") == env else {}
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)  # a run killed while writing keeps the previous complete file
-
-
 def write_report(out_dir: Path, tier: str, env: dict, sections: dict) -> Path:
     """Rewrite the tier's combined report (every section so far); returns the .md path."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -701,8 +696,8 @@ def write_report(out_dir: Path, tier: str, env: dict, sections: dict) -> Path:
     for name, sec in sections.items():
         parts.append(f"\n## {name}\n\n{sec['status']}; {sec['seconds']:.0f} s of a {sec['budget_s']:.0f} s "
                      f"budget.\n\n" + (markdown_table(sec["rows"]) if sec["rows"] else "(no rows)"))
-    _write_atomically(md_path, "\n".join(parts) + "\n")
-    _write_atomically(json_path, json.dumps(dict(tier=tier, environment=env, sections=sections), indent=2,
+    write_text_atomic(md_path, "\n".join(parts) + "\n")
+    write_text_atomic(json_path, json.dumps(dict(tier=tier, environment=env, sections=sections), indent=2,
                                             default=str))
     return md_path
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from var.errors import CheckpointError, CheckpointMismatchError, ConfigError, NonFiniteWeightsError, VarError
+from var.utils.files import atomic_path
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
@@ -237,9 +238,8 @@ def save_pretrained(module: nn.Module, directory: str | os.PathLike) -> Path:
     config = {"_class_name": type(module).__name__, "config": module.config_dict()}
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    tmp = directory / (WEIGHTS_NAME + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, directory / WEIGHTS_NAME)
+    with atomic_path(directory / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp))
     return directory
 
 

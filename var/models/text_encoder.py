@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 
 from var.errors import ConfigError, MissingDependencyError, TextEncoderError
+from var.utils.files import atomic_path
 
 T5_MAX_LENGTH = 512  # Infinity's tokenizer max_length (LlamaGen T2I uses 120)
 
@@ -110,10 +111,9 @@ class PromptEmbeddings:
         meta = {"format": "var.PromptEmbeddings"}
         if self.prompts is not None:
             meta["prompts"] = json.dumps(list(self.prompts))
-        tmp = Path(f"{path}.{os.getpid()}.tmp")  # atomic: ranks of a distributed run may fill one cache together
-        save_file({"features_BNC": self.features_BNC.contiguous().cpu(), "lengths_B": self.lengths_B.cpu()},
-                  str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:  # ranks of a distributed run may fill one cache together
+            save_file({"features_BNC": self.features_BNC.contiguous().cpu(), "lengths_B": self.lengths_B.cpu()},
+                      str(tmp), metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path, device=None) -> "PromptEmbeddings":

@@ -36,6 +36,7 @@ from var.train.objectives import Objective
 from var.utils.devices import check_device
 from var.utils.checks import (AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY_BELOW_ONE,
                               check_fields)
+from var.utils.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -326,9 +327,7 @@ class MetricsLogger:
             else:
                 kept = rows[:1] + [ln for ln in rows[1:] if int(next(csv.reader([ln]))[0]) <= step]
             if len(kept) != len(lines):
-                tmp = path.with_suffix(path.suffix + ".tmp")
-                tmp.write_text("".join(kept))
-                os.replace(tmp, path)
+                write_text_atomic(path, "".join(kept))
         if self._tb is not None:  # TensorBoard hides the events after purge_step when the writer reopens
             from torch.utils.tensorboard import SummaryWriter
             self._tb.close()
